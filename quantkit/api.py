@@ -1,0 +1,233 @@
+"""The public Python API: quantize, load, evaluate. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint.io import atomic_output_dir, read_config, write_json
+from .data import calibration_batch
+from .errors import CheckpointError, QuantkitError
+from .models.sources import LoadedModel, copy_source_files, load_float_model, load_tokenizer, read_source
+from .nn import QuantLinear
+from .pipeline import PipelineReport, quantize_model
+from .recipe import Recipe, load_recipe
+from .registry import get as _get
+from .registry import names as _names
+
+RUN_FILE = "quantkit_run.json"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class QuantizedModel:
+    """A quantized (or loaded) causal LM with its tokenizer and the record of how it was made."""
+
+    def __init__(self, model: nn.Module, tokenizer, source: dict[str, Any], source_dir: str | None,
+                 meta: dict[str, Any] | None = None, report: PipelineReport | None = None):
+        self.model, self.tokenizer, self.source, self.source_dir = model, tokenizer, source, source_dir
+        self.meta = meta or {}
+        self.report = report
+
+    # ---- conveniences ------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.source.get("add_bos") and self.tokenizer is not None else None
+
+    def quantized_layers(self) -> dict[str, QuantLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight over the quantized linears (codes + scales + zeros + tables)."""
+        layers = self.quantized_layers().values()
+        bits = sum(m.bits_per_weight() * m.in_features * m.out_features for m in layers)
+        n = sum(m.in_features * m.out_features for m in layers)
+        return bits / n if n else 16.0
+
+    def size_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, path: str, *, overwrite: bool = False, layout: str = "native") -> str:
+        """Write the checkpoint atomically; an existing folder is replaced only with overwrite."""
+        lay = _get("layout", layout)
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            lay.save(self.model, tmp, self.meta)
+            if self.source_dir:
+                copy_source_files(self.source_dir, tmp)
+            elif self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, "quantkit_source.json"), self.source)
+            if self.report is not None:
+                write_json(os.path.join(tmp, RUN_FILE), {"meta": self.meta, "report": asdict(self.report)})
+        return os.path.abspath(path)
+
+
+def _as_loaded(model_or_name, tokenizer=None) -> LoadedModel:
+    if isinstance(model_or_name, LoadedModel):
+        return model_or_name
+    if isinstance(model_or_name, QuantizedModel):
+        raise QuantkitError("this model is already quantized; pass the float model or its name")
+    if isinstance(model_or_name, str):
+        return load_float_model(model_or_name)
+    if isinstance(model_or_name, nn.Module):
+        src = {"name": getattr(model_or_name.config, "_name_or_path", "") or type(model_or_name).__name__,
+               "add_bos": False}
+        if tokenizer is not None:
+            src = read_source("/nonexistent", tokenizer) | {"name": src["name"]}
+        return LoadedModel(model_or_name, tokenizer, getattr(model_or_name.config, "_name_or_path", ""), src)
+    raise QuantkitError(f"quantize() takes a bundled model name, a model folder or a transformers model, "
+                        f"got {type(model_or_name).__name__}")
+
+
+def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torch.Tensor, dict]:
+    c = recipe.calibration
+    if calibration is None:
+        if lm.tokenizer is None:
+            raise QuantkitError("the model has no tokenizer: pass calibration= as a tensor of token ids [N, L]")
+        ids = calibration_batch(lm.tokenizer, c.samples, c.seq_len, c.seed, c.corpus, lm.bos_token_id)
+        return ids, {"corpus": c.corpus, "split": "calibration (even-numbered articles)", "samples": c.samples,
+                     "seq_len": c.seq_len, "seed": c.seed, "bos": lm.bos_token_id is not None}
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int32, torch.int64):
+            raise QuantkitError(f"calibration tensor must be integer token ids of shape [N, L], got "
+                                f"{calibration.dtype} {tuple(calibration.shape)}")
+        return calibration.long(), {"corpus": "user tensor", "samples": calibration.shape[0],
+                                    "seq_len": calibration.shape[1]}
+    if isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
+        if lm.tokenizer is None:
+            raise QuantkitError("text calibration needs a tokenizer")
+        ids = lm.tokenizer("\n\n".join(calibration), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        n = min(c.samples, ids.numel() // c.seq_len)
+        if n == 0:
+            raise QuantkitError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {c.seq_len}")
+        return ids[: n * c.seq_len].view(n, c.seq_len), {"corpus": "user text", "samples": n, "seq_len": c.seq_len}
+    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of strings")
+
+
+def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,
+             tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
+             seed: int | None = None, batch_size: int | None = None, progress: bool = True,
+             **pipeline_kwargs) -> QuantizedModel:
+    """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
+
+    The model is quantized in place block by block; only the current block is moved to ``device``.
+    """
+    recipe = load_recipe(recipe)
+    over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
+            if v is not None}
+    if over:
+        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    lm = _as_loaded(model_or_name, tokenizer)
+    ids, calib_info = _calibration_ids(lm, recipe, calibration)
+    device = device or default_device()
+    t0 = time.time()
+    report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
+                            progress=progress, **pipeline_kwargs)
+    meta = {
+        "quantkit_version": __version__,
+        "quantkit_commit": git_commit(),
+        "recipe": recipe.model_dump(),
+        "recipe_name": recipe.name,
+        "calibration": calib_info,
+        "source": lm.source,
+        "device": str(device),
+        "seconds": round(time.time() - t0, 2),
+        "torch": torch.__version__,
+    }
+    return QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
+                          meta, report)
+
+
+def _layout_for(quant_method: str):
+    for n in _names("layout"):
+        cls = _get("layout", n)
+        if getattr(cls, "QUANT_METHOD", n) == quant_method:
+            return cls
+    raise CheckpointError(f"quantization_config.quant_method {quant_method!r} is not a layout quantkit reads "
+                          f"(known: {', '.join(_names('layout'))})")
+
+
+def load(path: str) -> QuantizedModel:
+    """Load a quantized checkpoint folder into a runnable model (quantized linears stay packed)."""
+    import json
+
+    cfg = read_config(path)
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or "quant_method" not in qc:
+        raise CheckpointError(f"{path}/config.json has no quantization_config.quant_method: not a quantized "
+                              f"checkpoint (evaluate it as a float model instead)")
+    model = _layout_for(qc["quant_method"]).load(path, cfg)
+    model.eval()
+    tok = load_tokenizer(path)
+    meta = {k: v for k, v in qc.items() if k != "layers"}
+    report = None
+    run = os.path.join(path, RUN_FILE)
+    if os.path.exists(run):
+        with open(run) as f:
+            report = json.load(f).get("report")
+    qm = QuantizedModel(model, tok, read_source(path, tok), path, meta)
+    qm.run_report = report
+    return qm
+
+
+def load_any(name_or_path: str) -> QuantizedModel:
+    """A quantized checkpoint, or a float model (bundled name or HF folder) wrapped the same way."""
+    if os.path.isdir(name_or_path):
+        try:
+            cfg = read_config(name_or_path)
+        except CheckpointError:
+            cfg = {}
+        if isinstance(cfg.get("quantization_config"), dict) and cfg["quantization_config"].get("quant_method") \
+                and cfg["quantization_config"].get("quant_method") != "gguf":
+            return load(name_or_path)
+    lm = load_float_model(name_or_path)
+    return QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path, {"float": True})
+
+
+def evaluate(model_or_path, *, corpus: str = "enwiki", seq_len: int = 512, stride: int | None = None,
+             max_windows: int | None = 40, batch_size: int = 4, device: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Token-level perplexity on the held-out evaluation split (odd-numbered articles)."""
+    from .data import tokenize_split
+    from .eval.perplexity import perplexity
+
+    qm = model_or_path if isinstance(model_or_path, QuantizedModel) else load_any(model_or_path)
+    device = device or default_device()
+    qm.model.to(device)
+    split = tokenize_split(qm.tokenizer, corpus, "evaluation")
+    res = perplexity(qm.model, split.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                     bos_token_id=qm.bos_token_id, batch_size=batch_size, device=device, progress=progress)
+    res.update({"corpus": corpus, "split": "evaluation (odd-numbered articles; disjoint from calibration)",
+                "text_sha256": split.text_sha256, "device": str(device)})
+    return res

@@ -1,0 +1,114 @@
+"""The weight-format interface every quantizer rounds into.
+
+A format is created from its recipe/checkpoint spec (a dict with ``type`` and the format's own
+keys, validated by the format's pydantic ``Config``). A quantizer drives it like this::
+
+    layer = fmt.begin_layer(W, col_weight)          # layer-level params (e.g. a LUT per row)
+    for each group of columns:
+        params = fmt.fit_group(W[:, cols], col_weight[cols], layer)
+        codes, deq = fmt.quantize(W[:, cols], params)   # any subset of the group's columns
+    packed = fmt.pack(codes, layer, group_params, g_idx)
+
+``pack`` returns the tensors that go to disk; ``unpack(packed, shape)`` gives the dequantized
+weight back, and ``linear(x, packed, shape)`` is the plain-PyTorch forward used on CPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RecipeError, pydantic_message
+from ..registry import get as _get
+
+Params = dict[str, torch.Tensor]
+
+
+class FormatConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    # Columns per quantization group along the input dimension; None/-1 = one group per row.
+    group_size: int | None = None
+
+    def groups(self, cols: int) -> list[tuple[int, int]]:
+        g = self.group_size if self.group_size and self.group_size > 0 else cols
+        return [(s, min(s + g, cols)) for s in range(0, cols, g)]
+
+
+class WeightFormat(ABC):
+    """Base class of a weight format. Subclasses set ``Config`` and implement the methods."""
+
+    Config: ClassVar[type[FormatConfig]] = FormatConfig
+    registry_name: ClassVar[str]
+
+    def __init__(self, cfg: FormatConfig):
+        self.cfg = cfg
+
+    # ---- identity -------------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return self.cfg.model_dump()
+
+    @property
+    def group_size(self) -> int | None:
+        g = self.cfg.group_size
+        return g if g and g > 0 else None
+
+    def describe(self) -> str:
+        return self.registry_name
+
+    def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
+        """Raise a clear error if this format cannot hold a weight of ``shape``."""
+
+    # ---- rounding -------------------------------------------------------------------------
+    def begin_layer(self, w: torch.Tensor, col_weight: torch.Tensor | None) -> Params:
+        """Layer-level parameters (default: none)."""
+        return {}
+
+    @abstractmethod
+    def fit_group(self, w: torch.Tensor, col_weight: torch.Tensor | None, layer: Params) -> Params:
+        """Parameters of one group, from its columns ``w`` [rows, k] (float32)."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor, params: Params, layer: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round columns ``w`` [rows, k] with one group's params: (integer codes, dequantized)."""
+
+    # ---- storage --------------------------------------------------------------------------
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, layer: Params, groups: list[Params],
+             g_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Tensors to store for a weight with integer ``codes`` [rows, cols]."""
+
+    @abstractmethod
+    def unpack(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The dequantized weight [rows, cols] in float32."""
+
+    def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """Plain-PyTorch forward ``x @ W^T`` (no bias). Activation-quantizing formats override."""
+        w = self.unpack(packed, shape).to(x.dtype)
+        return torch.nn.functional.linear(x, w)
+
+    def bits_per_weight(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> float:
+        return packed_bits_per_weight(packed, shape)
+
+
+def packed_bits_per_weight(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> float:
+    """True storage cost: every stored byte (codes, scales, zeros, tables, g_idx) per weight."""
+    nbits = sum(t.numel() * t.element_size() * 8 for t in packed.values())
+    return nbits / (shape[0] * shape[1])
+
+
+def format_from_spec(spec: dict[str, Any] | FormatConfig, where: str = "format") -> WeightFormat:
+    """Build a format from a dict like ``{"type": "int", "bits": 4, "group_size": 128}``."""
+    if isinstance(spec, FormatConfig):
+        spec = spec.model_dump()
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise RecipeError(f"{where}: expected a mapping with a 'type' key (e.g. type: int), got {spec!r}")
+    cls = _get("format", spec["type"])
+    try:
+        cfg = cls.Config(**spec)
+    except ValidationError as e:
+        raise RecipeError(pydantic_message(e, where)) from None
+    return cls(cfg)

@@ -1,0 +1,90 @@
+"""The quantized linear layer.
+
+It holds the packed tensors of its format as buffers (exactly what the checkpoint stores) and
+computes from them: on GPU through a Triton kernel from ``quantkit.kernels`` when one exists for
+the format, otherwise (and always on CPU) through the format's plain-PyTorch ``linear``.
+Transforms that rotate or scale the input/output (QuIP, smoothing) add their run-time steps
+around the matmul; their tensors are buffers too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats.base import WeightFormat, format_from_spec, packed_bits_per_weight
+from .registry import get as _get
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: dict[str, Any],
+                 packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.fmt: WeightFormat = format_from_spec(spec["format"], where="quantization_config.format")
+        self.fmt.check_shape((out_features, in_features))
+        self._keys = sorted(packed)
+        for k, t in packed.items():
+            self.register_buffer(k.replace(".", "__"), t)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            self.bias = None
+        # run-time steps of transforms, e.g. [{"type": "hadamard", ...}]
+        self._pre, self._post = [], []
+        for tspec in spec.get("transforms", []):
+            pre, post = _get("transform", tspec["type"]).runtime(tspec, self)
+            if pre is not None:
+                self._pre.append(pre)
+            if post is not None:
+                self._post.insert(0, post)
+        self._kernel = None
+        self._kernel_device = None
+        # validate now: a checkpoint whose tensors do not fit the spec fails at load, not at forward
+        with torch.no_grad():
+            if all(t.device.type != "meta" for t in packed.values()):
+                self.fmt.unpack(self.packed, self.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k.replace(".", "__")) for k in self._keys}
+
+    def bits_per_weight(self) -> float:
+        return packed_bits_per_weight(self.packed, self.shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.fmt.unpack(self.packed, self.shape)
+
+    def _get_kernel(self, device: torch.device):
+        if self._kernel_device != device:
+            from . import kernels  # local import: kernels are optional (Triton)
+
+            self._kernel = kernels.find_kernel(self.fmt, self.packed, self.shape, device)
+            self._kernel_device = device
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for f in self._pre:
+            x = f(x)
+        kernel = self._get_kernel(x.device) if x.is_cuda else None
+        if kernel is not None:
+            y = kernel(x)
+        else:
+            y = self.fmt.linear(x, self.packed, self.shape)
+        for f in self._post:
+            y = f(y)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.fmt.describe()}, bias={self.bias is not None}")

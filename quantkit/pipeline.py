@@ -1,0 +1,259 @@
+"""Block-by-block sequential calibration. Nothing here knows any algorithm.
+
+1. Capture what the first decoder block receives (hidden states and every keyword argument the
+   architecture passes: masks, position ids, rotary embeddings, ...), by running the model up to
+   that block.
+2. For each block, on the compute device: gather each linear's input statistics with hooks (XᵀX,
+   Σx², max|x|; linears that share an input share one accumulator), run the recipe's transforms and
+   quantizer on every linear, swap in :class:`QuantLinear`, run the block plugins, then recompute
+   the block's outputs with the quantized weights — they are the next block's inputs.
+Only the current block and the activations live on the compute device; the rest stays on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import NumericalError, QuantkitError
+from .models.discovery import find_blocks, find_linears, linear_weight, set_module
+from .nn import QuantLinear
+from .quantizers.base import LayerStats
+from .recipe import Recipe, Scheme
+from .transforms.base import LayerContext, block_plugin_from_spec
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class PipelineReport:
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec + metrics
+    blocks: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    calibration_tokens: int = 0
+    device: str = "cpu"
+
+
+def _tree_to(obj: Any, device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_tree_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_tree_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _tree_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return _block_output(block(hidden, **kwargs))
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
+                         store_device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Run the model up to the first block for each batch; return its hidden states and kwargs."""
+    hiddens, kwargs_list = [], []
+
+    def hook(_mod, args, kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw["use_cache"] = False
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        kw.pop("layer_past", None)
+        hiddens.append(h.detach().to(store_device))
+        kwargs_list.append(_tree_to(kw, device))
+        raise _Stop
+
+    # everything but the blocks goes to the device for the capture
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    _move_direct(model, block_ids, device)
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+        _move_direct(model, block_ids, "cpu")
+    if len(hiddens) != len(batches):
+        raise QuantkitError("the first decoder block was never reached: the model's forward does not "
+                            "call its blocks in order; this architecture is not supported")
+    return hiddens, kwargs_list
+
+
+def _move_direct(model: nn.Module, skip_ids: set[int], device) -> None:
+    """Move the parameters/buffers of every module not in ``skip_ids``, in place (ties survive)."""
+    for m in model.modules():
+        if id(m) in skip_ids:
+            continue
+        for p in m._parameters.values():
+            if p is not None and p.device != torch.device(device):
+                p.data = p.data.to(device)
+        for n, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[n] = b.to(device)
+
+
+class _StatsCollector:
+    """Forward hooks that accumulate input statistics; linears fed the same tensor share them."""
+
+    def __init__(self, linears: dict[str, nn.Module], need_hessian: set[str]):
+        self.stats: dict[str, LayerStats] = {}
+        self.alias: dict[str, str] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []  # strong refs: no address reuse in a batch
+        self._handles = []
+        self._need_h = need_hessian
+        for name, mod in linears.items():
+            self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+
+    def new_batch(self):
+        self._seen.clear()
+
+    def _make_hook(self, name: str):
+        def hook(_mod, args, _out):
+            x = args[0]
+            for t, owner in self._seen:
+                if t is x:
+                    if owner != name:
+                        self.alias[name] = owner
+                    return
+            self._seen.append((x, name))
+            self._add(name, x)
+        return hook
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
+                                 f"weights and the calibration data")
+        s = self.stats.get(name)
+        if s is None:
+            n = x.shape[1]
+            s = LayerStats(0, torch.zeros(n, n, device=x.device) if name in self._need_h else None,
+                           torch.zeros(n, device=x.device), torch.zeros(n, device=x.device))
+            self.stats[name] = s
+        s.nsamples += x.shape[0]
+        if s.hessian is not None:
+            s.hessian.addmm_(x.t(), x)
+        s.act_sqsum += x.pow(2).sum(0)
+        torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)
+
+    def get(self, name: str) -> LayerStats:
+        owner = self.alias.get(name, name)
+        s = self.stats.get(owner)
+        if s is None:
+            return LayerStats()
+        if name in self._need_h and s.hessian is None:
+            raise QuantkitError(f"internal: {name} needs a Hessian its input owner {owner} did not gather")
+        return s
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0
+                    ) -> tuple[QuantLinear, dict[str, Any]]:
+    w = linear_weight(mod).detach().float()
+    if not torch.isfinite(w).all():
+        raise NumericalError(f"{name}: the weight holds NaN/inf; the model is broken")
+    scheme.fmt.check_shape(tuple(w.shape), where=name)
+    ctx = LayerContext(name, w, stats, seed)
+    for t in scheme.transforms:
+        t.before(ctx)
+    try:
+        res = scheme.quantizer.quantize(ctx.weight, scheme.fmt, ctx.stats)
+    except NumericalError as e:
+        raise NumericalError(f"{name}: {e}") from None
+    packed = {**res.packed, **ctx.tensors}
+    spec = {**scheme.spec(), "transforms": ctx.runtime}
+    bias = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
+    ql = QuantLinear(w.shape[1], w.shape[0], spec,
+                     {k: v.contiguous() for k, v in packed.items()}, bias)
+    info = {**spec, "bits_per_weight": ql.bits_per_weight(), "shape": list(w.shape), **res.metrics}
+    return ql, info
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, *,
+                   device: str | torch.device = "cpu", batch_size: int = 8, offload_activations: bool = False,
+                   progress: bool = True, start_block: int = 0,
+                   on_block_done: Callable[[int, nn.Module, PipelineReport, tuple], None] | None = None,
+                   state: tuple[list, list] | None = None) -> PipelineReport:
+    """Quantize ``model`` in place with ``recipe``, calibrated on token ids ``calibration`` [N, L]."""
+    t0 = time.time()
+    device = torch.device(device)
+    store = torch.device("cpu") if offload_activations else device
+    report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()))
+    blocks_name, blocks = find_blocks(model)
+    plugins = [block_plugin_from_spec(p, f"{recipe.source}: block_plugins[{i}]")
+               for i, p in enumerate(recipe.block_plugins)]
+    batches = list(calibration.split(batch_size))
+    if state is None:
+        inputs, kwargs_list = capture_block_inputs(model, blocks, batches, device, store)
+    else:
+        inputs, kwargs_list = state
+    bar = tqdm(range(start_block, len(blocks)), desc="quantize", unit="block", disable=not progress)
+    for bi in bar:
+        block = blocks[bi]
+        block.to(device)
+        prefix = f"{blocks_name}.{bi}."
+        linears = find_linears(block, prefix)
+        schemes = {n: recipe.scheme_for(n) for n in linears}
+        schemes = {n: s for n, s in schemes.items() if s is not None}
+        need_h = {n for n, s in schemes.items() if s.needs_hessian}
+        collector = _StatsCollector({n: linears[n] for n in schemes}, need_h)
+        float_outs = []
+        try:
+            with torch.no_grad():
+                for h, kw in zip(inputs, kwargs_list):
+                    collector.new_batch()
+                    out = run_block(block, h.to(device), kw)
+                    float_outs.append(out.to(store))
+        finally:
+            collector.remove()
+        errs = []
+        for n, s in schemes.items():
+            ql, info = quantize_linear(n, linears[n], s, collector.get(n), seed=bi)
+            set_module(model, n, ql.to(device))
+            report.layers[n] = info
+            errs.append(info.get("rel_err", 0.0))
+        del collector
+        binfo: dict[str, float] = {"block": bi}
+        for p in plugins:
+            binfo.update(p.after_block(block, inputs, kwargs_list, float_outs, run_block) or {})
+        with torch.no_grad():
+            num = den = 0.0
+            for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
+                out = run_block(block, h.to(device), kw)
+                ref = float_outs[j].to(device)
+                num += float((out.float() - ref.float()).pow(2).sum())
+                den += float(ref.float().pow(2).sum())
+                inputs[j] = out.to(store)
+        del float_outs
+        binfo["block_rel_err"] = num / max(den, 1e-30)
+        binfo["mean_layer_rel_err"] = sum(errs) / max(len(errs), 1)
+        report.blocks.append(binfo)
+        block.to("cpu")
+        bar.set_postfix(layer_err=f"{binfo['mean_layer_rel_err']:.2e}", block_err=f"{binfo['block_rel_err']:.2e}")
+        if on_block_done is not None:
+            on_block_done(bi, model, report, (inputs, kwargs_list))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report.seconds = time.time() - t0
+    return report

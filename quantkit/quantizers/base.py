@@ -1,0 +1,105 @@
+"""The quantizer interface (RTN, GPTQ, and later ones implement it)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RecipeError, pydantic_message
+from ..formats.base import Params, WeightFormat
+from ..registry import get as _get
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input (all float32, on the compute device)."""
+
+    nsamples: int = 0  # tokens seen
+    hessian: torch.Tensor | None = None  # sum over tokens of x x^T, [in, in] (None if not gathered)
+    act_sqsum: torch.Tensor | None = None  # sum over tokens of x^2, [in]
+    act_absmax: torch.Tensor | None = None  # max over tokens of |x|, [in]
+
+    @property
+    def col_weight(self) -> torch.Tensor | None:
+        """Mean squared activation per input column: the weight of each column's error."""
+        if self.hessian is not None:
+            return torch.diagonal(self.hessian) / max(self.nsamples, 1)
+        if self.act_sqsum is not None:
+            return self.act_sqsum / max(self.nsamples, 1)
+        return None
+
+
+@dataclass
+class QuantResult:
+    packed: dict[str, torch.Tensor]  # what goes to disk (format tensors)
+    weight: torch.Tensor  # the dequantized weight, float32 [out, in]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class QuantizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quantizer(ABC):
+    Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
+    needs_hessian: ClassVar[bool] = False
+    registry_name: ClassVar[str]
+
+    def __init__(self, cfg: QuantizerConfig):
+        self.cfg = cfg
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.registry_name, **self.cfg.model_dump()}
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor, fmt: WeightFormat, stats: LayerStats) -> QuantResult:
+        """Quantize ``w`` [out, in] (float32) into ``fmt``."""
+
+
+def quantizer_from_spec(spec: dict[str, Any], where: str = "quantizer") -> Quantizer:
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise RecipeError(f"{where}: expected a name or a mapping with 'type' (e.g. type: gptq), got {spec!r}")
+    args = {k: v for k, v in spec.items() if k != "type"}
+    cls = _get("quantizer", spec["type"])
+    try:
+        cfg = cls.Config(**args)
+    except ValidationError as e:
+        raise RecipeError(pydantic_message(e, where)) from None
+    return cls(cfg)
+
+
+def quantize_columns(w: torch.Tensor, fmt: WeightFormat, col_weight: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, Params, list[Params]]:
+    """Round-to-nearest over the format's natural groups: (codes, dequantized, layer, groups)."""
+    layer = fmt.begin_layer(w, col_weight)
+    codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    deq = torch.empty_like(w)
+    groups = []
+    for s, e in fmt.cfg.groups(w.shape[1]):
+        cw = None if col_weight is None else col_weight[s:e]
+        p = fmt.fit_group(w[:, s:e], cw, layer)
+        codes[:, s:e], deq[:, s:e] = fmt.quantize(w[:, s:e], p, layer)
+        groups.append(p)
+    return codes, deq, layer, groups
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> dict[str, float]:
+    """Relative layer-output error ||(W-Q)X||² / ||WX||² from the Hessian (or the diagonal)."""
+    d = (w - q).float()
+    if stats.hessian is not None:
+        h = stats.hessian
+        num = torch.sum((d @ h) * d)
+        den = torch.sum((w.float() @ h) * w.float())
+    elif stats.col_weight is not None:
+        cw = stats.col_weight
+        num = torch.sum(d.pow(2) * cw)
+        den = torch.sum(w.float().pow(2) * cw)
+    else:
+        num, den = d.pow(2).sum(), w.float().pow(2).sum()
+    return {"rel_err": float(num / den.clamp_min(1e-30))}

@@ -1,0 +1,142 @@
+"""GPTQ (Frantar et al., 2022): column-by-column rounding with Hessian-weighted error feedback.
+
+Options: dampening (fraction of the mean Hessian diagonal), act-order (columns by decreasing
+diagonal), static groups (group params fitted on the natural column groups before the solve, so
+act-order needs no g_idx at run time), lazy block updates of ``block_size`` columns. Works with
+any :class:`WeightFormat` (INT, LUT, FP): the format decides the grid, GPTQ decides the rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..errors import NumericalError
+from ..registry import register
+from .base import LayerStats, QuantizerConfig, QuantResult, Quantizer, output_error, quantize_columns
+
+
+class GPTQConfig(QuantizerConfig):
+    damp: float = Field(0.01, gt=0, le=1.0)
+    act_order: bool = True
+    static_groups: bool = True
+    block_size: int = Field(128, ge=1)
+    # when Cholesky fails, multiply the dampening by 10 up to this many times before giving up
+    damp_retries: int = Field(3, ge=0, le=8)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)^-1, λ = damp·mean(diag H); raises NumericalError if H is
+    not positive definite even after ``retries`` ten-fold increases of λ."""
+    mean_diag = torch.mean(torch.diagonal(h)).item()
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    d = damp
+    for _ in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(U).all():
+                return U, d
+        d *= 10
+    raise NumericalError(
+        f"the Hessian ({h.shape[0]}x{h.shape[0]}) is not positive definite even with dampening "
+        f"{d / 10:g} x mean diagonal; use more calibration samples, raise quantizer.damp, or use rtn "
+        f"for this layer")
+
+
+@register("quantizer", "gptq")
+class GPTQ(Quantizer):
+    Config = GPTQConfig
+    cfg: GPTQConfig
+    needs_hessian = True
+
+    def quantize(self, w: torch.Tensor, fmt, stats: LayerStats) -> QuantResult:
+        if stats.hessian is None or stats.nsamples == 0:
+            raise NumericalError("GPTQ needs calibration statistics (a Hessian) and got none")
+        W = w.clone().float()
+        rows, cols = W.shape
+        H = stats.hessian.clone().float() / stats.nsamples
+        if not torch.isfinite(H).all():
+            raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        col_weight = torch.diagonal(H).clone()
+
+        layer = fmt.begin_layer(W, col_weight)
+        nat_groups = fmt.cfg.groups(cols)
+        g = nat_groups[0][1] - nat_groups[0][0] if nat_groups else cols
+        grouped = len(nat_groups) > 1
+
+        perm = None
+        if self.cfg.act_order:
+            perm = torch.argsort(torch.diagonal(H), descending=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        static = self.cfg.act_order and self.cfg.static_groups or not grouped
+        group_params: list = []
+        if static:
+            # params of each natural column group, from the weights before any update
+            Wn = W if perm is None else W[:, torch.argsort(perm)]
+            for s, e in nat_groups:
+                group_params.append(fmt.fit_group(Wn[:, s:e], col_weight[s:e], layer))
+            nat_of = torch.arange(cols, device=W.device) // g
+            col_group = nat_of if perm is None else nat_of[perm]  # group of permuted column j
+            col_group = col_group.tolist()
+
+        U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
+
+        codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+        Q = torch.zeros_like(W)
+        losses = torch.zeros(rows, device=W.device)
+        dyn_gidx = torch.zeros(cols, dtype=torch.long, device=W.device)
+        params = None
+        bs = self.cfg.block_size
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                c = i1 + i
+                if static:
+                    params = group_params[col_group[c]]
+                elif c % g == 0:
+                    glen = min(g, cols - c)
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :glen]
+                    cw = col_weight[perm[c:c + glen]] if perm is not None else col_weight[c:c + glen]
+                    params = fmt.fit_group(cur, cw, layer)
+                    group_params.append(params)
+                if not static:
+                    dyn_gidx[c] = len(group_params) - 1
+                wcol = W1[:, i:i + 1]
+                qc, dq = fmt.quantize(wcol, params, layer)
+                codes[:, c:c + 1] = qc
+                Q1[:, i:i + 1] = dq
+                d = U1[i, i]
+                err = (wcol - dq) / d
+                losses += (wcol - dq).squeeze(1).pow(2) / d ** 2 / 2
+                W1[:, i:] -= err @ U1[i:i + 1, i:]
+                Err1[:, i:i + 1] = err
+            Q[:, i1:i2] = Q1
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+        g_idx = None
+        if perm is not None:
+            inv = torch.argsort(perm)
+            Q = Q[:, inv]
+            codes = codes[:, inv]
+            if not static:
+                g_idx = dyn_gidx[inv]
+        if not torch.isfinite(Q).all():
+            raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
+        packed = fmt.pack(codes, layer, group_params, g_idx)
+        metrics = output_error(w, Q, stats)
+        metrics["gptq_loss"] = float(losses.sum())
+        metrics["damp"] = used_damp
+        return QuantResult(packed, Q, metrics)
+
+
+__all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor", "quantize_columns"]

@@ -1,0 +1,206 @@
+"""Recipes: which quantizer, format and transforms apply to which layers.
+
+A recipe is YAML (a file path or a built-in name from ``recipes/``)::
+
+    name: w4a16-gptq-g128
+    quantizer: {type: gptq, damp: 0.01, act_order: true}
+    format: {type: int, bits: 4, group_size: 128, sym: false}
+    ignore: [lm_head]            # patterns never quantized (lm_head by default)
+    targets: ["*"]               # patterns quantized (default: every linear in the decoder blocks)
+    rules:                       # mixed precision: first matching rule wins over the defaults
+      - match: ["*.down_proj"]
+        format: {type: int, bits: 8, group_size: null, sym: true}
+    transforms: []               # weight transforms wrapping the quantizer (QuIP, smoothing, ...)
+    block_plugins: []            # per-block steps after quantization (norm tweaking, ...)
+    calibration: {samples: 128, seq_len: 512, seed: 0, corpus: enwiki}
+
+Patterns are globs on the full module name (``model.layers.3.self_attn.q_proj``) or, prefixed
+``re:``, regular expressions; a bare name without ``*`` or ``.`` matches the last name component.
+Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError, pydantic_message
+from .formats.base import WeightFormat, format_from_spec
+from .quantizers.base import Quantizer, quantizer_from_spec
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+    corpus: str = "enwiki"
+    batch_size: int = Field(8, ge=1)
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    match: list[str]
+    quantizer: dict[str, Any] | str | None = None
+    format: dict[str, Any] | None = None
+    transforms: list[dict[str, Any]] | None = None
+    skip: bool = False  # keep matching layers in float
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    description: str = ""
+    quantizer: dict[str, Any] | str = "rtn"
+    format: dict[str, Any] = Field(default_factory=lambda: {"type": "int", "bits": 4, "group_size": 128})
+    targets: list[str] = Field(default_factory=lambda: ["*"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    rules: list[Rule] = Field(default_factory=list)
+    transforms: list[dict[str, Any]] = Field(default_factory=list)
+    block_plugins: list[dict[str, Any]] = Field(default_factory=list)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    kv_cache: dict[str, Any] | None = None
+    source: str = Field("<memory>", exclude=True)
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    # ---- resolution ------------------------------------------------------------------------
+    def validate_plugins(self) -> None:
+        """Build every quantizer/format/transform once so that a bad key fails before any work."""
+        self.scheme_for("__validate__")
+        for i, r in enumerate(self.rules):
+            if r.format is not None:
+                format_from_spec(r.format, where=f"{self.source}: rules[{i}].format")
+            if r.quantizer is not None:
+                quantizer_from_spec(r.quantizer, where=f"{self.source}: rules[{i}].quantizer")
+            for j, t in enumerate(r.transforms or []):
+                _transform(t, f"{self.source}: rules[{i}].transforms[{j}]")
+        for j, t in enumerate(self.transforms):
+            _transform(t, f"{self.source}: transforms[{j}]")
+        for j, p in enumerate(self.block_plugins):
+            _block_plugin(p, f"{self.source}: block_plugins[{j}]")
+
+    def scheme_for(self, name: str) -> "Scheme | None":
+        """The scheme for a linear layer, or None if it stays in float."""
+        if name != "__validate__":
+            if matches(self.ignore, name) or not matches(self.targets, name):
+                return None
+        q, f, t = self.quantizer, self.format, self.transforms
+        where = f"{self.source}: "
+        for i, r in enumerate(self.rules):
+            if name != "__validate__" and matches(r.match, name):
+                if r.skip:
+                    return None
+                q = r.quantizer if r.quantizer is not None else q
+                f = r.format if r.format is not None else f
+                t = r.transforms if r.transforms is not None else t
+                where = f"{self.source}: rules[{i}]."
+                break
+        return Scheme(
+            quantizer_from_spec(q, where=f"{where}quantizer"),
+            format_from_spec(f, where=f"{where}format"),
+            [_transform(x, f"{where}transforms[{j}]") for j, x in enumerate(t)],
+        )
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+class Scheme:
+    def __init__(self, quantizer: Quantizer, fmt: WeightFormat, transforms: list):
+        self.quantizer, self.fmt, self.transforms = quantizer, fmt, transforms
+
+    def spec(self) -> dict[str, Any]:
+        return {"quantizer": self.quantizer.spec(), "format": self.fmt.spec()}
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.quantizer.needs_hessian or any(getattr(t, "needs_hessian", False) for t in self.transforms)
+
+
+def _transform(spec: dict[str, Any], where: str):
+    from .transforms.base import transform_from_spec
+
+    return transform_from_spec(spec, where)
+
+
+def _block_plugin(spec: dict[str, Any], where: str):
+    from .transforms.base import block_plugin_from_spec
+
+    return block_plugin_from_spec(spec, where)
+
+
+def matches(patterns: list[str], name: str) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif "*" in p or "?" in p or "." in p or "[" in p:
+            if fnmatch.fnmatchcase(name, p):
+                return True
+        elif name.rsplit(".", 1)[-1] == p:
+            return True
+    return False
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Built-in recipe names -> file paths (the YAML files in ``recipes/``)."""
+    out = {}
+    for entry in importlib.resources.files("quantkit.recipes").iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[:-5]] = str(entry)
+    return out
+
+
+def load_recipe(name_or_path: str | dict | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a built-in name, a YAML path, a dict or a Recipe; validate everything."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        data, source = dict(name_or_path), "<dict>"
+    else:
+        builtins = builtin_recipes()
+        if name_or_path in builtins:
+            path = builtins[name_or_path]
+        elif os.path.exists(name_or_path):
+            path = name_or_path
+        else:
+            raise RecipeError(
+                f"recipe {name_or_path!r} is neither a file nor a built-in recipe; built-in: "
+                f"{', '.join(sorted(builtins))}")
+        source = path
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    if overrides:
+        data = {**data, **overrides}
+    try:
+        r = Recipe(**data)
+    except ValidationError as e:
+        raise RecipeError(pydantic_message(e, source)) from None
+    r.source = source
+    r.validate_plugins()
+    return r

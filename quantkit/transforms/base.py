@@ -1,0 +1,98 @@
+"""Interfaces for weight transforms and block plugins.
+
+A **Transform** wraps the quantizer of one linear layer. ``before(ctx)`` may rewrite the weight
+and its statistics (e.g. rotate W and H), record tensors to store (``ctx.add_tensor``) and the
+run-time step the quantized layer must apply (``ctx.runtime.append(spec)``). At load time
+``runtime(spec, layer)`` returns ``(pre, post)``: functions applied to the layer's input before
+the matmul and to its output after it (before the bias). Registered as ``("transform", name)``.
+
+A **BlockPlugin** runs after a decoder block's linears are quantized, with the block's inputs
+and its float outputs on those inputs (e.g. norm tweaking). Registered as ``("block_plugin", name)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RecipeError, pydantic_message
+from ..quantizers.base import LayerStats
+from ..registry import get as _get
+
+
+class PluginConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class LayerContext:
+    name: str
+    weight: torch.Tensor  # float32 [out, in], on the compute device; transforms may replace it
+    stats: LayerStats
+    seed: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors to store
+    runtime: list[dict[str, Any]] = field(default_factory=list)  # run-time transform specs
+
+    def add_tensor(self, key: str, t: torch.Tensor) -> None:
+        self.tensors[key] = t
+
+
+class Transform(ABC):
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    needs_hessian: ClassVar[bool] = False
+    registry_name: ClassVar[str]
+
+    def __init__(self, cfg: PluginConfig):
+        self.cfg = cfg
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.registry_name, **self.cfg.model_dump()}
+
+    def before(self, ctx: LayerContext) -> None:
+        """Rewrite ``ctx.weight`` / ``ctx.stats`` before the quantizer runs."""
+
+    @classmethod
+    def runtime(cls, spec: dict[str, Any], layer: torch.nn.Module
+                ) -> tuple[Callable | None, Callable | None]:
+        return None, None
+
+
+class BlockPlugin(ABC):
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    registry_name: ClassVar[str]
+
+    def __init__(self, cfg: PluginConfig):
+        self.cfg = cfg
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.registry_name, **self.cfg.model_dump()}
+
+    def after_block(self, block: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                    float_outputs: list[torch.Tensor], forward: Callable) -> dict[str, float]:
+        """Adjust the quantized ``block``; ``forward(block, hidden, kwargs)`` runs it. Returns metrics."""
+        return {}
+
+
+def _build(kind: str, spec: dict[str, Any], where: str):
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise RecipeError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
+    cls = _get(kind, spec["type"])
+    try:
+        cfg = cls.Config(**{k: v for k, v in spec.items() if k != "type"})
+    except ValidationError as e:
+        raise RecipeError(pydantic_message(e, where)) from None
+    return cls(cfg)
+
+
+def transform_from_spec(spec: dict[str, Any], where: str = "transforms") -> Transform:
+    return _build("transform", spec, where)
+
+
+def block_plugin_from_spec(spec: dict[str, Any], where: str = "block_plugins") -> BlockPlugin:
+    return _build("block_plugin", spec, where)
