@@ -139,20 +139,27 @@ class _StatsCollector:
 
     def _add(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
-                                 f"weights and the calibration data")
         s = self.stats.get(name)
         if s is None:
             n = x.shape[1]
-            s = LayerStats(0, torch.zeros(n, n, device=x.device) if name in self._need_h else None,
-                           torch.zeros(n, device=x.device), torch.zeros(n, device=x.device))
+            h = torch.zeros(n, n, device=x.device) if name in self._need_h else None
+            s = LayerStats(0, h, None if h is not None else torch.zeros(n, device=x.device),
+                           torch.zeros(n, device=x.device))
             self.stats[name] = s
         s.nsamples += x.shape[0]
         if s.hessian is not None:
-            s.hessian.addmm_(x.t(), x)
-        s.act_sqsum += x.pow(2).sum(0)
-        torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)
+            s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
+        else:
+            s.act_sqsum += x.pow(2).sum(0)
+        torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)  # NaN propagates to here
+
+    def finish(self) -> None:
+        for name, s in self.stats.items():
+            if s.hessian is not None:
+                s.act_sqsum = torch.diagonal(s.hessian).clone()
+            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not torch.isfinite(s.hessian).all()):
+                raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
+                                     f"weights and the calibration data")
 
     def get(self, name: str) -> LayerStats:
         owner = self.alias.get(name, name)
@@ -190,6 +197,22 @@ def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats
     return ql, info
 
 
+def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport, device, progress: bool,
+                       t0: float) -> PipelineReport:
+    """No scheme needs activations (e.g. RTN into INT): quantize every targeted linear directly."""
+    report.calibration_tokens = 0
+    linears = {n: m for n, m in find_linears(model).items() if recipe.scheme_for(n) is not None}
+    for n in tqdm(linears, desc="quantize (data-free)", unit="layer", disable=not progress):
+        mod = linears[n]
+        w_dev = linear_weight(mod).device
+        mod.to(device)
+        ql, info = quantize_linear(n, mod, recipe.scheme_for(n), LayerStats())
+        set_module(model, n, ql.to(w_dev))
+        report.layers[n] = info
+    report.seconds = time.time() - t0
+    return report
+
+
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, *,
                    device: str | torch.device = "cpu", batch_size: int = 8, offload_activations: bool = False,
                    progress: bool = True, start_block: int = 0,
@@ -201,6 +224,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     store = torch.device("cpu") if offload_activations else device
     report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()))
     blocks_name, blocks = find_blocks(model)
+    if not recipe.block_plugins and not any(
+            s.needs_calibration for n, m in find_linears(model).items() if (s := recipe.scheme_for(n)) is not None):
+        return quantize_data_free(model, recipe, report, device, progress, t0)
     plugins = [block_plugin_from_spec(p, f"{recipe.source}: block_plugins[{i}]")
                for i, p in enumerate(recipe.block_plugins)]
     batches = list(calibration.split(batch_size))
@@ -227,6 +253,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
                     float_outs.append(out.to(store))
         finally:
             collector.remove()
+        collector.finish()
         errs = []
         for n, s in schemes.items():
             ql, info = quantize_linear(n, linears[n], s, collector.get(n), seed=bi)

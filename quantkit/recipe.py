@@ -133,6 +133,11 @@ class Scheme:
         return {"quantizer": self.quantizer.spec(), "format": self.fmt.spec()}
 
     @property
+    def needs_calibration(self) -> bool:
+        return (self.quantizer.needs_calibration or self.fmt.needs_calibration
+                or any(t.needs_calibration for t in self.transforms))
+
+    @property
     def needs_hessian(self) -> bool:
         return self.quantizer.needs_hessian or any(getattr(t, "needs_hessian", False) for t in self.transforms)
 

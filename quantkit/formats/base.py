@@ -3,7 +3,7 @@
 A format is created from its recipe/checkpoint spec (a dict with ``type`` and the format's own
 keys, validated by the format's pydantic ``Config``). A quantizer drives it like this::
 
-    layer = fmt.begin_layer(W, col_weight)          # layer-level params (e.g. a LUT per row)
+    layer = fmt.begin_layer(W, col_weight, stats)   # layer-level params (e.g. a LUT per row)
     for each group of columns:
         params = fmt.fit_group(W[:, cols], col_weight[cols], layer)
         codes, deq = fmt.quantize(W[:, cols], params)   # any subset of the group's columns
@@ -59,12 +59,18 @@ class WeightFormat(ABC):
     def describe(self) -> str:
         return self.registry_name
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True if fitting uses activation statistics (then RTN into it still calibrates)."""
+        return False
+
     def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
         """Raise a clear error if this format cannot hold a weight of ``shape``."""
 
     # ---- rounding -------------------------------------------------------------------------
-    def begin_layer(self, w: torch.Tensor, col_weight: torch.Tensor | None) -> Params:
-        """Layer-level parameters (default: none)."""
+    def begin_layer(self, w: torch.Tensor, col_weight: torch.Tensor | None, stats: Any = None) -> Params:
+        """Layer-level parameters (default: none). ``col_weight`` [cols] is the mean squared input
+        activation per column; ``stats`` the layer's full :class:`LayerStats` (act_absmax, ...) or None."""
         return {}
 
     @abstractmethod

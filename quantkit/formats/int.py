@@ -77,6 +77,10 @@ class IntFormat(WeightFormat):
         g = self.group_size
         return f"int{self.cfg.bits}{'' if self.cfg.sym else '-asym'}{f'-g{g}' if g else '-ch'}"
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.cfg.clip == "mse"
+
     def check_shape(self, shape, where=""):
         check_groups(self.cfg, shape, where)
 

@@ -47,6 +47,7 @@ class QuantizerConfig(BaseModel):
 class Quantizer(ABC):
     Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
     needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True  # False: data-free (e.g. RTN)
     registry_name: ClassVar[str]
 
     def __init__(self, cfg: QuantizerConfig):
@@ -74,10 +75,11 @@ def quantizer_from_spec(spec: dict[str, Any], where: str = "quantizer") -> Quant
     return cls(cfg)
 
 
-def quantize_columns(w: torch.Tensor, fmt: WeightFormat, col_weight: torch.Tensor | None
+def quantize_columns(w: torch.Tensor, fmt: WeightFormat, stats: LayerStats
                      ) -> tuple[torch.Tensor, torch.Tensor, Params, list[Params]]:
     """Round-to-nearest over the format's natural groups: (codes, dequantized, layer, groups)."""
-    layer = fmt.begin_layer(w, col_weight)
+    col_weight = stats.col_weight
+    layer = fmt.begin_layer(w, col_weight, stats)
     codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
     deq = torch.empty_like(w)
     groups = []

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..errors import NumericalError
 from ..registry import register
-from .base import LayerStats, QuantizerConfig, QuantResult, Quantizer, output_error, quantize_columns
+from .base import LayerStats, QuantizerConfig, QuantResult, Quantizer, output_error
 
 
 class GPTQConfig(QuantizerConfig):
@@ -64,7 +64,7 @@ class GPTQ(Quantizer):
         W[:, dead] = 0
         col_weight = torch.diagonal(H).clone()
 
-        layer = fmt.begin_layer(W, col_weight)
+        layer = fmt.begin_layer(W, col_weight, stats)
         nat_groups = fmt.cfg.groups(cols)
         g = nat_groups[0][1] - nat_groups[0][0] if nat_groups else cols
         grouped = len(nat_groups) > 1
@@ -139,4 +139,4 @@ class GPTQ(Quantizer):
         return QuantResult(packed, Q, metrics)
 
 
-__all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor", "quantize_columns"]
+__all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor"]

@@ -44,6 +44,7 @@ class LayerContext:
 class Transform(ABC):
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True
     registry_name: ClassVar[str]
 
     def __init__(self, cfg: PluginConfig):

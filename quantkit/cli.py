@@ -1,0 +1,46 @@
+"""The ``quantkit`` command line: a thin layer over :mod:`quantkit.api`.
+
+Each sub-command is one module in ``quantkit/commands/`` exposing ``register(subparsers)``;
+adding a command touches no other file. User errors print one line (no traceback), exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from .errors import QuantkitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, commands
+
+    p = argparse.ArgumentParser(prog="quantkit", description="Post-training quantization for Hugging Face causal LMs.")
+    p.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QuantkitError as e:
+        print(f"quantkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
