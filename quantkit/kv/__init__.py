@@ -1,0 +1,1 @@
+"""Quantized KV cache and per-layer bit allocation (see issue: adaptive KV-cache quantization)."""
