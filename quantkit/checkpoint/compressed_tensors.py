@@ -1,0 +1,570 @@
+"""The compressed-tensors layout (``quant_method: compressed-tensors``), what vLLM, llm-compressor and
+transformers read. Export and import; docs/EXPORT.md describes the mapping.
+
+Layout (as compressed-tensors 0.20.0 reads it; its source, Apache-2.0, was read to write this — no code
+was copied). Each quantized linear ``L`` stores:
+
+``pack-quantized`` (INT2–INT8 weight-only):
+  * ``L.weight_packed`` int32 ``[out, ceil(in*b/32)]``: the b-bit codes of one output row as a dense
+    little-endian bit stream along the input dimension, code j at bits ``[j*b, (j+1)*b)`` of the row's
+    words (bit 0 = LSB of word 0; for b = 4: 8 nibbles per word, column 8k+i in nibble i of word k).
+    Codes are stored offset by ``+2^(b-1)``: the signed value v in ``[-2^(b-1), 2^(b-1))`` is stored as
+    ``v + 2^(b-1)`` — which is exactly quantkit's unsigned code q, so the bit stream is quantkit's
+    ``qweight`` bit stream padded to whole 32-bit words.
+  * ``L.weight_scale`` ``[out, n_groups]`` (group), ``[out, 1]`` (channel), float16/bfloat16/float32.
+  * ``L.weight_zero_point`` (asymmetric only) int32 ``[ceil(out*b/32), n_groups]``: zero points, offset by
+    ``+2^(b-1)`` like the codes (so again quantkit's unsigned z), packed the same way but along the
+    *output* dimension (``packed_dim=0``).
+  * ``L.weight_shape`` int64 ``[2]`` = ``[out, in]``.
+  Dequantization: ``w = (v - zp) * s`` with v, zp signed, i.e. ``(q - z) * s`` in quantkit's terms.
+``int-quantized`` / ``naive-quantized`` (INT8 weights): ``L.weight`` int8 (signed codes), ``L.weight_scale``.
+``float-quantized`` (FP8): ``L.weight`` float8, ``L.weight_scale`` float32, optional ``L.input_scale``.
+
+compressed-tensors' ``group`` strategy needs ``in % group_size == 0``. quantkit's shorter last group (576
+columns in groups of 128) is exported exactly by splitting every group into groups of
+``gcd(group_size, in)`` columns that repeat the group's scale and zero point (``partial_groups="expand"``,
+the default: 576/128 -> groups of 64); ``partial_groups="error"`` refuses instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, QuantkitError
+from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
+from ..models.discovery import is_linear, set_module
+from ..nn import QuantLinear
+from ..registry import names as _names
+from ..registry import register
+from .io import safe_load_tensors, write_json
+
+QUANT_METHOD = "compressed-tensors"
+CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified against
+_SCALE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_INT_KEYS = {"qweight", "scales", "zeros", "g_idx"}
+
+
+# ================================================================================================
+# helpers shared with gptq.py: 32-bit words, skeleton models, int QuantLinears
+# ================================================================================================
+def words_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[R, n]`` -> int32 ``[R, ceil(n/4)]``, little-endian (byte 0 = bits 0..7 of word 0)."""
+    rows, n = b.shape
+    pad = (-n) % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    x = b.to(torch.int64).view(rows, -1, 4)
+    w = x[..., 0] | (x[..., 1] << 8) | (x[..., 2] << 16) | (x[..., 3] << 24)
+    w = torch.where(w >= 2 ** 31, w - 2 ** 32, w)  # two's complement, explicitly
+    return w.to(torch.int32).contiguous()
+
+
+def bytes_from_words(w: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, m]`` -> uint8 ``[R, 4m]`` (inverse of :func:`words_from_bytes`)."""
+    x = w.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
+    return ((x.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(w.shape[0], -1)
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[R, C]`` in ``[0, 2^bits)`` -> int32 ``[R, ceil(C*bits/32)]``, a dense LSB-first bit stream."""
+    return words_from_bytes(pack_codes(codes.contiguous(), bits))
+
+
+def unpack_words(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """int32 ``[R, ceil(cols*bits/32)]`` -> int32 codes ``[R, cols]`` (inverse of :func:`pack_words`)."""
+    return unpack_codes(bytes_from_words(words)[:, :packed_row_bytes(cols, bits)].contiguous(), bits, cols)
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def float_state_dict(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict without the tensors of the modules in ``skip`` (tied weights stored once)."""
+    from .native import _dedupe_tied
+
+    sd = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in skip}
+    return _dedupe_tied(sd)
+
+
+def build_skeleton(path: str, cfg: dict[str, Any]) -> nn.Module:
+    """The float model of ``config.json`` on the meta device (weights come from the checkpoint)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    mt = base.pop("model_type", None)
+    if not isinstance(mt, str):
+        raise CheckpointError(f"{path}/config.json: model_type is missing")
+    try:
+        hf_cfg = AutoConfig.for_model(mt, **base)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(hf_cfg)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}/config.json: cannot build a {mt!r} model from this config ({e})") from None
+
+
+def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
+    from .native import _load_float_tensors
+
+    _load_float_tensors(model, tensors, path)
+    return model
+
+
+def linear_shape(model: nn.Module, name: str, path: str) -> tuple[int, int, bool]:
+    """(out, in, has_bias) of the float linear ``name`` of a skeleton model."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in this model") from None
+    if not isinstance(mod, nn.Linear):
+        raise CheckpointError(f"{path}: {name!r} is a {type(mod).__name__}, not a linear layer; only nn.Linear "
+                              f"layers are read from this layout")
+    return mod.out_features, mod.in_features, mod.bias is not None
+
+
+def int_quantlinear(name: str, path: str, shape: tuple[int, int], bits: int, group_size: int | None, sym: bool,
+                    packed: dict[str, torch.Tensor], bias: torch.Tensor | None, source: dict[str, Any]
+                    ) -> QuantLinear:
+    """A QuantLinear of quantkit's ``int`` format from native tensors (validated by the format)."""
+    sdt = packed["scales"].dtype
+    if sdt not in _SCALE_DTYPES:
+        raise CheckpointError(f"{path}: layer {name!r}: scales have dtype {sdt}; expected float16, bfloat16 or "
+                              f"float32")
+    spec = {"quantizer": {"type": "imported", **source},
+            "format": {"type": "int", "bits": bits, "group_size": group_size, "sym": sym,
+                       "scale_dtype": _SCALE_DTYPES[sdt]},
+            "transforms": []}
+    try:
+        return QuantLinear(shape[1], shape[0], spec, packed, bias)
+    except QuantkitError as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+
+
+def int_layer_parts(name: str, ql: QuantLinear, layout: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(IntConfig, packed) of a QuantLinear exported by an external layout; refuses what it cannot hold."""
+    spec = ql.spec
+    if spec["format"].get("type") != "int":
+        raise CheckpointError(
+            f"layer {name!r} uses format {ql.fmt.describe()!r}; the {layout} layout holds only the 'int' format "
+            f"here; save it with layout='native'")
+    if spec.get("transforms"):
+        kinds = ", ".join(t.get("type", "?") for t in spec["transforms"])
+        raise CheckpointError(
+            f"layer {name!r} has run-time transforms ({kinds}) that the {layout} layout cannot express; save it "
+            f"with layout='native' or quantize without transforms")
+    packed = ql.packed
+    extra = set(packed) - _INT_KEYS
+    if extra:
+        raise CheckpointError(f"layer {name!r} holds tensors {sorted(extra)} the {layout} layout cannot express; "
+                              f"save it with layout='native'")
+    return ql.fmt.cfg, packed
+
+
+def check_no_conv1d(model: nn.Module, layout: str) -> None:
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()) or getattr(model.config, "model_type", "") == "gpt2":
+        raise CheckpointError(f"this architecture ({type(model).__name__}) stores linear weights transposed "
+                              f"(GPT-2 Conv1D); the {layout} layout expects nn.Linear; save it with layout='native'")
+
+
+def tensor_of(tensors: dict[str, torch.Tensor], key: str, path: str, dtypes: tuple, ndim: int | None = None
+              ) -> torch.Tensor:
+    t = tensors.get(key)
+    if t is None:
+        raise CheckpointError(f"{path}: tensor {key!r} is missing")
+    if t.dtype not in dtypes or (ndim is not None and t.dim() != ndim):
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype} and {t.dim()} dims; expected "
+                              f"{' or '.join(str(d) for d in dtypes)}{'' if ndim is None else f' with {ndim} dims'}")
+    return t
+
+
+def expect_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, path: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)} "
+                              f"(config/tensor mismatch)")
+
+
+# ================================================================================================
+# export
+# ================================================================================================
+def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg, packed = int_layer_parts(name, ql, "compressed-tensors")
+    out, inn = ql.shape
+    b = cfg.bits
+    if "g_idx" in packed:
+        raise CheckpointError(
+            f"layer {name!r} uses act-order group indices (g_idx); compressed-tensors (>= 0.1x) removed "
+            f"actorder 'group'. Re-quantize with quantizer static_groups: true (the default), or export with "
+            f"layout='gptq'")
+    scales = packed["scales"]
+    zeros = None if cfg.sym else packed["zeros"]
+    ng = scales.shape[1]
+    if ng == 1:
+        args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "channel", "group_size": None,
+                "dynamic": False}
+    else:
+        g = cfg.group_size
+        if inn % g:
+            g2 = math.gcd(g, inn)
+            if partial_groups == "error":
+                divs = [d for d in (128, 64, 32, 16) if inn % d == 0]
+                raise CheckpointError(
+                    f"layer {name!r}: {inn} input columns are not a multiple of group_size {g} (the last group "
+                    f"holds {inn % g}); compressed-tensors' group strategy needs whole groups. Re-quantize with "
+                    f"group_size {' or '.join(map(str, divs[:2])) or g2}, or export with partial_groups='expand' "
+                    f"(exact: groups of {g2} that repeat each scale)")
+            if partial_groups != "expand":
+                raise CheckpointError(f"partial_groups must be 'expand' or 'error', got {partial_groups!r}")
+            idx = (torch.arange(inn // g2) * g2) // g
+            scales = scales[:, idx]
+            zeros = None if zeros is None else zeros[:, idx]
+            g = g2
+        args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": g,
+                "dynamic": False}
+    t = {"weight_packed": words_from_bytes(packed["qweight"]),
+         "weight_scale": scales.contiguous(),
+         "weight_shape": torch.tensor([out, inn], dtype=torch.int64)}
+    if zeros is not None:
+        t["weight_zero_point"] = pack_words(zeros.t().contiguous().to(torch.int32), b).t().contiguous()
+    return {"weights": args, "input_activations": None, "format": "pack-quantized"}, t
+
+
+def _fp8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
+    """FP8 weights (``float-quantized``), keys per docs/FORMAT.md: weight, weight_scale, input_scale."""
+    if ql.spec.get("transforms"):
+        raise CheckpointError(f"layer {name!r} has run-time transforms the compressed-tensors layout cannot "
+                              f"express; save it with layout='native'")
+    packed = ql.packed
+    w, s = packed.get("weight"), packed.get("weight_scale")
+    if w is None or s is None or w.dtype != torch.float8_e4m3fn:
+        raise CheckpointError(f"layer {name!r}: only E4M3 FP8 weights (weight + weight_scale) export to "
+                              f"compressed-tensors")
+    strategy = "channel" if s.numel() > 1 else "tensor"
+    args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "group_size": None,
+            "dynamic": False}
+    t = {"weight": w.contiguous(), "weight_scale": (s.reshape(-1, 1) if strategy == "channel" else s.reshape(1))
+         .float().contiguous()}
+    act = _fp8_activation_args(ql)
+    if act is not None and not act["dynamic"]:
+        if "input_scale" not in packed:
+            raise CheckpointError(f"layer {name!r}: static FP8 activations without input_scale")
+        t["input_scale"] = packed["input_scale"].float().reshape(1).contiguous()
+    return {"weights": args, "input_activations": act, "format": "float-quantized"}, t
+
+
+def _fp8_activation_args(ql: QuantLinear) -> dict | None:
+    f = ql.spec["format"]
+    act = f.get("activations", f.get("act"))
+    if act in (None, False, "none"):
+        return None
+    dynamic = (act.get("dynamic", True) if isinstance(act, dict) else act != "static")
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token" if dynamic else "tensor",
+            "dynamic": bool(dynamic), "group_size": None}
+
+
+def ct_config(model: nn.Module, partial_groups: str = "expand"
+              ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """(quantization_config, per-layer tensors) of a quantized model in compressed-tensors terms."""
+    check_no_conv1d(model, "compressed-tensors")
+    layers = quant_layers(model)
+    if not layers:
+        raise CheckpointError("the model has no quantized layers; nothing to export")
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for name, ql in layers.items():
+        ftype = ql.spec["format"].get("type")
+        if ftype == "int":
+            scheme, t = _int_scheme(name, ql, partial_groups)
+        elif ftype == "fp8":
+            scheme, t = _fp8_scheme(name, ql)
+        else:
+            raise CheckpointError(f"layer {name!r} uses format {ql.fmt.describe()!r}, which compressed-tensors "
+                                  f"cannot hold (it has int and fp8 weights only); save it with layout='native'")
+        per_layer[name] = t
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, (scheme, []))[1].append(name)
+    ignore = sorted(n for n, m in model.named_modules() if is_linear(m) and n)
+    single = len(groups) == 1
+    config_groups = {}
+    for i, (scheme, names) in enumerate(groups.values()):
+        config_groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else sorted(names),
+            "weights": scheme["weights"], "input_activations": scheme["input_activations"],
+            "output_activations": None, "format": scheme["format"]}
+    formats = {s["format"] for s, _ in groups.values()}
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    }
+    return qc, per_layer
+
+
+def save_compressed_tensors(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None,
+                            partial_groups: str | None = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``out_dir`` (a fresh folder)."""
+    from safetensors.torch import save_file
+
+    meta = meta or {}
+    partial_groups = partial_groups or (meta.get("export_options") or {}).get("partial_groups", "expand")
+    qc, per_layer = ct_config(model, partial_groups)
+    sd = float_state_dict(model, set(per_layer))
+    for name, ql in quant_layers(model).items():
+        for k, v in per_layer[name].items():
+            sd[f"{name}.{k}"] = v
+        if ql.bias is not None:
+            sd[f"{name}.bias"] = ql.bias.detach().contiguous().cpu()
+    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["quantization_config"] = qc
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+
+
+# ================================================================================================
+# import
+# ================================================================================================
+def _match(name: str, module: nn.Module, targets: list[str]) -> bool:
+    for t in targets:
+        if not isinstance(t, str):
+            continue
+        if t.startswith("re:"):
+            try:
+                if re.match(t[3:], name):
+                    return True
+            except re.error:
+                raise CheckpointError(f"quantization_config: bad regular expression {t!r}") from None
+        elif t == name or any(c.__name__ == t for c in type(module).__mro__):
+            return True
+    return False
+
+
+def _args(d: Any, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected a mapping, got {type(d).__name__}")
+    a = {"num_bits": d.get("num_bits", 8), "type": d.get("type", "int"), "symmetric": d.get("symmetric", True),
+         "group_size": d.get("group_size"), "strategy": d.get("strategy"), "dynamic": d.get("dynamic", False),
+         "actorder": d.get("actorder")}
+    if not isinstance(a["num_bits"], int) or isinstance(a["num_bits"], bool) or not 1 <= a["num_bits"] <= 8:
+        raise CheckpointError(f"{where}.num_bits: expected an integer 1..8, got {a['num_bits']!r}")
+    gs = a["group_size"]
+    if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs < -1 or gs == 0):
+        raise CheckpointError(f"{where}.group_size: expected a positive integer, -1 or null, got {gs!r}")
+    if a["strategy"] is None:
+        a["strategy"] = "tensor" if gs is None else ("channel" if gs == -1 else "group")
+    if a["strategy"] not in ("tensor", "channel", "group", "token", "block", "tensor_group", "attn_head"):
+        raise CheckpointError(f"{where}.strategy: unknown strategy {a['strategy']!r}")
+    if a["type"] not in ("int", "float"):
+        raise CheckpointError(f"{where}.type: expected 'int' or 'float', got {a['type']!r}")
+    if not isinstance(a["symmetric"], bool):
+        raise CheckpointError(f"{where}.symmetric: expected true/false, got {a['symmetric']!r}")
+    return a
+
+
+def _import_packed(name: str, t: dict[str, torch.Tensor], w: dict, shape: tuple[int, int], bias, path: str,
+                   where: str) -> QuantLinear:
+    out, inn = shape
+    b = w["num_bits"]
+    if w["type"] != "int":
+        raise CheckpointError(f"{where}: pack-quantized needs integer weights, the config says {w['type']!r}")
+    ws = tensor_of(t, f"{name}.weight_shape", path, (torch.int64, torch.int32), 1)
+    if ws.numel() != 2 or tuple(int(x) for x in ws) != (out, inn):
+        raise CheckpointError(f"{path}: {name}.weight_shape is {ws.tolist()}, the model's layer is [{out}, {inn}]")
+    wp = tensor_of(t, f"{name}.weight_packed", path, (torch.int32,), 2)
+    expect_shape(wp, (out, math.ceil(inn * b / 32)), f"{name}.weight_packed", path)
+    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(_SCALE_DTYPES), None)
+    strat = w["strategy"]
+    if strat == "group":
+        g = w["group_size"]
+        if g is None or g <= 0 or inn % g:
+            raise CheckpointError(f"{where}: group_size {g} does not divide the {inn} input columns of {name!r}")
+        ng = inn // g
+        group_size = g if ng > 1 else None
+    elif strat in ("channel", "tensor"):
+        ng, group_size = 1, None
+    else:
+        raise CheckpointError(f"{where}: weight strategy {strat!r} is not read by quantkit (group, channel, tensor)")
+    if strat == "tensor":
+        if scale.numel() != 1:
+            raise CheckpointError(f"{path}: {name}.weight_scale has {scale.numel()} values; the tensor strategy has 1")
+        scale = scale.reshape(1, 1).expand(out, 1)
+    expect_shape(scale, (out, ng), f"{name}.weight_scale", path)
+    packed = {"qweight": bytes_from_words(wp)[:, :packed_row_bytes(inn, b)].contiguous(),
+              "scales": scale.contiguous()}
+    if not w["symmetric"]:
+        zk = f"{name}.weight_zero_point"
+        if strat == "tensor":
+            zp = tensor_of(t, zk, path, (torch.int8, torch.int32), None)
+            if zp.numel() != 1:
+                raise CheckpointError(f"{path}: {zk} has {zp.numel()} values; the tensor strategy has 1")
+            z = (zp.reshape(1, 1).to(torch.int32) + (1 << (b - 1))).expand(out, 1)
+        else:
+            zp = tensor_of(t, zk, path, (torch.int32,), 2)
+            expect_shape(zp, (math.ceil(out * b / 32), ng), zk, path)
+            z = unpack_words(zp.t().contiguous(), b, out).t()
+        if int(z.min()) < 0 or int(z.max()) >= (1 << b):
+            raise CheckpointError(f"{path}: {zk} holds values outside the {b}-bit range")
+        packed["zeros"] = z.to(torch.uint8).contiguous()
+    gk = f"{name}.weight_g_idx"
+    if gk in t:
+        gi = tensor_of(t, gk, path, (torch.int32, torch.int64), 1)
+        expect_shape(gi, (inn,), gk, path)
+        natural = torch.arange(inn) // (group_size or inn)
+        if not torch.equal(gi.long(), natural):
+            packed["g_idx"] = gi.to(torch.int32).contiguous()
+    return int_quantlinear(name, path, shape, b, group_size, w["symmetric"], packed, bias,
+                           {"layout": "compressed-tensors", "format": "pack-quantized"})
+
+
+def _import_int8(name: str, t: dict[str, torch.Tensor], w: dict, act: dict, shape, bias, path: str, where: str
+                 ) -> QuantLinear:
+    out, inn = shape
+    b = w["num_bits"]
+    if w["type"] != "int":
+        raise CheckpointError(f"{where}: int-quantized needs integer weights, the config says {w['type']!r}")
+    wt = tensor_of(t, f"{name}.weight", path, (torch.int8,), 2)
+    expect_shape(wt, (out, inn), f"{name}.weight", path)
+    if w["strategy"] not in ("channel", "tensor") or not w["symmetric"]:
+        raise CheckpointError(f"{where}: quantkit reads int-quantized weights only symmetric per channel or "
+                              f"per tensor, got {w['strategy']} symmetric={w['symmetric']}")
+    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(_SCALE_DTYPES), None)
+    if scale.numel() == 1:
+        scale = scale.reshape(1, 1).expand(out, 1)
+    expect_shape(scale, (out, 1), f"{name}.weight_scale", path)
+    off = 1 << (b - 1)
+    codes = wt.to(torch.int32) + off
+    if int(codes.min()) < 0 or int(codes.max()) >= (1 << b):
+        raise CheckpointError(f"{path}: {name}.weight holds values outside the {b}-bit range")
+    packed = {"qweight": pack_codes(codes, b), "scales": scale.contiguous()}
+    src = {"layout": "compressed-tensors", "format": "int-quantized"}
+    if act:
+        src["input_activations"] = {k: v for k, v in act.items() if v is not None}
+    return int_quantlinear(name, path, shape, b, None, True, packed, bias, src)
+
+
+def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where: str) -> QuantLinear:
+    out, inn = shape
+    if "fp8" not in _names("format"):
+        raise CheckpointError(f"{path}: layer {name!r} holds FP8 weights but this quantkit has no 'fp8' format")
+    wt = tensor_of(t, f"{name}.weight", path, (torch.float8_e4m3fn,), 2)
+    expect_shape(wt, (out, inn), f"{name}.weight", path)
+    scale = tensor_of(t, f"{name}.weight_scale", path, (torch.float32, torch.float16, torch.bfloat16), None)
+    if w["strategy"] == "channel":
+        expect_shape(scale.reshape(-1), (out,), f"{name}.weight_scale", path)
+        scale = scale.reshape(out, 1)
+    elif w["strategy"] == "tensor":
+        if scale.numel() != 1:
+            raise CheckpointError(f"{path}: {name}.weight_scale has {scale.numel()} values; the tensor strategy has 1")
+        scale = scale.reshape(1, 1)
+    else:
+        raise CheckpointError(f"{where}: FP8 weight strategy {w['strategy']!r} is not read (channel or tensor)")
+    packed = {"weight": wt.contiguous(), "weight_scale": scale.float().contiguous()}
+    fmt: dict[str, Any] = {"type": "fp8"}
+    if act:
+        fmt["activations"] = {"dynamic": bool(act.get("dynamic"))}
+        if not act.get("dynamic"):
+            packed["input_scale"] = tensor_of(t, f"{name}.input_scale", path,
+                                              (torch.float32, torch.float16, torch.bfloat16), None
+                                              ).float().reshape(1, 1).contiguous()
+    spec = {"quantizer": {"type": "imported", "layout": "compressed-tensors", "format": "float-quantized"},
+            "format": fmt, "transforms": []}
+    try:
+        return QuantLinear(inn, out, spec, packed, bias)
+    except QuantkitError as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e} (the fp8 format's keys may differ from what "
+                              f"compressed-tensors stores)") from None
+
+
+def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path}/config.json: quantization_config is not a mapping")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointError(f"{path}/config.json: quantization_config.config_groups is missing or empty")
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise CheckpointError(f"{path}/config.json: quantization_config.ignore must be a list")
+    top_format = qc.get("format", "dense")
+    parsed = []
+    for gname, g in groups.items():
+        where = f"{path}/config.json: quantization_config.config_groups.{gname}"
+        if not isinstance(g, dict):
+            raise CheckpointError(f"{where}: expected a scheme mapping (preset names are not read)")
+        targets = g.get("targets")
+        if not isinstance(targets, list) or not targets:
+            raise CheckpointError(f"{where}.targets: expected a non-empty list")
+        if g.get("output_activations"):
+            raise CheckpointError(f"{where}: output activation quantization is not supported")
+        parsed.append((gname, targets, _args(g.get("weights"), f"{where}.weights"),
+                       _args(g.get("input_activations"), f"{where}.input_activations"),
+                       g.get("format") or top_format, where))
+    if qc.get("kv_cache_scheme"):
+        raise CheckpointError(f"{path}/config.json: kv_cache_scheme is not supported by quantkit's loader")
+
+    model = build_skeleton(path, cfg)
+    tensors = safe_load_tensors(path)
+    prefixes = sorted({k.rpartition(".")[0] for k in tensors
+                       if k.endswith((".weight_packed", ".weight_scale"))})
+    for name in prefixes:
+        out, inn, has_bias = linear_shape(model, name, path)
+        module = model.get_submodule(name)
+        hit = None
+        if not _match(name, module, ignore):
+            hit = next((p for p in parsed if _match(name, module, p[1])), None)
+        if hit is None:
+            raise CheckpointError(f"{path}: layer {name!r} holds quantized tensors but no config group targets it "
+                                  f"(or it is in ignore): config and tensors do not match")
+        _, _, w, act, fmt, where = hit
+        if not w:
+            raise CheckpointError(f"{where}: no weights scheme, but layer {name!r} holds quantized weights")
+        bias = tensors.pop(f"{name}.bias", None)
+        if has_bias != (bias is not None):
+            raise CheckpointError(f"{path}: layer {name!r} bias {'missing' if has_bias else 'unexpected'}")
+        mine = {k: tensors.pop(k) for k in list(tensors) if k.rpartition(".")[0] == name}
+        if fmt == "pack-quantized":
+            ql = _import_packed(name, mine, w, (out, inn), bias, path, where)
+        elif fmt in ("int-quantized", "naive-quantized") and w["type"] == "int":
+            ql = _import_int8(name, mine, w, act, (out, inn), bias, path, where)
+        elif fmt in ("float-quantized", "naive-quantized") and w["type"] == "float" and w["num_bits"] == 8:
+            ql = _import_fp8(name, mine, w, act, (out, inn), bias, path, where)
+        else:
+            raise CheckpointError(f"{where}: compressed-tensors format {fmt!r} with {w['type']}{w['num_bits']} "
+                                  f"weights is not read by quantkit (pack-quantized, int-quantized, "
+                                  f"float-quantized are)")
+        set_module(model, name, ql)
+    if not prefixes:
+        raise CheckpointError(f"{path}: no quantized tensors (weight_packed / weight_scale) in the checkpoint")
+    return finish_load(model, tensors, path)
+
+
+@register("layout", "compressed-tensors")
+class CompressedTensorsLayout:
+    """``QuantizedModel.save(path, layout="compressed-tensors")``; ``quantkit.load`` reads it back."""
+
+    QUANT_METHOD = QUANT_METHOD
+
+    @staticmethod
+    def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:
+        save_compressed_tensors(model, out_dir, meta)
+
+    @staticmethod
+    def load(path: str, cfg: dict[str, Any]) -> nn.Module:
+        return load_compressed_tensors(path, cfg)
