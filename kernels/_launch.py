@@ -1,0 +1,145 @@
+"""Launch plumbing shared by the kernels: a low-overhead launcher, split-K workspaces, tuned configs.
+
+Eager overhead matters at decode (M = 1): Triton's ``kernel[grid](...)`` binds and hashes every
+argument on each call. :class:`Launcher` calls Triton normally the first time (compiling), keeps
+the ``CompiledKernel`` and then calls its launcher directly — one Python call with the arguments
+already in order. Anything unexpected (an older Triton, launch hooks set, the interpreter) keeps
+the ordinary path, which is always correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - the package imports this module only with Triton present
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        a, b = triton.__version__.split(".")[:2]
+        return int(a), int(b)
+    except Exception:  # noqa: BLE001
+        return (0, 0)
+
+
+FAST_LAUNCH = (not INTERPRET) and triton is not None and _triton_version() >= (3, 3) \
+    and os.environ.get("QUANTKIT_KERNEL_FASTLAUNCH", "1") != "0"
+
+
+def _hooks_set() -> bool:
+    try:
+        from triton import knobs
+
+        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class Launcher:
+    """One Triton kernel with fixed constexprs and launch options.
+
+    Call it as ``launcher(grid, *runtime_args)``: the runtime arguments in signature order. The
+    kernel's constexprs must be its last parameters, in the order of ``consts``.
+    """
+
+    __slots__ = ("fn", "consts", "opts", "ck", "tail", "dev")
+
+    def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None):
+        self.fn = fn
+        self.consts = dict(consts)
+        self.opts = {"num_warps": num_warps, "num_stages": num_stages}
+        self.ck = None
+        self.tail = tuple(self.consts.values())
+        self.dev = 0 if device is None or device.index is None else device.index
+
+    def __call__(self, grid, *args):
+        ck = self.ck
+        if ck is not None:
+            ck.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.dev),
+                   ck.function, ck.packed_metadata, None, None, None, *args, *self.tail)
+            return
+        k = self.fn[grid](*args, **self.consts, **self.opts)
+        if FAST_LAUNCH and k is not None and not _hooks_set():
+            if hasattr(k, "result"):
+                k = k.result()
+            names = list(self.fn.arg_names)
+            if names[len(args):] == list(self.consts) and hasattr(k, "packed_metadata"):
+                self.ck = k
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- split-K workspaces --------------------------------------------------------------------------
+# One fp32 partial-sum buffer and one counter array per device, shared by every layer (layers run
+# one after another on a stream). Buffers only grow, and replaced ones stay alive so that CUDA
+# graphs captured earlier keep valid pointers. Counters are zero between launches: the last
+# program of a tile resets its counter.
+_WS: dict = {}
+_WS_OLD: list = []
+_WS_LOCK = threading.Lock()
+
+
+def workspace(device: torch.device, n_partial: int, n_counters: int):
+    key = (device.type, device.index)
+    with _WS_LOCK:
+        cur = _WS.get(key)
+        if cur is None or cur[0].numel() < n_partial or cur[1].numel() < n_counters:
+            if cur is not None:
+                _WS_OLD.append(cur)
+                n_partial = max(n_partial, cur[0].numel())
+                n_counters = max(n_counters, cur[1].numel())
+            cur = (torch.empty(max(n_partial, 1), dtype=torch.float32, device=device),
+                   torch.zeros(max(n_counters, 1), dtype=torch.int32, device=device))
+            _WS[key] = cur
+        return cur
+
+
+_BUF: dict = {}
+
+
+def scratch(device: torch.device, nbytes: int) -> torch.Tensor:
+    """A per-device uint8 scratch buffer of at least ``nbytes`` (for dequantize-then-cuBLAS)."""
+    key = (device.type, device.index)
+    with _WS_LOCK:
+        cur = _BUF.get(key)
+        if cur is None or cur.numel() < nbytes:
+            if cur is not None:
+                _WS_OLD.append(cur)
+            cur = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            _BUF[key] = cur
+        return cur
+
+
+# ---- tuned configs --------------------------------------------------------------------------------
+_TUNED_FILE = Path(__file__).with_name("tuned_h100.json")
+_TUNED: dict | None = None
+
+
+def tuned() -> dict:
+    """Configs measured on an H100 by ``bench/kernels.py --tune`` (key -> config dict)."""
+    global _TUNED
+    if _TUNED is None:
+        _TUNED = {}
+        for p in (_TUNED_FILE, Path(os.environ.get("QUANTKIT_KERNEL_TUNED", "/nonexistent"))):
+            try:
+                _TUNED.update(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                pass
+    return _TUNED
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of the row count (1, 2, 4, ..., 4096)."""
+    return 1 if m <= 1 else min(1 << (m - 1).bit_length(), 4096)

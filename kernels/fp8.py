@@ -1,0 +1,315 @@
+"""FP8 kernels for the ``fp8`` format: W8A8 (dynamic per-token or static activation scales) and
+W8A16 (weight-only).
+
+W8A8: one Triton kernel quantizes the activations (per-row absmax -> scale -> saturating FP8
+cast, one program per row, the row read twice from L1/L2), then the FP8 GEMM runs either through
+``torch._scaled_mm`` (cuBLASLt, row-wise scales) or a Triton FP8 ``tl.dot`` kernel with the scales
+in its epilogue; which one is used per M bucket comes from the tuned table (both are measured by
+bench/kernels.py). Small M uses an FMA split-K GEMV on the FP8 codes.
+W8A16: the FP8 weight is read as is ([out, in], no repack): FMA GEMV for small M, a ``tl.dot``
+kernel converting FP8 tiles to the activation dtype for mid M, and convert-then-cuBLAS for large M.
+
+Numerics follow quantkit/formats/fp8.py: y = (x_q @ w_q^T) * s_x * s_w^T with fp32 accumulation.
+Own code.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import register_kernel
+from ._launch import INTERPRET, Launcher, cdiv, m_bucket, tuned, workspace
+from .lowbit import _finish
+
+_INTERP = tl.constexpr(INTERPRET)
+_FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+@triton.jit
+def _round_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """Round fp32 v (|v| <= fmax) to the FP8 grid, nearest-even, in fp32 arithmetic, so the cast
+    that follows is exact whatever rounding the backend's cast uses (the interpreter's differs)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, EMIN)
+    ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - (e - MBITS)) << 23).to(tl.float32, bitcast=True)
+    a = v * inv
+    r = (a + 12582912.0) - 12582912.0  # round half to even (|a| < 2^22)
+    return r * ulp
+
+
+@triton.jit
+def _act_quant(x_ptr, q_ptr, s_ptr, sin_ptr, K, FMAX: tl.constexpr, STATIC: tl.constexpr, BK: tl.constexpr,
+               MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """One row: s = max|x| / FMAX (1 where the row is zero) or the static scale; q = sat(x / s)."""
+    m = tl.program_id(0)
+    offs = tl.arange(0, BK)
+    row = x_ptr + m.to(tl.int64) * K
+    if STATIC:
+        s = tl.load(sin_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        s = tl.max(amax, axis=0) / FMAX
+        s = tl.where(s > 0, s, 1.0)
+    for k0 in range(0, K, BK):
+        v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = _round_fp8(tl.minimum(tl.maximum(tl.math.div_rn(v, s), -FMAX), FMAX), MBITS, EMIN)
+        tl.store(q_ptr + m.to(tl.int64) * K + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+    tl.store(s_ptr + m, s)
+
+
+@triton.jit
+def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
+              XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, SPLITK: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * w[n, k] (* xs[m]) * ws[n]; w FP8 [N, K] read once."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_m = tl.arange(0, BM)
+    mmask = offs_m < M
+    kb = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
+    k0 = pid_k * KPS
+    k1 = tl.minimum(k0 + KPS, K)
+    for k in range(k0, k1, BK):
+        kk = k + kb
+        kmask = kk < k1
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kk[None, :],
+                    mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + offs_m[:, None] * K + kk[None, :], mask=mmask[:, None] & kmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += xv[:, None, :] * w[None, :, :]
+    res = tl.sum(acc, axis=2)
+    if WS_ROW:
+        sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
+    else:
+        sw = tl.load(ws_ptr + offs_n * 0)
+    res = res * sw[None, :]
+    if XSCALE:
+        sx = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
+        res = res * sx[:, None]
+    _finish(res, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
+
+
+@triton.jit
+def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
+              XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, SPLITK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tensor-core GEMM, w FP8 [N, K]; x FP8 (W8A8: FP8 dot) or 16-bit (W8A16: w converted)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    if GROUP_M > 1:
+        width = GROUP_M * n_n
+        gid = pid // width
+        first = gid * GROUP_M
+        gsz = tl.minimum(n_m - first, GROUP_M)
+        pid_m = first + (pid % width) % gsz
+        pid_n = (pid % width) // gsz
+    else:
+        pid_m = pid // n_n
+        pid_n = pid % n_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    kb = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k0 = pid_k * KPS
+    k1 = tl.minimum(k0 + KPS, K)
+    XDT = x_ptr.dtype.element_ty
+    for k in range(k0, k1, BK):
+        kk = k + kb
+        kmask = kk < k1
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)
+        b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)
+        if _INTERP:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
+        elif XSCALE:
+            acc = tl.dot(a, tl.trans(b), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b.to(XDT)), acc)
+    if WS_ROW:
+        sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
+    else:
+        sw = tl.load(ws_ptr + offs_n * 0)
+    acc = acc * sw[None, :]
+    if XSCALE:
+        sx = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
+        acc = acc * sx[:, None]
+    _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
+
+
+class FP8Kernel:
+    """``x -> x @ W^T`` for one fp8 layer."""
+
+    def __init__(self, shape, device, w, ws, act: str, act_dtype, xs_static, fallback, tag: str):
+        self.N, self.K = shape
+        self.device, self.tag = device, tag
+        self.w = w                       # [N, K] fp8, as stored
+        self.ws = ws                     # [N] or [1] fp32
+        self.ws_row = ws.numel() > 1
+        self.ws_full = ws.expand(self.N).reshape(1, self.N).contiguous()  # [1, N] for _scaled_mm
+        self.act = act                   # "none" | "dynamic" | "static"
+        self.act_dtype = act_dtype
+        self.fmax = _FMAX.get(act_dtype, 448.0)
+        self.xs_static = xs_static
+        self.fallback = fallback
+        self.plans: dict = {}
+        bk = min(triton.next_power_of_2(self.K), 2048)
+        mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
+        self.q_launch = Launcher(_act_quant, dict(FMAX=self.fmax, STATIC=act == "static", BK=bk, MBITS=mbits,
+                                                  EMIN=emin),
+                                 num_warps=8 if bk >= 1024 else 4, num_stages=1, device=device)
+
+    def key(self, mb: int, dtype) -> str:
+        return f"{self.tag}:{self.N}x{self.K}:{'bf16' if dtype == torch.bfloat16 else 'fp16'}:m{mb}"
+
+    def default_config(self, mb: int, dtype) -> dict:
+        n, k, sms = self.N, self.K, 132
+        if mb <= 4:
+            bn, bk = 16, 256
+            tiles = cdiv(n, bn)
+            split = max(1, min(cdiv(k, 4 * bk), cdiv(4 * sms, tiles)))
+            return {"path": "gemv", "BN": bn, "BK": bk, "warps": 4, "stages": 3, "split": split}
+        if self.act != "none" and mb >= 256 and dtype == torch.bfloat16:
+            return {"path": "scaled_mm"}
+        if self.act == "none" and mb >= 512:
+            return {"path": "dq"}
+        bm = 16 if mb <= 16 else (32 if mb <= 32 else (64 if mb <= 64 else 128))
+        bn = 64 if mb <= 64 else 128
+        bk = 128
+        tiles = cdiv(n, bn) * cdiv(mb, bm)
+        split = max(1, min(cdiv(k, 4 * bk), cdiv(2 * sms, tiles))) if mb <= 64 else 1
+        return {"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": 4 if bm <= 64 else 8, "stages": 3,
+                "split": split, "group_m": 1 if mb <= 64 else 8}
+
+    def config(self, mb: int, dtype) -> dict:
+        return tuned().get(self.key(mb, dtype)) or self.default_config(mb, dtype)
+
+    def make_plan(self, cfg: dict, dtype, mb: int):
+        N, K = self.N, self.K
+        w, ws = self.w, self.ws
+        path = cfg["path"]
+        quant = self.act != "none"
+        qlau = self.q_launch
+        sin = self.xs_static if self.xs_static is not None else ws
+        adt = self.act_dtype
+
+        def qx(x, M):
+            xq = torch.empty((M, K), dtype=adt, device=x.device)
+            xs = torch.empty((M,), dtype=torch.float32, device=x.device)
+            qlau((M, 1, 1), x, xq, xs, sin, K)
+            return xq, xs
+
+        if path == "scaled_mm":
+            wt = w.t()
+            wsf = self.ws_full
+            smm = torch._scaled_mm
+
+            def run_smm(x, out, M):
+                xq, xs = qx(x, M)
+                smm(xq, wt, scale_a=xs.view(M, 1), scale_b=wsf, out_dtype=out.dtype, out=out)
+            return run_smm
+        if path == "dq":
+            ws_row = ws.view(1, -1).to(dtype)
+
+            def run_dq(x, out, M):
+                torch.mm(x, w.to(dtype).t(), out=out)
+                out.mul_(ws_row)
+            return run_dq
+        bk = cfg["BK"]
+        split = max(1, min(int(cfg.get("split", 1)), cdiv(K, bk)))
+        kps = cdiv(cdiv(K, split), bk) * bk
+        split = cdiv(K, kps)
+        splitk = split > 1
+        bn = cfg["BN"]
+        tiles_n = cdiv(N, bn)
+        if path == "gemv":
+            bm = mb
+            lau = Launcher(_fp8_gemv, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk),
+                           num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
+            part, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
+            grid = (tiles_n, split, 1)
+        else:
+            bm = cfg["BM"]
+            lau = Launcher(_fp8_gemm, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
+                                           GROUP_M=int(cfg.get("group_m", 1))),
+                           num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
+            tiles_m = cdiv(mb, bm)
+            part, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0,
+                                  tiles_m * tiles_n)
+            grid = None
+
+        def run_triton(x, out, M):
+            if quant:
+                xq, xs = qx(x, M)
+            else:
+                xq, xs = x, ws
+            g = grid if grid is not None else (cdiv(M, bm) * tiles_n, split, 1)
+            lau(g, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
+        return run_triton
+
+    def plan(self, M: int, dtype, cfg: dict | None = None):
+        mb = m_bucket(M)
+        if cfg is None:
+            cfg = self.config(mb, dtype)
+        if cfg["path"] == "gemv" and mb > 4:
+            cfg = self.default_config(64, dtype)
+        if cfg["path"] == "scaled_mm" and dtype != torch.bfloat16:
+            cfg = self.default_config(64, dtype) | {"split": 1, "BM": 128, "BN": 128, "warps": 8, "group_m": 8}
+        p = self.make_plan(cfg, dtype, mb)
+        self.plans[(mb, dtype)] = p
+        return p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        if dt not in (torch.bfloat16, torch.float16):
+            return self.fallback(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if x2.data_ptr() & 15:
+            x2 = x2.clone()
+        M = x2.shape[0]
+        out = torch.empty((M, self.N), dtype=dt, device=x.device)
+        if M:
+            mb = 1 if M <= 1 else min(1 << (M - 1).bit_length(), 4096)
+            p = self.plans.get((mb, dt)) or self.plan(M, dt)
+            p(x2, out, M)
+        return out.view(*lead, self.N)
+
+
+@register_kernel("fp8")
+def build_fp8(fmt, packed, shape, device):
+    cfg = fmt.cfg
+    w = packed["weight"]
+    if w.dtype not in _FMAX or tuple(w.shape) != tuple(shape) or min(shape) == 0:
+        return None
+    act = getattr(cfg, "activations", "none")
+    kind = getattr(cfg, "act_kind", getattr(cfg, "dtype", "e4m3"))
+    act_dtype = torch.float8_e5m2 if kind == "e5m2" else torch.float8_e4m3fn
+    w = w.to(device).contiguous()
+    ws = packed["weight_scale"].to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    xs = packed.get("input_scale")
+    if act == "static":
+        if xs is None:
+            return None
+        xs = xs.to(device=device, dtype=torch.float32).reshape(1).contiguous()
+    desc = f"fp8{'e5' if w.dtype == torch.float8_e5m2 else 'e4'}{'r' if ws.numel() > 1 else 't'}-{act}"
+
+    def fallback(x, _fmt=fmt, _p=packed, _shape=shape):
+        return _fmt.linear(x, _p, _shape)
+
+    return FP8Kernel(shape, device, w, ws, act, act_dtype, xs if act == "static" else None, fallback, desc)

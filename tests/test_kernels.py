@@ -1,0 +1,292 @@
+"""Kernel correctness on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+Every kernel path (GEMV split-K, tensor-core 'post' and 'pre', dequantize+matmul) is run on
+random packed tensors built here by following docs/FORMAT.md, against a float64 reference
+computed from the same packed tensors with the formulas of FORMAT.md (not with the kernels'
+code). Outputs are poisoned with NaN before each call, sizes are odd, inputs fresh per check.
+On a GPU machine the same tests run the compiled kernels (QUANTKIT_TEST_CUDA=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from quantkit.formats.base import format_from_spec  # noqa: E402
+from quantkit.formats.packing import pack_codes, unpack_codes  # noqa: E402
+
+DEV = torch.device("cuda" if os.environ.get("QUANTKIT_TEST_CUDA") == "1" else "cpu")
+BOUND = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+# ---- packed tensors per docs/FORMAT.md, and the float64 reference --------------------------------
+def make_int(n, k, bits, g, sym, act_order=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gs = g or k
+    ng = -(-k // gs)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = (torch.rand(n, ng, generator=gen) * 0.02 + 0.002).to(torch.float16)
+    p = {"qweight": pack_codes(codes, bits), "scales": scales}
+    if not sym:
+        p["zeros"] = torch.randint(0, 1 << bits, (n, ng), generator=gen).to(torch.uint8)
+    gidx = torch.arange(k) // gs
+    if act_order:
+        gidx = gidx[torch.randperm(k, generator=gen)]
+        p["g_idx"] = gidx.to(torch.int32)
+    spec = {"type": "int", "bits": bits, "group_size": g, "sym": sym}
+    return spec, p, gidx
+
+
+def ref_int(p, n, k, bits, gidx, sym):
+    codes = unpack_codes(p["qweight"], bits, k).double()
+    s = p["scales"].double()[:, gidx]
+    z = float(1 << (bits - 1)) if sym else p["zeros"].double()[:, gidx]
+    return (codes - z) * s
+
+
+def make_lut(n, k, bits, g, fixed=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    if fixed:
+        fmt = format_from_spec({"type": "lut", "table": fixed, "bits": 4, "group_size": g})
+        lut = fmt.fixed_table().to(torch.float16)
+    else:
+        lut = torch.sort(torch.randn(n, 1 << bits, generator=gen), dim=1).values.to(torch.float16)
+    p = {"qweight": pack_codes(codes, bits), "lut": lut}
+    if g or fixed:
+        gs = g or k
+        p["scales"] = (torch.rand(n, -(-k // gs), generator=gen) * 0.02 + 0.002).to(torch.float16)
+    spec = {"type": "lut", "bits": bits, "group_size": g, **({"table": fixed} if fixed else {})}
+    return spec, p
+
+
+def ref_lut(p, n, k, bits, g):
+    codes = unpack_codes(p["qweight"], bits, k).long()
+    lut = p["lut"].double()
+    w = lut[0][codes] if lut.shape[0] == 1 else lut.gather(1, codes)
+    if "scales" in p:
+        gs = g or k
+        w = w * p["scales"].double()[:, torch.arange(k) // gs]
+    return w
+
+
+def build(spec, p, shape):
+    from quantkit import kernels
+
+    kernels._scan()
+    from quantkit.kernels import fp8, lowbit
+
+    fmt = format_from_spec(spec)
+    b = {"int": lowbit.build_int, "lut": lowbit.build_lut, "fp8": fp8.build_fp8}[spec["type"]]
+    return b(fmt, {k: v.to(DEV) for k, v in p.items()}, shape, DEV)
+
+
+CFGS = {
+    "gemv": {"path": "gemv", "BN": 32, "warps": 4, "stages": 2, "split": 2},
+    "gemv1": {"path": "gemv", "BN": 64, "warps": 4, "stages": 2, "split": 1},
+    "post": {"path": "post", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "split": 2},
+    "post1": {"path": "post", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "split": 1},
+    "pre": {"path": "pre", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "group_m": 2},
+    "dq": {"path": "dq"},
+    # fp8
+    "f_gemv": {"path": "gemv", "BN": 16, "BK": 64, "warps": 4, "stages": 2, "split": 2},
+    "f_gemm": {"path": "gemm", "BM": 16, "BN": 32, "BK": 64, "warps": 4, "stages": 2, "split": 2},
+    "f_gemm1": {"path": "gemm", "BM": 16, "BN": 32, "BK": 64, "warps": 4, "stages": 2, "split": 1, "group_m": 2},
+    "f_smm": {"path": "scaled_mm"},
+}
+
+
+def run_path(kern, path, x):
+    """Call the kernel twice through one plan (the 2nd call takes the fast launcher on GPU),
+    each time with torch.empty poisoned so that unwritten outputs show as NaN."""
+    m = x.shape[0]
+    kern.plans.clear()
+    kern.plan(m, x.dtype, CFGS[path])
+    real_empty = torch.empty
+
+    def poisoned(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.element_size() > 1 else t
+    outs = []
+    torch.empty = poisoned
+    try:
+        for _ in range(2 if DEV.type == "cuda" else 1):
+            outs.append(kern(x.to(DEV)).cpu())
+    finally:
+        torch.empty = real_empty
+    return outs
+
+
+def rand_x(m, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return (torch.randn(m, k, generator=gen) * (1 + torch.rand(m, 1, generator=gen) * 3)).to(dtype)
+
+
+def check(outs, ref, dtype, bound=None):
+    for out in outs:
+        assert out.dtype == dtype and out.shape == ref.shape
+        e = rel_err(out, ref)
+        assert e < (bound or BOUND[dtype]), e
+
+
+# ---- int ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,m,g,sym,dtype", [
+    ("gemv", 1, 32, True, torch.bfloat16),
+    ("gemv1", 3, 64, False, torch.float16),
+    ("post", 5, 128, True, torch.bfloat16),
+    ("post1", 17, 32, False, torch.float16),
+    ("pre", 19, 64, False, torch.bfloat16),
+    ("pre", 33, 128, True, torch.float16),
+    ("dq", 7, 32, True, torch.bfloat16),
+])
+def test_int4_paths(path, m, g, sym, dtype):
+    n, k = 40, (200 if g != 128 else 264)  # odd sizes; partial last group; padded block
+    spec, p, gidx = make_int(n, k, 4, g, sym, seed=g + m)
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, dtype, m)
+    check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
+
+
+@pytest.mark.parametrize("path,bits,g,sym,act", [
+    ("gemv", 4, 32, False, True),     # act-order g_idx
+    ("post", 4, 64, True, True),
+    ("gemv1", 3, None, True, False),  # int3, per channel
+    ("post1", 2, 64, False, False),   # int2
+])
+def test_int_variants(path, bits, g, sym, act):
+    n, k = 24, 136
+    m = 2 if path.startswith("gemv") else 9
+    spec, p, gidx = make_int(n, k, bits, g, sym, act_order=act, seed=bits)
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, torch.bfloat16, bits)
+    check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, bits, gidx, sym).t(), torch.bfloat16)
+
+
+def test_int_refuses_unaligned_groups():
+    spec, p, _ = make_int(8, 96, 4, 24, True)  # 24-column groups: not 16-aligned
+    assert build(spec, p, (8, 96)) is None
+    spec, p, _ = make_int(8, 64, 8, 32, True)  # 8 bits: no 4-bit kernel
+    assert build(spec, p, (8, 64)) is None
+
+
+# ---- lut ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,bits,g,fixed,dtype", [
+    ("gemv", 4, None, None, torch.bfloat16),   # any4, per-row table, no scales
+    ("post", 4, 64, None, torch.float16),      # any4 with group scales
+    ("pre", 4, 128, "nf4", torch.bfloat16),    # fixed table
+    ("gemv1", 3, 32, None, torch.float16),     # any3
+    ("dq", 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
+])
+def test_lut_paths(path, bits, g, fixed, dtype):
+    n, k = 40, 200
+    m = {"gemv": 1, "gemv1": 4, "post": 6, "pre": 21, "dq": 5}[path]
+    spec, p = make_lut(n, k, bits, g, fixed, seed=bits + m)
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, dtype, m)
+    check(run_path(kern, path, x), x.double() @ ref_lut(p, n, k, bits, g).t(), dtype)
+
+
+# ---- fp8 ------------------------------------------------------------------------------------------
+FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+
+
+def make_fp8(n, k, kind="e4m3", per_channel=True, act="dynamic", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dt, fmax = FP8[kind]
+    w = torch.randn(n, k, generator=gen) * 0.05
+    s = (w.abs().amax(1, keepdim=True) if per_channel else w.abs().amax().reshape(1, 1)) / fmax
+    p = {"weight": (w / s).clamp(-fmax, fmax).to(dt), "weight_scale": s.float()}
+    if act == "static":
+        p["input_scale"] = torch.tensor([[3.0 / 448.0]])
+    spec = {"type": "fp8", "dtype": kind, "weight_scale": "channel" if per_channel else "tensor",
+            "activations": act}
+    return spec, p
+
+
+def fp8_ref(x, p, act, kind="e4m3"):
+    w = p["weight"].double() * p["weight_scale"].double()
+    if act == "none":
+        return x.double() @ w.t()
+    dt, fmax = FP8[kind]
+    xf = x.float()
+    if act == "static":
+        s = p["input_scale"].float().reshape(1, 1)
+    else:
+        s = xf.abs().amax(1, keepdim=True) / fmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    xq = (xf / s).clamp(-fmax, fmax).to(dt)
+    return (xq.double() * s.double()) @ w.t()
+
+
+@pytest.mark.parametrize("path,m,act,per_channel,dtype", [
+    ("f_gemv", 3, "none", True, torch.bfloat16),       # W8A16
+    ("f_gemm", 11, "none", False, torch.float16),
+    ("f_gemv", 1, "dynamic", True, torch.bfloat16),    # W8A8 dynamic per token
+    ("f_gemm1", 37, "dynamic", True, torch.float16),
+    ("f_gemm", 9, "static", False, torch.bfloat16),
+])
+def test_fp8_paths(path, m, act, per_channel, dtype):
+    n, k = 40, 208
+    spec, p = make_fp8(n, k, per_channel=per_channel, act=act, seed=m)
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, dtype, m)
+    check(run_path(kern, path, x), fp8_ref(x, p, act), dtype)
+
+
+def test_fp8_activation_quant():
+    """The fused activation-quant kernel against the reference cast: the same codes and scales."""
+    from quantkit.kernels import fp8
+
+    spec, p = make_fp8(16, 200, act="dynamic")
+    kern = build(spec, p, (16, 200))
+    x = rand_x(5, 200, torch.bfloat16, 3).to(DEV)
+    x[2] = 0  # an all-zero row gets scale 1
+    xq = torch.empty(5, 200, dtype=torch.float8_e4m3fn, device=DEV)
+    xs = torch.full((5,), float("nan"), device=DEV)
+    kern.q_launch((5, 1, 1), x, xq, xs, kern.ws, 200)
+    s = x.float().abs().amax(1) / 448.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    assert torch.allclose(xs.cpu(), s.cpu(), rtol=0, atol=0)
+    ref = (x.float() / s[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(xq.float().cpu(), ref.cpu())
+    assert fp8 is not None
+
+
+# ---- GPU only: cuBLAS FP8 path and the QuantLinear hook-up ----------------------------------------
+cuda_only = pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA (run with QUANTKIT_TEST_CUDA=1)")
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["e4m3", "e5m2"])
+def test_fp8_scaled_mm(kind):
+    n, k, m = 96, 256, 300
+    spec, p = make_fp8(n, k, kind=kind, act="dynamic")
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, torch.bfloat16, 5)
+    check(run_path(kern, "f_smm", x), fp8_ref(x, p, "dynamic", kind), torch.bfloat16)
+
+
+@cuda_only
+def test_quantlinear_uses_kernel():
+    from quantkit.nn import QuantLinear
+
+    n, k = 80, 392
+    spec, p, gidx = make_int(n, k, 4, 64, False, seed=3)
+    layer = QuantLinear(k, n, {"format": spec}, {kk: v.to(DEV) for kk, v in p.items()}).to(DEV)
+    for m in (1, 3, 16, 70, 1500):
+        x = rand_x(m, k, torch.bfloat16, m).to(DEV)
+        y = layer(x.view(1, m, k))
+        assert layer._kernel is not None
+        check([y.view(m, n).cpu()], x.double().cpu() @ ref_int(p, n, k, 4, gidx, False).t(), torch.bfloat16)
