@@ -33,7 +33,18 @@ def tiny_model(seed=0, hidden=64, inter=192):
     return LlamaForCausalLM(cfg).eval()
 
 
+_CACHE: dict = {}
+
+
 def quantize(fmt, quantizer="rtn", seed=0, **kw):
+    """Quantized tiny model, cached per arguments (tests only read it)."""
+    key = json.dumps([fmt, quantizer, seed, kw], sort_keys=True)
+    if key not in _CACHE:
+        _CACHE[key] = _quantize(fmt, quantizer, seed, **kw)
+    return _CACHE[key]
+
+
+def _quantize(fmt, quantizer="rtn", seed=0, **kw):
     m = tiny_model(seed, **kw)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     return quantkit.quantize(m, {"quantizer": quantizer, "format": fmt}, calibration=calib, device="cpu",
@@ -70,7 +81,48 @@ CASES = {
     "int8-sym-channel": {"type": "int", "bits": 8, "group_size": None, "sym": True},
     "int3-asym-g32": {"type": "int", "bits": 3, "group_size": 32, "sym": False},
     "int2-sym-g64-bf16": {"type": "int", "bits": 2, "group_size": 64, "sym": True, "scale_dtype": "bfloat16"},
+    "fp8-channel-dynamic": {"type": "fp8", "weight_scale": "channel", "activations": "dynamic"},
+    "fp8-tensor-static": {"type": "fp8", "weight_scale": "tensor", "activations": "static"},
+    "fp8-channel-w8a16": {"type": "fp8", "weight_scale": "channel", "activations": "none"},
+    "int8a8-dynamic": {"type": "int8a8", "activations": "dynamic"},
+    "int8a8-static": {"type": "int8a8", "activations": "static"},
 }
+FORMAT_OF = {"fp8-channel-dynamic": "float-quantized", "fp8-tensor-static": "float-quantized",
+             "fp8-channel-w8a16": "naive-quantized", "int8a8-dynamic": "int-quantized",
+             "int8a8-static": "int-quantized"}
+ACTS = {"fp8-channel-dynamic": ("float", True, "token"), "fp8-tensor-static": ("float", False, "tensor"),
+        "fp8-channel-w8a16": None, "int8a8-dynamic": ("int", True, "token"), "int8a8-static": ("int", False, "tensor")}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_OF))
+def test_activation_schemes_and_roundtrip(case, tmp_path):
+    qm = quantize(CASES[case])
+    out = str(tmp_path / "ct")
+    qm.save(out, layout="compressed-tensors")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    (g,) = qc["config_groups"].values()
+    a = g["input_activations"]
+    if ACTS[case] is None:
+        assert a is None
+    else:
+        assert (a["type"], a["dynamic"], a["strategy"], a["num_bits"]) == (*ACTS[case], 8)
+    t = load_file(os.path.join(out, "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    assert (f"{name}.input_scale" in t) == case.endswith("static")
+    if case.startswith("int8a8"):
+        assert t[f"{name}.weight"].dtype == torch.int8
+    else:
+        assert t[f"{name}.weight"].dtype == torch.float8_e4m3fn
+        assert tuple(t[f"{name}.weight_scale"].shape) == ((64, 1) if "channel" in case else (1,))
+    back = quantkit.load(out)
+    for n, ql in qm.quantized_layers().items():
+        other = back.quantized_layers()[n]
+        assert other.fmt.spec()["type"] == CASES[case]["type"]
+        assert other.fmt.cfg.activations == CASES[case]["activations"]
+        assert torch.equal(ql.dequantized_weight(), other.dequantized_weight()), n
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(qm.model(x).logits, back.model(x).logits)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -81,14 +133,16 @@ def test_decompressor_reads_our_export_bit_for_bit(case, tmp_path):
     ref, qc, tensors = ct_reference_weights(out)
     ours = qm.quantized_layers()
     assert set(ref) == set(ours), "config groups must target exactly the quantized layers"
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == FORMAT_OF.get(case, "pack-quantized")
     assert qc["ignore"] == ["lm_head"]
     for name, ql in ours.items():
         w16, w32 = ref[name]
         mine = ql.dequantized_weight()  # float32, exact: (q - z) * s
         assert torch.equal(w32, mine), name
-        assert w16.dtype == ql.packed["scales"].dtype
         assert torch.equal(w16, mine.to(w16.dtype)), name  # one correctly rounded product either way
+        if case in FORMAT_OF:
+            continue
+        assert w16.dtype == ql.packed["scales"].dtype
         # packing equals compressed-tensors' own packer on the signed codes
         b = CASES[case]["bits"]
         codes = unpack_codes(ql.packed["qweight"], b, ql.in_features)

@@ -41,7 +41,6 @@ from ..errors import CheckpointError, QuantkitError
 from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..models.discovery import is_linear, set_module
 from ..nn import QuantLinear
-from ..registry import names as _names
 from ..registry import register
 from .io import safe_load_tensors, write_json
 
@@ -237,37 +236,60 @@ def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
     return {"weights": args, "input_activations": None, "format": "pack-quantized"}, t
 
 
-def _fp8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
-    """FP8 weights (``float-quantized``), keys per docs/FORMAT.md: weight, weight_scale, input_scale."""
+def _act_args(act: str, type_: str) -> dict | None:
+    """compressed-tensors input_activations for quantkit's ``activations`` (none / dynamic / static)."""
+    if act == "none":
+        return None
+    dynamic = act == "dynamic"
+    return {"num_bits": 8, "type": type_, "symmetric": True, "strategy": "token" if dynamic else "tensor",
+            "dynamic": dynamic, "group_size": None}
+
+
+def _check_plain(name: str, ql: QuantLinear, keys: set[str]) -> dict[str, torch.Tensor]:
     if ql.spec.get("transforms"):
-        raise CheckpointError(f"layer {name!r} has run-time transforms the compressed-tensors layout cannot "
-                              f"express; save it with layout='native'")
+        kinds = ", ".join(t.get("type", "?") for t in ql.spec["transforms"])
+        raise CheckpointError(f"layer {name!r} has run-time transforms ({kinds}) that the compressed-tensors "
+                              f"layout cannot express; save it with layout='native'")
     packed = ql.packed
-    w, s = packed.get("weight"), packed.get("weight_scale")
-    if w is None or s is None or w.dtype != torch.float8_e4m3fn:
-        raise CheckpointError(f"layer {name!r}: only E4M3 FP8 weights (weight + weight_scale) export to "
-                              f"compressed-tensors")
-    strategy = "channel" if s.numel() > 1 else "tensor"
+    extra = set(packed) - keys
+    if extra:
+        raise CheckpointError(f"layer {name!r} holds tensors {sorted(extra)} the compressed-tensors layout cannot "
+                              f"express; save it with layout='native'")
+    return packed
+
+
+def _fp8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
+    """quantkit ``fp8`` -> ``float-quantized`` (W8A8) or ``naive-quantized`` (W8A16): weight, weight_scale,
+    input_scale (static activations only)."""
+    cfg = ql.fmt.cfg
+    if cfg.dtype != "e4m3" or cfg.act_kind != "e4m3":
+        raise CheckpointError(f"layer {name!r} uses FP8 {cfg.dtype}/{cfg.act_kind}; compressed-tensors holds "
+                              f"E4M3 only; re-quantize with dtype: e4m3 or save with layout='native'")
+    packed = _check_plain(name, ql, {"weight", "weight_scale", "input_scale"})
+    strategy = cfg.weight_scale  # "channel" [out, 1] or "tensor" [1]
     args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "group_size": None,
             "dynamic": False}
-    t = {"weight": w.contiguous(), "weight_scale": (s.reshape(-1, 1) if strategy == "channel" else s.reshape(1))
-         .float().contiguous()}
-    act = _fp8_activation_args(ql)
-    if act is not None and not act["dynamic"]:
-        if "input_scale" not in packed:
-            raise CheckpointError(f"layer {name!r}: static FP8 activations without input_scale")
+    s = packed["weight_scale"].float()
+    t = {"weight": packed["weight"].contiguous(),
+         "weight_scale": (s.reshape(-1, 1) if strategy == "channel" else s.reshape(1)).contiguous()}
+    act = _act_args(cfg.activations, "float")
+    if cfg.activations == "static":
         t["input_scale"] = packed["input_scale"].float().reshape(1).contiguous()
-    return {"weights": args, "input_activations": act, "format": "float-quantized"}, t
+    return {"weights": args, "input_activations": act,
+            "format": "naive-quantized" if act is None else "float-quantized"}, t
 
 
-def _fp8_activation_args(ql: QuantLinear) -> dict | None:
-    f = ql.spec["format"]
-    act = f.get("activations", f.get("act"))
-    if act in (None, False, "none"):
-        return None
-    dynamic = (act.get("dynamic", True) if isinstance(act, dict) else act != "static")
-    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token" if dynamic else "tensor",
-            "dynamic": bool(dynamic), "group_size": None}
+def _int8a8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
+    """quantkit ``int8a8`` -> ``int-quantized``: weight int8 = q - 128, weight_scale [out, 1], input_scale."""
+    cfg = ql.fmt.cfg
+    packed = _check_plain(name, ql, {"qweight", "scales", "input_scale"})
+    codes = unpack_codes(packed["qweight"], 8, ql.in_features)
+    t = {"weight": (codes - 128).to(torch.int8).contiguous(), "weight_scale": packed["scales"].contiguous()}
+    if cfg.activations == "static":
+        t["input_scale"] = packed["input_scale"].float().reshape(1).contiguous()
+    args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+            "dynamic": False}
+    return {"weights": args, "input_activations": _act_args(cfg.activations, "int"), "format": "int-quantized"}, t
 
 
 def ct_config(model: nn.Module, partial_groups: str = "expand"
@@ -285,9 +307,11 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
             scheme, t = _int_scheme(name, ql, partial_groups)
         elif ftype == "fp8":
             scheme, t = _fp8_scheme(name, ql)
+        elif ftype == "int8a8":
+            scheme, t = _int8a8_scheme(name, ql)
         else:
             raise CheckpointError(f"layer {name!r} uses format {ql.fmt.describe()!r}, which compressed-tensors "
-                                  f"cannot hold (it has int and fp8 weights only); save it with layout='native'")
+                                  f"cannot hold (it holds int, int8a8 and fp8 e4m3); save it with layout='native'")
         per_layer[name] = t
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, (scheme, []))[1].append(name)
@@ -433,19 +457,36 @@ def _import_packed(name: str, t: dict[str, torch.Tensor], w: dict, shape: tuple[
                            {"layout": "compressed-tensors", "format": "pack-quantized"})
 
 
+def _activations_of(act: dict, name: str, t: dict, path: str, where: str) -> tuple[str, torch.Tensor | None]:
+    """quantkit's ``activations`` (none / dynamic / static) and the static input scale [1, 1]."""
+    if not act:
+        return "none", None
+    if act["num_bits"] != 8:
+        raise CheckpointError(f"{where}.input_activations: {act['num_bits']}-bit activations are not supported "
+                              f"(8-bit are)")
+    if act["dynamic"] is True and act["strategy"] == "token":
+        return "dynamic", None
+    if act["dynamic"] is False and act["strategy"] == "tensor" and act["symmetric"]:
+        xs = tensor_of(t, f"{name}.input_scale", path, (torch.float32, torch.float16, torch.bfloat16), None)
+        if xs.numel() != 1:
+            raise CheckpointError(f"{path}: {name}.input_scale has {xs.numel()} values; expected 1")
+        return "static", xs.float().reshape(1, 1).contiguous()
+    raise CheckpointError(f"{where}.input_activations: strategy {act['strategy']!r} dynamic={act['dynamic']} "
+                          f"is not supported (dynamic per token, or static symmetric per tensor)")
+
+
 def _import_int8(name: str, t: dict[str, torch.Tensor], w: dict, act: dict, shape, bias, path: str, where: str
                  ) -> QuantLinear:
+    """``int-quantized`` / ``naive-quantized`` integer weights -> ``int8a8`` (with activations) or ``int``."""
     out, inn = shape
     b = w["num_bits"]
-    if w["type"] != "int":
-        raise CheckpointError(f"{where}: int-quantized needs integer weights, the config says {w['type']!r}")
     wt = tensor_of(t, f"{name}.weight", path, (torch.int8,), 2)
     expect_shape(wt, (out, inn), f"{name}.weight", path)
     if w["strategy"] not in ("channel", "tensor") or not w["symmetric"]:
         raise CheckpointError(f"{where}: quantkit reads int-quantized weights only symmetric per channel or "
                               f"per tensor, got {w['strategy']} symmetric={w['symmetric']}")
     scale = tensor_of(t, f"{name}.weight_scale", path, tuple(_SCALE_DTYPES), None)
-    if scale.numel() == 1:
+    if scale.numel() == 1 and w["strategy"] == "tensor":
         scale = scale.reshape(1, 1).expand(out, 1)
     expect_shape(scale, (out, 1), f"{name}.weight_scale", path)
     off = 1 << (b - 1)
@@ -453,16 +494,27 @@ def _import_int8(name: str, t: dict[str, torch.Tensor], w: dict, act: dict, shap
     if int(codes.min()) < 0 or int(codes.max()) >= (1 << b):
         raise CheckpointError(f"{path}: {name}.weight holds values outside the {b}-bit range")
     packed = {"qweight": pack_codes(codes, b), "scales": scale.contiguous()}
+    activations, xs = _activations_of(act, name, t, path, where)
     src = {"layout": "compressed-tensors", "format": "int-quantized"}
-    if act:
-        src["input_activations"] = {k: v for k, v in act.items() if v is not None}
-    return int_quantlinear(name, path, shape, b, None, True, packed, bias, src)
+    if activations == "none":
+        return int_quantlinear(name, path, shape, b, None, True, packed, bias, src)
+    if b != 8 or act["type"] != "int":
+        raise CheckpointError(f"{where}: int{b} weights with {act['type']} activations are not supported "
+                              f"(INT8 W8A8 is)")
+    if xs is not None:
+        packed["input_scale"] = xs
+    spec = {"quantizer": {"type": "imported", **src},
+            "format": {"type": "int8a8", "activations": activations,
+                       "scale_dtype": _SCALE_DTYPES[scale.dtype]}, "transforms": []}
+    try:
+        return QuantLinear(inn, out, spec, packed, bias)
+    except QuantkitError as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
 
 
 def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where: str) -> QuantLinear:
+    """``float-quantized`` / ``naive-quantized`` FP8 E4M3 weights -> quantkit ``fp8``."""
     out, inn = shape
-    if "fp8" not in _names("format"):
-        raise CheckpointError(f"{path}: layer {name!r} holds FP8 weights but this quantkit has no 'fp8' format")
     wt = tensor_of(t, f"{name}.weight", path, (torch.float8_e4m3fn,), 2)
     expect_shape(wt, (out, inn), f"{name}.weight", path)
     scale = tensor_of(t, f"{name}.weight_scale", path, (torch.float32, torch.float16, torch.bfloat16), None)
@@ -475,21 +527,19 @@ def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where:
         scale = scale.reshape(1, 1)
     else:
         raise CheckpointError(f"{where}: FP8 weight strategy {w['strategy']!r} is not read (channel or tensor)")
-    packed = {"weight": wt.contiguous(), "weight_scale": scale.float().contiguous()}
-    fmt: dict[str, Any] = {"type": "fp8"}
-    if act:
-        fmt["activations"] = {"dynamic": bool(act.get("dynamic"))}
-        if not act.get("dynamic"):
-            packed["input_scale"] = tensor_of(t, f"{name}.input_scale", path,
-                                              (torch.float32, torch.float16, torch.bfloat16), None
-                                              ).float().reshape(1, 1).contiguous()
+    packed = {"weight": wt.contiguous(), "weight_scale": scale.float().contiguous()}  # widening: exact
+    activations, xs = _activations_of(act, name, t, path, where)
+    if act and act["type"] != "float":
+        raise CheckpointError(f"{where}: FP8 weights with {act['type']} activations are not supported")
+    if xs is not None:
+        packed["input_scale"] = xs
     spec = {"quantizer": {"type": "imported", "layout": "compressed-tensors", "format": "float-quantized"},
-            "format": fmt, "transforms": []}
+            "format": {"type": "fp8", "dtype": "e4m3", "weight_scale": w["strategy"], "activations": activations},
+            "transforms": []}
     try:
         return QuantLinear(inn, out, spec, packed, bias)
     except QuantkitError as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e} (the fp8 format's keys may differ from what "
-                              f"compressed-tensors stores)") from None
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
 
 
 def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
