@@ -4,6 +4,13 @@ Windows of ``seq_len`` tokens advance by ``stride`` (default ``seq_len``: disjoi
 ``bos_token_id`` every window starts with BOS followed by ``seq_len - 1`` text tokens and all of
 them are scored; without it the first token of a window only conditions. With ``stride <
 seq_len`` only the tokens not scored by an earlier window are scored (sliding-window perplexity).
+
+With ``tokenizer`` the result also holds word-level figures of the text the windows cover (the
+span from the first window's first token to the last window's last token, decoded):
+``word_ppl = exp(NLL / words)`` and ``bits_per_byte = NLL / (bytes * ln 2)``, where words are
+whitespace-separated (lm-evaluation-harness's ``word_perplexity`` rule) and NLL is the span's total
+negative log-likelihood: the scored tokens' sum, scaled by covered/scored tokens when some covered
+tokens only condition (the first token of each window without BOS: 1 in ``seq_len``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def _windows(n: int, body: int, stride: int, max_windows: int | None):
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, *, seq_len: int = 512, stride: int | None = None,
                max_windows: int | None = None, bos_token_id: int | None = None, batch_size: int = 4,
-               device: str | torch.device | None = None, progress: bool = True) -> dict:
+               device: str | torch.device | None = None, progress: bool = True, tokenizer=None) -> dict:
     """Perplexity of ``model`` on the 1-D token stream ``ids``. Returns ppl, nll and counts."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stride = stride or seq_len
@@ -65,7 +72,7 @@ def perplexity(model, ids: torch.Tensor, *, seq_len: int = 512, stride: int | No
         nll_sum += float(loss)
         n_scored += int((tgt != -100).sum())
         bar.set_postfix(ppl=f"{math.exp(nll_sum / max(n_scored, 1)):.3f}")
-    return {
+    res = {
         "ppl": math.exp(nll_sum / max(n_scored, 1)),
         "nll": nll_sum / max(n_scored, 1),
         "tokens_scored": n_scored,
@@ -75,3 +82,16 @@ def perplexity(model, ids: torch.Tensor, *, seq_len: int = 512, stride: int | No
         "bos": bos_token_id is not None,
         "seconds": time.time() - t0,
     }
+    if tokenizer is not None and wins:
+        res.update(word_level(tokenizer, ids[wins[0][0]:wins[-1][1]], nll_sum, n_scored))
+    return res
+
+
+def word_level(tokenizer, span: torch.Tensor, nll_sum: float, n_scored: int) -> dict:
+    """Word perplexity and bits per byte of a decoded token span (see module doc)."""
+    text = tokenizer.decode(span.tolist())
+    words = len(text.split())
+    nbytes = len(text.encode("utf-8"))
+    total = nll_sum / max(n_scored, 1) * span.numel()
+    return {"word_ppl": math.exp(total / max(words, 1)), "bits_per_byte": total / (math.log(2) * max(nbytes, 1)),
+            "words": words, "bytes": nbytes, "tokens_covered": int(span.numel())}

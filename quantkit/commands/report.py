@@ -1,0 +1,29 @@
+"""quantkit report RUN [RUN ...] [-o OUT]: render the report from saved results JSON alone."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write report.md and report.html from one or more runs' results.json",
+                       description="Render the Markdown and self-contained HTML report (table of every checkpoint, "
+                                   "bits/weight vs perplexity plot with the Pareto front, per-layer errors, "
+                                   "generations, versions) from saved results JSON; nothing is recomputed.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json) or a results JSON file")
+    p.add_argument("-o", "--output", default=None,
+                   help="folder for report.md / report.html (default: the first RUN folder)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    from ..eval.report import load_results, write_report
+
+    results, sources = [], []
+    for r in args.runs:
+        results.append(load_results(r))
+        sources.append(os.path.join(r, "results.json") if os.path.isdir(r) else r)
+    out = args.output or (args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(os.path.abspath(args.runs[0])))
+    paths = write_report(results, out, sources=sources)
+    print(f"wrote {paths['markdown']}\nwrote {paths['html']}")
+    return 0
