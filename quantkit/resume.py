@@ -1,0 +1,366 @@
+"""Resumable quantization: an interrupted run picks up after the last finished decoder block.
+
+``quantize_resumable(model, recipe, work_dir)`` runs :func:`quantkit.pipeline.quantize_model` and, after
+every block, commits to ``work_dir``:
+
+* ``block-<k>.safetensors``: block k's whole state after quantization (its quantized layers' packed
+  tensors and biases, and whatever else a block plugin changed, e.g. norm weights);
+* ``acts-<k+1>.safetensors``: the hidden states entering block k+1 (the quantized block k's outputs);
+* ``state.json``: the fingerprint of the run, the next block, the specs of the quantized layers and
+  the pipeline report so far. It is replaced last, with an atomic rename: it is the commit record, so
+  a run killed at any moment leaves a consistent state (at worst the block in flight is redone).
+
+Run again with the same model, calibration data, recipe and run options (their fingerprints decide)
+and it restores blocks ``0..k`` from disk, recomputes the other inputs of the first block (masks,
+positions, rotary tables: deterministic functions of the token ids and the float embeddings), reloads
+the saved hidden states and continues at block k+1. The result is bit-identical to an uninterrupted
+run (the test kills a real process). A changed input starts afresh and says which one changed.
+
+Data-free recipes (RTN into plain INT, no block plugins) have no blocks to resume; they just run.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, QuantkitError
+from .models.discovery import find_blocks, find_linears, set_module
+from .nn import QuantLinear
+from .pipeline import PipelineReport, capture_block_inputs, quantize_model
+from .recipe import Recipe, load_recipe
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+STATE_VERSION = 1
+
+# test hook: called after a block's files are written and before state.json commits them
+_before_commit: Callable[[int], None] | None = None
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().cpu()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the config (minus its path) and every distinct tensor of the state dict."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    seen = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        h.update(name.encode())
+        if key in seen:
+            h.update(b"tied")
+            continue
+        seen.add(key)
+        _hash_tensor(h, t)
+    return h.hexdigest()[:20]
+
+
+def data_fingerprint(ids: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, ids.long())
+    return h.hexdigest()[:20]
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def run_fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    parts = {
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(ids),
+        "recipe": recipe_fingerprint(recipe),
+        "options": hashlib.sha256(json.dumps({"device": device.type, "quantkit": __version__,
+                                              "torch": torch.__version__}).encode()).hexdigest()[:20],
+    }
+    parts["run"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return parts
+
+
+_WHAT = {"model": "the model (config or weights)", "data": "the calibration data", "recipe": "the recipe",
+         "options": "the run options (device type, quantkit or torch version)"}
+
+
+def _why_different(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diff = [k for k in ("model", "data", "recipe", "options") if old.get(k) != new.get(k)]
+    if not diff:
+        return "the saved state is from another quantkit state format"
+    return "; ".join(f"{_WHAT[k]} changed ({old.get(k)} -> {new[k]})" for k in diff)
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+def _fsync_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable resume file ({e})") from None
+
+
+def read_state(work_dir: str) -> dict[str, Any] | None:
+    """The committed state in ``work_dir``, or None (no state, or one that cannot be used)."""
+    p = os.path.join(work_dir, STATE_FILE)
+    if not os.path.exists(p):
+        return None
+    try:
+        with open(p) as f:
+            st = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+        return None
+    return st
+
+
+def clear_state(work_dir: str) -> None:
+    """Remove every resume file quantkit wrote in ``work_dir`` (other files are left alone)."""
+    for pat in (STATE_FILE, "block-*.safetensors", "acts-*.safetensors", "*.tmp"):
+        for p in glob.glob(os.path.join(work_dir, pat)):
+            os.remove(p)
+
+
+class _Lock:
+    """One run per work dir: a lock file holding the owner's pid; a dead owner's lock is taken over."""
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, LOCK_FILE)
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(open(self.path).read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise QuantkitError(f"{os.path.dirname(self.path)} is in use by process {pid}; wait for it "
+                                        f"or pass another resume directory") from None
+                os.remove(self.path)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise QuantkitError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- restore ----------------------------------------------------------------------------------------------
+def _restore_block(model: nn.Module, path: str, specs: dict[str, Any], prefix: str) -> None:
+    tensors = _load_tensors(path)
+    mine = {n: s for n, s in specs.items() if n.startswith(prefix)}
+    for name, spec in mine.items():
+        p = name + "."
+        packed = {k[len(p):].replace("__", "."): tensors.pop(k) for k in list(tensors)
+                  if k.startswith(p) and k != p + "bias"}
+        bias = tensors.pop(p + "bias", None)
+        out, inn = spec["shape"]
+        ql = QuantLinear(inn, out, {k: v for k, v in spec.items() if k != "shape"}, packed, bias)
+        set_module(model, name, ql)
+    res = model.load_state_dict(tensors, strict=False)
+    if res.unexpected_keys:
+        raise CheckpointError(f"{path}: tensors {res.unexpected_keys[:3]} do not belong to this model")
+
+
+def _report_from(d: dict[str, Any]) -> PipelineReport:
+    return PipelineReport(layers=dict(d.get("layers", {})), blocks=list(d.get("blocks", [])),
+                          seconds=float(d.get("seconds", 0.0)), calibration_tokens=int(d.get("calibration_tokens", 0)),
+                          device=str(d.get("device", "cpu")))
+
+
+def _merge(old: PipelineReport, new: PipelineReport) -> PipelineReport:
+    return PipelineReport(layers={**old.layers, **new.layers}, blocks=old.blocks + new.blocks,
+                          seconds=old.seconds + new.seconds, calibration_tokens=new.calibration_tokens,
+                          device=new.device)
+
+
+def _stderr(msg: str) -> None:
+    print(f"quantkit: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the entry point --------------------------------------------------------------------------------------
+def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", work_dir: str = "",
+                       calibration=None, *, tokenizer=None, device: str | None = None, samples: int | None = None,
+                       seq_len: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                       progress: bool = True, offload_activations: bool = False,
+                       on_block_done: Callable | None = None, log: Callable[[str], None] | None = None):
+    """Like :func:`quantkit.quantize`, but resumable through ``work_dir`` (see the module docstring).
+
+    Returns a :class:`quantkit.api.QuantizedModel`; its ``meta["resume"]`` says whether and from which
+    block it resumed, or why it started afresh. ``on_block_done(block, model, report, state)`` is called
+    after each block is committed.
+    """
+    from . import api
+
+    if not work_dir:
+        raise QuantkitError("quantize_resumable needs a work_dir (e.g. --resume-dir DIR)")
+    log = log or _stderr
+    recipe = load_recipe(recipe)
+    over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
+            if v is not None}
+    if over:
+        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    lm = api._as_loaded(model_or_name, tokenizer)
+    ids, calib_info = api._calibration_ids(lm, recipe, calibration)
+    device = torch.device(device or api.default_device())
+    model = lm.model
+    bs = recipe.calibration.batch_size
+    store = torch.device("cpu") if offload_activations else device
+    t0 = time.time()
+    data_free = not recipe.block_plugins and not any(
+        s.needs_calibration for n, m in find_linears(model).items() if (s := recipe.scheme_for(n)) is not None)
+
+    info: dict[str, Any] = {"work_dir": os.path.abspath(work_dir), "resumed_from_block": None,
+                            "restart_reason": None}
+    if data_free:
+        info["restart_reason"] = "data-free recipe: no blocks to resume, ran directly"
+        report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
+                                offload_activations=offload_activations)
+    else:
+        os.makedirs(work_dir, exist_ok=True)
+        with _Lock(work_dir):
+            report = _run(model, recipe, ids, device, store, bs, work_dir, progress, offload_activations,
+                          on_block_done, log, info)
+    meta = {
+        "quantkit_version": __version__,
+        "quantkit_commit": api.git_commit(),
+        "recipe": recipe.model_dump(),
+        "recipe_name": recipe.name,
+        "calibration": calib_info,
+        "source": lm.source,
+        "device": str(device),
+        "seconds": round(time.time() - t0, 2),
+        "torch": torch.__version__,
+        "resume": info,
+    }
+    return api.QuantizedModel(model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
+                              meta, report)
+
+
+def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, user_cb, log, info) -> PipelineReport:
+    fp = run_fingerprint(model, recipe, ids, device)
+    blocks_name, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    state = read_state(work_dir)
+    start, prev, specs, act_file, block_files = 0, PipelineReport(), {}, None, []
+    if state is not None and state.get("fingerprint", {}).get("run") == fp["run"] \
+            and state.get("n_blocks") == n_blocks:
+        start = int(state["next_block"])
+        specs = dict(state["specs"])
+        prev = _report_from(state["report"])
+        act_file = state["acts"]
+        block_files = list(state["blocks"])
+        for bi, fn in enumerate(block_files):
+            _restore_block(model, os.path.join(work_dir, fn), specs, f"{blocks_name}.{bi}.")
+        saved = _load_tensors(os.path.join(work_dir, act_file))
+        n_batches = len(list(ids.split(bs)))
+        if len(saved) != n_batches:
+            raise CheckpointError(f"{work_dir}/{act_file}: {len(saved)} activation batches, expected {n_batches}")
+        inputs = [saved[f"h.{j}"].to(store) for j in range(n_batches)]
+        _, kwargs_list = capture_block_inputs(model, blocks, list(ids.split(bs)), device, store)
+        info["resumed_from_block"] = start
+        log(f"resuming from block {start} of {n_blocks} (work dir {work_dir})")
+        pipeline_state = (inputs, kwargs_list)
+    else:
+        if state is not None:
+            reason = _why_different(state.get("fingerprint", {}), fp)
+            info["restart_reason"] = reason
+            log(f"{work_dir} holds another run: {reason}; starting afresh")
+        elif os.path.exists(os.path.join(work_dir, STATE_FILE)):
+            info["restart_reason"] = "the saved state is unreadable"
+            log(f"{work_dir}/{STATE_FILE} is unreadable; starting afresh")
+        clear_state(work_dir)
+        pipeline_state = None
+
+    def commit(bi: int, mdl: nn.Module, report: PipelineReport, st: tuple) -> None:
+        inputs, _ = st
+        prefix = f"{blocks_name}.{bi}."
+        block = blocks[bi]
+        for n, m in block.named_modules():
+            if isinstance(m, QuantLinear):
+                specs[prefix + n] = {**m.spec, "shape": list(m.shape)}
+        bfile = f"block-{bi:05d}.safetensors"
+        _save_tensors(os.path.join(work_dir, bfile), {prefix + k: v for k, v in block.state_dict().items()})
+        afile = f"acts-{bi + 1:05d}.safetensors"
+        _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in enumerate(inputs)})
+        if _before_commit is not None:
+            _before_commit(bi)
+        nonlocal act_file
+        merged = _merge(prev, report)
+        new_state = {"version": STATE_VERSION, "fingerprint": fp, "n_blocks": n_blocks, "next_block": bi + 1,
+                     "blocks": block_files + [bfile], "acts": afile, "specs": specs, "report": asdict(merged)}
+        _fsync_write(os.path.join(work_dir, STATE_FILE), json.dumps(new_state, default=str).encode())
+        block_files.append(bfile)
+        old, act_file = act_file, afile
+        if old and old != afile:
+            try:
+                os.remove(os.path.join(work_dir, old))
+            except OSError:
+                pass
+        if user_cb is not None:
+            user_cb(bi, mdl, merged, st)
+
+    report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
+                            offload_activations=offload, start_block=start, state=pipeline_state,
+                            on_block_done=commit)
+    return _merge(prev, report)
+
+
+__all__ = ["quantize_resumable", "read_state", "clear_state", "run_fingerprint", "model_fingerprint"]
