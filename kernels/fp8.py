@@ -63,7 +63,7 @@ def _act_quant(x_ptr, q_ptr, s_ptr, sin_ptr, K, FMAX: tl.constexpr, STATIC: tl.c
     tl.store(s_ptr + m, s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "KPS", "SPLIT"])
 def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, SPLITK: tl.constexpr):
@@ -98,7 +98,7 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     _finish(res, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "KPS", "SPLIT"])
 def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, SPLITK: tl.constexpr, GROUP_M: tl.constexpr):

@@ -53,7 +53,7 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 def _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT,
             BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
     omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    optr = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    optr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     if SPLITK:
         loc = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
         base = ws_ptr + tile * SPLIT * (BM * BN)
@@ -98,7 +98,7 @@ def _group_of(b, j, gmap_ptr, G, GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: 
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
 def _q4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
              MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
@@ -158,7 +158,7 @@ def _q4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
 def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
              MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
@@ -195,7 +195,7 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
         w = tl.load(w_ptr + (b * 16 + r)[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
         if PRE:
             kk = b * 128 + tl.arange(0, 128)
-            xt = tl.load(x_ptr + offs_m[:, None] * K + kk[None, :],
+            xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :],
                          mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
             i8 = tl.arange(0, 8)
             q3 = (w[None, :, :] >> (i8 * 4)[:, None, None]) & 15
@@ -227,7 +227,7 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
                 for ii in tl.static_range(GPT):
                     i = j * GPT + ii
                     kk = b * 128 + i * 16 + r
-                    xi = tl.load(x_ptr + offs_m[:, None] * K + kk[None, :],
+                    xi = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :],
                                  mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
                     q = (w >> (4 * i)) & 15
                     if MODE == 0:
@@ -259,7 +259,7 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G"])
 def _q4_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, N, K, G,
                 MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, HAS_GMAP: tl.constexpr, BN: tl.constexpr):
@@ -292,7 +292,7 @@ def _q4_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, N, K, G,
         if HAS_SCALE:
             v = v * tl.reshape(tl.broadcast_to(s8[:, None, :], [8, 16, BN]), [128, BN])
     kk = b * 128 + tl.arange(0, 128)
-    tl.store(out_ptr + offs_n[None, :] * K + kk[:, None], v.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + kk[:, None], v.to(out_ptr.dtype.element_ty),
              mask=nmask[None, :] & (kk < K)[:, None])
 
 
