@@ -103,12 +103,47 @@ def build_skeleton(path: str, cfg: dict[str, Any]) -> nn.Module:
     mt = base.pop("model_type", None)
     if not isinstance(mt, str):
         raise CheckpointError(f"{path}/config.json: model_type is missing")
+    _check_layer_count(path, base)
     try:
         hf_cfg = AutoConfig.for_model(mt, **base)
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(hf_cfg)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}/config.json: cannot build a {mt!r} model from this config ({e})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a bad config makes transformers raise
+        raise CheckpointError(f"{path}/config.json: cannot build a {mt!r} model from this config "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _check_layer_count(path: str, cfg: dict[str, Any]) -> None:
+    """A layer count beyond the number of stored tensors is a lie (and would take forever to build)."""
+    from .io import safetensors_files
+
+    n_tensors = 0
+    for fp in safetensors_files(path):
+        n_tensors += _header_tensor_count(fp)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n_tensors):
+            raise CheckpointError(f"{path}/config.json: {key} = {v!r} does not fit a checkpoint of {n_tensors} "
+                                  f"tensors")
+
+
+def _header_tensor_count(fp: str) -> int:
+    import struct
+
+    try:
+        with open(fp, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{fp}: truncated ({len(head)} bytes); re-create the checkpoint")
+            n = struct.unpack("<Q", head)[0]
+            if n > 100_000_000 or n > os.path.getsize(fp) - 8:
+                raise CheckpointError(f"{fp}: corrupt safetensors header (length {n}); re-create the checkpoint")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{fp}: corrupt safetensors header ({e}); re-create the checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{fp}: corrupt safetensors header (not a JSON object)")
+    return sum(1 for k in header if k != "__metadata__")
 
 
 def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:

@@ -15,8 +15,11 @@ scale and the table holds the weights' own values. The k-means sample weight of 
 to the paper's mean |x_j|; ``none`` = 1, data-free) and ``s^2`` converts the error of the
 normalized weight back to the error of the real weight. So k-means minimises
 sum_j a_j (w_j - ŵ_j)^2 per row, the diagonal approximation of the layer's output error.
-Two initialisations (weighted quantiles, and an even grid between min and max) are refined and the
-better table per row kept. Tables are rounded to fp16 *before* the final rounding so the stored
+Plain Lloyd iterations get stuck far from the optimum on real rows (measured up to 1.9x the optimal
+weighted error on smollm2-135m rows), so the main start is the dynamic-programming optimum of 1-D
+k-means over 128 cut points of the sorted row (exact when the row has at most 128 values, see
+:func:`kmeans_dp_1d`); it and a weighted-quantile start are refined by Lloyd and the better table
+per row is kept. Tables are rounded to fp16 *before* the final rounding so the stored
 checkpoint reproduces the in-memory model bit for bit.
 
 ``table: nf4`` / ``fp4`` (bitsandbytes-style): one fixed table ``lut [1, 16]`` and an absmax
@@ -124,6 +127,9 @@ class LutConfig(FormatConfig):
     # k-means sample weight per input column (learned tables only): mean x^2, its sqrt, or none
     weighting: Literal["sq", "rms", "none"] = "sq"
     kmeans_iters: int = Field(40, ge=1, le=1000)
+    # cut points of the dynamic-programming k-means start (exact optimum when in_features <= it;
+    # 0: Lloyd from weighted quantiles only, as plain k-means)
+    dp_bins: int = Field(128, ge=0, le=4096)
 
     @model_validator(mode="after")
     def _check(self):
@@ -174,12 +180,79 @@ def _lloyd(x: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, iters: int) -> to
     return c.sort(1).values
 
 
-def weighted_kmeans_1d(x: torch.Tensor, sw: torch.Tensor, k: int, iters: int = 40) -> torch.Tensor:
+def kmeans_dp_1d(x: torch.Tensor, sw: torch.Tensor, k: int, bins: int = 128, band: int | None = None,
+                 row_chunk: int = 256) -> torch.Tensor:
+    """Near-optimal 1-D weighted k-means by dynamic programming, per row of ``x`` [R, N].
+
+    Optimal 1-D clusters are runs of the sorted values, so D_j(b) = min_a D_{j-1}(a) + cost(a, b)
+    (cost = weighted SSE of the run; as in Ckmeans.1d.dp, Wang & Song 2011) finds the optimum.
+    To keep it cheap, runs start and end only at ``bins`` + 1 equal-count cut points of the sorted
+    row, and a run spans at most ``band`` bins (default 5 * bins / k, at least bins / k + 1). It is
+    exact when N <= bins and band >= N. Float64 prefix sums, float32 DP, ``row_chunk`` rows at a
+    time. Returns sorted centers [R, k]."""
+    R, N = x.shape
+    M = min(N, bins)
+    kk = min(k, M)
+    L = M if band is None and kk * 5 >= M else (band or max(5 * M // kk, -(-M // kk) + 1))
+    L = min(L, M)
+    dev = x.device
+    pos = torch.round(torch.arange(M + 1, dtype=torch.float64) * N / M).long().to(dev)
+    # window slot l of cut b is the run start a = b - L + l (slots with a < 0 are invalid)
+    A = torch.arange(M + 1, device=dev).unsqueeze(1) - L + torch.arange(L, device=dev).unsqueeze(0)
+    valid = A >= 0
+    A = A.clamp_min(0)
+    out = torch.empty(R, k, dtype=torch.float32, device=dev)
+    for r0 in range(0, R, row_chunk):
+        xr, swr = x[r0:r0 + row_chunk].double(), sw[r0:r0 + row_chunk].double()
+        n = xr.shape[0]
+        xs, order = xr.sort(1)
+        ws = swr.gather(1, order)
+        shift = (ws * xs).sum(1, keepdim=True) / ws.sum(1, keepdim=True)
+        xc = xs - shift  # centred: less cancellation in the prefix sums
+        zero = torch.zeros(n, 1, dtype=torch.float64, device=dev)
+        Wc = torch.cat([zero, ws.cumsum(1)], 1)[:, pos]
+        Sc = torch.cat([zero, (ws * xc).cumsum(1)], 1)[:, pos]
+        Qc = torch.cat([zero, (ws * xc * xc).cumsum(1)], 1)[:, pos]
+        dw = Wc.unsqueeze(2) - Wc[:, A]  # [n, b, l]
+        ds = Sc.unsqueeze(2) - Sc[:, A]
+        cost = (Qc.unsqueeze(2) - Qc[:, A]) - torch.where(dw > 0, ds * ds / dw.clamp_min(1e-300), 0.0)
+        cost = cost.clamp_min(0).float().masked_fill(~valid, float("inf"))
+        del dw, ds
+        D = torch.full((n, M + 1), float("inf"), dtype=torch.float32, device=dev)
+        D[:, 0] = 0
+        pad = torch.full((n, L), float("inf"), dtype=torch.float32, device=dev)
+        args = []
+        for _ in range(kk):
+            # windows of D ending just before each cut b: a view, no copy
+            win = torch.cat([pad, D[:, :-1]], 1).unfold(1, L, 1)  # [n, M + 1, L]: D[b - L + l]
+            D, li = (cost + win).min(dim=2)
+            args.append(li)
+        # backtrack the kk runs of each row; a run of zero weight gets its first value as center
+        b = torch.full((n,), M, dtype=torch.long, device=dev)
+        cents = []
+        for j in reversed(range(kk)):
+            a = (b - L + args[j].gather(1, b.unsqueeze(1)).squeeze(1)).clamp_min(0)
+            w_ = Wc.gather(1, b.unsqueeze(1)) - Wc.gather(1, a.unsqueeze(1))
+            s_ = Sc.gather(1, b.unsqueeze(1)) - Sc.gather(1, a.unsqueeze(1))
+            first = xc.gather(1, pos[a].clamp(max=N - 1).unsqueeze(1))
+            cents.append(torch.where(w_ > 0, s_ / w_.clamp_min(1e-300), first))
+            b = a
+        c = torch.cat(cents, 1) + shift
+        if kk < k:  # fewer cut points than centers: repeat the last center
+            c = torch.cat([c, c[:, -1:].expand(-1, k - kk)], 1)
+        out[r0:r0 + row_chunk] = c.float().sort(1).values
+    return out
+
+
+def weighted_kmeans_1d(x: torch.Tensor, sw: torch.Tensor, k: int, iters: int = 40, dp_bins: int = 128
+                       ) -> torch.Tensor:
     """Per-row weighted k-means of scalars: ``x`` [R, N], sample weights ``sw`` [R, N] (>= 0).
 
-    Returns the sorted centers [R, k] that (locally) minimise sum sw * (x - nearest center)^2.
-    Two starts per row (weighted quantiles; an even grid over [min, max]) are refined by Lloyd's
-    algorithm and the better result is kept. Rows whose weights are all zero use equal weights.
+    Returns the sorted centers [R, k] that minimise sum sw * (x - nearest center)^2 per row.
+    Start: the dynamic-programming optimum over ``dp_bins`` cut points (:func:`kmeans_dp_1d`;
+    exact when N <= dp_bins), or with ``dp_bins`` 0 the weighted quantiles (plain k-means); then
+    Lloyd's algorithm, which never increases the error. Rows whose weights are all zero use equal
+    weights.
     """
     x = x.float()
     sw = sw.float().expand_as(x).clamp_min(0)
@@ -190,9 +263,8 @@ def weighted_kmeans_1d(x: torch.Tensor, sw: torch.Tensor, k: int, iters: int = 4
     cw = cw / cw[:, -1:]
     targets = ((torch.arange(k, device=x.device, dtype=x.dtype) + 0.5) / k).expand(R, k).contiguous()
     pos = torch.searchsorted(cw, targets).clamp(max=N - 1)
-    starts = [xs.gather(1, pos)]
-    t = torch.linspace(0, 1, k, device=x.device, dtype=x.dtype)
-    starts.append(xs[:, :1] + (xs[:, -1:] - xs[:, :1]) * t)
+    # the DP start beat the quantile start on every row of a smollm2-135m layer; keep one
+    starts = [kmeans_dp_1d(x, sw, k, dp_bins)] if dp_bins else [xs.gather(1, pos)]
     best, best_err = None, None
     for c0 in starts:
         c = _lloyd(x, sw, c0, iters)
@@ -275,7 +347,7 @@ class LutFormat(WeightFormat):
                 scales = torch.cat([self._scale(w[:, s:e], 1.0).expand(-1, e - s)
                                     for s, e in self.cfg.groups(cols)], dim=1)
                 x, sw = w / scales, sw * scales.pow(2)
-            lut = weighted_kmeans_1d(x, sw, self.K, self.cfg.kmeans_iters)
+            lut = weighted_kmeans_1d(x, sw, self.K, self.cfg.kmeans_iters, self.cfg.dp_bins)
             lut = lut.clamp(-65504.0, 65504.0).to(torch.float16).float()
         sorted_vals, order = lut.sort(dim=1)
         return {"lut": lut, "sorted": sorted_vals, "order": order}
@@ -331,4 +403,4 @@ class LutFormat(WeightFormat):
 
 
 __all__ = ["LutFormat", "LutConfig", "NF4_TABLE", "FP4_TABLE", "CURATED_CALIBRATION_TEXT", "nearest_index",
-           "weighted_kmeans_1d", "weighted_sse", "e2m1_value"]
+           "weighted_kmeans_1d", "kmeans_dp_1d", "weighted_sse", "e2m1_value"]

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from ..errors import ModelSourceError
+from ..nn import QuantLinear
 
 
 def is_linear(m: nn.Module) -> bool:
+    """A float linear layer (nn.Linear or GPT-2's Conv1D)."""
     if isinstance(m, nn.Linear):
         return True
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
@@ -31,7 +33,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(b) for b in mod}) != 1:
             continue
-        if not any(is_linear(x) for x in mod[0].modules()):
+        if not any(is_linear(x) or isinstance(x, QuantLinear) for x in mod[0].modules()):
             continue
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)

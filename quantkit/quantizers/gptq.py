@@ -87,10 +87,10 @@ class GPTQ(Quantizer):
 
         U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
 
-        codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+        # The loop only needs dequantized values; codes are recovered once at the end by rounding
+        # the final Q (on the grid already) with each column's group params: fewer ops per column.
         Q = torch.zeros_like(W)
-        losses = torch.zeros(rows, device=W.device)
-        dyn_gidx = torch.zeros(cols, dtype=torch.long, device=W.device)
+        col_gid = torch.zeros(cols, dtype=torch.long)  # group of permuted column c
         params = None
         bs = self.cfg.block_size
         for i1 in range(0, cols, bs):
@@ -110,31 +110,36 @@ class GPTQ(Quantizer):
                     params = fmt.fit_group(cur, cw, layer)
                     group_params.append(params)
                 if not static:
-                    dyn_gidx[c] = len(group_params) - 1
+                    col_gid[c] = len(group_params) - 1
                 wcol = W1[:, i:i + 1]
-                qc, dq = fmt.quantize(wcol, params, layer)
-                codes[:, c:c + 1] = qc
+                _, dq = fmt.quantize(wcol, params, layer)
                 Q1[:, i:i + 1] = dq
-                d = U1[i, i]
-                err = (wcol - dq) / d
-                losses += (wcol - dq).squeeze(1).pow(2) / d ** 2 / 2
+                err = (wcol - dq) / U1[i, i]
                 W1[:, i:] -= err @ U1[i:i + 1, i:]
                 Err1[:, i:i + 1] = err
             Q[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
+        if static:
+            col_gid = torch.tensor(col_group, dtype=torch.long)
         g_idx = None
         if perm is not None:
             inv = torch.argsort(perm)
             Q = Q[:, inv]
-            codes = codes[:, inv]
+            col_gid = col_gid[inv.cpu()]
             if not static:
-                g_idx = dyn_gidx[inv]
+                g_idx = col_gid.to(W.device)
         if not torch.isfinite(Q).all():
             raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
+        codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
+        order = torch.argsort(col_gid, stable=True)
+        bounds = torch.searchsorted(col_gid[order], torch.arange(len(group_params) + 1)).tolist()
+        for gi, p in enumerate(group_params):
+            idx = order[bounds[gi]:bounds[gi + 1]].to(W.device)
+            if idx.numel():
+                codes[:, idx], Q[:, idx] = fmt.quantize(Q[:, idx], p, layer)
         packed = fmt.pack(codes, layer, group_params, g_idx)
         metrics = output_error(w, Q, stats)
-        metrics["gptq_loss"] = float(losses.sum())
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
 
