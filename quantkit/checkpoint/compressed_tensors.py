@@ -577,6 +577,22 @@ def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where:
         raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
 
 
+class _Seen(dict):
+    """The tensors of one layer, remembering which keys the reader looked at."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.read: set[str] = set()
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.read.add(k)
+        return super().__contains__(k)
+
+
 def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
@@ -624,16 +640,21 @@ def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
         if has_bias != (bias is not None):
             raise CheckpointError(f"{path}: layer {name!r} bias {'missing' if has_bias else 'unexpected'}")
         mine = {k: tensors.pop(k) for k in list(tensors) if k.rpartition(".")[0] == name}
+        seen = _Seen(mine)
         if fmt == "pack-quantized":
-            ql = _import_packed(name, mine, w, (out, inn), bias, path, where)
+            ql = _import_packed(name, seen, w, (out, inn), bias, path, where)
         elif fmt in ("int-quantized", "naive-quantized") and w["type"] == "int":
-            ql = _import_int8(name, mine, w, act, (out, inn), bias, path, where)
+            ql = _import_int8(name, seen, w, act, (out, inn), bias, path, where)
         elif fmt in ("float-quantized", "naive-quantized") and w["type"] == "float" and w["num_bits"] == 8:
-            ql = _import_fp8(name, mine, w, act, (out, inn), bias, path, where)
+            ql = _import_fp8(name, seen, w, act, (out, inn), bias, path, where)
         else:
             raise CheckpointError(f"{where}: compressed-tensors format {fmt!r} with {w['type']}{w['num_bits']} "
                                   f"weights is not read by quantkit (pack-quantized, int-quantized, "
                                   f"float-quantized are)")
+        unused = sorted(set(mine) - seen.read)
+        if unused:
+            raise CheckpointError(f"{path}: tensor {unused[0]!r} has no place in a {fmt} layer with this config "
+                                  f"({where}); config and tensors do not match")
         set_module(model, name, ql)
     if not prefixes:
         raise CheckpointError(f"{path}: no quantized tensors (weight_packed / weight_scale) in the checkpoint")
