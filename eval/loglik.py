@@ -201,9 +201,11 @@ def _score_batch(model, batch, packed: bool, pad_id: int, device) -> list[tuple[
 
 
 def score(model, tokenizer, requests: Sequence[tuple[str, str]], *, bos_token_id: int | None = None,
-          pack: bool = True, row_tokens: int = 512, batch_tokens: int = 2048, max_length: int = 2048,
+          pack: bool = True, row_tokens: int = 512, batch_tokens: int | None = None, max_length: int = 2048,
           device=None, progress: bool = True, desc: str = "loglikelihood") -> list[Scored]:
-    """Score ``(context, continuation)`` string pairs; returns one :class:`Scored` per request."""
+    """Score ``(context, continuation)`` string pairs; returns one :class:`Scored` per request.
+
+    ``batch_tokens`` (padded tokens per forward) defaults to 2048 on CPU and 16384 on GPU."""
     pairs = [_truncate(*encode_pair(tokenizer, c, x, bos_token_id), max_length) for c, x in requests]
     return score_tokens(model, pairs, pack=pack, row_tokens=row_tokens, batch_tokens=batch_tokens,
                         pad_id=_pad_id(tokenizer), device=device, progress=progress, desc=desc)
@@ -217,7 +219,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def score_tokens(model, pairs: list[tuple[list[int], list[int]]], *, pack: bool = True, row_tokens: int = 512,
-                 batch_tokens: int = 2048, pad_id: int = 0, device=None, progress: bool = True,
+                 batch_tokens: int | None = None, pad_id: int = 0, device=None, progress: bool = True,
                  desc: str = "loglikelihood") -> list[Scored]:
     """Score token-id pairs (context ids, continuation ids); the context must not be empty."""
     for i, (ctx, cont) in enumerate(pairs):
@@ -225,6 +227,11 @@ def score_tokens(model, pairs: list[tuple[list[int], list[int]]], *, pack: bool 
             raise ValueError(f"request {i}: context and continuation must both have tokens "
                              f"(got {len(ctx)} and {len(cont)})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_tokens is None:
+        batch_tokens = 16384 if device.type == "cuda" else 2048
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if pack and window and max(len(c) + len(x) for c, x in pairs) > window:
+        pack = False  # a custom mask would override the model's sliding-window attention
     results: list[Scored | None] = [None] * len(pairs)
     if pack:
         batches = _batches(_rows(_groups(pairs, share=True), row_tokens), batch_tokens)

@@ -66,9 +66,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("sciq", "sciq", "rc_0shot", title="SciQ (validation)"),
     TaskSpec("lambada", "lambada", "bpb_0shot", kind="lambada", title="LAMBADA (OpenAI, test)"),
 ]}
-# The quick default of `quantkit run`: four tasks, the first 200 documents each (see docs/quality/tasks.md).
+# The quick default of `quantkit run`: four tasks, the first 100 documents each (~31k tokens per model,
+# about 1.5 min on 2 CPU cores; see docs/quality/tasks.md).
 QUICK_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande")
-QUICK_LIMIT = 200
+QUICK_LIMIT = 100
 
 
 class TaskError(QuantkitError):
@@ -140,7 +141,8 @@ def load_task(name: str, limit: int | None = None, variant: str | None = None) -
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
-        offset = int(((cfg.get("task_config") or {}).get("metric_kwargs") or {}).get("uncond_docid_offset", offset))
+        v = ((cfg.get("task_config") or {}).get("metric_kwargs") or {}).get("uncond_docid_offset")
+        offset = int(v) if v is not None else offset
     with open(path, "rb") as f:
         raw = f.read()
     docs: dict[int, dict[str, Any]] = {}

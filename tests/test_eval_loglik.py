@@ -169,3 +169,18 @@ def test_task_files_load_with_limit():
     with pytest.raises(tasks.TaskError, match="unknown task"):
         tasks.parse_tasks("hellaswag,nope")
     assert tasks.parse_tasks("quick") == list(tasks.QUICK_TASKS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2", "opt"])
+def test_scoring_every_architecture(arch):
+    import warnings
+
+    from conftest import tiny_model
+
+    m = tiny_model(arch)
+    pairs = _pairs(seed=5, docs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model that ignores custom masks falls back, which is allowed
+        got = loglik.score_tokens(m, pairs, pack=True, row_tokens=128, progress=False)
+    for s, (ctx, cont) in zip(got, pairs):
+        assert s.logprob == pytest.approx(_reference(m, ctx, cont)[0], abs=2e-4)

@@ -23,7 +23,7 @@ def register(sub) -> None:
                    help="zero-shot tasks: comma-separated names, 'quick' (default: hellaswag,piqa,arc_easy,"
                         "winogrande), 'all' or 'none'; see docs/quality/tasks.md")
     g.add_argument("--limit", type=int, default=None,
-                   help="documents per task, the first N in file order (default 200; 0 = every document)")
+                   help="documents per task, the first N in file order (default 100; 0 = every document)")
     g.add_argument("--corpora", default=None,
                    help="perplexity corpora besides --corpus: 'lambada', 'all' (enwiki,lambada) or 'none'")
     g.add_argument("--kl-windows", type=int, default=8,
