@@ -213,10 +213,12 @@ def kmeans_dp_1d(x: torch.Tensor, sw: torch.Tensor, k: int, bins: int = 128, ban
         Wc = torch.cat([zero, ws.cumsum(1)], 1)[:, pos]
         Sc = torch.cat([zero, (ws * xc).cumsum(1)], 1)[:, pos]
         Qc = torch.cat([zero, (ws * xc * xc).cumsum(1)], 1)[:, pos]
-        dw = Wc.unsqueeze(2) - Wc[:, A]  # [n, b, l]
-        ds = Sc.unsqueeze(2) - Sc[:, A]
-        cost = (Qc.unsqueeze(2) - Qc[:, A]) - torch.where(dw > 0, ds * ds / dw.clamp_min(1e-300), 0.0)
-        cost = cost.clamp_min(0).float().masked_fill(~valid, float("inf"))
+        # run sums as differences of float64 prefix sums, then float32 (the DP only adds and compares)
+        dw = (Wc.unsqueeze(2) - Wc[:, A]).float()  # [n, b, l]
+        ds = (Sc.unsqueeze(2) - Sc[:, A]).float()
+        cost = (Qc.unsqueeze(2) - Qc[:, A]).float()
+        cost -= ds.square_().div_(dw.clamp_min_(1e-30))
+        cost.clamp_min_(0).masked_fill_(~valid, float("inf"))
         del dw, ds
         D = torch.full((n, M + 1), float("inf"), dtype=torch.float32, device=dev)
         D[:, 0] = 0
