@@ -138,6 +138,7 @@ class _StatsCollector:
         return hook
 
     def _add(self, name: str, x: torch.Tensor) -> None:
+        low_precision = x.dtype in (torch.bfloat16, torch.float16)
         x = x.detach().reshape(-1, x.shape[-1]).float()
         s = self.stats.get(name)
         if s is None:
@@ -148,7 +149,16 @@ class _StatsCollector:
             self.stats[name] = s
         s.nsamples += x.shape[0]
         if s.hessian is not None:
-            s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
+            if x.is_cuda and low_precision:
+                # bf16/fp16 values are exact in TF32 (≤ 10 mantissa bits): tensor cores, fp32 sums
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    s.hessian.addmm_(x.t(), x)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
+            else:
+                s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
         else:
             s.act_sqsum += x.pow(2).sum(0)
         torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)  # NaN propagates to here

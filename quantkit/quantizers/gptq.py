@@ -8,6 +8,8 @@ any :class:`WeightFormat` (INT, LUT, FP): the format decides the grid, GPTQ deci
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -23,6 +25,9 @@ class GPTQConfig(QuantizerConfig):
     block_size: int = Field(128, ge=1)
     # when Cholesky fails, multiply the dampening by 10 up to this many times before giving up
     damp_retries: int = Field(3, ge=0, le=8)
+    # inner loop as one Triton kernel per block: "auto" on CUDA, "always" (also CPU, via
+    # TRITON_INTERPRET=1 in tests), "never"
+    triton: Literal["auto", "always", "never"] = "auto"
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
@@ -87,6 +92,7 @@ class GPTQ(Quantizer):
 
         U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
 
+        fast = self._fast_block(W, fmt, group_params, col_group) if static else None
         # The loop only needs dequantized values; codes are recovered once at the end by rounding
         # the final Q (on the grid already) with each column's group params: fewer ops per column.
         Q = torch.zeros_like(W)
@@ -99,6 +105,11 @@ class GPTQ(Quantizer):
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
             U1 = U[i1:i2, i1:i2]
+            if fast is not None:
+                Q1, Err1 = fast(W1, U1, i1, i2)
+                Q[:, i1:i2] = Q1
+                W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                continue
             for i in range(i2 - i1):
                 c = i1 + i
                 if static:
@@ -142,6 +153,25 @@ class GPTQ(Quantizer):
         metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
+
+    def _fast_block(self, W: torch.Tensor, fmt, group_params: list, col_group: list[int]):
+        """The Triton inner loop, for affine (scale/zero) grids with static params on CUDA."""
+        if not (W.is_cuda or self.cfg.triton == "always") or self.cfg.triton == "never":
+            return None
+        if getattr(fmt.cfg, "type", None) != "int":
+            return None
+        try:
+            from ._gptq_triton import gptq_block
+        except ImportError:
+            return None
+        gid = torch.tensor(col_group, device=W.device)
+        S = torch.cat([p["scale"] for p in group_params], 1)[:, gid].float()
+        Z = torch.cat([p["zero"] for p in group_params], 1)[:, gid].float()
+        maxq = (1 << fmt.cfg.bits) - 1
+
+        def run(W1, U1, i1, i2):
+            return gptq_block(W1, U1, S[:, i1:i2], Z[:, i1:i2], maxq)
+        return run
 
 
 __all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor"]
