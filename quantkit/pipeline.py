@@ -252,6 +252,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         linears = find_linears(block, prefix)
         schemes = {n: recipe.scheme_for(n) for n in linears}
         schemes = {n: s for n, s in schemes.items() if s is not None}
+        for n in schemes:  # a broken weight is named as such, not as bad activations downstream
+            if not torch.isfinite(linear_weight(linears[n])).all():
+                raise NumericalError(f"{n}: the weight holds NaN/inf; the model is broken")
         need_h = {n for n, s in schemes.items() if s.needs_hessian}
         collector = _StatsCollector({n: linears[n] for n in schemes}, need_h)
         float_outs = []

@@ -1,0 +1,91 @@
+"""Wall time and peak GPU memory of GPTQ W4A16 on an 8B-shaped Llama (random bf16 weights).
+
+Usage (on a GPU machine):  python bench/gptq_8b.py [--layers 32] [--samples 128] [--seq-len 2048]
+Random weights are fine for time and memory: the work (calibration forwards, XᵀX, Cholesky, the
+column solves, propagation) does not depend on the values. Calibration: random token ids of the
+real count (128 x 2048 = 262k tokens, as llm-compressor's anchor run in shared/ANCHORS.md).
+Prints one table row; --tiny runs a small config on CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def build_model(layers: int, tiny: bool, device_init: str):
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=448, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2)
+    else:  # Llama-3-8B shapes
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                          rope_theta=500000.0)
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16 if not tiny else torch.float32)
+    g = torch.Generator(device=device_init).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:  # fill on the GPU (fast), keep on CPU like a loaded checkpoint
+                t = torch.empty(p.shape, dtype=p.dtype, device=device_init)
+                t.normal_(0, 0.02, generator=g)
+                p.copy_(t.cpu())
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # real inv_freq buffers
+    return model.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--recipe", default="w4a16-gptq-sym")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import quantkit
+
+    dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    t = time.time()
+    model = build_model(args.layers, args.tiny, dev)
+    build_s = time.time() - t
+    nparams = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    t = time.time()
+    qm = quantkit.quantize(model, args.recipe, calibration=ids, device=dev, batch_size=args.batch_size,
+                           progress=False)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    secs = time.time() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    blocks = qm.report.blocks
+    row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "params_B": nparams / 1e9,
+           "layers": args.layers, "calib_tokens": ids.numel(), "recipe": args.recipe, "seconds": round(secs, 1),
+           "peak_gpu_GiB": round(peak, 2), "build_s": round(build_s, 1),
+           "mean_layer_rel_err": sum(b["mean_layer_rel_err"] for b in blocks) / len(blocks),
+           "torch": torch.__version__}
+    print("| device | params | layers | calib tokens | recipe | wall s | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {row['device']} | {row['params_B']:.2f} B | {row['layers']} | {row['calib_tokens']} | {row['recipe']} "
+          f"| {row['seconds']} | {row['peak_gpu_GiB']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
