@@ -35,8 +35,10 @@ DEFAULT_MD = os.path.join(ROOT, "docs", "quality", "lowbit.md")
 BEGIN, END = "<!-- table:begin (bench/quality_lowbit.py) -->", "<!-- table:end -->"
 
 GPTQ = {"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True, "block_size": 128}
-QUIP = {"type": "quip", "seed": 0}
-NORM_TWEAK = {"type": "norm_tweak", "lrs": [1e-4, 3e-4, 1e-3], "epochs": 1, "micro_batch": 1, "loss": "dist"}
+QUIP = {"type": "quip", "seed": 0}  # both sides: W' = U W Vᵀ
+QUIP_IN = {"type": "quip", "seed": 0, "rotate_out": False}  # input side only: W' = W Vᵀ
+NORM_TWEAK = {"type": "norm_tweak", "lrs": [1e-3, 3e-3], "epochs": 2, "micro_batch": 1, "loss": "mse"}
+NORM_TWEAK_DIST = {**NORM_TWEAK, "loss": "dist"}  # the paper's channel-wise distribution loss
 METHODS = {
     "rtn": lambda b: {"quantizer": "rtn", "format": _fmt(b)},
     "gptq": lambda b: {"quantizer": GPTQ, "format": _fmt(b)},
@@ -45,9 +47,17 @@ METHODS = {
     "gptq+quip": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP]},
     "gptq+quip+nt": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP],
                                "block_plugins": [NORM_TWEAK]},
+    "gptq+quipin": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP_IN]},
+    "gptq+quipin+nt": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP_IN],
+                                 "block_plugins": [NORM_TWEAK]},
+    "gptq+quip+nt-dist": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP],
+                                    "block_plugins": [NORM_TWEAK_DIST]},
 }
 LABELS = {"float": "float (fp32)", "rtn": "RTN", "gptq": "GPTQ", "gptq+nt": "GPTQ + norm-tweak",
-          "rtn+quip": "RTN + QuIP", "gptq+quip": "GPTQ + QuIP", "gptq+quip+nt": "GPTQ + QuIP + norm-tweak"}
+          "rtn+quip": "RTN + QuIP", "gptq+quip": "GPTQ + QuIP", "gptq+quip+nt": "GPTQ + QuIP + norm-tweak",
+          "gptq+quipin": "GPTQ + QuIP (input side only)",
+          "gptq+quipin+nt": "GPTQ + QuIP (input side only) + norm-tweak",
+          "gptq+quip+nt-dist": "GPTQ + QuIP + norm-tweak (paper's dist loss)"}
 DEFAULT_ROWS = ["float"] + [f"{b}:{m}" for b in (4, 3, 2) for m in ("rtn", "gptq", "gptq+quip", "gptq+quip+nt")]
 
 # /work/shared/ANCHORS.md: llm-compressor 0.14 GPTQ int3 sym g128 on SmolLM2-135M, a different harness
@@ -125,49 +135,59 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def _gap(x: float) -> str:
+    return f"{x:+.2f}" if abs(x) < 1e4 else f"{x:+.3g}"
+
+
 def write_markdown(results: dict, path: str, args) -> None:
     fl = results.get("float", {}).get("ppl")
+    devices = sorted({r.get("device", "") for r in results.values()})
     lines = [
         f"Model smollm2-135m; INT asymmetric, group size 128 (576-column inputs: 4 groups of 128 + one of 64), "
         f"lm_head float; calibration {args.samples} x {args.seq_len} tokens (enwiki even articles, seed 0); "
         f"perplexity: `quantkit.evaluate(qm, seq_len={args.seq_len}, max_windows={args.max_windows})` "
-        f"(enwiki odd articles).",
+        f"(enwiki odd articles), fp32. Device: {', '.join(devices)}.",
         "",
-        "| bits | method | ppl | gap to float | gap / GPTQ gap | bits/weight | quantize s | device |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bits | method | ppl | gap to float | gap / GPTQ gap | bits/weight | quantize s |",
+        "|---|---|---|---|---|---|---|",
     ]
     if fl is not None:
-        r = results["float"]
-        lines.append(f"| 32 | {LABELS['float']} | {fl:.2f} | | | | | {r.get('device', '')} |")
-    seen = set()
+        lines.append(f"| 32 | {LABELS['float']} | {fl:.2f} | | | | |")
+    order = list(METHODS)
     for bits in (4, 3, 2):
         g = results.get(f"{bits}:gptq", {}).get("ppl")
-        for key, r in results.items():
-            if key == "float" or key in seen or not key.startswith(f"{bits}:"):
+        for method in order:
+            r = results.get(f"{bits}:{method}")
+            if r is None:
                 continue
-            seen.add(key)
-            method = key.split(":", 1)[1]
             ppl = r["ppl"]
-            gap = "" if fl is None else f"{ppl - fl:+.2f}"
-            ratio = "" if (fl is None or g is None or g - fl <= 0) else f"{(ppl - fl) / (g - fl):.2f}"
-            lines.append(f"| {bits} | {LABELS.get(method, method)} | {ppl:.2f} | {gap} | {ratio} | "
-                         f"{r.get('bits_per_weight', '')} | {r.get('quantize_seconds', '')} | {r.get('device', '')} |")
-    for key, r in results.items():  # extra rows (custom recipes)
-        if key not in seen and key != "float" and key.split(":")[0] not in ("2", "3", "4"):
-            gap = "" if fl is None else f"{r['ppl'] - fl:+.2f}"
-            lines.append(f"| ? | {key} | {r['ppl']:.2f} | {gap} | | {r.get('bits_per_weight', '')} | "
-                         f"{r.get('quantize_seconds', '')} | {r.get('device', '')} |")
+            gap = "" if fl is None else _gap(ppl - fl)
+            ratio = "" if (fl is None or g is None or g - fl <= 0) else f"{(ppl - fl) / (g - fl):.3g}"
+            lines.append(f"| {bits} | {LABELS.get(method, method)} | {_ppl(ppl)} | {gap} | {ratio} | "
+                         f"{r.get('bits_per_weight', '')} | {r.get('quantize_seconds', '')} |")
+    extra = [k for k in results if k != "float" and (":" not in k or k.split(":", 1)[1] not in METHODS)]
+    if extra:
+        lines += ["", "Other rows (same settings; recipe as given):", "",
+                  "| row | ppl | gap to float | recipe |", "|---|---|---|---|"]
+        for k in extra:
+            r = results[k]
+            rec = json.dumps({kk: v for kk, v in (r.get("recipe") or {}).items() if kk != "name"})
+            gap = "" if fl is None else _gap(r["ppl"] - fl)
+            lines.append(f"| {k} | {_ppl(r['ppl'])} | {gap} | `{rec}` |")
     if fl is not None:
         a = ANCHOR_INT3
-        lines += ["", f"3-bit against the anchor ({a['what']}; a different harness, so compare ratios): "
-                      f"anchor ppl / float = {a['ppl'] / a['float']:.2f}, gap / float = "
-                      f"{(a['ppl'] - a['float']) / a['float']:.2f}."]
-        for key in ("3:gptq", "3:gptq+quip", "3:gptq+quip+nt"):
+        rel_a = (a["ppl"] - a["float"]) / a["float"]
+        lines += ["", f"3 bits against the anchor ({a['what']}; a different harness, so only ratios compare): "
+                      f"anchor ppl / float = {a['ppl'] / a['float']:.2f}, gap / float = {rel_a:.2f}.", ""]
+        for key in ("3:gptq", "3:gptq+quip", "3:gptq+quip+nt", "3:gptq+quipin", "3:gptq+quipin+nt"):
             if key in results:
                 p = results[key]["ppl"]
                 lines.append(f"- {LABELS[key.split(':')[1]]}: ppl / float = {p / fl:.2f}, gap / float = "
-                             f"{(p - fl) / fl:.2f} ({(p - fl) / fl / ((a['ppl'] - a['float']) / a['float']):.2f} "
-                             f"of the anchor's relative gap)")
+                             f"{(p - fl) / fl:.2f} = {(p - fl) / fl / rel_a:.2f} x the anchor's")
     table = BEGIN + "\n" + "\n".join(lines) + "\n" + END
     old = ""
     if os.path.exists(path):
