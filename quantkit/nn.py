@@ -44,6 +44,9 @@ class QuantLinear(nn.Module):
                 self._post.insert(0, post)
         self._kernel = None
         self._kernel_device = None
+        # the pipeline sets this to the dequantized weight (== unpack(packed), exactly) while the
+        # block is being calibrated, so recomputing block outputs skips per-call unpacking
+        self.dense_weight: torch.Tensor | None = None
         # validate now: a checkpoint whose tensors do not fit the spec fails at load, not at forward
         with torch.no_grad():
             if all(t.device.type != "meta" for t in packed.values()):
@@ -74,8 +77,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for f in self._pre:
             x = f(x)
-        kernel = self._get_kernel(x.device) if x.is_cuda else None
-        if kernel is not None:
+        kernel = self._get_kernel(x.device) if x.is_cuda and self.dense_weight is None else None
+        if self.dense_weight is not None:
+            y = torch.nn.functional.linear(x, self.dense_weight.to(x.dtype))
+        elif kernel is not None:
             y = kernel(x)
         else:
             y = self.fmt.linear(x, self.packed, self.shape)

@@ -203,6 +203,7 @@ def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats
     bias = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
     ql = QuantLinear(w.shape[1], w.shape[0], spec,
                      {k: v.contiguous() for k, v in packed.items()}, bias)
+    ql.dense_weight = res.weight.to(linear_weight(mod).dtype)
     info = {**spec, "bits_per_weight": ql.bits_per_weight(), "shape": list(w.shape), **res.metrics}
     return ql, info
 
@@ -217,6 +218,7 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
         w_dev = linear_weight(mod).device
         mod.to(device)
         ql, info = quantize_linear(n, mod, recipe.scheme_for(n), LayerStats())
+        ql.dense_weight = None
         set_module(model, n, ql.to(w_dev))
         report.layers[n] = info
     report.seconds = time.time() - t0
@@ -286,6 +288,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
                 den += float(ref.float().pow(2).sum())
                 inputs[j] = out.to(store)
         del float_outs
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m.dense_weight = None
         binfo["block_rel_err"] = num / max(den, 1e-30)
         binfo["mean_layer_rel_err"] = sum(errs) / max(len(errs), 1)
         report.blocks.append(binfo)
