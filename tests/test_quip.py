@@ -107,9 +107,34 @@ def test_hessian_rotation_matches_dense():
     assert torch.equal(st.hessian, h.float())
 
 
-@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
-def test_checkpoint_round_trip(tmp_path, calib_ids, quantizer):
-    model = tiny_model("llama")
+def test_rotated_stats_are_consistent():
+    """QuIP hands the quantizer the statistics of the rotated inputs V x."""
+    from quantkit.transforms.base import LayerContext, transform_from_spec
+
+    n = 160
+    x = torch.randn(500, n, dtype=torch.float64)
+    x[:, 3] *= 30
+    h = x.t() @ x
+    for with_h in (True, False):
+        st = LayerStats(500, h.float().clone() if with_h else None, torch.diagonal(h).float().clone(),
+                        x.abs().amax(0).float())
+        ctx = LayerContext(NAME, torch.randn(64, n), st, seed=2)
+        transform_from_spec({"type": "quip", "rotate_out": False}).before(ctx)
+        sv = unpack_signs(ctx.tensors["quip.sv"], n).double()
+        xr = x @ (dense_matrix(n) * sv.view(1, -1)).t()  # V x for every token
+        assert (ctx.stats.act_absmax.double() >= xr.abs().amax(0) * (1 - 1e-6)).all()
+        if with_h:  # exact
+            assert torch.allclose(ctx.stats.hessian.double(), xr.t() @ xr, rtol=1e-4, atol=1e-2)
+            assert torch.allclose(ctx.stats.act_sqsum.double(), xr.pow(2).sum(0), rtol=1e-4)
+        else:  # without the Hessian: the diagonal-H approximation, which keeps the total energy
+            assert torch.allclose(ctx.stats.act_sqsum.double(), rotate_diag(torch.diagonal(h), plan(n)), rtol=1e-5)
+            assert ctx.stats.act_sqsum.sum().item() == pytest.approx(xr.pow(2).sum().item(), rel=1e-5)
+        assert "quip.su" not in ctx.tensors and "out" not in ctx.runtime[0]
+
+
+@pytest.mark.parametrize("arch,quantizer", [("llama", "rtn"), ("llama", "gptq"), ("gemma3", "rtn")])
+def test_checkpoint_round_trip(tmp_path, calib_ids, arch, quantizer):
+    model = tiny_model(arch)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     recipe = {"name": "q", "quantizer": quantizer, "format": {"type": "int", "bits": 3, "group_size": 32},
               "transforms": [{"type": "quip", "seed": 7}]}

@@ -80,7 +80,11 @@ def rotate_hessian(h: torch.Tensor, sv: torch.Tensor, pl_in: HadamardPlan) -> to
 
 
 def rotate_diag(d: torch.Tensor, pl_in: HadamardPlan) -> torch.Tensor:
-    """diag(V diag(d) Vᵀ) = (T∘T) d: exact for the Kronecker T = K_m ⊗ H_p, since H_p∘H_p = 1/p."""
+    """diag(V diag(d) Vᵀ) = (T∘T) d (computed exactly for T = K_m ⊗ H_p, since H_p∘H_p = 1/p).
+
+    Used for the per-column activation energy when no Hessian was gathered: it is the rotated
+    energy of uncorrelated inputs (the cross terms of the true diag(V H Vᵀ) are unknown without H);
+    the total energy is exact."""
     k2 = pl_in.small(d.device, torch.float64).pow(2)
     x = d.double().view(pl_in.m, pl_in.p).mean(1)  # H_p∘H_p averages each row of the [m, p] view
     return (k2 @ x).repeat_interleave(pl_in.p).to(d.dtype)
@@ -122,8 +126,13 @@ class QuIP(Transform):
                 sq = rotate_diag(st.act_sqsum, pl_in)
             else:
                 sq = None
-            # |V x|_j <= ||x||_2; the column-wise max is not known in the rotated basis: leave it out
-            ctx.stats = dataclasses.replace(st, hessian=h, act_sqsum=sq, act_absmax=None)
+            # the per-column max of |V x| is not known in the rotated basis; a guaranteed bound is
+            # |(V x)_j| <= max|T| * Σ_i max|x_i| (loose: for formats with static activation scales)
+            am = None
+            if st.act_absmax is not None:
+                tmax = float(pl_in.small(dtype=torch.float64).abs().max()) / pl_in.p ** 0.5
+                am = torch.full_like(st.act_absmax, float(st.act_absmax.float().sum()) * tmax)
+            ctx.stats = dataclasses.replace(st, hessian=h, act_sqsum=sq, act_absmax=am)
         ctx.runtime.append(spec)
 
     @classmethod
