@@ -27,9 +27,15 @@ def build_model(layers: int, tiny: bool, device_init: str):
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                           rope_theta=500000.0)
-    with init_empty_weights():
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16 if not tiny else torch.float32)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to_empty(device="cpu")
     g = torch.Generator(device=device_init).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
