@@ -154,6 +154,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     t0 = time.time()
     report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
                             progress=progress, **pipeline_kwargs)
+    if report.calibration_tokens == 0:
+        calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
         "quantkit_version": __version__,
         "quantkit_commit": git_commit(),
