@@ -22,6 +22,7 @@ from . import corpora as _corpora
 from . import fidelity as _fid
 from . import tasks as _tasks
 from .perplexity import perplexity
+from .speed import cached_dequant
 
 
 @dataclass
@@ -67,10 +68,15 @@ def evaluate_model(qm, settings: EvalSettings | None = None, *, reference=None, 
                    log=None) -> dict[str, Any]:
     """Evaluate a ``quantkit.QuantizedModel``; ``reference`` (the float model) adds KL and generations."""
     s = settings or EvalSettings()
-    norm = s.normalized()
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     qm.model.to(device)
     qm.model.eval()
+    with cached_dequant(qm.model):
+        return _evaluate(qm, s, device, reference, progress, log)
+
+
+def _evaluate(qm, s: EvalSettings, device, reference, progress, log) -> dict[str, Any]:
+    norm = s.normalized()
     t0 = time.time()
     out: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name in norm["corpora"]:
