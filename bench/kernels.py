@@ -202,14 +202,14 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                     out.append({"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": 3, "split": s,
                                 "group_m": 1 if mb <= 64 else 8})
         return _uniq(out)
-    if mb <= 4:
-        for bn, w, st in ((128, 4, 3), (256, 8, 3), (64, 4, 4)):
+    if mb == 1:
+        for bn, w, st in ((64, 4, 3), (128, 8, 3), (32, 2, 4)):
             tiles = -(-n // bn)
             s0 = max(1, min(nb // 4, -(-528 // tiles)))
             for s in {s0, min(nb, s0 * 2)}:
                 out.append({"path": "gemv", "BN": bn, "warps": w, "stages": st, "split": s})
     elif mb <= 64:
-        for bm, bn, w in ((16, 64, 4), (16, 128, 4), (32, 128, 4), (64, 128, 4)):
+        for bm, bn, w in ((16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 4), (64, 128, 4), (64, 64, 4)):
             if bm < mb // 2 or (bm > 16 and bm > mb):
                 continue
             tiles = -(-n // bn) * -(-mb // bm)
@@ -218,9 +218,13 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                 out.append({"path": "post", "BM": bm, "BN": bn, "warps": w, "stages": 3, "split": s})
         if mb >= 32:
             out.append({"path": "pre", "BM": 64, "BN": 128, "warps": 4, "stages": 3, "split": 1})
+        if mb >= 16:
+            out.append({"path": "dq"})
     else:
         for bm, bn, w, st in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)):
             out.append({"path": "pre", "BM": bm, "BN": bn, "warps": w, "stages": st, "split": 1})
+        out.append({"path": "post", "BM": 64, "BN": 128, "warps": 4, "stages": 3, "split": 1})
+        out.append({"path": "post", "BM": 128, "BN": 128, "warps": 8, "stages": 3, "split": 1})
         out.append({"path": "dq"})
     return _uniq(out)
 
@@ -275,10 +279,11 @@ def _stub(kind, n, k):
     from quantkit.kernels.lowbit import LowbitKernel
 
     if kind.startswith("fp8"):
-        st = SimpleNamespace(N=n, K=k, act=KINDS[kind]["activations"])
+        st = SimpleNamespace(N=n, K=k, act=KINDS[kind]["activations"], smm_ok=True)
         st.default_config = lambda mb, dt, st=st: FP8Kernel.default_config(st, mb, dt)
     else:
-        st = SimpleNamespace(N=n, K=k, NB=-(-k // 128))
+        st = SimpleNamespace(N=n, K=k, NB=-(-k // 128), gmap=None, GS=KINDS[kind]["group_size"] or (1 << 30),
+                             block_scale=(KINDS[kind]["group_size"] or 128) % 128 == 0)
         st.default_config = lambda mb, st=st: LowbitKernel.default_config(st, mb)
     return st
 

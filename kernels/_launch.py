@@ -123,12 +123,13 @@ def scratch(device: torch.device, nbytes: int) -> torch.Tensor:
 
 
 # ---- tuned configs --------------------------------------------------------------------------------
-_TUNED_FILE = Path(__file__).with_name("tuned_h100.json")
+_TUNED_FILE = Path(__file__).with_name("tuned_hopper.json")
 _TUNED: dict | None = None
 
 
 def tuned() -> dict:
-    """Configs measured on an H100 by ``bench/kernels.py --tune`` (key -> config dict)."""
+    """Configs measured by ``bench/kernels.py --tune`` (key -> config dict; the file's ``_device``
+    entry says on which GPU), plus the file named by $QUANTKIT_KERNEL_TUNED if set."""
     global _TUNED
     if _TUNED is None:
         _TUNED = {}

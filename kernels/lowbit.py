@@ -31,6 +31,8 @@ and gemlite (Apache-2.0: split-K GEMV in Triton); nothing copied.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -99,11 +101,12 @@ def _group_of(b, j, gmap_ptr, G, GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: 
 
 
 @triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
-def _q4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
+def _q4_gemv_v1(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
              MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
              GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
+    """v1 (measured on GPU): one [16, BN] nibble tile at a time, M <= 4."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -158,13 +161,103 @@ def _q4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
+@triton.jit
+def _group_rows(b, i3, gmap_ptr, G, GS: tl.constexpr, HAS_GMAP: tl.constexpr):
+    """Group index of each 16-column nibble tile i3 ([8, 1, 1]) of block b."""
+    if HAS_GMAP:
+        g3 = tl.load(gmap_ptr + b * 8 + i3)
+    else:
+        g3 = tl.minimum((b * 128 + i3 * 16) // GS, G - 1)
+    return g3
+
+
+@triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
+def _q4_gemv2(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
+             M, N, K, G, NB, BPS, SPLIT,
+             MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+             ZC: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
+    """M = 1. The [16, BN] word tile is viewed as [8, 16, BN] (nibble, row, column); the nibble axis
+    lives in each thread's registers, so the per-nibble masks and constants fold to immediates."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    r = tl.arange(0, 16)
+    i3 = tl.arange(0, 8)[:, None, None]
+    lo = i3 < 5
+    p3 = tl.where(lo, i3, i3 - 3)              # nibble position inside w (i < 5) or w >> 12
+    mask3 = 15 << (4 * p3)
+    psc3 = (1 << (23 - 4 * p3)).to(tl.float32)  # (w & mask) | 1.0f  ==  1 + q / psc
+    BLOCK_SCALE: tl.constexpr = (not HAS_GMAP) and (GS % 128 == 0)
+    if MODE == 1:
+        lut = _load_lut(lut_ptr, r, offs_n, nmask, N, LUT_ROW)
+    if BLOCK_SCALE:
+        acc = tl.zeros([16, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([8, 16, BN], dtype=tl.float32)
+    b0 = pid_k * BPS
+    b1 = tl.minimum(b0 + BPS, NB)
+    for b in range(b0, b1):
+        w = tl.load(w_ptr + (b * 16 + r)[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+        kk3 = b * 128 + i3 * 16 + r[None, :, None]
+        xv = tl.load(x_ptr + kk3, mask=kk3 < K, other=0.0).to(tl.float32)      # [8, 16, 1]
+        if MODE == 0:
+            w3 = tl.where(lo, w[None, :, :], (w >> 12)[None, :, :])
+            f = ((w3 & mask3) | 0x3F800000).to(tl.float32, bitcast=True)       # 1 + q / psc, exact
+            xp = xv * psc3
+            if BLOCK_SCALE:
+                g = tl.minimum((b * 128) // GS, G - 1)
+                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+                    c3 = 1.0 + z[None, None, :] / psc3
+                else:
+                    c3 = 1.0 + ZC / psc3
+                acc += tl.sum(xp * (f - c3), axis=0) * s[None, :]
+            else:
+                g3 = _group_rows(b, i3, gmap_ptr, G, GS, HAS_GMAP)
+                s3 = tl.load(s_ptr + g3 * N + offs_n[None, None, :], mask=nmask[None, None, :],
+                             other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z3 = tl.load(z_ptr + g3 * N + offs_n[None, None, :], mask=nmask[None, None, :],
+                                 other=0).to(tl.float32)
+                    c3 = 1.0 + z3 / psc3
+                else:
+                    c3 = 1.0 + ZC / psc3
+                acc += xp * ((f - c3) * s3)
+        else:
+            q3 = (w[None, :, :] >> (4 * i3)) & 15
+            v = tl.reshape(tl.gather(lut, tl.reshape(q3, [128, BN]), 0), [8, 16, BN])
+            if BLOCK_SCALE:
+                t = tl.sum(xv * v, axis=0)
+                if HAS_SCALE:
+                    g = tl.minimum((b * 128) // GS, G - 1)
+                    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                    acc += t * s[None, :]
+                else:
+                    acc += t
+            else:
+                g3 = _group_rows(b, i3, gmap_ptr, G, GS, HAS_GMAP)
+                s3 = tl.load(s_ptr + g3 * N + offs_n[None, None, :], mask=nmask[None, None, :],
+                             other=0.0).to(tl.float32)
+                acc += xv * (v * s3)
+    if BLOCK_SCALE:
+        res = tl.sum(acc, axis=0)
+    else:
+        res = tl.sum(tl.sum(acc, axis=0), axis=0)
+    offs_m = tl.arange(0, 1)
+    _finish(res[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, 1, BN, SPLITK)
+
+
 @triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
 def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
              MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
              GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr,
-             PRE: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr, MV: tl.constexpr):
+             PRE: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr, MV: tl.constexpr,
+             V2: tl.constexpr):
     XDT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -221,6 +314,35 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
                     v = v * tl.reshape(tl.broadcast_to(s8[:, None, :], [8, 16, BN]), [128, BN])
                 bt = v.to(XDT)
             acc = _dot(xt, bt, acc)
+        elif V2:  # whole block in one group (GS % 128 == 0): one K=128 dot, scale after it
+            kk = b * 128 + tl.arange(0, 128)
+            xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :],
+                         mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
+            i3 = tl.arange(0, 8)[:, None, None]
+            q3 = (w[None, :, :] >> (4 * i3)) & 15
+            if MODE == 0:
+                if _INTERP:
+                    bt = tl.reshape(q3.to(tl.float32) + MV, [128, BN]).to(XDT)
+                else:
+                    bt = tl.reshape((q3 | MAGIC).to(tl.int16).to(XDT, bitcast=True), [128, BN])
+            else:
+                bt = tl.gather(lutx, tl.reshape(q3, [128, BN]), 0)
+            if HAS_SCALE:
+                d = _dot(xt, bt, tl.zeros([BM, BN], dtype=tl.float32))
+                g = tl.minimum((b * 128) // GS, G - 1)
+                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                if MODE == 0:
+                    xs = tl.sum(xt.to(tl.float32), axis=1)
+                    if HAS_ZERO:
+                        z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+                        c = (z + MV) * s
+                    else:
+                        c = s * (ZC + MV)
+                    acc += d * s[None, :] - xs[:, None] * c[None, :]
+                else:
+                    acc += d * s[None, :]
+            else:
+                acc = _dot(xt, bt, acc)
         else:
             for j in tl.static_range(8 // GPT):
                 xs = tl.zeros([BM], dtype=tl.float32)
@@ -328,7 +450,10 @@ def repack_codes(qweight: torch.Tensor, bits: int, cols: int, perm: torch.Tensor
 # ================================================================================================
 # The layer kernel
 # ================================================================================================
-GEMV_MAX_M = 4
+# v1 kernels ran and were measured on a Hopper GPU (docs/PERFORMANCE.md). v2 (one [8, 16, BN] view per
+# block in the GEMV; one K=128 dot per block with the scale after it) passes the interpreter tests
+# but has not run on a GPU yet: opt in with QUANTKIT_KERNEL_V2=1 until it has been measured.
+V2 = os.environ.get("QUANTKIT_KERNEL_V2", "0") == "1"
 
 
 class LowbitKernel:
@@ -344,27 +469,41 @@ class LowbitKernel:
         self.fallback = fallback
         self.plans: dict = {}
         self._ptrs = tuple(t if t is not None else w for t in (w, s, z, lut, gmap))
+        self.v2 = V2
+
+    @property
+    def gemv_max_m(self) -> int:
+        return 1 if self.v2 else 4
 
     # ---- configs ---------------------------------------------------------------------------
     def key(self, mb: int, dtype) -> str:
-        return f"{self.tag}:{self.N}x{self.K}:{'bf16' if dtype == torch.bfloat16 else 'fp16'}:m{mb}"
+        return (f"{self.tag}{'.v2' if self.v2 else ''}:{self.N}x{self.K}:"
+                f"{'bf16' if dtype == torch.bfloat16 else 'fp16'}:m{mb}")
+
+    @property
+    def block_scale(self) -> bool:
+        """Every 128-column block lies in one group: the tensor-core path scales after the dot."""
+        return self.gmap is None and self.GS % PB == 0
 
     def default_config(self, mb: int) -> dict:
         """Heuristic H100 config when no tuned one is stored."""
         n, nb, sms = self.N, self.NB, 132
-        if mb <= GEMV_MAX_M:
-            bn = 128 if mb == 1 else 64
+        if mb <= self.gemv_max_m:
+            bn = 64 if (self.v2 or mb > 1) else 128
             split = max(1, min(nb // 4, cdiv(4 * sms, cdiv(n, bn))))
             return {"path": "gemv", "BN": bn, "warps": 4, "stages": 3, "split": split}
         if mb <= 64:
             bm = max(16, mb)
-            bn = 64 if mb <= 16 else 128
+            bn = 128 if mb <= 32 or not self.v2 else 64
             split = max(1, min(nb // 4, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
-            return {"path": "post", "BM": bm, "BN": bn, "warps": 4, "stages": 3, "split": split}
-        if mb >= 1024:
+            path = "post" if (self.block_scale or not self.v2) else "pre"
+            return {"path": path, "BM": bm, "BN": bn, "warps": 4, "stages": 3, "split": split}
+        if mb >= 128 and not self.v2:
             return {"path": "dq"}
-        bm = 64 if mb <= 128 else 128
-        return {"path": "pre", "BM": bm, "BN": 128, "warps": 8 if bm == 128 else 4, "stages": 3}
+        if mb >= 512:
+            return {"path": "dq"}
+        return {"path": "pre", "BM": 64 if mb <= 128 else 128, "BN": 128, "warps": 4 if mb <= 128 else 8,
+                "stages": 3}
 
     def config(self, mb: int, dtype) -> dict:
         return tuned().get(self.key(mb, dtype)) or self.default_config(mb)
@@ -399,7 +538,7 @@ class LowbitKernel:
         tiles_n = cdiv(N, bn)
         if path == "gemv":
             bm = mb
-            lau = Launcher(_q4_gemv, dict(common, BM=bm, BN=bn, SPLITK=splitk),
+            lau = Launcher(_q4_gemv2 if self.v2 else _q4_gemv_v1, dict(common, BM=bm, BN=bn, SPLITK=splitk),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
@@ -411,7 +550,7 @@ class LowbitKernel:
         magic, mv = _MAGIC[dtype]
         lau = Launcher(_q4_gemm, dict(common, BM=bm, BN=bn, SPLITK=splitk, PRE=(path == "pre"),
                                       GROUP_M=int(cfg.get("group_m", 8 if path == "pre" else 1)),
-                                      MAGIC=magic, MV=mv),
+                                      MAGIC=magic, MV=mv, V2=self.v2),
                        num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
@@ -425,8 +564,10 @@ class LowbitKernel:
         mb = m_bucket(M)
         if cfg is None:
             cfg = self.config(mb, dtype)
-        if cfg["path"] == "gemv" and mb > GEMV_MAX_M:
-            cfg = self.default_config(64)
+        if cfg["path"] == "gemv" and mb > self.gemv_max_m:
+            cfg = self.default_config(mb)
+        if cfg["path"] == "post" and self.v2 and not self.block_scale:
+            cfg = dict(cfg, path="pre")
         p = self.make_plan(cfg, dtype, mb)
         self.plans[(mb, dtype)] = p
         return p

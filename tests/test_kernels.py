@@ -82,7 +82,7 @@ def ref_lut(p, n, k, bits, g):
     return w
 
 
-def build(spec, p, shape):
+def build(spec, p, shape, v2=None):
     from quantkit import kernels
 
     kernels._scan()
@@ -90,12 +90,19 @@ def build(spec, p, shape):
 
     fmt = format_from_spec(spec)
     b = {"int": lowbit.build_int, "lut": lowbit.build_lut, "fp8": fp8.build_fp8}[spec["type"]]
-    return b(fmt, {k: v.to(DEV) for k, v in p.items()}, shape, DEV)
+    kern = b(fmt, {k: v.to(DEV) for k, v in p.items()}, shape, DEV)
+    if kern is not None and v2 is not None:
+        kern.v2 = v2  # v1: the kernels measured on GPU; v2: QUANTKIT_KERNEL_V2
+    return kern
+
+
+V2S = pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 
 
 CFGS = {
     "gemv": {"path": "gemv", "BN": 32, "warps": 4, "stages": 2, "split": 2},
     "gemv1": {"path": "gemv", "BN": 64, "warps": 4, "stages": 2, "split": 1},
+    "post2": {"path": "post", "BM": 16, "BN": 64, "warps": 4, "stages": 2, "split": 3},
     "post": {"path": "post", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "split": 2},
     "post1": {"path": "post", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "split": 1},
     "pre": {"path": "pre", "BM": 16, "BN": 32, "warps": 4, "stages": 2, "group_m": 2},
@@ -144,17 +151,21 @@ def check(outs, ref, dtype, bound=None):
 # ---- int ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,m,g,sym,dtype", [
     ("gemv", 1, 32, True, torch.bfloat16),
-    ("gemv1", 3, 64, False, torch.float16),
+    ("gemv1", 1, 64, False, torch.float16),
+    ("gemv", 1, 128, False, torch.bfloat16),
     ("post", 5, 128, True, torch.bfloat16),
-    ("post1", 17, 32, False, torch.float16),
+    ("post2", 3, 128, False, torch.float16),
+    ("post1", 17, 32, False, torch.float16),  # g32: served by the pre path
     ("pre", 19, 64, False, torch.bfloat16),
     ("pre", 33, 128, True, torch.float16),
     ("dq", 7, 32, True, torch.bfloat16),
 ])
-def test_int4_paths(path, m, g, sym, dtype):
+@V2S
+def test_int4_paths(path, m, g, sym, dtype, v2):
     n, k = 40, (200 if g != 128 else 264)  # odd sizes; partial last group; padded block
+    m = 3 if (path == "gemv1" and not v2) else m  # the v1 GEMV takes up to 4 rows
     spec, p, gidx = make_int(n, k, 4, g, sym, seed=g + m)
-    kern = build(spec, p, (n, k))
+    kern = build(spec, p, (n, k), v2)
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
 
@@ -164,12 +175,14 @@ def test_int4_paths(path, m, g, sym, dtype):
     ("post", 4, 64, True, True),
     ("gemv1", 3, None, True, False),  # int3, per channel
     ("post1", 2, 64, False, False),   # int2
+    ("post", 4, None, True, False),   # per channel, tensor cores
 ])
-def test_int_variants(path, bits, g, sym, act):
+@V2S
+def test_int_variants(path, bits, g, sym, act, v2):
     n, k = 24, 136
-    m = 2 if path.startswith("gemv") else 9
+    m = (1 if v2 else 2) if path.startswith("gemv") else 9
     spec, p, gidx = make_int(n, k, bits, g, sym, act_order=act, seed=bits)
-    kern = build(spec, p, (n, k))
+    kern = build(spec, p, (n, k), v2)
     x = rand_x(m, k, torch.bfloat16, bits)
     check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, bits, gidx, sym).t(), torch.bfloat16)
 
@@ -184,16 +197,19 @@ def test_int_refuses_unaligned_groups():
 # ---- lut ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,bits,g,fixed,dtype", [
     ("gemv", 4, None, None, torch.bfloat16),   # any4, per-row table, no scales
-    ("post", 4, 64, None, torch.float16),      # any4 with group scales
+    ("gemv1", 4, 64, "nf4", torch.bfloat16),   # fixed table, g64
+    ("post", 4, 128, None, torch.float16),     # any4 with group scales
+    ("post2", 4, None, None, torch.bfloat16),  # any4 no scales, tensor cores
     ("pre", 4, 128, "nf4", torch.bfloat16),    # fixed table
     ("gemv1", 3, 32, None, torch.float16),     # any3
     ("dq", 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
 ])
-def test_lut_paths(path, bits, g, fixed, dtype):
+@V2S
+def test_lut_paths(path, bits, g, fixed, dtype, v2):
     n, k = 40, 200
-    m = {"gemv": 1, "gemv1": 4, "post": 6, "pre": 21, "dq": 5}[path]
+    m = {"gemv": 1, "gemv1": 1 if v2 else 4, "post": 6, "post2": 2, "pre": 21, "dq": 5}[path]
     spec, p = make_lut(n, k, bits, g, fixed, seed=bits + m)
-    kern = build(spec, p, (n, k))
+    kern = build(spec, p, (n, k), v2)
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), x.double() @ ref_lut(p, n, k, bits, g).t(), dtype)
 
@@ -234,13 +250,14 @@ def fp8_ref(x, p, act, kind="e4m3"):
     ("f_gemv", 3, "none", True, torch.bfloat16),       # W8A16
     ("f_gemm", 11, "none", False, torch.float16),
     ("f_gemv", 1, "dynamic", True, torch.bfloat16),    # W8A8 dynamic per token
-    ("f_gemm1", 37, "dynamic", True, torch.float16),
+    ("f_gemm1", 21, "dynamic", True, torch.float16),
     ("f_gemm", 9, "static", False, torch.bfloat16),
 ])
-def test_fp8_paths(path, m, act, per_channel, dtype):
-    n, k = 40, 208
+@V2S
+def test_fp8_paths(path, m, act, per_channel, dtype, v2):
+    n, k = 40, (256 if m in (1, 11) else 208)  # 256: the unmasked-K (EVEN_K, v2) variants
     spec, p = make_fp8(n, k, per_channel=per_channel, act=act, seed=m)
-    kern = build(spec, p, (n, k))
+    kern = build(spec, p, (n, k), v2)
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), fp8_ref(x, p, act), dtype)
 
