@@ -10,7 +10,7 @@ bf16 cuBLAS in the same run. Weights (and x) rotate through enough copies that t
 move (packed weights with scales/zeros/tables, x, output) over the measured device-to-device copy
 bandwidth (bytes read + written). Every kernel's output is checked against a reference before it
 is timed. ``--tune`` first times a few configs per (kernel, shape, M bucket) and stores the best
-in kernels/tuned_h100.json (or --tuned-out), which the kernels read at build time.
+in kernels/tuned_hopper.json (or --tuned-out), which the kernels read at build time.
 
 Random weights, packed following docs/FORMAT.md. Peers measured in the same run: torch's tinygemm
 int4 (``_weight_int4pack_mm``, asym g128 in its own convention).
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--tune", action="store_true", help="time candidate configs first and store the best")
-    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/tuned_h100.json)")
+    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/tuned_hopper.json)")
     ap.add_argument("--rep", type=float, default=60.0, help="ms of timed repetitions per measurement")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/PERFORMANCE.md)")

@@ -486,7 +486,7 @@ class LowbitKernel:
         return self.gmap is None and self.GS % PB == 0
 
     def default_config(self, mb: int) -> dict:
-        """Heuristic H100 config when no tuned one is stored."""
+        """Heuristic Hopper config when no tuned one is stored."""
         n, nb, sms = self.N, self.NB, 132
         if mb <= self.gemv_max_m:
             bn = 64 if (self.v2 or mb > 1) else 128
