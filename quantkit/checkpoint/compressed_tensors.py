@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ def words_from_bytes(b: torch.Tensor) -> torch.Tensor:
     pad = (-n) % 4
     if pad:
         b = torch.nn.functional.pad(b, (0, pad))
+    if sys.byteorder == "little":  # the bytes of little-endian int32 words are exactly this stream
+        return b.contiguous().view(torch.int32).clone()
     x = b.to(torch.int64).view(rows, -1, 4)
     w = x[..., 0] | (x[..., 1] << 8) | (x[..., 2] << 16) | (x[..., 3] << 24)
     w = torch.where(w >= 2 ** 31, w - 2 ** 32, w)  # two's complement, explicitly
@@ -67,6 +70,8 @@ def words_from_bytes(b: torch.Tensor) -> torch.Tensor:
 
 def bytes_from_words(w: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, m]`` -> uint8 ``[R, 4m]`` (inverse of :func:`words_from_bytes`)."""
+    if sys.byteorder == "little":
+        return w.to(torch.int32).contiguous().view(torch.uint8).clone()
     x = w.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
     return ((x.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(w.shape[0], -1)
