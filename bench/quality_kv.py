@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--kl-samples", type=int, default=2)
     p.add_argument("--fixed", default=",".join(FIXED), help="fixed rows, comma separated (e.g. k4v2,k2v4)")
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    p.add_argument("--tasks", default="", help="zero-shot tasks with the quantized cache, e.g. lambada,hellaswag")
+    p.add_argument("--task-limit", type=int, default=500)
+    p.add_argument("--task-rows", default="float,k4v4,k2v2,k4v2,k2v4,adaptive@2.5,norm@2.5",
+                   help="which rows get zero-shot scores (float, kXvY, <policy>@<budget>)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -72,12 +76,14 @@ def main(argv=None) -> int:
     lm = load_float_model(a.model)
     qm = QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path, {"float": True})
     qm.model.to(device).eval()
+    print(f"model loaded on {device} (t={time.time() - t_start:.0f}s)", flush=True)
     n_layers, kv_heads, head_dim = _kv_shape(qm.model.config)
     geo = {"key_group_size": a.key_group, "value_group_size": a.value_group, "residual": a.residual}
     suffix = f"-r{a.residual}-gk{a.key_group}-gv{a.value_group}"
     from quantkit.data import tokenize_split
 
     split = tokenize_split(qm.tokenizer, "enwiki", "evaluation")
+    print(f"evaluation split tokenized: {split.ids.numel()} tokens (t={time.time() - t_start:.0f}s)", flush=True)
     ev = dict(split=split, seq_len=a.seq_len, max_windows=a.windows, chunk=a.chunk, batch_size=a.batch_size, progress=False)
 
     rows: list[dict] = []
@@ -92,7 +98,10 @@ def main(argv=None) -> int:
                      "tokens_scored": r["tokens_scored"], "windows": r["windows"], "seconds": r["seconds"],
                      "text_sha256": r["text_sha256"], "allocation": r["allocation"]})
         print(f"{name:28s} K {kb:>14s} V {vb:>14s} bits {r['avg_bits']:.3f} ppl {r['ppl']:.4f} "
-              f"B/tok {r['kv_bytes_per_token']:.1f} ({r['seconds']:.0f}s)", flush=True)
+              f"B/tok {r['kv_bytes_per_token']:.1f} ({r['seconds']:.0f}s, t={time.time() - t_start:.0f}s)", flush=True)
+        if a.json:  # partial results survive an interrupted run
+            with open(a.json + ".partial", "w") as f:
+                json.dump(rows, f, indent=1, default=str)
 
     run("float cache", None, "transformers DynamicCache, same chunked path")
     for s in [x for x in a.fixed.split(",") if x]:
@@ -108,12 +117,14 @@ def main(argv=None) -> int:
     t = time.time()
     stats = measure(qm.model, ids, choices=(1, 2, 3, 4, 5, 6, 8), spectral=True, **geo)
     t_probe = time.time() - t
+    print(f"probe pass {t_probe:.0f}s", flush=True)
     kl_stats, t_kl = None, None
     if a.kl:
         t = time.time()
-        kl_stats = measure_kl(qm.model, ids[:a.kl_samples], choices=(2, 3, 4, 5, 6), chunk=a.chunk, progress=True,
+        kl_stats = measure_kl(qm.model, ids[:a.kl_samples], choices=(2, 3, 4, 5), chunk=a.chunk, progress=True,
                               **geo)
         t_kl = time.time() - t
+        print(f"kl sensitivity {t_kl:.0f}s", flush=True)
     allocations = {}
     for B in [float(x) for x in a.budgets.split(",") if x]:
         for pol, kw, label in [("norm", {"norm": "frobenius"}, "norm rule (Frobenius)"),
@@ -140,16 +151,43 @@ def main(argv=None) -> int:
         "norms": {"key_fro": kn, "value_fro": vn, "key_spectral": ks, "value_spectral": vs},
         "probe_seconds": t_probe, "kl_seconds": t_kl, "total_seconds": time.time() - t_start,
         "rows": rows, "stats": {k: v for k, v in stats.items() if k.endswith("attn_err")},
-        "kl_stats": kl_stats,
+        "kl_stats": kl_stats, "zero_shot": {},
     }
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-    md = to_markdown(out)
-    print(md)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(md)
+
+    def dump() -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+        md = to_markdown(out)
+        print(md, flush=True)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(md)
+
+    dump()
+    zs = out["zero_shot"]
+    if a.tasks:
+        from quantkit.kv.zeroshot import zero_shot_with_kv
+
+        for key in [x for x in a.task_rows.split(",") if x]:
+            if key == "float":
+                spec = None
+            elif "@" in key:
+                pol, B = key.split("@")
+                lab = {"adaptive": "adaptive (attn-output error)", "norm": "norm rule (Frobenius)",
+                       "spectral": "norm rule (spectral)", "kl": "sensitivity (KL, real cache)"}[pol]
+                spec = allocations.get(f"{lab} @ {float(B):g}")
+                if spec is None:
+                    continue
+            else:
+                spec = normalize_allocation(key + suffix)
+            t = time.time()
+            zs[key] = zero_shot_with_kv(qm, None, spec, tasks=a.tasks.split(","), limit=a.task_limit, chunk=a.chunk)
+            print(f"zero-shot {key}: " + ", ".join(f"{n} acc {m['acc']:.4f}" for n, m in zs[key].items()) +
+                  f" ({time.time() - t:.0f}s)", flush=True)
+
+    if zs:
+        dump()
     return 0
 
 
@@ -174,6 +212,20 @@ def to_markdown(o: dict) -> str:
         lines.append(f"| {r['row']} | {r['key_bits']} | {r['value_bits']} | {r['avg_bits']:.2f} | {r['ppl']:.3f} | "
                      f"{r['ppl'] - base:+.3f} | {r['kv_bytes_per_token']:.0f} | {r['kv_bytes_per_token_long']:.0f} | "
                      f"{r['kv_bytes_per_token_long'] / f16:.3f} |")
+    zs = o.get("zero_shot") or {}
+    if zs:
+        tasks = list(next(iter(zs.values())))
+        lines += ["", "Zero-shot with the cache in the path (context prefilled in chunks through the cache, the answer "
+                  "choices read it back):", "",
+                  "| cache | " + " | ".join(f"{t} acc (n) | {t}: context tokens read quantized" for t in tasks) + " |",
+                  "|---|" + "---|---|" * len(tasks)]
+        for key, res in zs.items():
+            cells = []
+            for t in tasks:
+                m = res[t]
+                cells += [f"{m['acc']:.4f} ± {m['acc_stderr']:.4f} ({m['n']})",
+                          f"{100 * m['quantized_context_share']:.0f}% of {m['mean_context_tokens']:.0f} mean"]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
