@@ -313,3 +313,13 @@ def test_zero_shot_scoring_through_the_cache_matches_plain_forward():
     assert nq == 64  # 75 context tokens, R=8, G=16: 4 groups read back quantized
     for (lp, _), c in zip(got8, conts):
         assert abs(lp - direct_logprob(m, ctx, c)) < 1e-2
+
+
+def test_builtin_kv_recipes_validate():
+    from quantkit.recipe import builtin_recipes, load_recipe
+
+    names = [n for n in builtin_recipes() if n.startswith("kv-")]
+    assert len(names) >= 3
+    for n in names:
+        r = load_recipe(n)
+        assert KVConfig.from_recipe(r.kv_cache, r.source) is not None
