@@ -278,6 +278,8 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
         with _Lock(work_dir):
             report = _run(model, recipe, ids, device, store, bs, work_dir, progress, offload_activations,
                           on_block_done, log, info)
+    if report.calibration_tokens == 0:  # as quantkit.quantize records a data-free run
+        calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
         "quantkit_version": __version__,
         "quantkit_commit": api.git_commit(),
