@@ -138,11 +138,18 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,
              tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
-             **pipeline_kwargs) -> QuantizedModel:
+             resume_dir: str | None = None, **pipeline_kwargs) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     The model is quantized in place block by block; only the current block is moved to ``device``.
+    With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume).
     """
+    if resume_dir is not None:
+        from .resume import quantize_resumable
+
+        return quantize_resumable(model_or_name, recipe, resume_dir, calibration, tokenizer=tokenizer,
+                                  device=device, samples=samples, seq_len=seq_len, seed=seed,
+                                  batch_size=batch_size, progress=progress, **pipeline_kwargs)
     recipe = load_recipe(recipe)
     over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
             if v is not None}

@@ -53,6 +53,8 @@ def _scan(kind: str) -> None:
 
 def get(kind: str, name: str) -> Any:
     _scan(kind)
+    if not isinstance(name, str):
+        raise QuantkitError(f"a {kind} type must be a name (a string), got {name!r}")
     try:
         return _REGISTRY[kind][name]
     except KeyError:

@@ -130,11 +130,7 @@ def test_random_byte_corruption(ckpts, layout):
     check()
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param("native", marks=pytest.mark.xfail(
-        strict=False, reason="checkpoint/native.py does not validate layer specs / config types (TypeError, "
-                             "AttributeError, ZeroDivisionError); fix diff in the hostile-inputs helper report")),
-    "compressed-tensors", "gptq"])
+@pytest.mark.parametrize("layout", ["native", "compressed-tensors", "gptq"])
 def test_random_config_values(ckpts, layout):
     @settings(**SETTINGS)
     @given(pick=st.integers(0, 10 ** 6), value=json_values)

@@ -1,7 +1,6 @@
 """Hostile and broken inputs: each gives one clear QuantkitError and never a half-written output.
 
-Tests marked ``xfail(strict=True)`` show bugs in files owned by the lead (the fix is a diff in the helper's
-report); once the fix is merged they pass, strict xfail turns that into a failure, and the marker goes.
+(Some of these found bugs in the loader, the int format and the atomic writer; the fixes are merged.)
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ CFG = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_laye
 RTN = {"quantizer": "rtn", "format": {"type": "int", "bits": 4, "group_size": 16}}
 Q = "model.layers.0.self_attn.q_proj"
 LAYOUTS = ["native", "compressed-tensors", "gptq"]
-LEAD_FIX = "bug in a lead-owned file; fix diff in the hostile-inputs helper report"
 
 
 def tiny(seed=0):
@@ -201,7 +199,6 @@ def test_config_type_confusion_external_layouts(ckpts, tmp_path, layout, value):
 
 
 # lead-owned native loader: the same type confusions end in TypeError / AttributeError / ZeroDivisionError
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX + " (checkpoint/native.py: validate layer specs and config)")
 @pytest.mark.parametrize("edit", [
     lambda c: c["quantization_config"]["layers"].__setitem__(Q, None),
     lambda c: c["quantization_config"]["layers"][Q].__setitem__("shape", [32, "x"]),
@@ -215,8 +212,6 @@ def test_native_config_type_confusion(ckpts, tmp_path, edit):
         quantkit.load(d)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX + " (formats/int.py: a stored 'zeros' is ignored when the "
-                                                  "spec says sym: the weights load wrong, silently)")
 def test_native_sym_spec_with_stored_zeros(ckpts, tmp_path):
     d = variant(ckpts["native"], tmp_path, lambda d: edit_config(
         d, lambda c: c["quantization_config"]["layers"][Q]["format"].__setitem__("sym", True)))
@@ -224,7 +219,6 @@ def test_native_sym_spec_with_stored_zeros(ckpts, tmp_path):
         quantkit.load(d)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX + " (formats/int.py: non-finite scales load silently)")
 def test_native_nan_scale_in_checkpoint(ckpts, tmp_path):
     def nan(t):
         t[f"{Q}.scales"][0, 0] = float("nan")
@@ -315,7 +309,6 @@ def test_disk_full_keeps_previous_checkpoint(qm, tmp_path, monkeypatch, layout):
     quantkit.load(out)  # still loads
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX + " (checkpoint/io.py: OSError escapes atomic_output_dir raw)")
 def test_disk_full_is_a_quantkit_error(qm, tmp_path, monkeypatch):
     _fill_disk(monkeypatch)
     with pytest.raises(CheckpointError, match="No space left"):
@@ -348,8 +341,6 @@ def test_pickle_next_to_checkpoint_is_ignored(ckpts, tmp_path, layout):
     assert not os.path.exists(marker)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX + " (models/sources.py: from_pretrained falls back to torch.load "
-                                                  "of pytorch_model.bin; pass use_safetensors=True)")
 def test_float_model_folder_with_only_pickle_is_refused(tmp_path):
     d = str(tmp_path / "float")
     tiny().save_pretrained(d)

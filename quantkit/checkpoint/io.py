@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -41,8 +42,13 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+            raise CheckpointError(f"writing {path} failed: {why} ({e}); nothing was changed at {path} (an "
+                                  f"existing checkpoint there is intact); free space or fix the folder and retry"
+                                  ) from e
         raise
 
 

@@ -75,21 +75,38 @@ class NativeLayout:
         mt = base.pop("model_type", None)
         if mt is None:
             raise CheckpointError(f"{path}/config.json: model_type is missing")
+        n_layers = base.get("num_hidden_layers", base.get("n_layer"))
+        if n_layers is not None and (not isinstance(n_layers, int) or isinstance(n_layers, bool)
+                                     or not 0 < n_layers <= 100_000):
+            raise CheckpointError(f"{path}/config.json: num_hidden_layers = {n_layers!r} is not a layer count")
         try:
             hf_cfg = AutoConfig.for_model(mt, **base)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}/config.json: unsupported model_type {mt!r} ({e})") from None
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_cfg)
+        except Exception as e:  # noqa: BLE001 - transformers' config validation raises its own types
+            raise CheckpointError(f"{path}/config.json: invalid {mt} config ({type(e).__name__}: {e})") from None
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(hf_cfg)
+        except Exception as e:  # noqa: BLE001 - e.g. ZeroDivisionError for 0 attention heads
+            raise CheckpointError(f"{path}/config.json: cannot build a {mt} model from this config "
+                                  f"({type(e).__name__}: {e})") from None
         tensors = safe_load_tensors(path)
         for name, spec in layers.items():
+            where = f"{path}/config.json: quantization_config.layers[{name!r}]"
+            if not isinstance(spec, dict):
+                raise CheckpointError(f"{where} must be a mapping, got {type(spec).__name__}")
+            tr = spec.get("transforms", [])
+            if not isinstance(tr, list) or not all(isinstance(t, dict) and isinstance(t.get("type"), str) for t in tr):
+                raise CheckpointError(f"{where}.transforms must be a list of mappings with a 'type'")
             try:
                 old = model.get_submodule(name)
             except AttributeError:
                 raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in a {mt} model") from None
             shape = spec.get("shape")
-            if not (isinstance(shape, list) and len(shape) == 2):
-                raise CheckpointError(f"{path}/config.json: layers[{name!r}].shape must be [out, in]")
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)):
+                raise CheckpointError(f"{where}.shape must be [out, in] (two positive integers), got {shape!r}")
             prefix = name + "."
             # a QuantLinear has no submodules: every key under its prefix but the bias is its own
             packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)

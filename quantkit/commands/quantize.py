@@ -14,7 +14,12 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    p.add_argument("--layout", default="native", help="checkpoint layout (default native)")
+    p.add_argument("--layout", default="native", help="checkpoint layout: native, compressed-tensors, gptq "
+                                                     "(default native)")
+    p.add_argument("--resume-dir", default=None, metavar="DIR",
+                   help="commit progress to DIR after every decoder block; run the same command again after a "
+                        "crash to resume (same model, data and recipe); DIR's resume files are removed after "
+                        "a successful save")
     add_calibration_args(p)
     p.set_defaults(func=run)
 
@@ -28,8 +33,12 @@ def run(args) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         raise CheckpointError(f"{args.output} already exists; choose another output folder or pass --overwrite")
     qm = api.quantize(args.model, args.recipe, device=args.device, samples=args.samples, seq_len=args.seq_len,
-                      seed=args.seed, batch_size=args.batch_size)
+                      seed=args.seed, batch_size=args.batch_size, resume_dir=args.resume_dir)
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
+    if args.resume_dir:
+        from ..resume import clear_state
+
+        clear_state(args.resume_dir)
     print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
           f"{qm.meta['seconds']:.1f} s)")
     return 0

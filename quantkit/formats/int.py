@@ -157,6 +157,11 @@ class IntFormat(WeightFormat):
         ng = self.n_groups(cols, packed)
         sdt = _DTYPES[self.cfg.scale_dtype]
         scales = expect(packed, "scales", (rows, ng), sdt, what).float()
+        if not torch.isfinite(scales).all():
+            raise CheckpointError(f"{what}: scales hold NaN/inf; the checkpoint is corrupt")
+        if self.cfg.sym and "zeros" in packed:
+            raise CheckpointError(f"{what}: a 'zeros' tensor is stored but the format spec says sym: true; "
+                                  f"the checkpoint and its format spec disagree")
         if g_idx is not None and (int(g_idx.min()) < 0 or int(g_idx.max()) >= ng):
             raise CheckpointError(f"{what}: g_idx holds group numbers outside [0, {ng})")
         gi = group_index(self.cfg, cols, g_idx, qw.device)

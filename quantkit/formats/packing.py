@@ -35,7 +35,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return (c << shifts).sum(-1).to(torch.uint8)
     # general widths: expand to bits, pad to bytes, fold back
     shifts = torch.arange(bits, device=c.device, dtype=torch.int32)
-    b = ((c.unsqueeze(-1) >> shifts) & 1).view(rows, cols * bits)
+    b = ((c.unsqueeze(-1) >> shifts) & 1).reshape(rows, cols * bits)  # codes may be non-contiguous
     pad = (-(cols * bits)) % 8
     if pad:
         b = torch.nn.functional.pad(b, (0, pad))

@@ -186,7 +186,8 @@ def load_float_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> L
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_dir(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # safetensors only: never fall back to torch.load of pytorch_model.bin (pickle)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelSourceError(f"cannot load the model in {path}: {e}") from None
     model.eval()
