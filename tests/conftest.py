@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton kernels are tested on CPU through Triton's interpreter. The flag must be set before anything
+# imports triton (its standard library is decorated at import time), so it is set here, first.
+# QUANTKIT_TEST_CUDA=1 runs the kernel tests on a real GPU instead.
+if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
