@@ -174,8 +174,15 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         "seconds": round(time.time() - t0, 2),
         "torch": torch.__version__,
     }
-    return QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
-                          meta, report)
+    qm = QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
+                        meta, report)
+    if recipe.kv_cache is not None:  # KV-cache bits, measured on the quantized model, saved in the config
+        from .kv import KVConfig, attach
+
+        alloc = KVConfig.from_recipe(recipe.kv_cache, recipe.source).build(qm, progress=progress)
+        qm.meta["kv_cache"] = alloc
+        attach(qm.model, alloc)
+    return qm
 
 
 def _layout_for(quant_method: str):
@@ -207,6 +214,10 @@ def load(path: str) -> QuantizedModel:
             report = json.load(f).get("report")
     qm = QuantizedModel(model, tok, read_source(path, tok), path, meta)
     qm.run_report = report
+    if isinstance(meta.get("kv_cache"), dict):  # a saved KV allocation: generate()/forward use that cache
+        from .kv import attach
+
+        attach(model, meta["kv_cache"])
     return qm
 
 

@@ -95,6 +95,10 @@ class Recipe(BaseModel):
             _transform(t, f"{self.source}: transforms[{j}]")
         for j, p in enumerate(self.block_plugins):
             _block_plugin(p, f"{self.source}: block_plugins[{j}]")
+        if self.kv_cache is not None:
+            from .kv import KVConfig
+
+            KVConfig.from_recipe(self.kv_cache, self.source)  # raises RecipeError naming kv_cache.<key>
 
     def scheme_for(self, name: str) -> "Scheme | None":
         """The scheme for a linear layer, or None if it stays in float."""
