@@ -51,7 +51,7 @@ def test_failed_save_leaves_old_checkpoint_and_no_temp(saved, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk is full.*intact"):
         qm.save(path, overwrite=True)
     assert sorted(os.listdir(path)) == before
     parent = os.path.dirname(path)
