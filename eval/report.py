@@ -204,10 +204,11 @@ def plot_layers(rows) -> bytes | None:
     n_plots = 2 if any(r.get("blocks") for r in have) else 1
     fig, axes = plt.subplots(n_plots, 1, figsize=(9, 3.6 * n_plots), dpi=110, squeeze=False)
     ax = axes[0][0]
+    colors = {r["_id"]: f"C{i % 10}" for i, r in enumerate(have)}  # one colour per checkpoint in both panels
     for r in have:
         errs = [v.get("rel_err") for v in r["layers"].values()]
         ax.plot(range(len(errs)), [e if e and e > 0 else float("nan") for e in errs], ".-", ms=3, lw=0.8,
-                label=r["_id"])
+                label=r["_id"], color=colors[r["_id"]])
     ax.set_yscale("log")
     ax.set_xlabel("quantized linear layer (model order)")
     ax.set_ylabel("relative error")
@@ -220,7 +221,7 @@ def plot_layers(rows) -> bytes | None:
             bl = r.get("blocks") or []
             if bl:
                 ax2.plot([b.get("block") for b in bl], [b.get("block_rel_err") for b in bl], "o-", ms=3,
-                         label=r["_id"])
+                         label=r["_id"], color=colors[r["_id"]])
         ax2.set_yscale("log")
         ax2.set_xlabel("decoder block")
         ax2.set_ylabel("block output rel. error")
@@ -335,13 +336,19 @@ def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, byte
     rows = _rows(results_list)
     corpora = _corpora(rows)
     images: dict[str, bytes] = {}
-    if corpora:
+    try:
+        import matplotlib  # noqa: F401
+        have_mpl = True
+    except ImportError:
+        have_mpl = False
+    if have_mpl and corpora:
         png = plot_pareto(rows, corpora[0])
         if png:
             images["report_pareto.png"] = png
-    png = plot_layers(rows)
-    if png:
-        images["report_layers.png"] = png
+    if have_mpl:
+        png = plot_layers(rows)
+        if png:
+            images["report_layers.png"] = png
     s_head, s_body = summary_table(rows)
     t_head, t_body = task_table(rows)
     models = sorted({str(r.get("model")) for r in results_list})
@@ -361,6 +368,9 @@ def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, byte
         "are not on the same scale.",
         f"Pareto front (bits/weight vs {corpora[0] if corpora else ''} perplexity): {', '.join(pareto_ids) or '–'}.",
     ]
+    if not have_mpl:
+        notes.append("Plots are missing: matplotlib is not installed (pip install matplotlib), then re-render "
+                     "with `quantkit report RUN`.")
     gen_tables = []
     for p, items in gens:
         gen_tables.append((p, ["model", "greedy continuation"], [[i, t] for i, t in items]))

@@ -225,16 +225,23 @@ def evaluate_task(model, tokenizer, name: str, *, limit: int | None = None, bos_
 
 def evaluate_tasks(model, tokenizer, names, *, limit: int | None = None, bos_token_id: int | None = None,
                    device=None, progress: bool = True, log=None, **score_kwargs) -> dict[str, dict[str, Any]]:
+    from .speed import cached_dequant
+
     out = {}
-    for n in parse_tasks(names):
-        out[n] = evaluate_task(model, tokenizer, n, limit=limit, bos_token_id=bos_token_id, device=device,
-                               progress=progress, **score_kwargs)
-        if log is not None:
-            r = out[n]
-            if "acc_norm" in r:
-                log(f"  {n}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} ± "
-                    f"{r['acc_norm_stderr']:.4f} (n={r['n']}, {r['seconds']:.0f} s)")
-            else:
-                log(f"  {n}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, ppl {r['ppl']:.3f} (n={r['n']}, "
-                    f"{r['seconds']:.0f} s)")
+    with cached_dequant(model):
+        for n in parse_tasks(names):
+            out[n] = evaluate_task(model, tokenizer, n, limit=limit, bos_token_id=bos_token_id, device=device,
+                                   progress=progress, **score_kwargs)
+            _log_task(log, n, out[n])
     return out
+
+
+def _log_task(log, n: str, r: dict[str, Any]) -> None:
+    if log is None:
+        return
+    if "acc_norm" in r:
+        log(f"  {n}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} ± "
+            f"{r['acc_norm_stderr']:.4f} (n={r['n']}, {r['seconds']:.0f} s)")
+    else:
+        log(f"  {n}: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, ppl {r['ppl']:.3f} (n={r['n']}, "
+            f"{r['seconds']:.0f} s)")

@@ -66,8 +66,13 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     if limit is None:
         limit = QUICK_LIMIT
     s = settings or _settings(eval_kwargs, device, tasks, limit or None, corpora, kl_windows, generations)
-    for r in recipes:  # fail on a bad recipe name before any work
+    for r in recipes:  # fail on a bad recipe name or missing task data before any work
         load_recipe(r)
+    norm = s.normalized()
+    if norm["tasks"] or "lambada" in norm["corpora"]:
+        from .eval.tasks import data_root
+
+        data_root()
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, Any] = {"schema": SCHEMA, "model": model, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "quantkit_commit": api.git_commit(), "versions": suite.versions(),
