@@ -169,7 +169,7 @@ def stderr(p: float, n: int) -> float:
 
 
 def _answer_chars(continuation: str) -> int:
-    s = continuation[1:] if continuation.startswith(" ") else continuation
+    s = continuation.removeprefix(" ")
     return max(len(s), 1)
 
 
