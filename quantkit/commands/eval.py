@@ -20,6 +20,9 @@ def register(sub) -> None:
                         "the windows are fed in chunks of --kv-chunk tokens so attention reads the cache")
     p.add_argument("--kv-chunk", type=int, default=64, help="prefill chunk for --kv-bits (default 64)")
     add_eval_args(p)
+    p.add_argument("--tasks", default="none",
+                   help="also score zero-shot tasks: comma-separated names, 'quick' or 'all' (default none)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task, the first N (default all)")
     p.set_defaults(func=run)
 
 
@@ -53,6 +56,13 @@ def run(args) -> int:
             r = api.evaluate(t, device=args.device, **eval_kwargs(args))
             r["model"] = t
         r["model"] += " (float)" if is_float else ""
+        if args.tasks != "none":
+            from ..eval.tasks import evaluate_tasks
+
+            qm = api.load_any(t)
+            print(f"{r['model']}:")
+            r["tasks"] = evaluate_tasks(qm.model, qm.tokenizer, args.tasks, limit=args.limit,
+                                        bos_token_id=qm.bos_token_id, device=args.device, log=print)
         rows.append(r)
     first = rows[0]
     print(f"\nperplexity on {first['corpus']} {first['split']}: {first['tokens_scored']} tokens scored, "
