@@ -382,11 +382,17 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
 def save_compressed_tensors(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None,
                             partial_groups: str | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``out_dir`` (a fresh folder)."""
-    from safetensors.torch import save_file
-
     meta = meta or {}
     partial_groups = partial_groups or (meta.get("export_options") or {}).get("partial_groups", "expand")
     qc, per_layer = ct_config(model, partial_groups)
+    write_export(model, out_dir, qc, per_layer)
+
+
+def write_export(model: nn.Module, out_dir: str, qc: dict[str, Any], per_layer: dict[str, dict]) -> None:
+    """Write ``model.safetensors`` (float tensors + each quantized layer's exported tensors and bias)
+    and ``config.json`` with ``qc`` as its quantization_config. Shared by the export layouts."""
+    from safetensors.torch import save_file
+
     sd = float_state_dict(model, set(per_layer))
     for name, ql in quant_layers(model).items():
         for k, v in per_layer[name].items():
@@ -395,7 +401,6 @@ def save_compressed_tensors(model: nn.Module, out_dir: str, meta: dict[str, Any]
             sd[f"{name}.bias"] = ql.bias.detach().contiguous().cpu()
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
     cfg["quantization_config"] = qc
     write_json(os.path.join(out_dir, "config.json"), cfg)
 

@@ -37,8 +37,8 @@ from ..errors import CheckpointError
 from ..formats.packing import packed_row_bytes, unpack_codes
 from ..registry import register
 from .compressed_tensors import (bytes_from_words, build_skeleton, check_no_conv1d, expect_shape, finish_load,
-                                 float_state_dict, int_layer_parts, int_quantlinear, linear_shape, pack_words,
-                                 quant_layers, tensor_of, unpack_words, words_from_bytes)
+                                 int_layer_parts, int_quantlinear, linear_shape, pack_words,
+                                 quant_layers, tensor_of, unpack_words, words_from_bytes, write_export)
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "gptq"
@@ -143,21 +143,10 @@ def gptq_config(model: nn.Module, checkpoint_format: str = "gptq"
 
 def save_gptq(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None,
               checkpoint_format: str | None = None) -> None:
-    from safetensors.torch import save_file
-
     meta = meta or {}
     checkpoint_format = checkpoint_format or (meta.get("export_options") or {}).get("checkpoint_format", "gptq")
     qc, per_layer = gptq_config(model, checkpoint_format)
-    sd = float_state_dict(model, set(per_layer))
-    for name, ql in quant_layers(model).items():
-        for k, v in per_layer[name].items():
-            sd[f"{name}.{k}"] = v
-        if ql.bias is not None:
-            sd[f"{name}.bias"] = ql.bias.detach().contiguous().cpu()
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qc
-    write_json(os.path.join(out_dir, "config.json"), cfg)
+    write_export(model, out_dir, qc, per_layer)
     write_json(os.path.join(out_dir, "quantize_config.json"), {k: v for k, v in qc.items() if k != "quant_method"})
 
 
