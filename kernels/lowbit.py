@@ -651,24 +651,52 @@ def _build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc:
     return LowbitKernel(mode, shape, device, w, st, zt, lut, lut_row, gmap, perm, G, gs, gpt, zc, fallback, tag)
 
 
+# Which implementation serves int/lut layers: "k" (kernels/_kmajor.py: the checkpoint's own layout,
+# no repack), "v1" (block-interleaved repack, measured first) or "v2" (v1's layout, reworked inner
+# loops). QUANTKIT_LOWBIT overrides; QUANTKIT_KERNEL_V2=1 still selects v2.
+IMPL = os.environ.get("QUANTKIT_LOWBIT", "v2" if V2 else "v1")
+
+
+def _impl(impl):
+    return (impl or IMPL).lower()
+
+
 @register_kernel("int")
-def build_int(fmt, packed, shape, device):
+def build_int(fmt, packed, shape, device, impl: str | None = None):
     bits = fmt.cfg.bits
     sym = fmt.cfg.sym
     tag = f"int{bits}{'' if sym else 'a'}g{fmt.group_size or 0}"
     if packed.get("scales") is None:
         return None
-    return _build(0, fmt, packed, shape, device, bits, not sym, float(1 << (bits - 1)) if sym else 0.0,
-                  None, False, tag)
+    zc = float(1 << (bits - 1)) if sym else 0.0
+    if _impl(impl) == "k":
+        from . import _kmajor
+
+        k = _kmajor.build(0, fmt, packed, shape, device, bits, not sym, zc, None, False, tag)
+        if k is not None:
+            return k
+    kern = _build(0, fmt, packed, shape, device, bits, not sym, zc, None, False, tag)
+    if kern is not None and _impl(impl) == "v2":
+        kern.v2 = True
+    return kern
 
 
 @register_kernel("lut")
-def build_lut(fmt, packed, shape, device):
+def build_lut(fmt, packed, shape, device, impl: str | None = None):
     bits = fmt.cfg.bits
+    rows = packed["lut"].shape[0]
+    tag = f"lut{bits}{'r' if rows > 1 else 'f'}g{fmt.group_size or 0}{'s' if 'scales' in packed else ''}"
+    if _impl(impl) == "k":
+        from . import _kmajor
+
+        k = _kmajor.build(1, fmt, packed, shape, device, bits, False, 0.0, packed["lut"], rows > 1, tag)
+        if k is not None:
+            return k
     lut = packed["lut"].float()
-    rows = lut.shape[0]
     lt = torch.zeros(16, rows, dtype=torch.float32, device=lut.device)
     lt[: lut.shape[1]] = lut.t()
     lt = lt.contiguous()
-    tag = f"lut{bits}{'r' if rows > 1 else 'f'}g{fmt.group_size or 0}{'s' if 'scales' in packed else ''}"
-    return _build(1, fmt, packed, shape, device, bits, False, 0.0, lt, rows > 1, tag)
+    kern = _build(1, fmt, packed, shape, device, bits, False, 0.0, lt, rows > 1, tag)
+    if kern is not None and _impl(impl) == "v2":
+        kern.v2 = True
+    return kern

@@ -1,0 +1,474 @@
+"""W4A16 kernels on the checkpoint's own layout ("k" kernels): K-major, no repack, no second copy.
+
+Layout. The 4-bit ``qweight`` of docs/FORMAT.md (uint8 [out, in/2], two codes per byte, even column
+in the low nibble) read as int32 is ``w [N, K/8]``: word j of row n holds the codes of columns
+8j..8j+7, column 8j+i in nibble i. The kernels read that tensor as is (a view, no copy) together
+with the checkpoint's ``scales`` [N, G], ``zeros`` [N, G] and ``lut`` [N or 1, 2^b]: nothing is
+repacked and the GPU holds the weights once. Only 2/3-bit codes, rows whose byte count is not a
+multiple of 4, and act-order (``g_idx``) need a repack (codes widened to nibbles, columns sorted
+by group); then the kernel owns that copy.
+
+Tiles. A program reads a [BN, BKW] tile of words, K contiguous (16-byte loads along K, lanes along
+K, each warp covers whole 128-byte lines of a few rows). Each of the 8 nibbles is dequantized as a
+[BN, BKW] tensor with all constants folded:
+  * int:  ``(w & (15 << 4p)) | 0x3F800000`` read as fp32 is ``1 + q * 2^(4p-23)`` (p = i, or i-3 of
+    ``w >> 12`` for the top three nibbles), so ``f * 2^(23-4p) - (2^(23-4p) + z)`` is ``q - z``
+    exactly: one LOP3 and one FMA per weight, no int->float convert, then the group scale.
+  * lut:  the value is a load from the row's table (fp16 [N, 16], 32 bytes a row) at ``q``: a warp
+    reads the tables of 4 consecutive rows, one 128-byte line, so each lookup is one L1 wavefront.
+The 8 nibble tensors are interleaved (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in
+column order, which meets a contiguous (vectorized) load of x.
+Paths, by the row count M of x:
+  * ``gemv`` (M <= 4): FMA dot products against 1-4 rows of x, split-K over programs.
+  * ``mma`` (M >= 5): the bf16/fp16 tile goes to ``tl.dot`` (tensor cores); ``SWAP`` computes
+    W·xᵀ instead (the weight tile as the M=64 side of the MMA, x as the narrow side), split-K.
+  * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
+Split-K partial sums use the shared workspace and the last-program reduction of ``lowbit._finish``
+(deterministic, one launch).
+
+Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
+copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.formats.packing import unpack_codes
+
+from ._launch import Launcher, cdiv, m_bucket, scratch, tuned, workspace
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# ================================================================================================
+# Triton kernels
+# ================================================================================================
+@triton.jit
+def _dot(a, b, acc, INTERP: tl.constexpr):
+    if INTERP:  # the interpreter mishandles 16-bit float dots: same products in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _nib(w, wh, zs, s, lrow, lut_ptr, I: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Nibble I of every word, dequantized to fp32 (scale applied)."""
+    if MODE == 0:
+        if I < 5:
+            P: tl.constexpr = I
+            f = ((w & (15 << (4 * P))) | 0x3F800000).to(tl.float32, bitcast=True)
+        else:
+            P: tl.constexpr = I - 3
+            f = ((wh & (15 << (4 * P))) | 0x3F800000).to(tl.float32, bitcast=True)
+        PSC: tl.constexpr = 1 << (23 - 4 * P)
+        v = f * PSC - (zs + PSC)  # q - z, exact
+    else:
+        q = (w >> (4 * I)) & 15
+        v = tl.load(lut_ptr + (lrow + q)).to(tl.float32)
+    if HAS_SCALE:
+        v = v * s
+    return v
+
+
+@triton.jit
+def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
+          MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+          GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr):
+    """Words w [BN, BKW] of rows rn (clamped to valid rows), chunk c -> fp32 [BN, 8*BKW], column order."""
+    s = 1.0
+    zs = ZC
+    lrow = 0
+    if HAS_SCALE or HAS_ZERO:
+        kw = c * BKW + tl.arange(0, BKW)
+        g = tl.minimum((kw * 8) // GS, G - 1)
+        sidx = rn[:, None] * G + g[None, :]
+        if HAS_SCALE:
+            s = tl.load(s_ptr + sidx).to(tl.float32)
+        if HAS_ZERO:
+            zs = tl.load(z_ptr + sidx).to(tl.float32)
+    if MODE == 1:
+        if LUT_ROW:
+            lrow = rn[:, None] * LS
+    wh = w >> 12
+    d0 = _nib(w, wh, zs, s, lrow, lut_ptr, 0, MODE, HAS_SCALE)
+    d1 = _nib(w, wh, zs, s, lrow, lut_ptr, 1, MODE, HAS_SCALE)
+    d2 = _nib(w, wh, zs, s, lrow, lut_ptr, 2, MODE, HAS_SCALE)
+    d3 = _nib(w, wh, zs, s, lrow, lut_ptr, 3, MODE, HAS_SCALE)
+    d4 = _nib(w, wh, zs, s, lrow, lut_ptr, 4, MODE, HAS_SCALE)
+    d5 = _nib(w, wh, zs, s, lrow, lut_ptr, 5, MODE, HAS_SCALE)
+    d6 = _nib(w, wh, zs, s, lrow, lut_ptr, 6, MODE, HAS_SCALE)
+    d7 = _nib(w, wh, zs, s, lrow, lut_ptr, 7, MODE, HAS_SCALE)
+    a = tl.interleave(tl.interleave(d0, d4), tl.interleave(d2, d6))
+    b = tl.interleave(tl.interleave(d1, d5), tl.interleave(d3, d7))
+    return tl.interleave(a, b)
+
+
+@triton.jit
+def _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT,
+            BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
+    """Write [BM, BN] (split-K: partials to the workspace; the last program of the tile sums them
+    in a fixed order and writes the output)."""
+    omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    optr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if SPLITK:
+        loc = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        base = ws_ptr + tile * SPLIT * (BM * BN)
+        tl.store(base + pid_k * (BM * BN) + loc, acc)
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if old == SPLIT - 1:
+            tot = tl.zeros([BM, BN], dtype=tl.float32)
+            for sp in range(0, SPLIT):  # fixed order: deterministic
+                tot += tl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
+            tl.store(optr, tot.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _xrow(x_ptr, m, M, K, k, EVEN: tl.constexpr):
+    if EVEN:
+        v = tl.load(x_ptr + m * K + k, mask=(k * 0 + m) < M, other=0.0)
+    else:
+        v = tl.load(x_ptr + m * K + k, mask=(k < K) & ((k * 0 + m) < M), other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
+def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+             M, N, K, KWS, G, CPS, SPLIT,
+             MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] W[n, k] for M <= BM <= 4 rows; program = BN rows x CPS chunks of K."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)  # rows past N read row N-1 and are never written
+    kw = tl.arange(0, BKW)
+    kk = tl.arange(0, 8 * BKW)
+    a0 = tl.zeros([BN], dtype=tl.float32)
+    a1 = tl.zeros([BN], dtype=tl.float32)
+    a2 = tl.zeros([BN], dtype=tl.float32)
+    a3 = tl.zeros([BN], dtype=tl.float32)
+    nch = tl.cdiv(KWS, BKW)
+    c0 = pid_k * CPS
+    c1 = tl.minimum(c0 + CPS, nch)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    for c in range(c0, c1):
+        wc = c * BKW + kw
+        if EVEN:
+            w = tl.load(wrow + wc[None, :])
+        else:
+            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW)
+        k = c * (8 * BKW) + kk
+        a0 += tl.sum(d * _xrow(x_ptr, 0, M, K, k, EVEN)[None, :], axis=1)
+        if BM > 1:
+            a1 += tl.sum(d * _xrow(x_ptr, 1, M, K, k, EVEN)[None, :], axis=1)
+        if BM > 2:
+            a2 += tl.sum(d * _xrow(x_ptr, 2, M, K, k, EVEN)[None, :], axis=1)
+            a3 += tl.sum(d * _xrow(x_ptr, 3, M, K, k, EVEN)[None, :], axis=1)
+    offs_m = tl.arange(0, BM)
+    r = offs_m[:, None]
+    res = tl.where(r == 0, a0[None, :], 0.0)
+    if BM > 1:
+        res = tl.where(r == 1, a1[None, :], res)
+    if BM > 2:
+        res = tl.where(r == 2, a2[None, :], res)
+        res = tl.where(r == 3, a3[None, :], res)
+    _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
+
+
+@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
+def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+            M, N, K, KWS, G, CPS, SPLIT,
+            MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+            GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
+            SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+    """Tensor cores: the dequantized [BN, 8*BKW] tile (x dtype) meets x [BM, 8*BKW] in tl.dot."""
+    XDT = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    if GROUP_M > 1:  # grouped order: programs sharing weight tiles run together (L2 reuse)
+        width = GROUP_M * n_n
+        gid = pid // width
+        first = gid * GROUP_M
+        gsz = tl.minimum(n_m - first, GROUP_M)
+        pid_m = first + (pid % width) % gsz
+        pid_n = (pid % width) // gsz
+    else:
+        pid_m = pid // n_n
+        pid_n = pid % n_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)
+    rm = tl.minimum(offs_m, M - 1)
+    kw = tl.arange(0, BKW)
+    kk = tl.arange(0, 8 * BKW)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    nch = tl.cdiv(KWS, BKW)
+    c0 = pid_k * CPS
+    c1 = tl.minimum(c0 + CPS, nch)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    xrow = x_ptr + rm[:, None].to(tl.int64) * K
+    for c in range(c0, c1):
+        wc = c * BKW + kw
+        k = c * (8 * BKW) + kk
+        if EVEN:
+            w = tl.load(wrow + wc[None, :])
+            xt = tl.load(xrow + k[None, :])
+        else:
+            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+            xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW,
+                  BKW).to(XDT)
+        if SWAP:
+            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        else:
+            acc = _dot(xt, tl.trans(d), acc, INTERP)
+    if SWAP:
+        acc = tl.trans(acc)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
+
+
+@triton.jit(do_not_specialize=["G"])
+def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
+                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+                BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr):
+    """Write the dequantized weight [N, K] (row-major, out dtype): one [BN, 8*BKW] tile."""
+    c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)
+    wc = c * BKW + tl.arange(0, BKW)
+    k = c * (8 * BKW) + tl.arange(0, 8 * BKW)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    if EVEN:
+        w = tl.load(wrow + wc[None, :])
+    else:
+        w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+    d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW)
+    optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
+    tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
+
+
+# ================================================================================================
+# Layer kernel
+# ================================================================================================
+class KLowbitKernel:
+    """``x -> x @ W^T`` for one int/lut layer on the checkpoint layout; built once, called per forward.
+
+    Per call it does the least Python it can: one dict lookup for the plan of the row count, one
+    output allocation, one launch through the cached launcher (``_launch.Launcher``)."""
+
+    impl = "k"
+
+    def __init__(self, mode, shape, device, w, s, z, lut, lut_row, ls, perm, G, GS, zc, fallback, tag,
+                 owns_codes: bool):
+        self.mode, self.device, self.tag = mode, device, tag
+        self.N, self.K = shape
+        self.w, self.s, self.z, self.lut, self.perm = w, s, z, lut, perm
+        self.gmap = None
+        self.G, self.GS, self.zc, self.lut_row, self.LS = G, GS, zc, lut_row, ls
+        self.KWS = w.shape[1]
+        self.fallback = fallback
+        self.owns_codes = owns_codes  # True when w is a repacked copy (2/3-bit, odd rows, act-order)
+        self.plans: dict = {}
+        self._calls: dict = {}
+        self._ptrs = tuple(t if t is not None else w for t in (w, s, z, lut))
+
+    # ---- configs ---------------------------------------------------------------------------
+    def key(self, mb: int, dtype) -> str:
+        return f"{self.tag}.k:{self.N}x{self.K}:{_DT.get(dtype, 'fp16')}:m{mb}"
+
+    def default_config(self, mb: int) -> dict:
+        """Heuristic Hopper config when no tuned one is stored."""
+        n, sms = self.N, 132
+        if mb <= 4:
+            bn, bkw = 64, 32
+            nch = cdiv(self.KWS, bkw)
+            split = max(1, min(nch, cdiv(4 * sms, cdiv(n, bn))))
+            return {"path": "gemv", "BN": bn, "BKW": bkw, "warps": 4, "stages": 1, "split": split}
+        if mb <= 64:
+            bm = max(16, mb)
+            bn, bkw = 64, 16
+            nch = cdiv(self.KWS, bkw)
+            split = max(1, min(nch // 2 or 1, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
+            return {"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": 4, "stages": 2, "split": split,
+                    "swap": mb <= 16}
+        return {"path": "dq"}
+
+    def config(self, mb: int, dtype) -> dict:
+        return tuned().get(self.key(mb, dtype)) or self.default_config(mb)
+
+    def _common(self):
+        return dict(MODE=self.mode, HAS_SCALE=self.s is not None, HAS_ZERO=self.z is not None,
+                    ZC=float(self.zc), GS=self.GS, LS=self.LS, LUT_ROW=self.lut_row)
+
+    def make_plan(self, cfg: dict, dtype, mb: int):
+        """A closure ``(x2d, out, M) -> None`` running one config for rows M <= mb."""
+        N, K, KWS, G = self.N, self.K, self.KWS, self.G
+        path = cfg["path"]
+        wp, sp, zp, lp = self._ptrs
+        common = self._common()
+        if path == "dq":
+            bn, bkw = int(cfg.get("BN", 32)), int(cfg.get("BKW", 16))
+            even = KWS % bkw == 0 and K == KWS * 8
+            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even), num_warps=4, num_stages=1,
+                           device=self.device)
+            grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
+            nbytes = N * K * 2
+            buf = scratch(self.device, nbytes)
+            wd = buf[:nbytes].view(dtype).view(N, K)
+            mm = torch.mm
+
+            def run_dq(x, out, M):
+                lau(grid, wp, sp, zp, lp, wd, N, K, KWS, G)
+                mm(x, wd.t(), out=out)
+            return run_dq
+        bn, bkw = int(cfg["BN"]), int(cfg["BKW"])
+        nch = cdiv(KWS, bkw)
+        split = max(1, min(int(cfg.get("split", 1)), nch))
+        cps = cdiv(nch, split)
+        split = cdiv(nch, cps)
+        splitk = split > 1
+        even = KWS % bkw == 0 and K == KWS * 8
+        tiles_n = cdiv(N, bn)
+        if path == "gemv":
+            bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
+            lau = Launcher(_kq_gemv, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even),
+                           num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
+            grid = (tiles_n, split, 1)
+            ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
+
+            def run_gemv(x, out, M):
+                lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
+            return run_gemv
+        bm = int(cfg["BM"])
+        from ._launch import INTERPRET
+        lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
+                                     SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
+                                     INTERP=INTERPRET),
+                       num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
+        tiles_m = cdiv(mb, bm)
+        ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
+        if tiles_m == 1:
+            grid = (tiles_n, split, 1)
+
+            def run_mma1(x, out, M):
+                lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
+            return run_mma1
+
+        def run_mma(x, out, M):
+            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
+        return run_mma
+
+    def plan(self, M: int, dtype, cfg: dict | None = None):
+        mb = m_bucket(M)
+        if cfg is None:
+            cfg = self.config(mb, dtype)
+        if cfg["path"] == "gemv" and mb > 4:
+            cfg = self.default_config(mb)
+        p = self.make_plan(cfg, dtype, mb)
+        self.plans[(mb, dtype)] = p
+        self._calls.clear()
+        return p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        elif not x2.is_contiguous() or x2.data_ptr() & 15:
+            x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+        M = x2.shape[0]
+        dt = x2.dtype
+        p = self._calls.get((M, dt))
+        if p is None:
+            if dt not in _DT:
+                return self.fallback(x)
+            if M == 0:
+                return x.new_empty((*lead, self.N))
+            mb = m_bucket(M)
+            p = self.plans.get((mb, dt)) or self.plan(M, dt)
+            self._calls[(M, dt)] = p
+        out = torch.empty((M, self.N), dtype=dt, device=x2.device)
+        p(x2, out, M)
+        return out.view(*lead, self.N)
+
+
+# ================================================================================================
+# Builder
+# ================================================================================================
+def _nibble_words(codes: torch.Tensor) -> torch.Tensor:
+    """codes [n, k] (values < 16) -> int32 words [n, ceil(k/8)], column 8j+i in nibble i of word j."""
+    n, k = codes.shape
+    kp = cdiv(k, 8) * 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k)).view(n, kp // 8, 8)
+    word = torch.zeros(n, kp // 8, dtype=torch.int64, device=codes.device)
+    for i in range(8):
+        word |= c[:, :, i] << (4 * i)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
+
+
+def build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc: float, lut, lut_row: bool,
+          tag: str, chunk: int = 4096):
+    N, K = shape
+    if bits > 4 or N == 0 or K == 0:
+        return None
+    gsz = fmt.group_size
+    s = packed.get("scales")
+    z = packed.get("zeros") if has_zero else None
+    g_idx = packed.get("g_idx")
+    G = s.shape[1] if s is not None else 1
+    perm = None
+    gs = gsz if gsz else (1 << 30)
+    qw = packed["qweight"]
+    if g_idx is not None:
+        gi = g_idx.to(device=device, dtype=torch.long)
+        perm = torch.argsort(gi, stable=True)
+        gs_ = gsz if gsz else K
+        # after sorting, column j must lie in group j // gs (GPTQ act-order: every group full but the last)
+        if not bool((gi[perm] == torch.arange(K, device=device) // gs_).all()):
+            return None
+        perm = perm.contiguous()
+    if gs % 8 and gs < K:
+        return None  # groups must hold whole words
+    owns = False
+    if bits == 4 and perm is None and qw.shape[1] % 4 == 0 and qw.is_contiguous() \
+            and qw.data_ptr() % 16 == 0 and qw.device == device:
+        w = qw.view(torch.int32)  # the checkpoint's own bytes, no copy
+    else:
+        qw = qw.to(device)
+        parts = []
+        for r0 in range(0, N, chunk):
+            c = unpack_codes(qw[r0:r0 + chunk], bits, K)
+            if perm is not None:
+                c = c[:, perm]
+            parts.append(_nibble_words(c))
+        w = torch.cat(parts, 0).contiguous()
+        owns = True
+    st = s.to(device).contiguous() if s is not None else None
+    zt = z.to(device).contiguous() if z is not None else None
+    ls = 1 << bits
+    if lut is not None:
+        lut = lut.to(device=device, dtype=torch.float16).contiguous()
+        ls = lut.shape[1]
+
+    def fallback(x, _fmt=fmt, _p=packed, _shape=shape):
+        return _fmt.linear(x, _p, _shape)
+
+    return KLowbitKernel(mode, shape, device, w, st, zt, lut, lut_row, ls, perm, G, gs, zc, fallback, tag, owns)

@@ -1,0 +1,127 @@
+"""The "k" W4A16 kernels (kernels/_kmajor.py: the checkpoint's own K-major layout) on CPU through
+Triton's interpreter, against the float64 reference of tests/test_kernels.py (docs/FORMAT.md
+formulas, not the kernels' code). Odd sizes, outputs poisoned with NaN, fresh inputs per check.
+QUANTKIT_TEST_CUDA=1 runs the compiled kernels on a GPU instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_kernels import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut  # noqa: E402
+
+from quantkit.formats.base import format_from_spec  # noqa: E402
+
+KCFG = {
+    "gemv": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 3},
+    "gemv1": {"path": "gemv", "BN": 32, "BKW": 8, "warps": 4, "split": 1},
+    "mma": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False},
+    "swap": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True},
+    "mma1": {"path": "mma", "BM": 16, "BN": 16, "BKW": 8, "warps": 4, "split": 1, "group_m": 2},
+    "dq": {"path": "dq", "BN": 16, "BKW": 4},
+}
+
+
+def kbuild(spec, p, shape):
+    from quantkit.kernels import lowbit
+
+    fmt = format_from_spec(spec)
+    b = {"int": lowbit.build_int, "lut": lowbit.build_lut}[spec["type"]]
+    return b(fmt, {k: v.to(DEV) for k, v in p.items()}, shape, DEV, impl="k")
+
+
+def krun(kern, path, x):
+    m = x.shape[0]
+    kern.plans.clear()
+    kern.plan(m, x.dtype, KCFG[path])
+    real_empty = torch.empty
+
+    def poisoned(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.element_size() > 1 else t
+    outs = []
+    torch.empty = poisoned
+    try:
+        for _ in range(2 if DEV.type == "cuda" else 1):
+            outs.append(kern(x.to(DEV)).cpu())
+    finally:
+        torch.empty = real_empty
+    return outs
+
+
+@pytest.mark.parametrize("path,m,bits,g,sym,act,k,dtype", [
+    ("gemv", 1, 4, 32, True, False, 200, torch.bfloat16),     # checkpoint view (25 words a row)
+    ("gemv", 3, 4, 64, False, False, 264, torch.float16),     # 4 rows of x (one masked), asym
+    ("gemv1", 2, 4, 128, False, False, 264, torch.bfloat16),  # partial last group, no split
+    ("gemv", 1, 4, None, True, False, 136, torch.bfloat16),   # per channel
+    ("gemv", 1, 3, 64, True, False, 200, torch.bfloat16),     # int3: repacked to nibbles
+    ("gemv", 2, 4, 32, False, True, 200, torch.bfloat16),     # act-order g_idx: sorted, x permuted
+    ("gemv1", 1, 4, 32, True, False, 196, torch.float16),     # 98-byte rows: repacked
+    ("swap", 5, 4, 128, False, False, 264, torch.bfloat16),
+    ("mma", 19, 4, 64, True, False, 200, torch.float16),      # two row tiles
+    ("mma1", 33, 2, 32, False, False, 136, torch.bfloat16),   # int2, grouped order
+    ("dq", 7, 4, 32, True, True, 200, torch.bfloat16),
+])
+def test_k_int(path, m, bits, g, sym, act, k, dtype):
+    n = 40
+    spec, p, gidx = make_int(n, k, bits, g, sym, act_order=act, seed=bits * 7 + m)
+    kern = kbuild(spec, p, (n, k))
+    assert kern is not None and kern.impl == "k"
+    assert kern.owns_codes == (bits != 4 or act or (k // 2) % 4 != 0)
+    x = rand_x(m, k, dtype, m + k)
+    check(krun(kern, path, x), x.double() @ ref_int(p, n, k, bits, gidx, sym).t(), dtype)
+
+
+@pytest.mark.parametrize("path,m,bits,g,fixed,dtype", [
+    ("gemv", 1, 4, None, None, torch.bfloat16),   # any4, per-row table, no scales
+    ("gemv", 3, 4, 64, "nf4", torch.bfloat16),    # fixed table, g64
+    ("gemv1", 1, 3, 32, None, torch.float16),     # any3 (8-entry tables), repacked
+    ("swap", 6, 4, 128, None, torch.float16),     # any4 + group scales, tensor cores
+    ("mma", 21, 4, None, None, torch.bfloat16),
+    ("dq", 5, 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
+])
+def test_k_lut(path, m, bits, g, fixed, dtype):
+    n, k = 24, 200
+    spec, p = make_lut(n, k, bits, g, fixed, seed=bits + m)
+    kern = kbuild(spec, p, (n, k))
+    assert kern is not None and kern.impl == "k"
+    x = rand_x(m, k, dtype, m)
+    check(krun(kern, path, x), x.double() @ ref_lut(p, n, k, bits, g).t(), dtype)
+
+
+def test_k_no_second_copy():
+    """4-bit rows of a multiple of 4 bytes: the kernel reads the checkpoint tensor itself."""
+    spec, p, _ = make_int(16, 256, 4, 128, True)
+    pd = {k: v.to(DEV) for k, v in p.items()}
+    from quantkit.kernels import lowbit
+
+    kern = lowbit.build_int(format_from_spec(spec), pd, (16, 256), DEV, impl="k")
+    assert kern.w.data_ptr() == pd["qweight"].data_ptr() and not kern.owns_codes
+    assert kern.s.data_ptr() == pd["scales"].data_ptr()
+
+
+cuda_only = pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA (run with QUANTKIT_TEST_CUDA=1)")
+
+
+@cuda_only
+def test_k_quantlinear_all_m(monkeypatch):
+    from quantkit.kernels import lowbit
+    from quantkit.nn import QuantLinear
+
+    monkeypatch.setattr(lowbit, "IMPL", "k")
+    n, k = 96, 520
+    spec, p, gidx = make_int(n, k, 4, 64, False, seed=5)
+    layer = QuantLinear(k, n, {"format": spec}, {kk: v.to(DEV) for kk, v in p.items()}).to(DEV)
+    for m in (1, 2, 3, 4, 7, 16, 40, 64, 130, 700):
+        x = rand_x(m, k, torch.bfloat16, m).to(DEV)
+        y = layer(x.view(1, m, k))
+        assert layer._kernel is not None and layer._kernel.impl == "k"
+        check([y.view(m, n).cpu()], x.double().cpu() @ ref_int(p, n, k, 4, gidx, False).t(), torch.bfloat16)
