@@ -42,6 +42,10 @@ KINDS = {
     "int4": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
     "int4a": {"type": "int", "bits": 4, "group_size": 128, "sym": False},
     "any4": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned"},
+    # the same formats through the "k" kernels (kernels/_kmajor.py, checkpoint layout)
+    "int4k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
+    "any4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "k"},
+    "nf4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4", "impl": "k"},
     "nf4": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4"},
     "fp8": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "dynamic"},
     "fp8w": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "none"},
@@ -66,19 +70,29 @@ def make_packed(spec: dict, n: int, k: int, dev) -> dict:
             else:
                 from quantkit.formats.base import format_from_spec
 
-                p["lut"] = format_from_spec(spec).fixed_table().to(dev, torch.float16)
+                p["lut"] = format_from_spec(fmt_spec(spec)).fixed_table().to(dev, torch.float16)
         return p
     w = torch.randn(n, k, device=dev) * 0.02
     s = w.abs().amax(1, keepdim=True) / 448.0
     return {"weight": (w / s).to(torch.float8_e4m3fn), "weight_scale": s.float()}
 
 
+def fmt_spec(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "impl"}
+
+
 def build_kernel(spec: dict, packed: dict, n: int, k: int, dev):
     from quantkit import kernels
     from quantkit.formats.base import format_from_spec
 
-    fmt = format_from_spec(spec)
-    kern = kernels.find_kernel(fmt, packed, (n, k), dev)
+    fmt = format_from_spec(fmt_spec(spec))
+    if spec["type"] in ("int", "lut"):
+        from quantkit.kernels import lowbit
+
+        b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
+        kern = b(fmt, packed, (n, k), dev, impl=spec.get("impl", "v1"))
+    else:
+        kern = kernels.find_kernel(fmt, packed, (n, k), dev)
     if kern is None:
         raise RuntimeError(f"no kernel for {spec} {(n, k)}")
     return fmt, kern
@@ -88,11 +102,15 @@ def clone_kernel(kern):
     """An independent copy (own weight tensors) of a built kernel, for L2 rotation."""
     c = copy.copy(kern)
     c.plans = {}
+    if hasattr(c, "_calls"):
+        c._calls = {}
     for a in ("w", "s", "z", "lut", "gmap", "ws"):
         v = getattr(c, a, None)
         if isinstance(v, torch.Tensor):
             setattr(c, a, v.clone())
-    if hasattr(c, "_ptrs"):
+    if getattr(c, "impl", "") == "k":
+        c._ptrs = tuple(t if t is not None else c.w for t in (c.w, c.s, c.z, c.lut))
+    elif hasattr(c, "_ptrs"):
         c._ptrs = tuple(t if t is not None else c.w for t in (c.w, c.s, c.z, c.lut, c.gmap))
     if hasattr(c, "ws_full"):
         c.ws_full = c.ws.expand(c.N).reshape(1, c.N).contiguous()
@@ -167,6 +185,21 @@ def host_overhead_us(f, n=300) -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
 
 
+def layer_host_us(spec, packed, n, k, x) -> float:
+    """Host µs per call of the whole quantkit.nn.QuantLinear (forward + kernel launch) at M = 1."""
+    from quantkit.kernels import lowbit
+    from quantkit.nn import QuantLinear
+
+    old = lowbit.IMPL
+    lowbit.IMPL = spec.get("impl", "v1")
+    try:
+        layer = QuantLinear(k, n, {"format": fmt_spec(spec)}, packed)
+        layer(x)
+    finally:
+        lowbit.IMPL = old
+    return host_overhead_us(lambda: layer(x))[0]
+
+
 def rel_err(y, ref) -> float:
     y, ref = y.float(), ref.float()
     if not torch.isfinite(y).all():
@@ -202,6 +235,8 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                     out.append({"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": 3, "split": s,
                                 "group_m": 1 if mb <= 64 else 8})
         return _uniq(out)
+    if getattr(kern, "impl", "") == "k":
+        return _uniq(out + k_candidates(kern, mb))
     if mb == 1:
         for bn, w, st in ((64, 4, 3), (128, 8, 3), (32, 2, 4)):
             tiles = -(-n // bn)
@@ -227,6 +262,39 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
         out.append({"path": "post", "BM": 128, "BN": 128, "warps": 8, "stages": 3, "split": 1})
         out.append({"path": "dq"})
     return _uniq(out)
+
+
+def k_candidates(kern, mb: int) -> list[dict]:
+    n, kws = kern.N, kern.KWS
+    out = []
+    if mb <= 4:
+        for bn, bkw, w in ((64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 64, 8), (128, 32, 8), (32, 64, 4)):
+            nch = -(-kws // bkw)
+            tiles = -(-n // bn)
+            s0 = max(1, min(nch, -(-528 // tiles)))
+            for s in {s0, min(nch, 2 * s0)}:
+                out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "stages": 1, "split": s})
+    elif mb <= 64:
+        bm = max(16, mb)
+        for bn, bkw, w, swap in ((64, 16, 4, True), (128, 16, 4, True), (64, 32, 4, True), (64, 16, 4, False),
+                                 (128, 16, 4, False), (128, 32, 8, False)):
+            if swap and bm > 32:
+                continue
+            nch = -(-kws // bkw)
+            tiles = -(-n // bn) * -(-mb // bm)
+            s0 = max(1, min(nch // 2 or 1, -(-264 // tiles)))
+            for s in {s0, 1, min(nch, 2 * s0)}:
+                out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": s,
+                            "swap": swap})
+        if mb >= 16:
+            out.append({"path": "dq"})
+    else:
+        for bm, bn, bkw, w in ((64, 128, 16, 4), (128, 128, 16, 8), (128, 64, 16, 4)):
+            out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": 1,
+                        "group_m": 8})
+        out.append({"path": "dq"})
+        out.append({"path": "dq", "BN": 64, "BKW": 32})
+    return out
 
 
 def _uniq(cfgs):
@@ -275,10 +343,14 @@ PC_N, PC_K = 256, 2048
 def _stub(kind, n, k):
     from types import SimpleNamespace
 
+    from quantkit.kernels._kmajor import KLowbitKernel
     from quantkit.kernels.fp8 import FP8Kernel
     from quantkit.kernels.lowbit import LowbitKernel
 
-    if kind.startswith("fp8"):
+    if KINDS[kind].get("impl") == "k":
+        st = SimpleNamespace(N=n, K=k, KWS=k // 8, impl="k")
+        st.default_config = lambda mb, st=st: KLowbitKernel.default_config(st, mb)
+    elif kind.startswith("fp8"):
         st = SimpleNamespace(N=n, K=k, act=KINDS[kind]["activations"], smm_ok=True)
         st.default_config = lambda mb, dt, st=st: FP8Kernel.default_config(st, mb, dt)
     else:
@@ -356,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--tune", action="store_true", help="time candidate configs first and store the best")
+    ap.add_argument("--tune-kinds", default=None, help="with --tune: tune only these kinds (default: all)")
     ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/tuned_hopper.json)")
     ap.add_argument("--rep", type=float, default=60.0, help="ms of timed repetitions per measurement")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -386,7 +459,8 @@ def main(argv=None) -> int:
             "copy_bw_GBs": bw / 1e9, "rep_ms": args.rep}
     print(json.dumps(info), flush=True)
     if args.precompile:
-        precompile(kinds, shapes, ms if args.tune else sorted({_launch.m_bucket(m) for m in ms}), args.precompile)
+        pk = kinds if not args.tune_kinds else [k for k in kinds if k in args.tune_kinds.split(",")]
+        precompile(pk, shapes, ms if args.tune else sorted({_launch.m_bucket(m) for m in ms}), args.precompile)
     tuned_new: dict = {}
     tune_log: dict = {}
     rows = []
@@ -404,6 +478,8 @@ def main(argv=None) -> int:
             fmt, kern = build_kernel(spec, packed, N, K, dev)
             wd = None if kind.startswith("fp8") and spec["activations"] != "none" else \
                 fmt.unpack(packed, (N, K)).to(dt)
+            if wd is not None and spec.get("impl") == "k":
+                wd = None  # the reference comes from fmt.linear (shares the v1 kind's memory budget)
             kern_sets[kind] = (fmt, packed, kern, wd)
         tg = None if args.no_peers else tinygemm_pack(N, K, dev)
         for M in ms:
@@ -431,7 +507,7 @@ def main(argv=None) -> int:
                 r = {}
                 try:
                     ref = fmt.linear(x, packed, (N, K)) if wd is None else lin(x, wd)
-                    if args.tune:
+                    if args.tune and (args.tune_kinds is None or kind in args.tune_kinds.split(",")):
                         log = []
                         cfg = tune_one(kind, kern, x, ref, log)
                         key = kern.key(_launch.m_bucket(M), dt)
@@ -454,6 +530,8 @@ def main(argv=None) -> int:
                              speedup_graph=row["bf16"]["graph_us"] / g, speedup_eager=row["bf16"]["eager_us"] / e)
                     if M == 1:
                         r["host_us"], r["wall_us"] = host_overhead_us(lambda: kern(x))
+                        if KINDS[kind]["type"] in ("int", "lut"):
+                            r["layer_host_us"] = layer_host_us(KINDS[kind], packed, N, K, x)
                     del copies
                 except Exception as ex:  # noqa: BLE001
                     r["error"] = repr(ex)[:300]
@@ -511,8 +589,12 @@ def _smoke_patches():
 
     def bk(spec, packed, n, k, dev):
         from quantkit.formats.base import format_from_spec
+        from quantkit.kernels import lowbit
 
-        fmt = format_from_spec(spec)
+        fmt = format_from_spec(fmt_spec(spec))
+        if spec["type"] in ("int", "lut"):
+            b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
+            return fmt, b(fmt, packed, (n, k), dev, impl=spec.get("impl", "v1"))
         for t, b in kernels._BUILDERS:
             if t == spec["type"]:
                 return fmt, b(fmt, packed, (n, k), dev)
@@ -585,10 +667,12 @@ def report_md(info, rows, kinds) -> str:
         L.append("#### Eager cost per call at M = 1: host time to issue a call (Python + launch), wall time per "
                  "call of 300 back-to-back calls, and the kernel's graph time")
         L.append("")
-        L.append("| shape | kernel | host µs/call | eager wall µs/call | graph µs/call |")
-        L.append("|---|---|---|---|---|")
+        L.append("| shape | kernel | host µs/call (kernel object) | host µs/call (QuantLinear) | eager wall µs/call | "
+                 "graph µs/call |")
+        L.append("|---|---|---|---|---|---|")
         for s, k, r in ov:
-            L.append(f"| {s} | {k} | {r['host_us']:.1f} | {r['wall_us']:.1f} | {r['graph_us']:.1f} |")
+            L.append(f"| {s} | {k} | {r['host_us']:.1f} | {_f(r, 'layer_host_us', '{:.1f}')} | {r['wall_us']:.1f} | "
+                     f"{r['graph_us']:.1f} |")
         L.append("")
     return "\n".join(L)
 
