@@ -38,7 +38,7 @@ import triton.language as tl
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import Launcher, cdiv, m_bucket, scratch, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, m_bucket, scratch, tuned, workspace
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -353,12 +353,8 @@ class KLowbitKernel:
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
-
-            def run_gemv(x, out, M):
-                lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-            return run_gemv
+            return self._fast(lau, grid, ws, cnt, cps, split)
         bm = int(cfg["BM"])
-        from ._launch import INTERPRET
         lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
                                      SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
                                      INTERP=INTERPRET),
@@ -366,15 +362,37 @@ class KLowbitKernel:
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
         if tiles_m == 1:
-            grid = (tiles_n, split, 1)
-
-            def run_mma1(x, out, M):
-                lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-            return run_mma1
+            return self._fast(lau, (tiles_n, split, 1), ws, cnt, cps, split)
 
         def run_mma(x, out, M):
             lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
         return run_mma
+
+    def _fast(self, lau, grid, ws, cnt, cps, split):
+        """The launch closure of a fixed grid. After the first (compiling) call it calls the compiled
+        kernel's launcher directly with every pointer as a plain int: Triton's launcher then skips
+        the per-pointer ``data_ptr()`` call and driver query (cuPointerGetAttribute) it does for
+        tensors."""
+        N, K, KWS, G = self.N, self.K, self.KWS, self.G
+        wp, sp, zp, lp = self._ptrs
+        fixed = (wp.data_ptr(), sp.data_ptr(), zp.data_ptr(), lp.data_ptr())
+        wsi, cnti = ws.data_ptr(), cnt.data_ptr()
+        gx, gy, gz = grid
+        stream = torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None
+        dev = lau.dev
+        fast = []
+
+        def run(x, out, M):
+            if fast:
+                f, fn, meta, tail = fast
+                f(gx, gy, gz, stream(dev), fn, meta, None, None, None, x.data_ptr(), *fixed, out.data_ptr(), wsi,
+                  cnti, M, N, K, KWS, G, cps, split, *tail)
+                return
+            lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
+            ck = lau.ck
+            if ck is not None:
+                fast.extend((ck.run, ck.function, ck.packed_metadata, lau.tail))
+        return run
 
     def plan(self, M: int, dtype, cfg: dict | None = None):
         mb = m_bucket(M)
