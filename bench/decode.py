@@ -33,6 +33,9 @@ CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=1
 SPECS = {
     "bf16": None,
     "w4a16": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
+    # the same through the "k" kernels (kernels/_kmajor.py) and the any4 LUT format
+    "w4a16-k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
+    "any4-k": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "k"},
     "w8a8-fp8": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "dynamic"},
 }
 
@@ -46,18 +49,26 @@ def make_linear(kind: str, k: int, n: int, dev):
     from quantkit import kernels
     from quantkit.formats.base import format_from_spec
 
-    spec = SPECS[kind]
+    spec = dict(SPECS[kind])
+    impl = spec.pop("impl", None)
     fmt = format_from_spec(spec)
-    if spec["type"] == "int":
+    if spec["type"] in ("int", "lut"):
         ng = k // 128
         packed = {"qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
                   "scales": torch.full((n, ng), std / 4.6, device=dev, dtype=torch.float16)}
+        if spec["type"] == "lut":
+            packed["lut"] = torch.sort(torch.randn(n, 16, device=dev), dim=1).values.to(torch.float16)
     else:
         w = torch.randn(n, k, device=dev) * std
         s = w.abs().amax(1, keepdim=True) / 448.0
         packed = {"weight": (w / s).to(torch.float8_e4m3fn), "weight_scale": s.float()}
         del w
-    kern = kernels.find_kernel(fmt, packed, (n, k), dev)
+    if impl is not None:
+        from quantkit.kernels import lowbit
+
+        kern = (lowbit.build_int if spec["type"] == "int" else lowbit.build_lut)(fmt, packed, (n, k), dev, impl=impl)
+    else:
+        kern = kernels.find_kernel(fmt, packed, (n, k), dev)
     nbytes = sum(t.numel() * t.element_size() for a in ("w", "s", "z", "lut", "ws")
                  if isinstance(t := getattr(kern, a, None), torch.Tensor))
     if spec["type"] == "fp8":

@@ -274,6 +274,12 @@ def k_candidates(kern, mb: int) -> list[dict]:
             s0 = max(1, min(nch, -(-528 // tiles)))
             for s in {s0, min(nch, 2 * s0)}:
                 out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "stages": 1, "split": s})
+        nch = -(-kws // 32)
+        s0 = max(1, min(nch, -(-528 // -(-n // 64))))
+        out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "stages": 3, "split": max(1, s0 // 2)})
+        if kern.mode == 1:
+            out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "stages": 1, "split": s0, "lutg": True})
+            out.append({"path": "gemv", "BN": 32, "BKW": 32, "warps": 4, "stages": 1, "split": s0, "lutg": True})
     elif mb <= 64:
         bm = max(16, mb)
         for bn, bkw, w, swap in ((64, 16, 4, True), (128, 16, 4, True), (64, 32, 4, True), (64, 16, 4, False),
@@ -286,6 +292,8 @@ def k_candidates(kern, mb: int) -> list[dict]:
             for s in {s0, 1, min(nch, 2 * s0)}:
                 out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": s,
                             "swap": swap})
+        if kern.mode == 1:
+            out.append(dict(out[-1], lutg=True))
         if mb >= 16:
             out.append({"path": "dq"})
     else:

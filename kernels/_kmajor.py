@@ -55,7 +55,8 @@ def _dot(a, b, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _nib(w, wh, zs, s, lrow, lut_ptr, I: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _nib(w, wh, zs, s, lrow, lut_ptr, lt, I: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+         LUTG: tl.constexpr):
     """Nibble I of every word, dequantized to fp32 (scale applied)."""
     if MODE == 0:
         if I < 5:
@@ -68,7 +69,10 @@ def _nib(w, wh, zs, s, lrow, lut_ptr, I: tl.constexpr, MODE: tl.constexpr, HAS_S
         v = f * PSC - (zs + PSC)  # q - z, exact
     else:
         q = (w >> (4 * I)) & 15
-        v = tl.load(lut_ptr + (lrow + q)).to(tl.float32)
+        if LUTG:  # the [BN, LS] table tile in registers, tl.gather
+            v = tl.gather(lt, q, 1)
+        else:  # a load from the row's 32-byte table (L1)
+            v = tl.load(lut_ptr + (lrow + q)).to(tl.float32)
     if HAS_SCALE:
         v = v * s
     return v
@@ -77,15 +81,20 @@ def _nib(w, wh, zs, s, lrow, lut_ptr, I: tl.constexpr, MODE: tl.constexpr, HAS_S
 @triton.jit
 def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
           MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
-          GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr):
+          GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr, LUTG: tl.constexpr):
     """Words w [BN, BKW] of rows rn (clamped to valid rows), chunk c -> fp32 [BN, 8*BKW], column order."""
     s = 1.0
     zs = ZC
     lrow = 0
+    lt = 0.0
     if HAS_SCALE or HAS_ZERO:
-        kw = c * BKW + tl.arange(0, BKW)
-        g = tl.minimum((kw * 8) // GS, G - 1)
-        sidx = rn[:, None] * G + g[None, :]
+        if GS % (8 * BKW) == 0:  # the chunk lies in one group: one scale per row
+            g1 = tl.minimum((c * (8 * BKW)) // GS, G - 1)
+            sidx = rn[:, None] * G + g1
+        else:
+            kw = c * BKW + tl.arange(0, BKW)
+            g = tl.minimum((kw * 8) // GS, G - 1)
+            sidx = rn[:, None] * G + g[None, :]
         if HAS_SCALE:
             s = tl.load(s_ptr + sidx).to(tl.float32)
         if HAS_ZERO:
@@ -93,15 +102,17 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     if MODE == 1:
         if LUT_ROW:
             lrow = rn[:, None] * LS
+        if LUTG:
+            lt = tl.load(lut_ptr + (lrow + tl.arange(0, LS)[None, :] + rn[:, None] * 0)).to(tl.float32)
     wh = w >> 12
-    d0 = _nib(w, wh, zs, s, lrow, lut_ptr, 0, MODE, HAS_SCALE)
-    d1 = _nib(w, wh, zs, s, lrow, lut_ptr, 1, MODE, HAS_SCALE)
-    d2 = _nib(w, wh, zs, s, lrow, lut_ptr, 2, MODE, HAS_SCALE)
-    d3 = _nib(w, wh, zs, s, lrow, lut_ptr, 3, MODE, HAS_SCALE)
-    d4 = _nib(w, wh, zs, s, lrow, lut_ptr, 4, MODE, HAS_SCALE)
-    d5 = _nib(w, wh, zs, s, lrow, lut_ptr, 5, MODE, HAS_SCALE)
-    d6 = _nib(w, wh, zs, s, lrow, lut_ptr, 6, MODE, HAS_SCALE)
-    d7 = _nib(w, wh, zs, s, lrow, lut_ptr, 7, MODE, HAS_SCALE)
+    d0 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 0, MODE, HAS_SCALE, LUTG)
+    d1 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 1, MODE, HAS_SCALE, LUTG)
+    d2 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 2, MODE, HAS_SCALE, LUTG)
+    d3 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 3, MODE, HAS_SCALE, LUTG)
+    d4 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 4, MODE, HAS_SCALE, LUTG)
+    d5 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 5, MODE, HAS_SCALE, LUTG)
+    d6 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 6, MODE, HAS_SCALE, LUTG)
+    d7 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 7, MODE, HAS_SCALE, LUTG)
     a = tl.interleave(tl.interleave(d0, d4), tl.interleave(d2, d6))
     b = tl.interleave(tl.interleave(d1, d5), tl.interleave(d3, d7))
     return tl.interleave(a, b)
@@ -144,7 +155,8 @@ def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, KWS, G, CPS, SPLIT,
              MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
              GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
+             LUTG: tl.constexpr):
     """y[m, n] = sum_k x[m, k] W[n, k] for M <= BM <= 4 rows; program = BN rows x CPS chunks of K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -166,7 +178,7 @@ def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             w = tl.load(wrow + wc[None, :])
         else:
             w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
-        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW)
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
         k = c * (8 * BKW) + kk
         a0 += tl.sum(d * _xrow(x_ptr, 0, M, K, k, EVEN)[None, :], axis=1)
         if BM > 1:
@@ -191,7 +203,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-            SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+            SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, LUTG: tl.constexpr):
     """Tensor cores: the dequantized [BN, 8*BKW] tile (x dtype) meets x [BM, 8*BKW] in tl.dot."""
     XDT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -233,7 +245,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
             xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW,
-                  BKW).to(XDT)
+                  BKW, LUTG).to(XDT)
         if SWAP:
             acc = _dot(d, tl.trans(xt), acc, INTERP)
         else:
@@ -247,7 +259,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
 def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
                 MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-                BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr):
+                BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
     """Write the dequantized weight [N, K] (row-major, out dtype): one [BN, 8*BKW] tile."""
     c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -260,7 +272,7 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
         w = tl.load(wrow + wc[None, :])
     else:
         w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
-    d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW)
+    d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
     optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
     tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
@@ -327,7 +339,7 @@ class KLowbitKernel:
         if path == "dq":
             bn, bkw = int(cfg.get("BN", 32)), int(cfg.get("BKW", 16))
             even = KWS % bkw == 0 and K == KWS * 8
-            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even), num_warps=4, num_stages=1,
+            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even, LUTG=False), num_warps=4, num_stages=1,
                            device=self.device)
             grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
             nbytes = N * K * 2
@@ -346,10 +358,11 @@ class KLowbitKernel:
         split = cdiv(nch, cps)
         splitk = split > 1
         even = KWS % bkw == 0 and K == KWS * 8
+        lutg = bool(cfg.get("lutg", False)) and self.mode == 1
         tiles_n = cdiv(N, bn)
         if path == "gemv":
             bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
-            lau = Launcher(_kq_gemv, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even),
+            lau = Launcher(_kq_gemv, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, LUTG=lutg),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
@@ -357,7 +370,7 @@ class KLowbitKernel:
         bm = int(cfg["BM"])
         lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
                                      SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
-                                     INTERP=INTERPRET),
+                                     INTERP=INTERPRET, LUTG=lutg),
                        num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)

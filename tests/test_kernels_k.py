@@ -23,6 +23,8 @@ from quantkit.formats.base import format_from_spec  # noqa: E402
 KCFG = {
     "gemv": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 3},
     "gemv1": {"path": "gemv", "BN": 32, "BKW": 8, "warps": 4, "split": 1},
+    "gemvg": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "lutg": True},
+    "swapg": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "lutg": True},
     "mma": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False},
     "swap": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True},
     "mma1": {"path": "mma", "BM": 16, "BN": 16, "BKW": 8, "warps": 4, "split": 1, "group_m": 2},
@@ -87,6 +89,9 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("swap", 6, 4, 128, None, torch.float16),     # any4 + group scales, tensor cores
     ("mma", 21, 4, None, None, torch.bfloat16),
     ("dq", 5, 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
+    ("gemvg", 2, 4, 128, None, torch.bfloat16),   # table lookups through tl.gather
+    ("gemvg", 1, 4, 64, "nf4", torch.float16),
+    ("swapg", 7, 4, 32, None, torch.bfloat16),
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200
