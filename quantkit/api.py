@@ -79,8 +79,15 @@ class QuantizedModel:
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str, *, overwrite: bool = False, layout: str = "native") -> str:
-        """Write the checkpoint atomically; an existing folder is replaced only with overwrite."""
+        """Write the checkpoint atomically; an existing folder is replaced only with overwrite.
+
+        Under torch.distributed only rank 0 writes (every rank holds the same quantized model)."""
         lay = _get("layout", layout)
+        from .distributed import current
+
+        d = current()
+        if d is not None and not d.is_main:
+            return os.path.abspath(path)
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
             lay.save(self.model, tmp, self.meta)
             if self.source_dir:
@@ -143,6 +150,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
 
     The model is quantized in place block by block; only the current block is moved to ``device``.
     With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume).
+    Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
+    by all ranks (quantkit.distributed); every rank returns the same model.
     """
     if resume_dir is not None:
         from .resume import quantize_resumable
@@ -155,12 +164,15 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
             if v is not None}
     if over:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    from .distributed import setup
+
+    dist, device = setup(device)
     lm = _as_loaded(model_or_name, tokenizer)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
     device = device or default_device()
     t0 = time.time()
     report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
-                            progress=progress, **pipeline_kwargs)
+                            progress=progress, dist=dist, **pipeline_kwargs)
     if report.calibration_tokens == 0:
         calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
@@ -174,6 +186,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         "seconds": round(time.time() - t0, 2),
         "torch": torch.__version__,
     }
+    if dist is not None:
+        meta["distributed"] = {"world_size": dist.world, "backend": dist.backend}
     qm = QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
                         meta, report)
     if recipe.kv_cache is not None:  # KV-cache bits, measured on the quantized model, saved in the config

@@ -39,6 +39,7 @@ class PipelineReport:
     seconds: float = 0.0
     calibration_tokens: int = 0
     device: str = "cpu"
+    world_size: int = 1  # ranks that shared the calibration (quantkit.distributed)
 
 
 def _tree_to(obj: Any, device) -> Any:
@@ -113,7 +114,9 @@ def _move_direct(model: nn.Module, skip_ids: set[int], device) -> None:
 class _StatsCollector:
     """Forward hooks that accumulate input statistics; linears fed the same tensor share them."""
 
-    def __init__(self, linears: dict[str, nn.Module], need_hessian: set[str]):
+    def __init__(self, linears: dict[str, nn.Module], need_hessian: set[str],
+                 accumulate: torch.dtype = torch.float32):
+        self.acc = accumulate  # float64: per-batch float32 partials add exactly, in any order
         self.stats: dict[str, LayerStats] = {}
         self.alias: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []  # strong refs: no address reuse in a batch
@@ -143,30 +146,53 @@ class _StatsCollector:
         s = self.stats.get(name)
         if s is None:
             n = x.shape[1]
-            h = torch.zeros(n, n, device=x.device) if name in self._need_h else None
-            s = LayerStats(0, h, None if h is not None else torch.zeros(n, device=x.device),
+            h = torch.zeros(n, n, device=x.device, dtype=self.acc) if name in self._need_h else None
+            s = LayerStats(0, h, None if h is not None else torch.zeros(n, device=x.device, dtype=self.acc),
                            torch.zeros(n, device=x.device))
             self.stats[name] = s
         s.nsamples += x.shape[0]
         if s.hessian is not None:
-            if x.is_cuda and low_precision:
-                # bf16/fp16 values are exact in TF32 (≤ 10 mantissa bits): tensor cores, fp32 sums
-                prev = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
-                    s.hessian.addmm_(x.t(), x)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = prev
-            else:
-                s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
+            # bf16/fp16 values are exact in TF32 (≤ 10 mantissa bits): tensor cores, fp32 sums
+            tf32 = x.is_cuda and low_precision
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32 or prev
+            try:
+                if s.hessian.dtype == torch.float32:
+                    s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
+                else:
+                    s.hessian += x.t() @ x  # this batch's float32 sum, added exactly in float64
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
         else:
             s.act_sqsum += x.pow(2).sum(0)
         torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)  # NaN propagates to here
 
+    def reduce(self, d, what: str) -> None:
+        """Sum (max) every statistic across the ranks of ``d`` (quantkit.distributed.Dist)."""
+        names = sorted(self.stats)
+        views = d.agree(None, what, (names, sorted(self.alias.items())))
+        if any(v != views[0] for v in views):
+            raise QuantkitError(f"{what}: the ranks saw different layer inputs ({views[0][0][:3]}... on rank 0 vs "
+                                f"others); the block's forward is not the same on every rank")
+        sums = [self.stats[n].hessian if self.stats[n].hessian is not None else self.stats[n].act_sqsum
+                for n in names]
+        d.all_reduce(sums, "sum", what)
+        d.all_reduce([self.stats[n].act_absmax for n in names], "max", what)
+        counts = torch.tensor([self.stats[n].nsamples for n in names], dtype=torch.int64)
+        d.all_reduce([counts], "sum", what)
+        for n, c in zip(names, counts.tolist()):
+            self.stats[n].nsamples = int(c)
+
     def finish(self) -> None:
         for name, s in self.stats.items():
+            if s.hessian is not None and s.hessian.dtype != torch.float32:
+                s.hessian = s.hessian.float()
+            if s.act_sqsum is not None and s.act_sqsum.dtype != torch.float32:
+                s.act_sqsum = s.act_sqsum.float()
             if s.hessian is not None:
                 s.act_sqsum = torch.diagonal(s.hessian).clone()
+            if name in self.alias.values():
+                s.cache = {}  # several layers read these statistics: let them share derived results
             if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not torch.isfinite(s.hessian).all()):
                 raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
                                      f"weights and the calibration data")
@@ -225,29 +251,57 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
     return report
 
 
+def _solve_local(bi: int, linears: dict[str, nn.Module], schemes: dict[str, Scheme], collector: _StatsCollector
+                 ) -> dict[str, tuple[QuantLinear, dict[str, Any]]]:
+    return {n: quantize_linear(n, linears[n], s, collector.get(n), seed=bi) for n, s in schemes.items()}
+
+
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, *,
                    device: str | torch.device = "cpu", batch_size: int = 8, offload_activations: bool = False,
                    progress: bool = True, start_block: int = 0,
                    on_block_done: Callable[[int, nn.Module, PipelineReport, tuple], None] | None = None,
-                   state: tuple[list, list] | None = None) -> PipelineReport:
-    """Quantize ``model`` in place with ``recipe``, calibrated on token ids ``calibration`` [N, L]."""
+                   state: tuple[list, list] | None = None, dist=None) -> PipelineReport:
+    """Quantize ``model`` in place with ``recipe``, calibrated on token ids ``calibration`` [N, L].
+
+    With ``dist`` (a :class:`quantkit.distributed.Dist`) this rank runs calibration batches
+    ``dist.shard(n_batches)`` only, statistics are summed across ranks and the solves are split
+    (see quantkit.distributed); ``state``'s inputs are then this rank's batches, in shard order.
+    """
     t0 = time.time()
     device = torch.device(device)
     store = torch.device("cpu") if offload_activations else device
-    report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()))
+    report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()),
+                            world_size=dist.world if dist is not None else 1)
     blocks_name, blocks = find_blocks(model)
     if not recipe.block_plugins and not any(
             s.needs_calibration for n, m in find_linears(model).items() if (s := recipe.scheme_for(n)) is not None):
         return quantize_data_free(model, recipe, report, device, progress, t0)
+    if dist is not None and recipe.block_plugins and dist.world > 1:
+        raise QuantkitError(f"{recipe.source}: block_plugins ({', '.join(str(p.get('type', p)) for p in recipe.block_plugins)}) "
+                            f"train on all calibration batches in sequence and do not run on several ranks yet; "
+                            f"run this recipe in one process (without torchrun)")
     plugins = [block_plugin_from_spec(p, f"{recipe.source}: block_plugins[{i}]")
                for i, p in enumerate(recipe.block_plugins)]
+    acc = {"float32": torch.float32, "float64": torch.float64}[recipe.calibration.accumulate]
     batches = list(calibration.split(batch_size))
+    if dist is not None:
+        if len(batches) < dist.world:
+            raise QuantkitError(f"{len(batches)} calibration batches for {dist.world} ranks: every rank needs at "
+                                f"least one; use more samples or a smaller calibration.batch_size")
+        batches = [batches[j] for j in dist.shard(len(batches))]
+        progress = progress and dist.is_main
     if state is None:
         inputs, kwargs_list = capture_block_inputs(model, blocks, batches, device, store)
     else:
         inputs, kwargs_list = state
+    def clock() -> float:  # phase times per block, in the report (the device's queue drained first)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     bar = tqdm(range(start_block, len(blocks)), desc="quantize", unit="block", disable=not progress)
     for bi in bar:
+        t_block = clock()
         block = blocks[bi]
         block.to(device)
         prefix = f"{blocks_name}.{bi}."
@@ -258,25 +312,40 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             if not torch.isfinite(linear_weight(linears[n])).all():
                 raise NumericalError(f"{n}: the weight holds NaN/inf; the model is broken")
         need_h = {n for n, s in schemes.items() if s.needs_hessian}
-        collector = _StatsCollector({n: linears[n] for n in schemes}, need_h)
+        collector = _StatsCollector({n: linears[n] for n in schemes}, need_h, acc)
         float_outs = []
+        err: BaseException | None = None
         try:
             with torch.no_grad():
                 for h, kw in zip(inputs, kwargs_list):
                     collector.new_batch()
                     out = run_block(block, h.to(device), kw)
                     float_outs.append(out.to(store))
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            err = e
         finally:
             collector.remove()
+        if dist is not None:
+            dist.agree(err, f"block {bi} calibration forward")
+            collector.reduce(dist, f"block {bi} statistics")
+        elif err is not None:
+            raise err
         collector.finish()
+        t_solve = clock()
+        if dist is not None:
+            from .distributed import solve_block
+
+            solved = solve_block(dist, bi, linears, schemes, collector, device)
+        else:
+            solved = _solve_local(bi, linears, schemes, collector)
         errs = []
-        for n, s in schemes.items():
-            ql, info = quantize_linear(n, linears[n], s, collector.get(n), seed=bi)
+        for n, (ql, info) in solved.items():
             set_module(model, n, ql.to(device))
             report.layers[n] = info
             errs.append(info.get("rel_err", 0.0))
-        del collector
-        binfo: dict[str, float] = {"block": bi}
+        del collector, solved
+        binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": clock() - t_solve}
+        t_prop = clock()
         for p in plugins:
             binfo.update(p.after_block(block, inputs, kwargs_list, float_outs, run_block) or {})
         with torch.no_grad():
@@ -288,9 +357,14 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
                 den += float(ref.float().pow(2).sum())
                 inputs[j] = out.to(store)
         del float_outs
+        if dist is not None:
+            nd = torch.tensor([num, den], dtype=torch.float64)
+            dist.all_reduce([nd], "sum", f"block {bi} output error")
+            num, den = nd.tolist()
         for m in block.modules():
             if isinstance(m, QuantLinear):
                 m.dense_weight = None
+        binfo["propagate_s"] = clock() - t_prop
         binfo["block_rel_err"] = num / max(den, 1e-30)
         binfo["mean_layer_rel_err"] = sum(errs) / max(len(errs), 1)
         report.blocks.append(binfo)

@@ -27,7 +27,7 @@ import importlib.resources
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,6 +44,9 @@ class CalibrationConfig(BaseModel):
     seed: int = 0
     corpus: str = "enwiki"
     batch_size: int = Field(8, ge=1)
+    # dtype of the XᵀX / Σx² sums: float64 adds each batch's float32 partial sum exactly, so the
+    # statistics do not depend on how batches are split across ranks (bit-equal distributed runs)
+    accumulate: Literal["float32", "float64"] = "float32"
 
 
 class Rule(BaseModel):

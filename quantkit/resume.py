@@ -5,7 +5,9 @@ every block, commits to ``work_dir``:
 
 * ``block-<k>.safetensors``: block k's whole state after quantization (its quantized layers' packed
   tensors and biases, and whatever else a block plugin changed, e.g. norm weights);
-* ``acts-<k+1>.safetensors``: the hidden states entering block k+1 (the quantized block k's outputs);
+* ``acts-<k+1>.safetensors``: the hidden states entering block k+1 (the quantized block k's outputs),
+  keyed by global calibration batch; under torch.distributed each rank writes its own batches to
+  ``acts-<k+1>-rank<r>of<n>.safetensors`` (a resume may use another number of ranks);
 * ``state.json``: the fingerprint of the run, the next block, the specs of the quantized layers and
   the pipeline report so far. It is replaced last, with an atomic rename: it is the commit record, so
   a run killed at any moment leaves a consistent state (at worst the block in flight is redone).
@@ -17,10 +19,13 @@ the saved hidden states and continues at block k+1. The result is bit-identical 
 run (the test kills a real process). A changed input starts afresh and says which one changed.
 
 Data-free recipes (RTN into plain INT, no block plugins) have no blocks to resume; they just run.
+Under torch.distributed rank 0 holds the lock, decides whether to resume and writes the block files
+and state.json; state.json is committed only after every rank has written its activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -257,6 +262,9 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
             if v is not None}
     if over:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    from .distributed import setup
+
+    dist, device = setup(device)
     lm = api._as_loaded(model_or_name, tokenizer)
     ids, calib_info = api._calibration_ids(lm, recipe, calibration)
     device = torch.device(device or api.default_device())
@@ -272,12 +280,13 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
     if data_free:
         info["restart_reason"] = "data-free recipe: no blocks to resume, ran directly"
         report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
-                                offload_activations=offload_activations)
+                                offload_activations=offload_activations, dist=dist)
     else:
         os.makedirs(work_dir, exist_ok=True)
-        with _Lock(work_dir):
+        # one run per work dir: rank 0 holds the lock for the whole group
+        with (_Lock(work_dir) if dist is None or dist.is_main else contextlib.nullcontext()):
             report = _run(model, recipe, ids, device, store, bs, work_dir, progress, offload_activations,
-                          on_block_done, log, info)
+                          on_block_done, log, info, dist)
     if report.calibration_tokens == 0:  # as quantkit.quantize records a data-free run
         calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
@@ -292,43 +301,84 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
         "torch": torch.__version__,
         "resume": info,
     }
+    if dist is not None:
+        meta["distributed"] = {"world_size": dist.world, "backend": dist.backend}
     return api.QuantizedModel(model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
                               meta, report)
 
 
-def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, user_cb, log, info) -> PipelineReport:
+def _act_file(bi: int, dist) -> str:
+    if dist is None:
+        return f"acts-{bi:05d}.safetensors"
+    return f"acts-{bi:05d}-rank{dist.rank}of{dist.world}.safetensors"
+
+
+def _load_acts(work_dir: str, files: list[str], want: list[int], store) -> list[torch.Tensor]:
+    """The saved hidden states of global batches ``want`` (files may come from any number of ranks)."""
+    from safetensors import safe_open
+
+    found: dict[int, torch.Tensor] = {}
+    need = {f"h.{j}" for j in want}
+    for fn in files:
+        path = os.path.join(work_dir, fn)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    if k in need:
+                        found[int(k[2:])] = f.get_tensor(k)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: unreadable resume file ({e})") from None
+    missing = [j for j in want if j not in found]
+    if missing:
+        raise CheckpointError(f"{work_dir}: the saved activations lack batches {missing[:5]}; remove the work dir "
+                              f"to start afresh")
+    return [found[j].to(store) for j in want]
+
+
+def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, user_cb, log, info,
+         dist=None) -> PipelineReport:
     fp = run_fingerprint(model, recipe, ids, device)
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks)
-    state = read_state(work_dir)
-    start, prev, specs, act_file, block_files = 0, PipelineReport(), {}, None, []
-    if state is not None and state.get("fingerprint", {}).get("run") == fp["run"] \
-            and state.get("n_blocks") == n_blocks:
-        start = int(state["next_block"])
-        specs = dict(state["specs"])
-        prev = _report_from(state["report"])
-        act_file = state["acts"]
-        block_files = list(state["blocks"])
+    all_batches = list(ids.split(bs))
+    mine = dist.shard(len(all_batches)) if dist is not None else list(range(len(all_batches)))
+    main = dist is None or dist.is_main
+    # rank 0 reads the state and decides; the other ranks follow its decision
+    decision: dict[str, Any] = {"resume": False}
+    if main:
+        state = read_state(work_dir)
+        if state is not None and state.get("fingerprint", {}).get("run") == fp["run"] \
+                and state.get("n_blocks") == n_blocks:
+            acts = state["acts"]
+            decision = {"resume": True, "start": int(state["next_block"]), "specs": dict(state["specs"]),
+                        "report": state["report"], "acts": [acts] if isinstance(acts, str) else list(acts),
+                        "blocks": list(state["blocks"])}
+        else:
+            if state is not None:
+                reason = _why_different(state.get("fingerprint", {}), fp)
+                decision["reason"] = reason
+                log(f"{work_dir} holds another run: {reason}; starting afresh")
+            elif os.path.exists(os.path.join(work_dir, STATE_FILE)):
+                decision["reason"] = "the saved state is unreadable"
+                log(f"{work_dir}/{STATE_FILE} is unreadable; starting afresh")
+            clear_state(work_dir)
+    if dist is not None:
+        decision = dist.agree(None, "reading the resume state", decision)[0]
+    start, prev, specs, act_files, block_files = 0, PipelineReport(), {}, [], []
+    if decision["resume"]:
+        start, specs, act_files, block_files = (decision["start"], decision["specs"], decision["acts"],
+                                                decision["blocks"])
+        prev = _report_from(decision["report"])
         for bi, fn in enumerate(block_files):
             _restore_block(model, os.path.join(work_dir, fn), specs, f"{blocks_name}.{bi}.")
-        saved = _load_tensors(os.path.join(work_dir, act_file))
-        n_batches = len(list(ids.split(bs)))
-        if len(saved) != n_batches:
-            raise CheckpointError(f"{work_dir}/{act_file}: {len(saved)} activation batches, expected {n_batches}")
-        inputs = [saved[f"h.{j}"].to(store) for j in range(n_batches)]
-        _, kwargs_list = capture_block_inputs(model, blocks, list(ids.split(bs)), device, store)
+        inputs = _load_acts(work_dir, act_files, mine, store)
+        _, kwargs_list = capture_block_inputs(model, blocks, [all_batches[j] for j in mine], device, store)
         info["resumed_from_block"] = start
-        log(f"resuming from block {start} of {n_blocks} (work dir {work_dir})")
+        if main:
+            log(f"resuming from block {start} of {n_blocks} (work dir {work_dir})")
         pipeline_state = (inputs, kwargs_list)
     else:
-        if state is not None:
-            reason = _why_different(state.get("fingerprint", {}), fp)
-            info["restart_reason"] = reason
-            log(f"{work_dir} holds another run: {reason}; starting afresh")
-        elif os.path.exists(os.path.join(work_dir, STATE_FILE)):
-            info["restart_reason"] = "the saved state is unreadable"
-            log(f"{work_dir}/{STATE_FILE} is unreadable; starting afresh")
-        clear_state(work_dir)
+        info["restart_reason"] = decision.get("reason")
         pipeline_state = None
 
     def commit(bi: int, mdl: nn.Module, report: PipelineReport, st: tuple) -> None:
@@ -339,29 +389,40 @@ def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, use
             if isinstance(m, QuantLinear):
                 specs[prefix + n] = {**m.spec, "shape": list(m.shape)}
         bfile = f"block-{bi:05d}.safetensors"
-        _save_tensors(os.path.join(work_dir, bfile), {prefix + k: v for k, v in block.state_dict().items()})
-        afile = f"acts-{bi + 1:05d}.safetensors"
-        _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in enumerate(inputs)})
+        err = None
+        try:
+            if main:
+                _save_tensors(os.path.join(work_dir, bfile), {prefix + k: v for k, v in block.state_dict().items()})
+            afile = _act_file(bi + 1, dist)
+            _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in zip(mine, inputs)})
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks first
+            err = e
+        afiles = dist.agree(err, f"saving block {bi}'s resume files", afile) if dist is not None else [afile]
+        if err is not None:
+            raise err
         if _before_commit is not None:
             _before_commit(bi)
-        nonlocal act_file
+        nonlocal act_files
         merged = _merge(prev, report)
-        new_state = {"version": STATE_VERSION, "fingerprint": fp, "n_blocks": n_blocks, "next_block": bi + 1,
-                     "blocks": block_files + [bfile], "acts": afile, "specs": specs, "report": asdict(merged)}
-        _fsync_write(os.path.join(work_dir, STATE_FILE), json.dumps(new_state, default=str).encode())
+        if main:
+            new_state = {"version": STATE_VERSION, "fingerprint": fp, "n_blocks": n_blocks, "next_block": bi + 1,
+                         "blocks": block_files + [bfile], "acts": afiles, "specs": specs,
+                         "report": asdict(merged)}
+            _fsync_write(os.path.join(work_dir, STATE_FILE), json.dumps(new_state, default=str).encode())
+            for old in act_files:
+                if old not in afiles:
+                    try:
+                        os.remove(os.path.join(work_dir, old))
+                    except OSError:
+                        pass
         block_files.append(bfile)
-        old, act_file = act_file, afile
-        if old and old != afile:
-            try:
-                os.remove(os.path.join(work_dir, old))
-            except OSError:
-                pass
+        act_files = afiles
         if user_cb is not None:
             user_cb(bi, mdl, merged, st)
 
     report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
                             offload_activations=offload, start_block=start, state=pipeline_state,
-                            on_block_done=commit)
+                            on_block_done=commit, dist=dist)
     return _merge(prev, report)
 
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import RecipeError, pydantic_message
+from ..errors import QuantkitError, RecipeError, pydantic_message
 from ..registry import get as _get
 
 Params = dict[str, torch.Tensor]
@@ -98,6 +98,32 @@ class WeightFormat(ABC):
 
     def bits_per_weight(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> float:
         return packed_bits_per_weight(packed, shape)
+
+    # ---- row ranges (distributed solves) --------------------------------------------------
+    def row_tensors(self) -> frozenset[str] | None:
+        """Names of the packed tensors indexed by output row along dim 0 (the others are per layer
+        and equal for every row range); None if a weight cannot be packed in row ranges."""
+        return None
+
+    def concat_rows(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Join the packed tensors of consecutive row ranges of one weight into the whole weight's."""
+        rows = self.row_tensors()
+        if rows is None:
+            raise QuantkitError(f"format {self.describe()} cannot be packed in row ranges")
+        keys = set(parts[0])
+        if any(set(p) != keys for p in parts):
+            raise QuantkitError(f"format {self.describe()}: row ranges packed different tensors "
+                                f"({[sorted(p) for p in parts]})")
+        out = {}
+        for k in sorted(keys):
+            if k in rows:
+                out[k] = torch.cat([p[k] for p in parts], 0)
+            else:
+                if any(not torch.equal(p[k], parts[0][k]) for p in parts[1:]):
+                    raise QuantkitError(f"format {self.describe()}: per-layer tensor {k!r} differs between row "
+                                        f"ranges; this quantizer's rows are not independent")
+                out[k] = parts[0][k]
+        return out
 
 
 def packed_bits_per_weight(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> float:

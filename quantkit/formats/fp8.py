@@ -88,6 +88,11 @@ class FP8Format(WeightFormat):
     Config = FP8Config
     cfg: FP8Config
 
+    def row_tensors(self) -> frozenset[str] | None:
+        if self.cfg.weight_scale == "tensor":  # one scale from every row: no row ranges
+            return None
+        return frozenset({"weight", "weight_scale"})  # input_scale is per layer
+
     def describe(self) -> str:
         a = {"none": "a16", "dynamic": "a8-dyn", "static": "a8-static"}[self.cfg.activations]
         return f"fp8-{self.cfg.dtype}-{self.cfg.weight_scale}-w8{a}"

@@ -73,6 +73,9 @@ class IntFormat(WeightFormat):
     def maxq(self) -> int:
         return (1 << self.cfg.bits) - 1
 
+    def row_tensors(self) -> frozenset[str]:
+        return frozenset({"qweight", "scales", "zeros"})  # g_idx / input_scale are per layer
+
     def describe(self) -> str:
         g = self.group_size
         return f"int{self.cfg.bits}{'' if self.cfg.sym else '-asym'}{f'-g{g}' if g else '-ch'}"

@@ -306,6 +306,9 @@ class LutFormat(WeightFormat):
     def lut_rows_fixed(self) -> bool:
         return not self.learned
 
+    def row_tensors(self) -> frozenset[str]:
+        return frozenset({"qweight", "scales"} | (set() if self.lut_rows_fixed else {"lut"}))
+
     def describe(self) -> str:
         name = f"any{self.cfg.bits}" if self.learned else self.cfg.table
         g = self.cfg.group_size

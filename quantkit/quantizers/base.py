@@ -22,6 +22,9 @@ class LayerStats:
     hessian: torch.Tensor | None = None  # sum over tokens of x x^T, [in, in] (None if not gathered)
     act_sqsum: torch.Tensor | None = None  # sum over tokens of x^2, [in]
     act_absmax: torch.Tensor | None = None  # max over tokens of |x|, [in]
+    # quantities derived from these statistics that several layers fed the same input can share
+    # (e.g. GPTQ's Hessian factor for q/k/v); None: not shared, nothing is kept
+    cache: dict | None = None
 
     @property
     def col_weight(self) -> torch.Tensor | None:
@@ -48,6 +51,9 @@ class Quantizer(ABC):
     Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
     needs_hessian: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = True  # False: data-free (e.g. RTN)
+    # True if each output row is rounded from that row's weights and the shared statistics alone,
+    # so a large layer's rows can be solved in ranges on different ranks (quantkit.distributed)
+    rows_independent: ClassVar[bool] = False
     registry_name: ClassVar[str]
 
     def __init__(self, cfg: QuantizerConfig):
@@ -93,6 +99,12 @@ def quantize_columns(w: torch.Tensor, fmt: WeightFormat, stats: LayerStats
 
 def output_error(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> dict[str, float]:
     """Relative layer-output error ||(W-Q)X||² / ||WX||² from the Hessian (or the diagonal)."""
+    num, den = output_error_terms(w, q, stats)
+    return {"rel_err": num / max(den, 1e-30)}
+
+
+def output_error_terms(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> tuple[float, float]:
+    """(||(W-Q)X||², ||WX||²): both are sums over rows, so row ranges add up."""
     d = (w - q).float()
     if stats.hessian is not None:
         h = stats.hessian
@@ -104,4 +116,4 @@ def output_error(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> dict[st
         den = torch.sum(w.float().pow(2) * cw)
     else:
         num, den = d.pow(2).sum(), w.float().pow(2).sum()
-    return {"rel_err": float(num / den.clamp_min(1e-30))}
+    return float(num), float(den)

@@ -55,30 +55,28 @@ class GPTQ(Quantizer):
     Config = GPTQConfig
     cfg: GPTQConfig
     needs_hessian = True
+    rows_independent = True  # the column order and the Hessian factor are shared; rows round apart
 
     def quantize(self, w: torch.Tensor, fmt, stats: LayerStats) -> QuantResult:
         if stats.hessian is None or stats.nsamples == 0:
             raise NumericalError("GPTQ needs calibration statistics (a Hessian) and got none")
         W = w.clone().float()
         rows, cols = W.shape
-        H = stats.hessian.clone().float() / stats.nsamples
-        if not torch.isfinite(H).all():
-            raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1
+        key = ("gptq", self.cfg.damp, self.cfg.damp_retries, self.cfg.act_order)
+        hit = stats.cache.get(key) if stats.cache is not None else None
+        if hit is None:
+            hit = self._factor(stats)
+            if stats.cache is not None:  # layers fed the same input (q/k/v, gate/up) factor H once
+                stats.cache[key] = hit
+        dead, col_weight, perm, U, used_damp = hit
         W[:, dead] = 0
-        col_weight = torch.diagonal(H).clone()
-
         layer = fmt.begin_layer(W, col_weight, stats)
         nat_groups = fmt.cfg.groups(cols)
         g = nat_groups[0][1] - nat_groups[0][0] if nat_groups else cols
         grouped = len(nat_groups) > 1
 
-        perm = None
-        if self.cfg.act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True)
+        if perm is not None:
             W = W[:, perm]
-            H = H[perm][:, perm]
         static = self.cfg.act_order and self.cfg.static_groups or not grouped
         group_params: list = []
         if static:
@@ -89,8 +87,6 @@ class GPTQ(Quantizer):
             nat_of = torch.arange(cols, device=W.device) // g
             col_group = nat_of if perm is None else nat_of[perm]  # group of permuted column j
             col_group = col_group.tolist()
-
-        U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
 
         fast = self._fast_block(W, fmt, group_params, col_group) if static else None
         # The loop only needs dequantized values; codes are recovered once at the end by rounding
@@ -153,6 +149,22 @@ class GPTQ(Quantizer):
         metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
+
+    def _factor(self, stats: LayerStats):
+        """What GPTQ derives from the Hessian alone: dead columns, column weights, the act-order
+        permutation and the upper Cholesky factor of the permuted, dampened inverse."""
+        H = stats.hessian.clone().float() / stats.nsamples
+        if not torch.isfinite(H).all():
+            raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1
+        col_weight = torch.diagonal(H).clone()
+        perm = None
+        if self.cfg.act_order:
+            perm = torch.argsort(torch.diagonal(H), descending=True)
+            H = H[perm][:, perm]
+        U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
+        return dead, col_weight, perm, U, used_damp
 
     def _fast_block(self, W: torch.Tensor, fmt, group_params: list, col_group: list[int]):
         """The Triton inner loop, for affine (scale/zero) grids with static params on CUDA."""

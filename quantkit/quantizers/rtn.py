@@ -9,6 +9,8 @@ from .base import LayerStats, QuantResult, Quantizer, output_error, quantize_col
 @register("quantizer", "rtn")
 class RTN(Quantizer):
     needs_calibration = False
+    rows_independent = True
+
     def quantize(self, w, fmt, stats: LayerStats) -> QuantResult:
         codes, deq, layer, groups = quantize_columns(w, fmt, stats)
         packed = fmt.pack(codes, layer, groups, None)
