@@ -1,6 +1,8 @@
 """Wall time and peak GPU memory of GPTQ W4A16 on an 8B-shaped Llama (random bf16 weights).
 
 Usage (on a GPU machine):  python bench/gptq_8b.py [--layers 32] [--samples 128] [--seq-len 2048]
+On N GPUs:  torchrun --nproc-per-node N bench/gptq_8b.py ...   (quantkit.distributed; rank 0 prints)
+--save-codes FILE writes every quantized layer's packed tensors (rank 0) for bench/compare_codes.py.
 Random weights are fine for time and memory: the work (calibration forwards, XᵀX, Cholesky, the
 column solves, propagation) does not depend on the values. Calibration: random token ids of the
 real count (128 x 2048 = 262k tokens, as llm-compressor's anchor run in shared/ANCHORS.md).
@@ -58,12 +60,18 @@ def main():
     ap.add_argument("--recipe", default="w4a16-gptq-sym")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--save-codes", default=None, metavar="FILE")
     args = ap.parse_args()
+    import os
+
     import quantkit
+    from quantkit import distributed
 
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dist, dev_r = distributed.setup(dev)  # under torchrun: join the group, cuda:LOCAL_RANK
+    rank = dist.rank if dist is not None else 0
     t = time.time()
-    model = build_model(args.layers, args.tiny, dev)
+    model = build_model(args.layers, args.tiny, str(dev_r) if dev == "cuda" else dev)
     build_s = time.time() - t
     nparams = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len),
@@ -78,16 +86,33 @@ def main():
         torch.cuda.synchronize()
     secs = time.time() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    peaks = dist.gather_objects(round(peak, 2), "peak memory") if dist is not None else [round(peak, 2)]
+    if rank != 0:
+        return
     blocks = qm.report.blocks
+    world = qm.report.world_size
     row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "params_B": nparams / 1e9,
            "layers": args.layers, "calib_tokens": ids.numel(), "recipe": args.recipe, "seconds": round(secs, 1),
-           "peak_gpu_GiB": round(peak, 2), "build_s": round(build_s, 1),
+           "peak_gpu_GiB": max(peaks), "peak_gpu_GiB_per_rank": peaks, "build_s": round(build_s, 1),
+           "world_size": world, "launcher": "torchrun" if dist is not None else "none",
            "mean_layer_rel_err": sum(b["mean_layer_rel_err"] for b in blocks) / len(blocks),
+           "phases_s": {k: round(sum(b.get(k, 0.0) for b in blocks), 2) for k in ("calibrate_s", "solve_s",
+                                                                               "propagate_s")},
            "torch": torch.__version__}
-    print("| device | params | layers | calib tokens | recipe | wall s | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {row['device']} | {row['params_B']:.2f} B | {row['layers']} | {row['calib_tokens']} | {row['recipe']} "
-          f"| {row['seconds']} | {row['peak_gpu_GiB']} |")
+    print("| device | ranks | launcher | params | calib tokens | recipe | wall s | peak GPU GiB per rank | "
+          "calibrate / solve / propagate s | mean layer err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ph = row["phases_s"]
+    print(f"| {row['device']} | {world} | {row['launcher']} | {row['params_B']:.2f} B | {row['calib_tokens']} | "
+          f"{row['recipe']} | {row['seconds']} | {', '.join(map(str, peaks))} | {ph['calibrate_s']} / "
+          f"{ph['solve_s']} / {ph['propagate_s']} | {row['mean_layer_rel_err']:.4e} |", flush=True)
+    if args.save_codes:
+        from safetensors.torch import save_file
+
+        tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in qm.quantized_layers().items()
+                   for k, v in m.packed.items()}
+        save_file(tensors, args.save_codes)
+        print(f"saved {len(tensors)} packed tensors to {args.save_codes} ({os.path.getsize(args.save_codes) / 2**30:.2f} GiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)

@@ -28,6 +28,9 @@ from .recipe import Recipe, Scheme
 from .transforms.base import LayerContext, block_plugin_from_spec
 
 
+REF_BATCHES = 4  # calibration batches (per rank) whose float block outputs are kept for block_rel_err
+
+
 class _Stop(Exception):
     pass
 
@@ -111,6 +114,34 @@ def _move_direct(model: nn.Module, skip_ids: set[int], device) -> None:
                 m._buffers[n] = b.to(device)
 
 
+_LOWP_GRAM: dict[torch.device, bool] = {}
+
+
+def _gram_low_precision(h: torch.Tensor, x: torch.Tensor) -> bool:
+    """h += xᵀx straight from bf16/fp16 x on CUDA (tensor-core products are exact, sums float32),
+    without a float32 copy of x. False where unavailable: the caller takes the float32 path.
+    The first use on a device checks the result against the float32 path once."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and h.dtype == torch.float32):
+        return False
+    ok = _LOWP_GRAM.get(x.device)
+    if ok is None:
+        try:
+            g = torch.Generator(device=x.device).manual_seed(0)
+            a = torch.randn(512, 96, device=x.device, generator=g).to(x.dtype)
+            h0 = torch.randn(96, 96, device=x.device, generator=g)
+            want = h0 + a.double().t() @ a.double()
+            got = h0.clone()
+            torch.addmm(got, a.t(), a, out_dtype=torch.float32, out=got)
+            ok = bool(torch.allclose(got.double(), want, rtol=1e-5, atol=1e-3))
+        except (RuntimeError, TypeError):
+            ok = False
+        _LOWP_GRAM[x.device] = ok
+    if not ok:
+        return False
+    torch.addmm(h, x.t(), x, out_dtype=torch.float32, out=h)
+    return True
+
+
 class _StatsCollector:
     """Forward hooks that accumulate input statistics; linears fed the same tensor share them."""
 
@@ -141,8 +172,7 @@ class _StatsCollector:
         return hook
 
     def _add(self, name: str, x: torch.Tensor) -> None:
-        low_precision = x.dtype in (torch.bfloat16, torch.float16)
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
         s = self.stats.get(name)
         if s is None:
             n = x.shape[1]
@@ -152,20 +182,21 @@ class _StatsCollector:
             self.stats[name] = s
         s.nsamples += x.shape[0]
         if s.hessian is not None:
-            # bf16/fp16 values are exact in TF32 (≤ 10 mantissa bits): tensor cores, fp32 sums
-            tf32 = x.is_cuda and low_precision
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32 or prev
-            try:
-                if s.hessian.dtype == torch.float32:
-                    s.hessian.addmm_(x.t(), x)  # Σx² is its diagonal
-                else:
-                    s.hessian += x.t() @ x  # this batch's float32 sum, added exactly in float64
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
+            if not _gram_low_precision(s.hessian, x):
+                xf = x.float()
+                # bf16/fp16 values are exact in TF32 (≤ 10 mantissa bits): tensor cores, fp32 sums
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = prev or (x.is_cuda and x.dtype != torch.float32)
+                try:
+                    if s.hessian.dtype == torch.float32:
+                        s.hessian.addmm_(xf.t(), xf)  # Σx² is its diagonal
+                    else:
+                        s.hessian += xf.t() @ xf  # this batch's float32 sum, added exactly in float64
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
         else:
-            s.act_sqsum += x.pow(2).sum(0)
-        torch.maximum(s.act_absmax, x.abs().amax(0), out=s.act_absmax)  # NaN propagates to here
+            s.act_sqsum += x.float().pow(2).sum(0)
+        torch.maximum(s.act_absmax, x.abs().amax(0).float(), out=s.act_absmax)  # NaN propagates to here
 
     def reduce(self, d, what: str) -> None:
         """Sum (max) every statistic across the ranks of ``d`` (quantkit.distributed.Dist)."""
@@ -314,13 +345,17 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         need_h = {n for n, s in schemes.items() if s.needs_hessian}
         collector = _StatsCollector({n: linears[n] for n in schemes}, need_h, acc)
         float_outs = []
+        # plugins train on every float output; otherwise only the first REF_BATCHES are kept, for the
+        # block error estimate (keeping all would hold a second copy of the activations)
+        n_ref = len(inputs) if plugins else min(len(inputs), REF_BATCHES)
         err: BaseException | None = None
         try:
             with torch.no_grad():
-                for h, kw in zip(inputs, kwargs_list):
+                for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
                     collector.new_batch()
                     out = run_block(block, h.to(device), kw)
-                    float_outs.append(out.to(store))
+                    if j < n_ref:
+                        float_outs.append(out.to(store))
         except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
             err = e
         finally:
@@ -349,13 +384,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         for p in plugins:
             binfo.update(p.after_block(block, inputs, kwargs_list, float_outs, run_block) or {})
         with torch.no_grad():
-            num = den = 0.0
+            nd = torch.zeros(2, dtype=torch.float64, device=device)
             for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
                 out = run_block(block, h.to(device), kw)
-                ref = float_outs[j].to(device)
-                num += float((out.float() - ref.float()).pow(2).sum())
-                den += float(ref.float().pow(2).sum())
+                if j < len(float_outs):
+                    ref = float_outs[j].to(device).float()
+                    nd[0] += (out.float() - ref).pow(2).sum()
+                    nd[1] += ref.pow(2).sum()
                 inputs[j] = out.to(store)
+            num, den = nd.tolist()
         del float_outs
         if dist is not None:
             nd = torch.tensor([num, den], dtype=torch.float64)
