@@ -265,26 +265,27 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
 
 
 def k_candidates(kern, mb: int) -> list[dict]:
+    """Configs timed per (shape, M bucket) for the k kernels (kernels/_kmajor.py)."""
     n, kws = kern.N, kern.KWS
     out = []
     if mb <= 4:
-        for bn, bkw, w in ((64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 64, 8), (128, 32, 8), (32, 64, 4)):
+        for bn, bkw, w in ((64, 32, 4), (128, 32, 4), (128, 16, 4), (32, 32, 4), (256, 16, 8), (128, 32, 8)):
+            if mb > 1 and bn * bkw > 4096:
+                continue
             nch = -(-kws // bkw)
             tiles = -(-n // bn)
             s0 = max(1, min(nch, -(-528 // tiles)))
-            for s in {s0, min(nch, 2 * s0)}:
-                out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "stages": 1, "split": s})
+            for s in {s0, max(1, s0 // 2), max(1, s0 // 4), min(nch, 2 * s0)}:
+                out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s})
         nch = -(-kws // 32)
         s0 = max(1, min(nch, -(-528 // -(-n // 64))))
-        out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "stages": 3, "split": max(1, s0 // 2)})
-        if kern.mode == 1:
-            out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "stages": 1, "split": s0, "lutg": True})
-            out.append({"path": "gemv", "BN": 32, "BKW": 32, "warps": 4, "stages": 1, "split": s0, "lutg": True})
+        out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "pf": False})
+        out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "v": "i"})
     elif mb <= 64:
-        bm = max(16, mb)
-        for bn, bkw, w, swap in ((64, 16, 4, True), (128, 16, 4, True), (64, 32, 4, True), (64, 16, 4, False),
-                                 (128, 16, 4, False), (128, 32, 8, False)):
-            if swap and bm > 32:
+        for bm, bn, bkw, w, swap in ((16, 64, 16, 4, True), (16, 128, 16, 4, True), (32, 64, 16, 4, True),
+                                     (16, 64, 16, 4, False), (32, 128, 16, 4, False), (64, 64, 16, 4, False),
+                                     (64, 64, 16, 4, True)):
+            if bm < min(mb, 64) // 2 or (bm > 16 and bm > mb):
                 continue
             nch = -(-kws // bkw)
             tiles = -(-n // bn) * -(-mb // bm)
@@ -292,12 +293,10 @@ def k_candidates(kern, mb: int) -> list[dict]:
             for s in {s0, 1, min(nch, 2 * s0)}:
                 out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": s,
                             "swap": swap})
-        if kern.mode == 1:
-            out.append(dict(out[-1], lutg=True))
-        if mb >= 16:
+        if mb >= 32:
             out.append({"path": "dq"})
     else:
-        for bm, bn, bkw, w in ((64, 128, 16, 4), (128, 128, 16, 8), (128, 64, 16, 4)):
+        for bm, bn, bkw, w in ((64, 64, 16, 4), (128, 64, 16, 8), (64, 128, 16, 8)):
             out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": 1,
                         "group_m": 8})
         out.append({"path": "dq"})

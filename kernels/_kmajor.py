@@ -197,6 +197,159 @@ def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
+@triton.jit
+def _xnib(xb, k8, K, I: tl.constexpr, EVEN: tl.constexpr):
+    """x[m, 8*kw + I] for the chunk's words ([BKW], fp32; 0 past K); xb = row pointer + 8*kw."""
+    if EVEN:
+        v = tl.load(xb + I)
+    else:
+        v = tl.load(xb + I, mask=(k8 + I) < K, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _nib1(w, wh, cz, lbase, lt, I: tl.constexpr, MODE: tl.constexpr, LUTG: tl.constexpr):
+    """Nibble I of every word as fp32, before the scale: (q - z) / 2^(23-4p) for int (times x * 2^(23-4p)
+    later; exact), the table value for lut."""
+    if MODE == 0:
+        if I < 5:
+            P: tl.constexpr = I
+            f = ((w & (15 << (4 * P))) | 0x3F800000).to(tl.float32, bitcast=True)
+        else:
+            P: tl.constexpr = I - 3
+            f = ((wh & (15 << (4 * P))) | 0x3F800000).to(tl.float32, bitcast=True)
+        INV: tl.constexpr = 1.0 / (1 << (23 - 4 * P))
+        v = f - (1.0 + cz * INV)  # exact: both sides lie in [1, 2)
+    else:
+        q = (w >> (4 * I)) & 15
+        if LUTG:
+            v = tl.gather(lt, q, 1)
+        else:
+            v = tl.load(lbase + q).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _xs(x, I: tl.constexpr, MODE: tl.constexpr):
+    """x scaled by 2^(23-4p) for int nibble I (folds the magic-number exponent into x)."""
+    if MODE == 0:
+        if I < 5:
+            P: tl.constexpr = I
+        else:
+            P: tl.constexpr = I - 3
+        PSC: tl.constexpr = 1 << (23 - 4 * P)
+        return x * PSC
+    else:
+        return x
+
+
+@triton.jit
+def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
+                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
+    kw = c * BKW + tl.arange(0, BKW)
+    k8 = kw * 8
+    s = 1.0
+    cz = ZC
+    lbase = lut_ptr
+    lt = 0.0
+    if HAS_SCALE or HAS_ZERO:
+        if GS % (8 * BKW) == 0:  # the chunk lies in one group: one scale per row
+            sidx = rn[:, None] * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)
+        else:
+            sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
+        if HAS_SCALE:
+            s = tl.load(s_ptr + sidx).to(tl.float32)
+        if HAS_ZERO:
+            cz = tl.load(z_ptr + sidx).to(tl.float32)
+    if MODE == 1:
+        if LUT_ROW:
+            lbase = lut_ptr + rn[:, None] * LS
+        if LUTG:
+            lt = tl.load(lbase + tl.arange(0, LS)[None, :] + rn[:, None] * 0).to(tl.float32)
+    # rows of x past M read row M-1 (their results are never written): no masks
+    xb0 = x_ptr + k8
+    xb1 = x_ptr + tl.minimum(1, M - 1) * K + k8
+    xb2 = x_ptr + tl.minimum(2, M - 1) * K + k8
+    xb3 = x_ptr + tl.minimum(3, M - 1) * K + k8
+    wh = w >> 12
+    t0 = tl.zeros([BN, BKW], dtype=tl.float32)
+    t1 = tl.zeros([BN, BKW], dtype=tl.float32)
+    t2 = tl.zeros([BN, BKW], dtype=tl.float32)
+    t3 = tl.zeros([BN, BKW], dtype=tl.float32)
+    for i in tl.static_range(8):
+        d = _nib1(w, wh, cz, lbase, lt, i, MODE, LUTG)
+        t0 += d * _xs(_xnib(xb0, k8, K, i, EVEN), i, MODE)[None, :]
+        if BM > 1:
+            t1 += d * _xs(_xnib(xb1, k8, K, i, EVEN), i, MODE)[None, :]
+        if BM > 2:
+            t2 += d * _xs(_xnib(xb2, k8, K, i, EVEN), i, MODE)[None, :]
+            t3 += d * _xs(_xnib(xb3, k8, K, i, EVEN), i, MODE)[None, :]
+    a0 += tl.sum(t0 * s, axis=1)
+    if BM > 1:
+        a1 += tl.sum(t1 * s, axis=1)
+    if BM > 2:
+        a2 += tl.sum(t2 * s, axis=1)
+        a3 += tl.sum(t3 * s, axis=1)
+    return a0, a1, a2, a3
+
+
+@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
+def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+               M, N, K, KWS, G, CPS, SPLIT,
+               MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+               GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
+               PF: tl.constexpr, LUTG: tl.constexpr):
+    """GEMV, nibble by nibble: each nibble's [BN, BKW] values meet x[8*kw + i] (strided loads, L1) and
+    accumulate in [BN, BKW]; scale and row sums once per chunk. PF: the next chunk's words are
+    loaded before this chunk is computed (two chunks in flight per thread)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)
+    kw0 = tl.arange(0, BKW)
+    a0 = tl.zeros([BN], dtype=tl.float32)
+    a1 = tl.zeros([BN], dtype=tl.float32)
+    a2 = tl.zeros([BN], dtype=tl.float32)
+    a3 = tl.zeros([BN], dtype=tl.float32)
+    nch = tl.cdiv(KWS, BKW)
+    c0 = pid_k * CPS
+    c1 = tl.minimum(c0 + CPS, nch)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    if PF:
+        lim = tl.minimum(KWS, c1 * BKW)  # words of this program's chunks
+        wc = c0 * BKW + kw0
+        wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
+        for c in range(c0, c1):
+            w = wn
+            wc = (c + 1) * BKW + kw0
+            wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
+            a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
+                                         HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
+                                         LUTG)
+    else:
+        for c in range(c0, c1):
+            wc = c * BKW + kw0
+            if EVEN:
+                w = tl.load(wrow + wc[None, :])
+            else:
+                w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+            a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
+                                         HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
+                                         LUTG)
+    offs_m = tl.arange(0, BM)
+    r = offs_m[:, None]
+    res = tl.where(r == 0, a0[None, :], 0.0)
+    if BM > 1:
+        res = tl.where(r == 1, a1[None, :], res)
+    if BM > 2:
+        res = tl.where(r == 2, a2[None, :], res)
+        res = tl.where(r == 3, a3[None, :], res)
+    _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
+
+
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
 def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             M, N, K, KWS, G, CPS, SPLIT,
@@ -226,6 +379,8 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     rm = tl.minimum(offs_m, M - 1)
     kw = tl.arange(0, BKW)
     kk = tl.arange(0, 8 * BKW)
+    # chunks inside one group: scale the chunk's dot product (per column) instead of every weight
+    SA: tl.constexpr = HAS_SCALE and (GS % (8 * BKW) == 0)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -244,12 +399,19 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
         else:
             w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
             xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
-        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW,
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS, LUT_ROW,
                   BKW, LUTG).to(XDT)
-        if SWAP:
-            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        if SA:
+            sc = tl.load(s_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+            if SWAP:
+                acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
+            else:
+                acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
         else:
-            acc = _dot(xt, tl.trans(d), acc, INTERP)
+            if SWAP:
+                acc = _dot(d, tl.trans(xt), acc, INTERP)
+            else:
+                acc = _dot(xt, tl.trans(d), acc, INTERP)
     if SWAP:
         acc = tl.trans(acc)
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
@@ -312,8 +474,8 @@ class KLowbitKernel:
         if mb <= 4:
             bn, bkw = 64, 32
             nch = cdiv(self.KWS, bkw)
-            split = max(1, min(nch, cdiv(4 * sms, cdiv(n, bn))))
-            return {"path": "gemv", "BN": bn, "BKW": bkw, "warps": 4, "stages": 1, "split": split}
+            split = max(1, min(nch // 2 or 1, cdiv(4 * sms, cdiv(n, bn))))
+            return {"path": "gemv", "BN": bn, "BKW": bkw, "warps": 4, "split": split}
         if mb <= 64:
             bm = max(16, mb)
             bn, bkw = 64, 16
@@ -362,7 +524,11 @@ class KLowbitKernel:
         tiles_n = cdiv(N, bn)
         if path == "gemv":
             bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
-            lau = Launcher(_kq_gemv, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, LUTG=lutg),
+            if cfg.get("v", "n") == "n":
+                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg)
+            else:
+                fn, extra = _kq_gemv, dict(LUTG=lutg)
+            lau = Launcher(fn, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, **extra),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
@@ -479,8 +645,9 @@ def build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc: 
     if gs % 8 and gs < K:
         return None  # groups must hold whole words
     owns = False
+    same_dev = qw.device.type == device.type and (device.index is None or qw.device.index == device.index)
     if bits == 4 and perm is None and qw.shape[1] % 4 == 0 and qw.is_contiguous() \
-            and qw.data_ptr() % 16 == 0 and qw.device == device:
+            and qw.data_ptr() % 16 == 0 and same_dev:
         w = qw.view(torch.int32)  # the checkpoint's own bytes, no copy
     else:
         qw = qw.to(device)
