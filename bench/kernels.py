@@ -103,7 +103,10 @@ def clone_kernel(kern):
     c = copy.copy(kern)
     c.plans = {}
     if hasattr(c, "_calls"):
+        from quantkit.kernels._kmajor import _Plans
+
         c._calls = {}
+        c.plans = _Plans(c._calls)
     for a in ("w", "s", "z", "lut", "gmap", "ws"):
         v = getattr(c, a, None)
         if isinstance(v, torch.Tensor):
