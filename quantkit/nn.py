@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
                 self._post.insert(0, post)
         self._kernel = None
         self._kernel_device = None
+        self._plain = not self._pre and not self._post
         # the pipeline sets this to the dequantized weight (== unpack(packed), exactly) while the
         # block is being calibrated, so recomputing block outputs skips per-call unpacking
         self.dense_weight: torch.Tensor | None = None
@@ -75,6 +76,11 @@ class QuantLinear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode fast path: a GPU kernel already built for this device, nothing around the matmul
+        kernel = self._kernel
+        if kernel is not None and self._plain and self.bias is None and self.dense_weight is None \
+                and x.device == self._kernel_device:
+            return kernel(x)
         for f in self._pre:
             x = f(x)
         kernel = self._get_kernel(x.device) if x.is_cuda and self.dense_weight is None else None
