@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--save-codes", default=None, metavar="FILE")
+    ap.add_argument("--accumulate", choices=["float32", "float64"], default=None,
+                    help="override the recipe's calibration.accumulate")
     args = ap.parse_args()
     import os
 
@@ -80,7 +82,11 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t = time.time()
-    qm = quantkit.quantize(model, args.recipe, calibration=ids, device=dev, batch_size=args.batch_size,
+    recipe = quantkit.load_recipe(args.recipe)
+    if args.accumulate:
+        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
+            update={"accumulate": args.accumulate})})
+    qm = quantkit.quantize(model, recipe, calibration=ids, device=dev, batch_size=args.batch_size,
                            progress=False)
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -92,20 +98,21 @@ def main():
     blocks = qm.report.blocks
     world = qm.report.world_size
     row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "params_B": nparams / 1e9,
-           "layers": args.layers, "calib_tokens": ids.numel(), "recipe": args.recipe, "seconds": round(secs, 1),
+           "layers": args.layers, "calib_tokens": ids.numel(), "recipe": args.recipe + (f" ({args.accumulate} sums)" if args.accumulate else ""), "seconds": round(secs, 1),
            "peak_gpu_GiB": max(peaks), "peak_gpu_GiB_per_rank": peaks, "build_s": round(build_s, 1),
            "world_size": world, "launcher": "torchrun" if dist is not None else "none",
            "mean_layer_rel_err": sum(b["mean_layer_rel_err"] for b in blocks) / len(blocks),
            "phases_s": {k: round(sum(b.get(k, 0.0) for b in blocks), 2) for k in ("calibrate_s", "solve_s",
                                                                                "propagate_s")},
+           "capture_s": round(qm.report.capture_seconds, 2), "pipeline_s": round(qm.report.seconds, 2),
            "torch": torch.__version__}
     print("| device | ranks | launcher | params | calib tokens | recipe | wall s | peak GPU GiB per rank | "
-          "calibrate / solve / propagate s | mean layer err |")
+          "capture / calibrate / solve / propagate s (pipeline total) | mean layer err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ph = row["phases_s"]
     print(f"| {row['device']} | {world} | {row['launcher']} | {row['params_B']:.2f} B | {row['calib_tokens']} | "
-          f"{row['recipe']} | {row['seconds']} | {', '.join(map(str, peaks))} | {ph['calibrate_s']} / "
-          f"{ph['solve_s']} / {ph['propagate_s']} | {row['mean_layer_rel_err']:.4e} |", flush=True)
+          f"{row['recipe']} | {row['seconds']} | {', '.join(map(str, peaks))} | {row['capture_s']} / "
+          f"{ph['calibrate_s']} / {ph['solve_s']} / {ph['propagate_s']} ({row['pipeline_s']}) | {row['mean_layer_rel_err']:.4e} |", flush=True)
     if args.save_codes:
         from safetensors.torch import save_file
 

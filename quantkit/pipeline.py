@@ -12,6 +12,7 @@ Only the current block and the activations live on the compute device; the rest 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,6 +44,7 @@ class PipelineReport:
     calibration_tokens: int = 0
     device: str = "cpu"
     world_size: int = 1  # ranks that shared the calibration (quantkit.distributed)
+    capture_seconds: float = 0.0  # running the model up to the first block
 
 
 def _tree_to(obj: Any, device) -> Any:
@@ -282,6 +284,48 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
     return report
 
 
+class _Prefetch:
+    """Copies a block's weights to the GPU on a side stream from a helper thread, so the copy from
+    (pageable) CPU memory overlaps the previous block's work; wait() hands it to the main stream."""
+
+    def __init__(self, device: torch.device, first: nn.Module):
+        import threading
+
+        self._threading = threading
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.thread = None
+        self.module: nn.Module | None = None
+        self.error: BaseException | None = None
+        self.start(first)
+
+    def _copy(self, module: nn.Module) -> None:
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                module.to(self.device, non_blocking=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self.error = e
+
+    def start(self, module: nn.Module) -> None:
+        self.module, self.error = module, None
+        self.thread = self._threading.Thread(target=self._copy, args=(module,), daemon=True)
+        self.thread.start()
+
+    def wait(self, module: nn.Module) -> None:
+        if self.module is not module:  # not the one prefetched: plain copy
+            module.to(self.device)
+            return
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_cuda:  # allocated on the side stream, used (and later freed) on the main one
+                t.record_stream(main)
+        self.module = None
+
+
 def _solve_local(bi: int, linears: dict[str, nn.Module], schemes: dict[str, Scheme], collector: _StatsCollector
                  ) -> dict[str, tuple[QuantLinear, dict[str, Any]]]:
     return {n: quantize_linear(n, linears[n], s, collector.get(n), seed=bi) for n, s in schemes.items()}
@@ -322,7 +366,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         batches = [batches[j] for j in dist.shard(len(batches))]
         progress = progress and dist.is_main
     if state is None:
+        t_cap = time.time()
         inputs, kwargs_list = capture_block_inputs(model, blocks, batches, device, store)
+        report.capture_seconds = time.time() - t_cap
     else:
         inputs, kwargs_list = state
     def clock() -> float:  # phase times per block, in the report (the device's queue drained first)
@@ -330,11 +376,19 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    prefetch = None
+    if device.type == "cuda" and start_block < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
+        prefetch = _Prefetch(device, blocks[start_block])
     bar = tqdm(range(start_block, len(blocks)), desc="quantize", unit="block", disable=not progress)
     for bi in bar:
         t_block = clock()
         block = blocks[bi]
-        block.to(device)
+        if prefetch is not None:
+            prefetch.wait(block)
+            if bi + 1 < len(blocks):  # the next block's weights travel while this one is worked on
+                prefetch.start(blocks[bi + 1])
+        else:
+            block.to(device)
         prefix = f"{blocks_name}.{bi}."
         linears = find_linears(block, prefix)
         schemes = {n: recipe.scheme_for(n) for n in linears}
