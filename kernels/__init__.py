@@ -5,7 +5,8 @@ None when no kernel serves this format/device (the layer then falls back to plai
 Each kernel module registers a builder with :func:`register_kernel`; modules are imported lazily
 so that CPU-only installs never import Triton.
 
-Modules: ``lowbit`` (int2-int4 and lut formats: split-K GEMV, tensor-core GEMM, dequantize+cuBLAS),
+Modules: ``lowbit`` (int2-int4 and lut formats: split-K GEMV, tensor-core GEMM, dequantize+cuBLAS;
+its builders pick ``_kmajor``, the "k" kernels on the checkpoint's own layout, for int by default),
 ``fp8`` (W8A8 with a fused activation-quant kernel + ``torch._scaled_mm`` or a Triton FP8 dot;
 W8A16). Builders repack once; the returned callable picks a plan per power-of-two M bucket from
 ``tuned_hopper.json`` (bench/kernels.py --tune) or a heuristic. See docs/PERFORMANCE.md.

@@ -1,5 +1,9 @@
 """W4A16 kernels for the ``int`` (INT2-INT4 affine) and ``lut`` (any4/any3/any2, NF4, FP4) formats.
 
+The builders at the end choose the implementation: ``_kmajor.py`` ("k": the checkpoint's own layout,
+no repack; default for int) or the "v1"/"v2" kernels of this file (default for lut); see ``IMPL``.
+What follows describes v1/v2.
+
 Packed layout (repacked once at build from the checkpoint's row bitstream, docs/FORMAT.md):
   ``w``  int32 [Kp/8, N], N contiguous; Kp = in_features rounded up to 128. K runs in blocks of 128;
          word row ``b*16 + r`` nibble ``i`` holds the code of input column ``b*128 + i*16 + r``.
@@ -652,13 +656,17 @@ def _build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc:
 
 
 # Which implementation serves int/lut layers: "k" (kernels/_kmajor.py: the checkpoint's own layout,
-# no repack), "v1" (block-interleaved repack, measured first) or "v2" (v1's layout, reworked inner
-# loops). QUANTKIT_LOWBIT overrides; QUANTKIT_KERNEL_V2=1 still selects v2.
-IMPL = os.environ.get("QUANTKIT_LOWBIT", "v2" if V2 else "v1")
+# no repack, no second copy), "v1" (block-interleaved repack) or "v2" (v1's layout, reworked inner
+# loops, never measured). Defaults, from the H100 run of 2026-11-26 (docs/PERFORMANCE.md): "k" for
+# int (faster than v1 at M <= 64 on every Llama shape but one cell), "v1" for lut (its table lookups
+# through shared memory beat the k kernels' L1 lookups at M = 1 and M >= 8). QUANTKIT_LOWBIT=k|v1|v2
+# forces one for both; QUANTKIT_KERNEL_V2=1 still selects v2.
+IMPL = os.environ.get("QUANTKIT_LOWBIT") or ("v2" if V2 else None)
+DEFAULT_IMPL = {"int": "k", "lut": "v1"}
 
 
-def _impl(impl):
-    return (impl or IMPL).lower()
+def _impl(impl, ftype: str = "int"):
+    return (impl or IMPL or DEFAULT_IMPL[ftype]).lower()
 
 
 @register_kernel("int")
@@ -669,14 +677,14 @@ def build_int(fmt, packed, shape, device, impl: str | None = None):
     if packed.get("scales") is None:
         return None
     zc = float(1 << (bits - 1)) if sym else 0.0
-    if _impl(impl) == "k":
+    if _impl(impl, "int") == "k":
         from . import _kmajor
 
         k = _kmajor.build(0, fmt, packed, shape, device, bits, not sym, zc, None, False, tag)
         if k is not None:
             return k
     kern = _build(0, fmt, packed, shape, device, bits, not sym, zc, None, False, tag)
-    if kern is not None and _impl(impl) == "v2":
+    if kern is not None and _impl(impl, "int") == "v2":
         kern.v2 = True
     return kern
 
@@ -686,7 +694,7 @@ def build_lut(fmt, packed, shape, device, impl: str | None = None):
     bits = fmt.cfg.bits
     rows = packed["lut"].shape[0]
     tag = f"lut{bits}{'r' if rows > 1 else 'f'}g{fmt.group_size or 0}{'s' if 'scales' in packed else ''}"
-    if _impl(impl) == "k":
+    if _impl(impl, "lut") == "k":
         from . import _kmajor
 
         k = _kmajor.build(1, fmt, packed, shape, device, bits, False, 0.0, packed["lut"], rows > 1, tag)
@@ -697,6 +705,6 @@ def build_lut(fmt, packed, shape, device, impl: str | None = None):
     lt[: lut.shape[1]] = lut.t()
     lt = lt.contiguous()
     kern = _build(1, fmt, packed, shape, device, bits, False, 0.0, lt, rows > 1, tag)
-    if kern is not None and _impl(impl) == "v2":
+    if kern is not None and _impl(impl, "lut") == "v2":
         kern.v2 = True
     return kern

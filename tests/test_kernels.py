@@ -89,8 +89,12 @@ def build(spec, p, shape, v2=None):
     from quantkit.kernels import fp8, lowbit
 
     fmt = format_from_spec(spec)
-    b = {"int": lowbit.build_int, "lut": lowbit.build_lut, "fp8": fp8.build_fp8}[spec["type"]]
-    kern = b(fmt, {k: v.to(DEV) for k, v in p.items()}, shape, DEV)
+    pd = {k: v.to(DEV) for k, v in p.items()}
+    if spec["type"] in ("int", "lut"):  # this file tests the v1/v2 kernels; test_kernels_k.py the k ones
+        b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
+        kern = b(fmt, pd, shape, DEV, impl="v2" if v2 else "v1")
+    else:
+        kern = fp8.build_fp8(fmt, pd, shape, DEV)
     if kern is not None and v2 is not None:
         kern.v2 = v2  # v1: the kernels measured on GPU; v2: QUANTKIT_KERNEL_V2
     return kern
