@@ -8,23 +8,22 @@ repacked and the GPU holds the weights once. Only 2/3-bit codes, rows whose byte
 multiple of 4, and act-order (``g_idx``) need a repack (codes widened to nibbles, columns sorted
 by group); then the kernel owns that copy.
 
-Tiles. A program reads a [BN, BKW] tile of words, K contiguous (16-byte loads along K, lanes along
-K, each warp covers whole 128-byte lines of a few rows). Each of the 8 nibbles is dequantized as a
-[BN, BKW] tensor with all constants folded:
-  * int:  ``(w & (15 << 4p)) | 0x3F800000`` read as fp32 is ``1 + q * 2^(4p-23)`` (p = i, or i-3 of
-    ``w >> 12`` for the top three nibbles), so ``f * 2^(23-4p) - (2^(23-4p) + z)`` is ``q - z``
-    exactly: one LOP3 and one FMA per weight, no int->float convert, then the group scale.
-  * lut:  the value is a load from the row's table (fp16 [N, 16], 32 bytes a row) at ``q``: a warp
-    reads the tables of 4 consecutive rows, one 128-byte line, so each lookup is one L1 wavefront.
-The 8 nibble tensors are interleaved (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in
-column order, which meets a contiguous (vectorized) load of x.
-Paths, by the row count M of x:
-  * ``gemv`` (M <= 4): FMA dot products against 1-4 rows of x, split-K over programs.
-  * ``mma`` (M >= 5): the bf16/fp16 tile goes to ``tl.dot`` (tensor cores); ``SWAP`` computes
-    W·xᵀ instead (the weight tile as the M=64 side of the MMA, x as the narrow side), split-K.
+Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
+  * ``gemv`` (M = 1-2; ``_kq_gemv_n``): a program reads [BN, BKW] words (16-byte loads along K) and
+    dequantizes nibble by nibble: ``(w & (15 << 4p)) | 0x3F800000`` read as fp32 is
+    ``1 + q * 2^(4p-23)`` (p = i, or i-3 of ``w >> 12`` for the top three nibbles), minus
+    ``1 + z * 2^(4p-23)`` is exact, and one FMA with ``x[8*kw + i] * 2^(23-4p)`` accumulates it (LOP3,
+    FADD, FFMA per weight, no int->float convert); scale and row sums once per chunk; the next chunk's
+    words are loaded before the current one is computed (``pf``); split-K over programs. For lut
+    formats the value is a load from the row's table (fp16 [N, 16]: 32 bytes a row, L1).
+    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order.
+  * ``mma`` (M = 3-64; ``_kq_mma``): the 8 nibble tensors are interleaved (``tl.interleave``, in
+    registers) into the [BN, 8*BKW] tile in column order, ``q - z`` exact in the x dtype, and go to
+    ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the register A operand of wgmma, x the
+    narrow side). When a chunk lies in one group the scale multiplies the chunk's dot product.
   * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
-Split-K partial sums use the shared workspace and the last-program reduction of ``lowbit._finish``
-(deterministic, one launch).
+Split-K partial sums go to the shared workspace; the last program of each tile (counted with an
+atomic) sums them in a fixed order (deterministic, one launch).
 
 Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
 copied.
