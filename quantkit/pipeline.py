@@ -200,10 +200,13 @@ class _StatsCollector:
             s.act_sqsum += x.float().pow(2).sum(0)
         torch.maximum(s.act_absmax, x.abs().amax(0).float(), out=s.act_absmax)  # NaN propagates to here
 
-    def reduce(self, d, what: str) -> None:
-        """Sum (max) every statistic across the ranks of ``d`` (quantkit.distributed.Dist)."""
+    def reduce(self, d, what: str, err: BaseException | None = None) -> None:
+        """Sum (max) every statistic across the ranks of ``d`` (quantkit.distributed.Dist); ``err``, this
+        rank's failure in the forward, is shared first (every rank then raises)."""
         names = sorted(self.stats)
-        views = d.agree(None, what, (names, sorted(self.alias.items())))
+        views = d.agree(err, what, (names, sorted(self.alias.items()), [self.stats[n].nsamples for n in names]))
+        counts = [sum(v[2][i] for v in views) for i in range(len(names))]
+        views = [v[:2] for v in views]
         if any(v != views[0] for v in views):
             raise QuantkitError(f"{what}: the ranks saw different layer inputs ({views[0][0][:3]}... on rank 0 vs "
                                 f"others); the block's forward is not the same on every rank")
@@ -211,9 +214,7 @@ class _StatsCollector:
                 for n in names]
         d.all_reduce(sums, "sum", what)
         d.all_reduce([self.stats[n].act_absmax for n in names], "max", what)
-        counts = torch.tensor([self.stats[n].nsamples for n in names], dtype=torch.int64)
-        d.all_reduce([counts], "sum", what)
-        for n, c in zip(names, counts.tolist()):
+        for n, c in zip(names, counts):
             self.stats[n].nsamples = int(c)
 
     def finish(self) -> None:
@@ -415,8 +416,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         finally:
             collector.remove()
         if dist is not None:
-            dist.agree(err, f"block {bi} calibration forward")
-            collector.reduce(dist, f"block {bi} statistics")
+            collector.reduce(dist, f"block {bi} calibration", err)
         elif err is not None:
             raise err
         collector.finish()
@@ -461,9 +461,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         report.blocks.append(binfo)
         block.to("cpu")
         bar.set_postfix(layer_err=f"{binfo['mean_layer_rel_err']:.2e}", block_err=f"{binfo['block_rel_err']:.2e}")
+        binfo["finish_s"] = clock() - t_prop - binfo["propagate_s"]  # moving the block back, bookkeeping
         if on_block_done is not None:
             on_block_done(bi, model, report, (inputs, kwargs_list))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if device.type == "cuda":  # cached blocks are reused block after block; released once, at the end
+        torch.cuda.empty_cache()
     report.seconds = time.time() - t0
     return report
