@@ -120,7 +120,11 @@ def convert_bundled(b: BundledModel, dest: str) -> None:
             json.dump(info, f, indent=2)
         if os.path.exists(dest):  # another process won the race
             return
-        os.rename(out, dest)
+        try:
+            os.rename(out, dest)
+        except OSError:
+            if not os.path.exists(os.path.join(dest, "config.json")):  # not a lost race: a real error
+                raise
 
 
 def resolve_model_dir(name_or_path: str) -> str:
