@@ -59,6 +59,10 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "any4-row-rtn": ("any4 per-row table, no group scale, RTN", {"quantizer": "rtn", "format": _lut(g=None)},
                      "corpus"),
     "any4-g128-gptq": ("any4 g128, GPTQ", {"quantizer": GPTQ, "format": _lut()}, "corpus"),
+    # equal bits (4.375): a row table without group scales against INT4 g64, both under GPTQ
+    "any4-row-gptq": ("any4 per-row table, no group scale, GPTQ", {"quantizer": GPTQ, "format": _lut(g=None)},
+                      "corpus"),
+    "int4-g64-gptq": ("INT4 asym g64, GPTQ", {"quantizer": GPTQ, "format": {**INT4, "group_size": 64}}, "corpus"),
     "any3-g128-gptq": ("any3 g128, GPTQ", {"quantizer": GPTQ, "format": _lut(bits=3)}, "corpus"),
     "int3-gptq": ("INT3 asym g128, GPTQ", {"quantizer": GPTQ, "format": {**INT4, "bits": 3}}, "corpus"),
     "fp8-e4m3-w8a8": ("FP8 E4M3 W8A8 (per-channel W, dynamic per-token A)",

@@ -243,6 +243,17 @@ def setup(device: str | torch.device | None) -> tuple[Dist | None, str | torch.d
     return current(), device
 
 
+def exit_now(code: int) -> None:
+    """Leave a process that is part of a failed group at once (streams flushed): a graceful
+    teardown of a group whose peers are gone or stuck can hang or abort in the backend's threads."""
+    import sys
+
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 
@@ -425,5 +436,5 @@ def solve_block(d: Dist, bi: int, linears: dict, schemes: dict, collector, devic
     return out
 
 
-__all__ = ["Dist", "Piece", "current", "setup", "shutdown", "launched", "plan_solves", "solve_cost", "factor_cost", "layout_of",
+__all__ = ["Dist", "Piece", "current", "setup", "shutdown", "launched", "exit_now", "plan_solves", "solve_cost", "factor_cost", "layout_of",
            "row_splittable", "solve_block"]

@@ -54,6 +54,10 @@ def main() -> int:
         qm.save(out_dir, overwrite=True)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr, flush=True)
+        from quantkit.distributed import current, exit_now
+
+        if current() is not None:  # as the CLI does
+            exit_now(2)
         return 2
     if rank == 0:
         from safetensors.torch import save_file
