@@ -103,16 +103,16 @@ def main():
            "world_size": world, "launcher": "torchrun" if dist is not None else "none",
            "mean_layer_rel_err": sum(b["mean_layer_rel_err"] for b in blocks) / len(blocks),
            "phases_s": {k: round(sum(b.get(k, 0.0) for b in blocks), 2) for k in ("calibrate_s", "solve_s",
-                                                                               "propagate_s", "finish_s")},
+                                                                               "propagate_s", "finish_s", "reduce_s")},
            "capture_s": round(qm.report.capture_seconds, 2), "pipeline_s": round(qm.report.seconds, 2),
            "torch": torch.__version__}
     print("| device | ranks | launcher | params | calib tokens | recipe | wall s | peak GPU GiB per rank | "
-          "capture / calibrate / solve / propagate / finish s (pipeline total) | mean layer err |")
+          "capture / calibrate (of it all-reduce) / solve / propagate / finish s (pipeline total) | mean layer err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ph = row["phases_s"]
     print(f"| {row['device']} | {world} | {row['launcher']} | {row['params_B']:.2f} B | {row['calib_tokens']} | "
           f"{row['recipe']} | {row['seconds']} | {', '.join(map(str, peaks))} | {row['capture_s']} / "
-          f"{ph['calibrate_s']} / {ph['solve_s']} / {ph['propagate_s']} / {ph['finish_s']} ({row['pipeline_s']}) | {row['mean_layer_rel_err']:.4e} |", flush=True)
+          f"{ph['calibrate_s']} ({ph['reduce_s']}) / {ph['solve_s']} / {ph['propagate_s']} / {ph['finish_s']} ({row['pipeline_s']}) | {row['mean_layer_rel_err']:.4e} |", flush=True)
     if args.save_codes:
         from safetensors.torch import save_file
 

@@ -85,7 +85,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
 
     # everything but the blocks goes to the device for the capture
     block_ids = {id(m) for b in blocks for m in b.modules()}
-    _move_direct(model, block_ids, device)
+    saved = _move_direct(model, block_ids, device)
     h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -96,24 +96,38 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
                     pass
     finally:
         h.remove()
-        _move_direct(model, block_ids, "cpu")
+        _restore(saved)  # the untouched originals come back: no copy back from the device
     if len(hiddens) != len(batches):
         raise QuantkitError("the first decoder block was never reached: the model's forward does not "
                             "call its blocks in order; this architecture is not supported")
     return hiddens, kwargs_list
 
 
-def _move_direct(model: nn.Module, skip_ids: set[int], device) -> None:
-    """Move the parameters/buffers of every module not in ``skip_ids``, in place (ties survive)."""
+def _move_direct(model: nn.Module, skip_ids: set[int], device) -> list[tuple]:
+    """Move the parameters/buffers of every module not in ``skip_ids``, in place (ties survive);
+    returns what :func:`_restore` needs to put the original tensors back."""
+    saved: list[tuple] = []
+    dev = torch.device(device)
     for m in model.modules():
         if id(m) in skip_ids:
             continue
         for p in m._parameters.values():
-            if p is not None and p.device != torch.device(device):
-                p.data = p.data.to(device)
+            if p is not None and p.device != dev:
+                saved.append((p, None, p.data))
+                p.data = p.data.to(dev)
         for n, b in list(m._buffers.items()):
-            if b is not None:
-                m._buffers[n] = b.to(device)
+            if b is not None and b.device != dev:
+                saved.append((m, n, b))
+                m._buffers[n] = b.to(dev)
+    return saved
+
+
+def _restore(saved: list[tuple]) -> None:
+    for owner, name, t in saved:
+        if name is None:
+            owner.data = t
+        else:
+            owner._buffers[name] = t
 
 
 _LOWP_GRAM: dict[torch.device, bool] = {}
@@ -287,7 +301,8 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
 
 class _Prefetch:
     """Copies a block's weights to the GPU on a side stream from a helper thread, so the copy from
-    (pageable) CPU memory overlaps the previous block's work; wait() hands it to the main stream."""
+    (pageable) CPU memory overlaps the previous block's work; wait() hands it to the main stream.
+    offload() moves a finished block back the same way (pageable device-to-host copies are slow)."""
 
     def __init__(self, device: torch.device, first: nn.Module):
         import threading
@@ -295,6 +310,9 @@ class _Prefetch:
         self._threading = threading
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.out_stream = torch.cuda.Stream(device)
+        self.out_thread = None
+        self.out_error: BaseException | None = None
         self.thread = None
         self.module: nn.Module | None = None
         self.error: BaseException | None = None
@@ -311,6 +329,36 @@ class _Prefetch:
         self.module, self.error = module, None
         self.thread = self._threading.Thread(target=self._copy, args=(module,), daemon=True)
         self.thread.start()
+
+    def offload(self, module: nn.Module) -> None:
+        """Move a finished block back to CPU from a helper thread on another side stream, after the
+        main stream's work on it; :meth:`drain` waits for it."""
+        self.drain()
+        main = torch.cuda.current_stream(self.device)
+        done = torch.cuda.Event()
+        done.record(main)
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_cuda:  # read by the copy on the side stream: not reused before it is done
+                t.record_stream(self.out_stream)
+
+        def work():
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.out_stream):
+                    self.out_stream.wait_event(done)
+                    module.to("cpu")
+            except BaseException as e:  # noqa: BLE001 - re-raised by drain()
+                self.out_error = e
+
+        self.out_thread = self._threading.Thread(target=work, daemon=True)
+        self.out_thread.start()
+
+    def drain(self) -> None:
+        if self.out_thread is not None:
+            self.out_thread.join()
+            self.out_thread = None
+        if self.out_error is not None:
+            e, self.out_error = self.out_error, None
+            raise e
 
     def wait(self, module: nn.Module) -> None:
         if self.module is not module:  # not the one prefetched: plain copy
@@ -415,6 +463,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             err = e
         finally:
             collector.remove()
+        t_reduce = clock()
         if dist is not None:
             collector.reduce(dist, f"block {bi} calibration", err)
         elif err is not None:
@@ -433,7 +482,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             report.layers[n] = info
             errs.append(info.get("rel_err", 0.0))
         del collector, solved
-        binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": clock() - t_solve}
+        binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": clock() - t_solve,
+                                   "reduce_s": t_solve - t_reduce}  # reduce_s: the statistics' all-reduce
         t_prop = clock()
         for p in plugins:
             binfo.update(p.after_block(block, inputs, kwargs_list, float_outs, run_block) or {})
@@ -459,11 +509,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         binfo["block_rel_err"] = num / max(den, 1e-30)
         binfo["mean_layer_rel_err"] = sum(errs) / max(len(errs), 1)
         report.blocks.append(binfo)
-        block.to("cpu")
+        if prefetch is not None:
+            prefetch.offload(block)
+        else:
+            block.to("cpu")
         bar.set_postfix(layer_err=f"{binfo['mean_layer_rel_err']:.2e}", block_err=f"{binfo['block_rel_err']:.2e}")
         binfo["finish_s"] = clock() - t_prop - binfo["propagate_s"]  # moving the block back, bookkeeping
         if on_block_done is not None:
+            if prefetch is not None:
+                prefetch.drain()  # the callback may read the block (resume saves it)
             on_block_done(bi, model, report, (inputs, kwargs_list))
+    if prefetch is not None:
+        prefetch.drain()
     if device.type == "cuda":  # cached blocks are reused block after block; released once, at the end
         torch.cuda.empty_cache()
     report.seconds = time.time() - t0
