@@ -4,16 +4,15 @@
 # prefetch/offload streams are checked against plain copies (codes must be identical); that run also
 # fills Triton's kernel cache, so no timed run pays the one-off compile.
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+TAIL=3
+source "$(dirname "$0")/_gpu_env.sh"
 out=${1:?OUT_DIR}
 mkdir -p "$out"
-run() { echo "## $1"; shift; "$@" 2>&1 | grep -v "Loading weights\|^W1\|^\s*$\|^\*\*\*\|OMP_NUM_THREADS" | tail -3; }
-tr() { python3 -m torch.distributed.run --nproc-per-node "$@"; }
 run "2 blocks, plain copies" env QUANTKIT_PREFETCH=0 python3 bench/gptq_8b.py --layers 2 --save-codes /tmp/p0.st
 run "2 blocks, prefetch/offload streams" python3 bench/gptq_8b.py --layers 2 --save-codes /tmp/p1.st
 run "codes: plain copies vs streams" python3 bench/compare_codes.py /tmp/p0.st /tmp/p1.st
 run "1 GPU, plain" python3 bench/gptq_8b.py --json "$out/t_gpu1.json"
 if [ "${2:-}" = "--with-one-rank" ]; then
-  run "1 GPU, torchrun (one rank)" tr 1 bench/gptq_8b.py --json "$out/t_gpu1_torchrun.json"
+  run "1 GPU, torchrun (one rank)" trun 1 bench/gptq_8b.py --json "$out/t_gpu1_torchrun.json"
 fi
-run "2 GPUs, torchrun" tr 2 bench/gptq_8b.py --json "$out/t_gpu2.json"
+run "2 GPUs, torchrun" trun 2 bench/gptq_8b.py --json "$out/t_gpu2.json"

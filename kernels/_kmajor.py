@@ -38,6 +38,7 @@ import triton.language as tl
 from quantkit.formats.packing import unpack_codes
 
 from ._launch import INTERPRET, Launcher, cdiv, m_bucket, scratch, tuned, workspace
+from ._tl import _finish, _tile_mn
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -117,27 +118,6 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     return tl.interleave(a, b)
 
 
-@triton.jit
-def _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT,
-            BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
-    """Write [BM, BN] (split-K: partials to the workspace; the last program of the tile sums them
-    in a fixed order and writes the output)."""
-    omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    optr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if SPLITK:
-        loc = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        base = ws_ptr + tile * SPLIT * (BM * BN)
-        tl.store(base + pid_k * (BM * BN) + loc, acc)
-        tl.debug_barrier()
-        old = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if old == SPLIT - 1:
-            tot = tl.zeros([BM, BN], dtype=tl.float32)
-            for sp in range(0, SPLIT):  # fixed order: deterministic
-                tot += tl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
-            tl.store(optr, tot.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -360,18 +340,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     XDT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    if GROUP_M > 1:  # grouped order: programs sharing weight tiles run together (L2 reuse)
-        width = GROUP_M * n_n
-        gid = pid // width
-        first = gid * GROUP_M
-        gsz = tl.minimum(n_m - first, GROUP_M)
-        pid_m = first + (pid % width) % gsz
-        pid_n = (pid % width) // gsz
-    else:
-        pid_m = pid // n_n
-        pid_n = pid % n_n
+    pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rn = tl.minimum(offs_n, N - 1)

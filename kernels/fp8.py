@@ -21,7 +21,8 @@ import triton.language as tl
 
 from . import register_kernel
 from ._launch import INTERPRET, Launcher, cdiv, m_bucket, tuned, workspace
-from .lowbit import V2, _finish
+from ._tl import _finish, _tile_mn
+from .lowbit import V2
 
 _INTERP = tl.constexpr(INTERPRET)
 _FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -111,18 +112,7 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     """Tensor-core GEMM, w FP8 [N, K]; x FP8 (W8A8: FP8 dot) or 16-bit (W8A16: w converted)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    if GROUP_M > 1:
-        width = GROUP_M * n_n
-        gid = pid // width
-        first = gid * GROUP_M
-        gsz = tl.minimum(n_m - first, GROUP_M)
-        pid_m = first + (pid % width) % gsz
-        pid_n = (pid % width) // gsz
-    else:
-        pid_m = pid // n_n
-        pid_n = pid % n_n
+    pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mmask = offs_m < M
