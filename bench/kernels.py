@@ -23,7 +23,6 @@ import copy
 import datetime
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 SHAPES = {"8B.qkv": (4096, 6144), "8B.o": (4096, 4096), "8B.gateup": (4096, 28672), "8B.down": (14336, 4096),
           "70B.o": (8192, 8192), "70B.gateup": (8192, 57344), "70B.down": (28672, 8192)}
@@ -191,6 +190,7 @@ def host_overhead_us(f, n=300) -> tuple[float, float]:
 def layer_host_us(spec, packed, n, k, x) -> float:
     """Host µs per call of the whole quantkit.nn.QuantLinear (forward + kernel launch) at M = 1."""
     from quantkit.kernels import lowbit
+
     from quantkit.nn import QuantLinear
 
     old = lowbit.IMPL
@@ -454,7 +454,6 @@ def main(argv=None) -> int:
         print("bench kernels: needs a CUDA GPU")
         return 2
     import triton
-
     from quantkit.kernels import _launch
 
     dev = torch.device("cpu" if args.smoke_cpu else "cuda")
@@ -477,7 +476,7 @@ def main(argv=None) -> int:
     for sname in shapes:
         K, N = SHAPES[sname]
         W = torch.randn(N, K, device=dev, dtype=dt) * 0.02
-        ncp = lambda nbytes: max(1, min(32, math.ceil(3 * L2_BYTES / max(nbytes, 1))))  # noqa: E731
+        ncp = lambda nbytes: max(1, min(32, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
         Ws = [W] + [W.clone() for _ in range(ncp(W.numel() * 2) - 1)]
         lin = torch.nn.functional.linear
         bf16_fns = [lambda x, w=w: lin(x, w) for w in Ws]
@@ -507,7 +506,7 @@ def main(argv=None) -> int:
             if tg is not None and M <= 2048:
                 wp, sz = tg
                 try:
-                    fn = lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, 128, sz)  # noqa: E731
+                    fn = lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, 128, sz)
                     fn(x)
                     e, g = time_both(rotated([fn], xs), args.rep)
                     row["tinygemm"] = {"eager_us": e, "graph_us": g}
@@ -592,14 +591,15 @@ def _smoke_patches():
         f()
         return (time.perf_counter() - t0) * 1e3
     triton.testing.do_bench = db
-    copy_bandwidth = lambda dev: 1e11  # noqa: E731
-    host_overhead_us = lambda f, n=3: (1.0, 1.0)  # noqa: E731
-    tinygemm_pack = lambda n, k, dev: None  # noqa: E731
+    copy_bandwidth = lambda dev: 1e11
+    host_overhead_us = lambda f, n=3: (1.0, 1.0)
+    tinygemm_pack = lambda n, k, dev: None
     kernels._scan()
 
     def bk(spec, packed, n, k, dev):
-        from quantkit.formats.base import format_from_spec
         from quantkit.kernels import lowbit
+
+        from quantkit.formats.base import format_from_spec
 
         fmt = format_from_spec(fmt_spec(spec))
         if spec["type"] in ("int", "lut"):

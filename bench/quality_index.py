@@ -3,8 +3,8 @@
     python bench/quality_index.py
 """
 
-import re
 import os
+import re
 
 D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs") + "/"
 found = open(D + 'quality/foundation.md').read()

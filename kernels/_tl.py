@@ -40,7 +40,7 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SP
         old = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if old == SPLIT - 1:
             tot = tl.zeros([BM, BN], dtype=tl.float32)
-            for sp in range(0, SPLIT):  # fixed order: deterministic
+            for sp in range(SPLIT):  # fixed order: deterministic
                 tot += tl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
             tl.store(optr, tot.to(out_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(cnt_ptr + tile, 0)

@@ -15,7 +15,13 @@ from . import __version__
 from .checkpoint.io import atomic_output_dir, read_config, write_json
 from .data import calibration_batch
 from .errors import CheckpointError, QuantkitError
-from .models.sources import LoadedModel, copy_source_files, load_float_model, load_tokenizer, read_source
+from .models.sources import (
+    LoadedModel,
+    copy_source_files,
+    load_float_model,
+    load_tokenizer,
+    read_source,
+)
 from .nn import QuantLinear
 from .pipeline import PipelineReport, quantize_model
 from .recipe import Recipe, load_recipe
@@ -159,20 +165,34 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         return quantize_resumable(model_or_name, recipe, resume_dir, calibration, tokenizer=tokenizer,
                                   device=device, samples=samples, seq_len=seq_len, seed=seed,
                                   batch_size=batch_size, progress=progress, **pipeline_kwargs)
+    recipe, dist, device, lm, ids, calib_info = _prepare(model_or_name, recipe, calibration, tokenizer, device,
+                                                        samples, seq_len, seed, batch_size)
+    t0 = time.time()
+    report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
+                            progress=progress, dist=dist, **pipeline_kwargs)
+    return _finish(lm, recipe, report, calib_info, device, dist, t0, progress)
+
+
+def _prepare(model_or_name, recipe, calibration, tokenizer, device, samples=None, seq_len=None, seed=None,
+             batch_size=None):
+    """What every quantize entry point does first: the recipe (with overrides), the process group
+    (under torchrun) and this rank's device, the model, the calibration ids."""
+    from .distributed import setup
+
     recipe = load_recipe(recipe)
     over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
             if v is not None}
     if over:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
-    from .distributed import setup
-
     dist, device = setup(device)
     lm = _as_loaded(model_or_name, tokenizer)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
-    device = device or default_device()
-    t0 = time.time()
-    report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
-                            progress=progress, dist=dist, **pipeline_kwargs)
+    return recipe, dist, torch.device(device or default_device()), lm, ids, calib_info
+
+
+def _finish(lm: LoadedModel, recipe: Recipe, report: PipelineReport, calib_info: dict, device, dist, t0: float,
+            progress: bool, extra_meta: dict | None = None) -> QuantizedModel:
+    """What every quantize entry point does last: the record of the run, the KV-cache allocation."""
     if report.calibration_tokens == 0:
         calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
@@ -185,6 +205,7 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         "device": str(device),
         "seconds": round(time.time() - t0, 2),
         "torch": torch.__version__,
+        **(extra_meta or {}),
     }
     if dist is not None:
         meta["distributed"] = {"world_size": dist.world, "backend": dist.backend}

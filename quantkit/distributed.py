@@ -25,9 +25,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -436,5 +437,18 @@ def solve_block(d: Dist, bi: int, linears: dict, schemes: dict, collector, devic
     return out
 
 
-__all__ = ["Dist", "Piece", "current", "setup", "shutdown", "launched", "exit_now", "plan_solves", "solve_cost", "factor_cost", "layout_of",
-           "row_splittable", "solve_block"]
+__all__ = [
+    "Dist",
+    "Piece",
+    "current",
+    "exit_now",
+    "factor_cost",
+    "launched",
+    "layout_of",
+    "plan_solves",
+    "row_splittable",
+    "setup",
+    "shutdown",
+    "solve_block",
+    "solve_cost",
+]

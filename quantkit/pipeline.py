@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,6 @@ from .nn import QuantLinear
 from .quantizers.base import LayerStats
 from .recipe import Recipe, Scheme
 from .transforms.base import LayerContext, block_plugin_from_spec
-
 
 REF_BATCHES = 4  # calibration batches (per rank) whose float block outputs are kept for block_rel_err
 

@@ -103,7 +103,7 @@ class Recipe(BaseModel):
 
             KVConfig.from_recipe(self.kv_cache, self.source)  # raises RecipeError naming kv_cache.<key>
 
-    def scheme_for(self, name: str) -> "Scheme | None":
+    def scheme_for(self, name: str) -> Scheme | None:
         """The scheme for a linear layer, or None if it stays in float."""
         if name != "__validate__":
             if matches(self.ignore, name) or not matches(self.targets, name):

@@ -32,8 +32,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ from .errors import CheckpointError, QuantkitError
 from .models.discovery import find_blocks, find_linears, set_module
 from .nn import QuantLinear
 from .pipeline import PipelineReport, capture_block_inputs, quantize_model
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -257,17 +258,8 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
     if not work_dir:
         raise QuantkitError("quantize_resumable needs a work_dir (e.g. --resume-dir DIR)")
     log = log or _stderr
-    recipe = load_recipe(recipe)
-    over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
-            if v is not None}
-    if over:
-        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
-    from .distributed import setup
-
-    dist, device = setup(device)
-    lm = api._as_loaded(model_or_name, tokenizer)
-    ids, calib_info = api._calibration_ids(lm, recipe, calibration)
-    device = torch.device(device or api.default_device())
+    recipe, dist, device, lm, ids, calib_info = api._prepare(model_or_name, recipe, calibration, tokenizer, device,
+                                                            samples, seq_len, seed, batch_size)
     model = lm.model
     bs = recipe.calibration.batch_size
     store = torch.device("cpu") if offload_activations else device
@@ -287,24 +279,7 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
         with (_Lock(work_dir) if dist is None or dist.is_main else contextlib.nullcontext()):
             report = _run(model, recipe, ids, device, store, bs, work_dir, progress, offload_activations,
                           on_block_done, log, info, dist)
-    if report.calibration_tokens == 0:  # as quantkit.quantize records a data-free run
-        calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
-    meta = {
-        "quantkit_version": __version__,
-        "quantkit_commit": api.git_commit(),
-        "recipe": recipe.model_dump(),
-        "recipe_name": recipe.name,
-        "calibration": calib_info,
-        "source": lm.source,
-        "device": str(device),
-        "seconds": round(time.time() - t0, 2),
-        "torch": torch.__version__,
-        "resume": info,
-    }
-    if dist is not None:
-        meta["distributed"] = {"world_size": dist.world, "backend": dist.backend}
-    return api.QuantizedModel(model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,
-                              meta, report)
+    return api._finish(lm, recipe, report, calib_info, device, dist, t0, progress, {"resume": info})
 
 
 def _act_file(bi: int, dist) -> str:
@@ -426,4 +401,4 @@ def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, use
     return _merge(prev, report)
 
 
-__all__ = ["quantize_resumable", "read_state", "clear_state", "run_fingerprint", "model_fingerprint"]
+__all__ = ["clear_state", "model_fingerprint", "quantize_resumable", "read_state", "run_fingerprint"]

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import quantkit
-import quantkit.pipeline as pipeline
+from quantkit import pipeline
 from quantkit.errors import NumericalError, QuantkitError
 
 

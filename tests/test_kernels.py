@@ -19,8 +19,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from quantkit.formats.base import format_from_spec  # noqa: E402
-from quantkit.formats.packing import pack_codes, unpack_codes  # noqa: E402
+from quantkit.formats.base import format_from_spec
+from quantkit.formats.packing import pack_codes, unpack_codes
 
 DEV = torch.device("cuda" if os.environ.get("QUANTKIT_TEST_CUDA") == "1" else "cpu")
 BOUND = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3}

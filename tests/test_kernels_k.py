@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_kernels import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut  # noqa: E402
+from test_kernels import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut
 
-from quantkit.formats.base import format_from_spec  # noqa: E402
+from quantkit.formats.base import format_from_spec
 
 KCFG = {
     "gemv": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 3},
@@ -126,6 +126,7 @@ cuda_only = pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA (run with 
 @cuda_only
 def test_k_quantlinear_all_m(monkeypatch):
     from quantkit.kernels import lowbit
+
     from quantkit.nn import QuantLinear
 
     monkeypatch.setattr(lowbit, "IMPL", "k")

@@ -126,6 +126,20 @@ class WeightFormat(ABC):
         return out
 
 
+def static_input_scale(what: str, stats: Any, act_max: float, device) -> dict[str, torch.Tensor]:
+    """Layer params of a static (calibrated) activation scale: max |x| over the calibration data,
+    mapped to the activation format's largest value ``act_max``."""
+    from ..errors import NumericalError
+
+    amax = None if stats is None else stats.act_absmax
+    if amax is None or getattr(stats, "nsamples", 0) == 0:
+        raise NumericalError(f"{what}: static activation quantization needs calibration statistics "
+                             f"(act_absmax) and got none; calibrate, or use activations: dynamic")
+    m = float(amax.float().max())
+    s = m / act_max if m > 0 else 1.0
+    return {"input_scale": torch.tensor([[s]], dtype=torch.float32, device=device)}
+
+
 def packed_bits_per_weight(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> float:
     """True storage cost: every stored byte (codes, scales, zeros, tables, g_idx) per weight."""
     nbits = sum(t.numel() * t.element_size() * 8 for t in packed.values())

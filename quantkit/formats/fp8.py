@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from ..errors import CheckpointError, NumericalError
+from ..errors import CheckpointError
 from ..registry import register
-from .base import FormatConfig, Params, WeightFormat
+from .base import FormatConfig, WeightFormat, static_input_scale
 from .int import expect
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -109,13 +109,7 @@ class FP8Format(WeightFormat):
     def begin_layer(self, w, col_weight, stats=None):
         if self.cfg.activations != "static":
             return {}
-        amax = None if stats is None else stats.act_absmax
-        if amax is None or getattr(stats, "nsamples", 0) == 0:
-            raise NumericalError(f"{self.describe()}: static activation quantization needs calibration "
-                                 f"statistics (act_absmax) and got none; calibrate, or use activations: dynamic")
-        m = float(amax.float().max())
-        s = m / FP8_MAX[self.cfg.act_kind] if m > 0 else 1.0
-        return {"input_scale": torch.tensor([[s]], dtype=torch.float32, device=w.device)}
+        return static_input_scale(self.describe(), stats, FP8_MAX[self.cfg.act_kind], w.device)
 
     def fit_group(self, w, col_weight, layer):
         w = w.float()
@@ -169,5 +163,13 @@ class FP8Format(WeightFormat):
         return y.to(x.dtype)
 
 
-__all__ = ["FP8Format", "FP8Config", "FP8_DTYPES", "FP8_MAX", "fp8_quantize", "fp8_codes", "fp8_from_codes",
-           "quantize_activations_fp8"]
+__all__ = [
+    "FP8_DTYPES",
+    "FP8_MAX",
+    "FP8Config",
+    "FP8Format",
+    "fp8_codes",
+    "fp8_from_codes",
+    "fp8_quantize",
+    "quantize_activations_fp8",
+]

@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from ..errors import CheckpointError, NumericalError
+from ..errors import CheckpointError
 from ..registry import register
+from .base import static_input_scale
 from .int import _DTYPES as _SDT
 from .int import IntConfig, IntFormat, expect
 from .packing import unpack_codes
@@ -72,13 +73,7 @@ class Int8A8Format(IntFormat):
     def begin_layer(self, w, col_weight, stats=None):
         if self.cfg.activations != "static":
             return {}
-        amax = None if stats is None else stats.act_absmax
-        if amax is None or getattr(stats, "nsamples", 0) == 0:
-            raise NumericalError(f"{self.describe()}: static activation quantization needs calibration "
-                                 f"statistics (act_absmax) and got none; calibrate, or use activations: dynamic")
-        m = float(amax.float().max())
-        s = m / INT8_ACT_MAX if m > 0 else 1.0
-        return {"input_scale": torch.tensor([[s]], dtype=torch.float32, device=w.device)}
+        return static_input_scale(self.describe(), stats, INT8_ACT_MAX, w.device)
 
     def pack(self, codes, layer, groups, g_idx):
         out = super().pack(codes, layer, groups, g_idx)
@@ -114,4 +109,4 @@ class Int8A8Format(IntFormat):
         return y.to(x.dtype)
 
 
-__all__ = ["Int8A8Format", "Int8A8Config", "quantize_activations_int8", "INT8_ACT_MAX"]
+__all__ = ["INT8_ACT_MAX", "Int8A8Config", "Int8A8Format", "quantize_activations_int8"]

@@ -407,5 +407,15 @@ class LutFormat(WeightFormat):
         return w
 
 
-__all__ = ["LutFormat", "LutConfig", "NF4_TABLE", "FP4_TABLE", "CURATED_CALIBRATION_TEXT", "nearest_index",
-           "weighted_kmeans_1d", "kmeans_dp_1d", "weighted_sse", "e2m1_value"]
+__all__ = [
+    "CURATED_CALIBRATION_TEXT",
+    "FP4_TABLE",
+    "NF4_TABLE",
+    "LutConfig",
+    "LutFormat",
+    "e2m1_value",
+    "kmeans_dp_1d",
+    "nearest_index",
+    "weighted_kmeans_1d",
+    "weighted_sse",
+]

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..errors import NumericalError
 from ..registry import register
-from .base import LayerStats, QuantizerConfig, QuantResult, Quantizer, output_error
+from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, output_error
 
 
 class GPTQConfig(QuantizerConfig):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..registry import register
-from .base import LayerStats, QuantResult, Quantizer, output_error, quantize_columns
+from .base import LayerStats, Quantizer, QuantResult, output_error, quantize_columns
 
 
 @register("quantizer", "rtn")
