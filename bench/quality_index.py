@@ -44,6 +44,8 @@ parts = [
     first_table(lowbit, r'^\| bits \| method'),
     "\n## Number formats at equal bits (issue 4)\n\nFull section: [docs/quality/formats.md](quality/formats.md).\n",
     first_table(formats),
+    "\n" + formats.split("## What the table shows", 1)[-1].split("\n\n", 2)[1].strip() + "\n"
+    if "## What the table shows" in formats else "",
     "\n## KV-cache quantization (issue 5)\n\nsmollm2-135m with float weights, 40 windows x 512 tokens fed in chunks of 64 "
     "through the quantized\ncache (residual window 32, key groups of 32 tokens, value groups of 32 channels); measured on "
     "the lent\nH200. Full section (allocations per layer, norms, LAMBADA): [docs/quality/kv.md](quality/kv.md).\n",
