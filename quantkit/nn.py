@@ -67,6 +67,12 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.fmt.unpack(self.packed, self.shape)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() replace the buffers: a kernel built on the old ones is dropped
+        # (it would compute from, and keep alive, a stale copy)
+        self._kernel, self._kernel_device = None, None
+        return super()._apply(fn, *args, **kwargs)
+
     def _get_kernel(self, device: torch.device):
         if self._kernel_device != device:
             from . import kernels  # local import: kernels are optional (Triton)
