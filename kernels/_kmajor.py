@@ -121,6 +121,19 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
 
 
 @triton.jit
+def _stack_rows(a0, a1, a2, a3, BM: tl.constexpr):
+    """The GEMV's per-row accumulators (BM <= 4 rows of x) as one [BM, BN] tile."""
+    r = tl.arange(0, BM)[:, None]
+    res = tl.where(r == 0, a0[None, :], 0.0)
+    if BM > 1:
+        res = tl.where(r == 1, a1[None, :], res)
+    if BM > 2:
+        res = tl.where(r == 2, a2[None, :], res)
+        res = tl.where(r == 3, a3[None, :], res)
+    return res
+
+
+@triton.jit
 def _xrow(x_ptr, m, M, K, k, EVEN: tl.constexpr):
     if EVEN:
         v = tl.load(x_ptr + m * K + k, mask=(k * 0 + m) < M, other=0.0)
@@ -166,13 +179,7 @@ def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             a2 += tl.sum(d * _xrow(x_ptr, 2, M, K, k, EVEN)[None, :], axis=1)
             a3 += tl.sum(d * _xrow(x_ptr, 3, M, K, k, EVEN)[None, :], axis=1)
     offs_m = tl.arange(0, BM)
-    r = offs_m[:, None]
-    res = tl.where(r == 0, a0[None, :], 0.0)
-    if BM > 1:
-        res = tl.where(r == 1, a1[None, :], res)
-    if BM > 2:
-        res = tl.where(r == 2, a2[None, :], res)
-        res = tl.where(r == 3, a3[None, :], res)
+    res = _stack_rows(a0, a1, a2, a3, BM)
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
@@ -319,13 +326,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                                          HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
                                          LUTG)
     offs_m = tl.arange(0, BM)
-    r = offs_m[:, None]
-    res = tl.where(r == 0, a0[None, :], 0.0)
-    if BM > 1:
-        res = tl.where(r == 1, a1[None, :], res)
-    if BM > 2:
-        res = tl.where(r == 2, a2[None, :], res)
-        res = tl.where(r == 3, a3[None, :], res)
+    res = _stack_rows(a0, a1, a2, a3, BM)
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
