@@ -102,9 +102,6 @@ class Dist:
                 raise QuantkitError(f"rank {r} failed during {what}: {m} (every rank stops)")
         return [p for _, p in got]
 
-    def barrier(self, what: str = "barrier") -> None:
-        self.agree(None, what)
-
     def all_reduce(self, tensors: list[torch.Tensor], op: str, what: str) -> None:
         """In-place sum/max of ``tensors`` across ranks (small ones bucketed into one call)."""
         import torch.distributed as dist
@@ -285,6 +282,10 @@ def factor_cost(cols: int) -> float:
     return 4.0 * cols ** 3 / 3.0
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _lpt(units: list[tuple[float, tuple]], world: int) -> tuple[float, list[int]]:
     """Largest first onto the least-loaded rank: (makespan, rank of each unit)."""
     order = sorted(range(len(units)), key=lambda i: (-units[i][0], units[i][1]))
@@ -327,8 +328,8 @@ def plan_solves(items: list[tuple], world: int, align: int = 16, split_rows: str
         for k in keys:
             ms = groups[k]
             if k in split_set:
-                n, r, c, h, _ = ms[0]
-                step = -(-(-(-r // world)) // align) * align
+                r = ms[0][1]
+                step = _cdiv(_cdiv(r, world), align) * align  # rows per rank, rounded up to align
                 for r0 in range(0, r, step):
                     r1 = min(r0 + step, r)
                     units.append((unit_cost(ms, r1 - r0), (k, r0)))

@@ -13,6 +13,7 @@ Only the current block and the activations live on the compute device; the rest 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -282,6 +283,12 @@ def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats
     return ql, info
 
 
+def is_data_free(model: nn.Module, recipe: Recipe) -> bool:
+    """No block plugin and no scheme needs activations: the recipe runs without calibration."""
+    return not recipe.block_plugins and not any(
+        s.needs_calibration for n in find_linears(model) if (s := recipe.scheme_for(n)) is not None)
+
+
 def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport, device, progress: bool,
                        t0: float) -> PipelineReport:
     """No scheme needs activations (e.g. RTN into INT): quantize every targeted linear directly."""
@@ -305,9 +312,6 @@ class _Prefetch:
     offload() moves a finished block back the same way (pageable device-to-host copies are slow)."""
 
     def __init__(self, device: torch.device, first: nn.Module):
-        import threading
-
-        self._threading = threading
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.out_stream = torch.cuda.Stream(device)
@@ -327,7 +331,7 @@ class _Prefetch:
 
     def start(self, module: nn.Module) -> None:
         self.module, self.error = module, None
-        self.thread = self._threading.Thread(target=self._copy, args=(module,), daemon=True)
+        self.thread = threading.Thread(target=self._copy, args=(module,), daemon=True)
         self.thread.start()
 
     def offload(self, module: nn.Module) -> None:
@@ -349,7 +353,7 @@ class _Prefetch:
             except BaseException as e:  # noqa: BLE001 - re-raised by drain()
                 self.out_error = e
 
-        self.out_thread = self._threading.Thread(target=work, daemon=True)
+        self.out_thread = threading.Thread(target=work, daemon=True)
         self.out_thread.start()
 
     def drain(self) -> None:
@@ -397,8 +401,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()),
                             world_size=dist.world if dist is not None else 1)
     blocks_name, blocks = find_blocks(model)
-    if not recipe.block_plugins and not any(
-            s.needs_calibration for n, m in find_linears(model).items() if (s := recipe.scheme_for(n)) is not None):
+    if is_data_free(model, recipe):
         return quantize_data_free(model, recipe, report, device, progress, t0)
     if dist is not None and recipe.block_plugins and dist.world > 1:
         raise QuantkitError(f"{recipe.source}: block_plugins ({', '.join(str(p.get('type', p)) for p in recipe.block_plugins)}) "
@@ -420,6 +423,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         report.capture_seconds = time.time() - t_cap
     else:
         inputs, kwargs_list = state
+
     def clock() -> float:  # phase times per block, in the report (the device's queue drained first)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -41,9 +41,9 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError, QuantkitError
-from .models.discovery import find_blocks, find_linears, set_module
+from .models.discovery import find_blocks, set_module
 from .nn import QuantLinear
-from .pipeline import PipelineReport, capture_block_inputs, quantize_model
+from .pipeline import PipelineReport, capture_block_inputs, is_data_free, quantize_model
 from .recipe import Recipe
 
 STATE_FILE = "state.json"
@@ -264,8 +264,7 @@ def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq"
     bs = recipe.calibration.batch_size
     store = torch.device("cpu") if offload_activations else device
     t0 = time.time()
-    data_free = not recipe.block_plugins and not any(
-        s.needs_calibration for n, m in find_linears(model).items() if (s := recipe.scheme_for(n)) is not None)
+    data_free = is_data_free(model, recipe)
 
     info: dict[str, Any] = {"work_dir": os.path.abspath(work_dir), "resumed_from_block": None,
                             "restart_reason": None}
