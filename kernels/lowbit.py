@@ -59,6 +59,22 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
+def _add_scaled(acc, d, xs, s_ptr, z_ptr, g, N, offs_n, nmask, MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                ZC: tl.constexpr, MV: tl.constexpr):
+    """acc + one group's dot ``d`` times its scale; for affine codes (MODE 0, dequantized as
+    (q + MV) - (zero + MV)) minus the row sums ``xs`` of x times (zero + MV)·scale."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+            c = (z + MV) * s
+        else:
+            c = s * (ZC + MV)
+        return acc + d * s[None, :] - xs[:, None] * c[None, :]
+    return acc + d * s[None, :]
+
+
+@triton.jit
 def _dot(a, b, acc):
     if _INTERP:  # the interpreter mishandles 16-bit float dots: same products in fp32
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
@@ -305,17 +321,11 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
             if HAS_SCALE:
                 d = _dot(xt, bt, tl.zeros([BM, BN], dtype=tl.float32))
                 g = tl.minimum((b * 128) // GS, G - 1)
-                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
                 if MODE == 0:
                     xs = tl.sum(xt.to(tl.float32), axis=1)
-                    if HAS_ZERO:
-                        z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-                        c = (z + MV) * s
-                    else:
-                        c = s * (ZC + MV)
-                    acc += d * s[None, :] - xs[:, None] * c[None, :]
                 else:
-                    acc += d * s[None, :]
+                    xs = tl.zeros([BM], dtype=tl.float32)
+                acc = _add_scaled(acc, d, xs, s_ptr, z_ptr, g, N, offs_n, nmask, MODE, HAS_ZERO, ZC, MV)
             else:
                 acc = _dot(xt, bt, acc)
         else:
@@ -341,16 +351,7 @@ def _q4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt
                         d = _dot(xi, bt, d)
                 if HAS_SCALE:
                     g = _group_of(b, j, gmap_ptr, G, GS, GPT, HAS_GMAP)
-                    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                    if MODE == 0:
-                        if HAS_ZERO:
-                            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-                            c = (z + MV) * s
-                        else:
-                            c = s * (ZC + MV)
-                        acc += d * s[None, :] - xs[:, None] * c[None, :]
-                    else:
-                        acc += d * s[None, :]
+                    acc = _add_scaled(acc, d, xs, s_ptr, z_ptr, g, N, offs_n, nmask, MODE, HAS_ZERO, ZC, MV)
                 else:
                     acc += d
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
