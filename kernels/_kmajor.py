@@ -37,7 +37,7 @@ import triton.language as tl
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import INTERPRET, Launcher, cdiv, m_bucket, scratch, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned, workspace
 from ._tl import _finish, _tile_mn
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -485,15 +485,7 @@ class KLowbitKernel:
             lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even, LUTG=False), num_warps=4, num_stages=1,
                            device=self.device)
             grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
-            nbytes = N * K * 2
-            buf = scratch(self.device, nbytes)
-            wd = buf[:nbytes].view(dtype).view(N, K)
-            mm = torch.mm
-
-            def run_dq(x, out, M):
-                lau(grid, wp, sp, zp, lp, wd, N, K, KWS, G)
-                mm(x, wd.t(), out=out)
-            return run_dq
+            return dequant_then_mm(lau, grid, (wp, sp, zp, lp), (N, K, KWS, G), N, K, dtype, self.device)
         bn, bkw = int(cfg["BN"]), int(cfg["BKW"])
         nch = cdiv(KWS, bkw)
         split = max(1, min(int(cfg.get("split", 1)), nch))

@@ -122,6 +122,21 @@ def scratch(device: torch.device, nbytes: int) -> torch.Tensor:
         return cur
 
 
+def dequant_then_mm(lau, grid, before: tuple, after: tuple, N: int, K: int, dtype: torch.dtype,
+                    device: torch.device):
+    """The large-M path: ``lau`` dequantizes the weight into the per-device scratch buffer (passed
+    between the ``before`` and ``after`` arguments), then cuBLAS multiplies."""
+    nbytes = N * K * 2
+    wd = scratch(device, nbytes)[:nbytes].view(dtype).view(N, K)
+    args = (*before, wd, *after)
+    mm = torch.mm
+
+    def run_dq(x, out, M):
+        lau(grid, *args)
+        mm(x, wd.t(), out=out)
+    return run_dq
+
+
 # ---- tuned configs --------------------------------------------------------------------------------
 _TUNED_FILE = Path(__file__).with_name("tuned_hopper.json")
 _TUNED: dict | None = None

@@ -44,7 +44,7 @@ import triton.language as tl
 from quantkit.formats.packing import unpack_codes
 
 from . import register_kernel
-from ._launch import INTERPRET, Launcher, cdiv, m_bucket, scratch, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned, workspace
 from ._tl import _finish, _tile_mn
 
 PB = 128  # columns per packed block
@@ -496,15 +496,7 @@ class LowbitKernel:
             lau = Launcher(_q4_dequant, dict(common, HAS_GMAP=self.gmap is not None, BN=bn),
                            num_warps=4, num_stages=1, device=self.device)
             grid = (NB, cdiv(N, bn), 1)
-            nbytes = N * K * 2
-            buf = scratch(self.device, nbytes)
-            wd = buf[:nbytes].view(dtype).view(N, K)
-            mm = torch.mm
-
-            def run_dq(x, out, M):
-                lau(grid, wp, sp, zp, lp, gp, wd, N, K, G)
-                mm(x, wd.t(), out=out)
-            return run_dq
+            return dequant_then_mm(lau, grid, (wp, sp, zp, lp, gp), (N, K, G), N, K, dtype, self.device)
         common.update(GPT=self.GPT, HAS_GMAP=self.gmap is not None)
         split = max(1, min(int(cfg.get("split", 1)), NB))
         bps = cdiv(NB, split)
