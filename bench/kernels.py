@@ -283,25 +283,35 @@ def k_candidates(kern, mb: int) -> list[dict]:
         nch = -(-kws // 32)
         s0 = max(1, min(nch, -(-528 // -(-n // 64))))
         out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "pf": False})
-        out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "v": "i"})
+        if getattr(kern, "mode", 0) == 1:  # lut: the GEMV's table lookups from L1 instead of registers
+            out.append({"path": "gemv", "BN": 128, "BKW": 16, "warps": 4, "split": s0, "asm": False})
+        # tensor cores with the inline-PTX dequant, even at M = 1 (x padded to 16 rows)
+        for bn, w in ((64, 4), (128, 4), (128, 8)):
+            nch = -(-kws // 16)
+            tiles = -(-n // bn)
+            s0 = max(1, min(nch // 2 or 1, -(-264 // tiles)))
+            for s in {s0, max(1, s0 // 2), min(nch, 2 * s0)}:
+                out.append({"path": "mma", "BM": 16, "BN": bn, "BKW": 16, "warps": w, "stages": 3, "split": s,
+                            "swap": True, "asm": True})
     elif mb <= 64:
-        for bm, bn, bkw, w, swap in ((16, 64, 16, 4, True), (16, 128, 16, 4, True), (32, 64, 16, 4, True),
-                                     (16, 64, 16, 4, False), (32, 128, 16, 4, False), (64, 64, 16, 4, False),
-                                     (64, 64, 16, 4, True)):
+        for bm, bn, bkw, w, swap, asm in ((16, 64, 16, 4, True, True), (16, 128, 16, 4, True, True),
+                                          (16, 128, 16, 8, True, True), (32, 64, 16, 4, True, True),
+                                          (64, 64, 16, 4, True, True), (64, 128, 16, 8, False, True),
+                                          (32, 128, 16, 4, False, True), (16, 64, 16, 4, True, False)):
             if bm < min(mb, 64) // 2 or (bm > 16 and bm > mb):
                 continue
             nch = -(-kws // bkw)
             tiles = -(-n // bn) * -(-mb // bm)
             s0 = max(1, min(nch // 2 or 1, -(-264 // tiles)))
-            for s in {s0, 1, min(nch, 2 * s0)}:
+            for s in {s0, min(nch, 2 * s0)} | ({1} if s0 <= 2 else set()):
                 out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": s,
-                            "swap": swap})
+                            "swap": swap, "asm": asm})
         if mb >= 32:
             out.append({"path": "dq"})
     else:
-        for bm, bn, bkw, w in ((64, 64, 16, 4), (128, 64, 16, 8), (64, 128, 16, 8)):
+        for bm, bn, bkw, w in ((64, 64, 16, 4), (128, 64, 16, 8), (64, 128, 16, 8), (128, 128, 16, 8)):
             out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": 1,
-                        "group_m": 8})
+                        "group_m": 8, "asm": True})
         out.append({"path": "dq"})
         out.append({"path": "dq", "BN": 64, "BKW": 32})
     return out
@@ -358,7 +368,8 @@ def _stub(kind, n, k):
     from quantkit.kernels.lowbit import LowbitKernel
 
     if KINDS[kind].get("impl") == "k":
-        st = SimpleNamespace(N=n, K=k, KWS=k // 8, impl="k")
+        st = SimpleNamespace(N=n, K=k, KWS=k // 8, impl="k", GS=KINDS[kind]["group_size"] or (1 << 30),
+                             mode=1 if KINDS[kind]["type"] == "lut" else 0)
         st.default_config = lambda mb, st=st: KLowbitKernel.default_config(st, mb)
     elif kind.startswith("fp8"):
         st = SimpleNamespace(N=n, K=k, act=KINDS[kind]["activations"], smm_ok=True)

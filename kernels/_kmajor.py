@@ -31,6 +31,8 @@ copied.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,7 @@ from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned
 from ._tl import _finish, _tile_mn
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+ASM_OFF = os.environ.get("QUANTKIT_KERNEL_ASM", "1") == "0"  # 0: never the inline-PTX dequant
 
 
 # ================================================================================================
@@ -118,6 +121,112 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     return tl.interleave(a, b)
 
 
+
+
+# ---- packed dequant in inline PTX (compiled GPU only; the interpreter takes _kdeq) --------------
+# One word (8 codes, column 8j+i in nibble i) -> 8 values of the dot dtype, two per 32-bit register
+# op. int: ``(w >> 4i) & 0x000F000F | magic`` is the pair {M0 + q_i, M0 + q_(i+4)} (M0 = 128 in
+# bf16, 1024 in fp16: exact), one packed FMA subtracts M0 + z, and PRMTs put the pairs in column
+# order: 15 instructions per 8 weights (the fp32 path: ~5.5 per weight). lut: byte-permute lookups
+# in a table held in 8 registers per row (the low and the high bytes of its 16 entries, 4 to a
+# register: ``lut_planes``): PRMT picks 4 codes' bytes among entries 0-7 and among 8-15, a second
+# PRMT chooses by the code's top bit, a third interleaves low and high bytes: 21 per 8 weights.
+_ASM_INT_BF16 = """{
+.reg .b32 t1, t2, t3, a0, a1, a2, a3, p0, p1, p2, p3, one;
+mov.b32 one, 0x3F803F80;
+lop3.b32 a0, $8, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t1, $8, 4;
+lop3.b32 a1, t1, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t2, $8, 8;
+lop3.b32 a2, t2, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t3, $8, 12;
+lop3.b32 a3, t3, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 a0, a0, one, $9;
+fma.rn.bf16x2 a1, a1, one, $9;
+fma.rn.bf16x2 a2, a2, one, $9;
+fma.rn.bf16x2 a3, a3, one, $9;
+prmt.b32 p0, a0, a1, 0x5410;
+prmt.b32 p1, a2, a3, 0x5410;
+prmt.b32 p2, a0, a1, 0x7632;
+prmt.b32 p3, a2, a3, 0x7632;
+mov.b32 {$0, $1}, p0;
+mov.b32 {$2, $3}, p1;
+mov.b32 {$4, $5}, p2;
+mov.b32 {$6, $7}, p3;
+}"""
+_ASM_INT_FP16 = _ASM_INT_BF16.replace("0x3F803F80", "0x3C003C00").replace("0x43004300", "0x64006400") \
+    .replace("bf16x2", "f16x2")
+_ASM_LUT = """{
+.reg .b32 s, sh, b, bh, a, bb, c, d, lo, hi, p0, p1, p2, p3;
+and.b32 s, $8, 0x77777777;
+shr.u32 sh, s, 16;
+shr.u32 b, $8, 1;
+lop3.b32 b, b, 0x44444444, 0x32103210, 0xEA;
+shr.u32 bh, b, 16;
+prmt.b32 a, $9, $10, s;
+prmt.b32 bb, $11, $12, s;
+prmt.b32 c, $13, $14, s;
+prmt.b32 d, $15, $16, s;
+prmt.b32 lo, a, bb, b;
+prmt.b32 hi, c, d, b;
+prmt.b32 p0, lo, hi, 0x5140;
+prmt.b32 p1, lo, hi, 0x7362;
+prmt.b32 a, $9, $10, sh;
+prmt.b32 bb, $11, $12, sh;
+prmt.b32 c, $13, $14, sh;
+prmt.b32 d, $15, $16, sh;
+prmt.b32 lo, a, bb, bh;
+prmt.b32 hi, c, d, bh;
+prmt.b32 p2, lo, hi, 0x5140;
+prmt.b32 p3, lo, hi, 0x7362;
+mov.b32 {$0, $1}, p0;
+mov.b32 {$2, $3}, p1;
+mov.b32 {$4, $5}, p2;
+mov.b32 {$6, $7}, p3;
+}"""
+_OUT8 = "=h,=h,=h,=h,=h,=h,=h,=h,"
+_ASM_INT_BF16_C = tl.constexpr(_ASM_INT_BF16)
+_ASM_INT_FP16_C = tl.constexpr(_ASM_INT_FP16)
+_ASM_LUT_C = tl.constexpr(_ASM_LUT)
+_CONS_INT = tl.constexpr(_OUT8 + "r,r")
+_CONS_LUT = tl.constexpr(_OUT8 + "r,r,r,r,r,r,r,r,r")
+
+
+@triton.jit
+def _zpair(z, XDT: tl.constexpr):
+    """-(M0 + z) as two packed values of the dot dtype (int32 bits; exact for z < 16)."""
+    if XDT == tl.bfloat16:
+        v = -(z + 128.0)
+    else:
+        v = -(z + 1024.0)
+    b = v.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl.constexpr):
+    """Words w [BN, BKW] -> [BN, 8*BKW] values of XDT in column order (no scale), inline PTX.
+    int: zz = _zpair(z) ([BN, 1] or scalar); lut: t0..t7 = the row's table planes ([BN, 1])."""
+    if MODE == 0:
+        zb = tl.broadcast_to(zz, w.shape)
+        if XDT == tl.bfloat16:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_INT_BF16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_INT_FP16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    else:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            _ASM_LUT_C, _CONS_LUT,
+            [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
+             tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
+             tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
+            dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    a = tl.interleave(tl.interleave(d0.to(XDT, bitcast=True), d4.to(XDT, bitcast=True)),
+                      tl.interleave(d2.to(XDT, bitcast=True), d6.to(XDT, bitcast=True)))
+    b = tl.interleave(tl.interleave(d1.to(XDT, bitcast=True), d5.to(XDT, bitcast=True)),
+                      tl.interleave(d3.to(XDT, bitcast=True), d7.to(XDT, bitcast=True)))
+    return tl.interleave(a, b)
 
 
 @triton.jit
@@ -281,13 +390,69 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
     return a0, a1, a2, a3
 
 
+@triton.jit
+def _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7):
+    """The 8 codes of words w as fp32 table values (fp16 planes, PRMT lookups, exact)."""
+    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+        _ASM_LUT_C, _CONS_LUT,
+        [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
+         tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
+         tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
+        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    return (d0.to(tl.float16, bitcast=True).to(tl.float32), d1.to(tl.float16, bitcast=True).to(tl.float32),
+            d2.to(tl.float16, bitcast=True).to(tl.float32), d3.to(tl.float16, bitcast=True).to(tl.float32),
+            d4.to(tl.float16, bitcast=True).to(tl.float32), d5.to(tl.float16, bitcast=True).to(tl.float32),
+            d6.to(tl.float16, bitcast=True).to(tl.float32), d7.to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb, k8, K, EVEN: tl.constexpr):
+    """sum_i e_i * x[8*kw + i] per [BN, BKW] element."""
+    t = e0 * _xnib(xb, k8, K, 0, EVEN)[None, :]
+    t += e1 * _xnib(xb, k8, K, 1, EVEN)[None, :]
+    t += e2 * _xnib(xb, k8, K, 2, EVEN)[None, :]
+    t += e3 * _xnib(xb, k8, K, 3, EVEN)[None, :]
+    t += e4 * _xnib(xb, k8, K, 4, EVEN)[None, :]
+    t += e5 * _xnib(xb, k8, K, 5, EVEN)[None, :]
+    t += e6 * _xnib(xb, k8, K, 6, EVEN)[None, :]
+    t += e7 * _xnib(xb, k8, K, 7, EVEN)[None, :]
+    return t
+
+
+@triton.jit
+def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2, t3, t4, t5, t6, t7,
+                     HAS_SCALE: tl.constexpr, GS: tl.constexpr, BM: tl.constexpr, BKW: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """_gemv_chunk for lut formats with the table lookups in registers (inline PTX)."""
+    kw = c * BKW + tl.arange(0, BKW)
+    k8 = kw * 8
+    s = 1.0
+    if HAS_SCALE:
+        if GS % (8 * BKW) == 0:
+            sidx = rn[:, None] * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)
+        else:
+            sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
+        s = tl.load(s_ptr + sidx).to(tl.float32)
+    e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
+    a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
+    if BM > 1:
+        xb1 = x_ptr + tl.minimum(1, M - 1) * K + k8
+        a1 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s, axis=1)
+    if BM > 2:
+        xb2 = x_ptr + tl.minimum(2, M - 1) * K + k8
+        xb3 = x_ptr + tl.minimum(3, M - 1) * K + k8
+        a2 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s, axis=1)
+        a3 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s, axis=1)
+    return a0, a1, a2, a3
+
+
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
 def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                M, N, K, KWS, G, CPS, SPLIT,
                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-               PF: tl.constexpr, LUTG: tl.constexpr):
+               PF: tl.constexpr, LUTG: tl.constexpr, ASM: tl.constexpr = False):
     """GEMV, nibble by nibble: each nibble's [BN, BKW] values meet x[8*kw + i] (strided loads, L1) and
     accumulate in [BN, BKW]; scale and row sums once per chunk. PF: the next chunk's words are
     loaded before this chunk is computed (two chunks in flight per thread)."""
@@ -304,7 +469,29 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     c0 = pid_k * CPS
     c1 = tl.minimum(c0 + CPS, nch)
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
-    if PF:
+    if ASM:  # lut formats: the rows' fp16 table planes in registers (lut_ptr: int32 [rows, 8])
+        if LUT_ROW:
+            tp = lut_ptr + rn[:, None] * 8
+        else:
+            tp = lut_ptr + rn[:, None] * 0
+        t0 = tl.load(tp)
+        t1 = tl.load(tp + 1)
+        t2 = tl.load(tp + 2)
+        t3 = tl.load(tp + 3)
+        t4 = tl.load(tp + 4)
+        t5 = tl.load(tp + 5)
+        t6 = tl.load(tp + 6)
+        t7 = tl.load(tp + 7)
+        lim = tl.minimum(KWS, c1 * BKW)
+        wc = c0 * BKW + kw0
+        wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
+        for c in range(c0, c1):
+            w = wn
+            wc = (c + 1) * BKW + kw0
+            wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
+            a0, a1, a2, a3 = _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3,
+                                              t0, t1, t2, t3, t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN)
+    elif PF:
         lim = tl.minimum(KWS, c1 * BKW)  # words of this program's chunks
         wc = c0 * BKW + kw0
         wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
@@ -336,8 +523,11 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-            SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, LUTG: tl.constexpr):
-    """Tensor cores: the dequantized [BN, 8*BKW] tile (x dtype) meets x [BM, 8*BKW] in tl.dot."""
+            SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, LUTG: tl.constexpr,
+            ASM: tl.constexpr = False):
+    """Tensor cores: the dequantized [BN, 8*BKW] tile (x dtype) meets x [BM, 8*BKW] in tl.dot.
+    ASM: packed dequant in inline PTX (_kdeq_asm; needs whole groups per chunk; for lut, lut_ptr
+    holds the table planes, int32 [rows, 8])."""
     XDT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -359,6 +549,29 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     c1 = tl.minimum(c0 + CPS, nch)
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
     xrow = x_ptr + rm[:, None].to(tl.int64) * K
+    if ASM:
+        zz = _zpair(tl.full([1, 1], ZC, tl.float32), XDT)
+        t0 = zz
+        t1 = zz
+        t2 = zz
+        t3 = zz
+        t4 = zz
+        t5 = zz
+        t6 = zz
+        t7 = zz
+        if MODE == 1:  # the rows' table planes, in registers for the whole loop
+            if LUT_ROW:
+                tp = lut_ptr + rn[:, None] * 8
+            else:
+                tp = lut_ptr + rn[:, None] * 0
+            t0 = tl.load(tp)
+            t1 = tl.load(tp + 1)
+            t2 = tl.load(tp + 2)
+            t3 = tl.load(tp + 3)
+            t4 = tl.load(tp + 4)
+            t5 = tl.load(tp + 5)
+            t6 = tl.load(tp + 6)
+            t7 = tl.load(tp + 7)
     for c in range(c0, c1):
         wc = c * BKW + kw
         k = c * (8 * BKW) + kk
@@ -368,8 +581,16 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
         else:
             w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
             xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
-        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS, LUT_ROW,
-                  BKW, LUTG).to(XDT)
+        if ASM:
+            if MODE == 0 and HAS_ZERO:
+                zc = tl.load(z_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+                zl = _zpair(zc[:, None], XDT)
+            else:
+                zl = zz
+            d = _kdeq_asm(w, zl, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+        else:
+            d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS,
+                      LUT_ROW, BKW, LUTG).to(XDT)
         if SA:
             sc = tl.load(s_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
             if SWAP:
@@ -408,6 +629,22 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
     tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
 
+def lut_planes(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A lut [rows, <=16] as the byte planes the PRMT lookup reads: int32 [rows, 8]; word g (g < 4)
+    holds the low bytes of entries 4g..4g+3 (entry 4g+j in byte j) of the table in ``dtype``, word
+    4 + g their high bytes. Missing entries (3/2-bit tables) are 0 and never indexed."""
+    r, ls = lut.shape
+    t = torch.zeros(r, 16, dtype=dtype, device=lut.device)
+    t[:, :ls] = lut.to(dtype)
+    b = t.view(torch.int16).to(torch.int64) & 0xFFFF
+    planes = []
+    for part in (b & 0xFF, b >> 8):
+        v = part.view(r, 4, 4)
+        planes.append(v[..., 0] | (v[..., 1] << 8) | (v[..., 2] << 16) | (v[..., 3] << 24))
+    out = torch.cat(planes, 1)
+    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32).contiguous()
+
+
 # ================================================================================================
 # Layer kernel
 # ================================================================================================
@@ -444,6 +681,7 @@ class KLowbitKernel:
         self._calls: dict = {}
         self.plans: dict = _Plans(self._calls)
         self._ptrs = tuple(t if t is not None else w for t in (w, s, z, lut))
+        self._planes: dict = {}  # dtype -> lut_planes (the asm lookup's table), built on first use
 
     # ---- configs ---------------------------------------------------------------------------
     def key(self, mb: int, dtype) -> str:
@@ -460,11 +698,28 @@ class KLowbitKernel:
         if mb <= 64:
             bm = max(16, mb)
             bn, bkw = 64, 16
+            if self.GS < (1 << 30) and self.GS % 128:
+                bkw = max(4, min(16, self.GS // 8))  # whole groups per chunk: the scale after the dot
             nch = cdiv(self.KWS, bkw)
             split = max(1, min(nch // 2 or 1, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
             return {"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": 4, "stages": 2, "split": split,
-                    "swap": mb <= 16}
+                    "swap": mb <= 16, "asm": True}
         return {"path": "dq"}
+
+    def asm_ok(self, bkw: int, dtype, gemv: bool = False) -> bool:
+        """Whether the inline-PTX dequant (``_kdeq_asm``) serves this layer at chunk width bkw: compiled
+        CUDA (not the interpreter), a 16-bit dot dtype, whole groups per chunk, <= 16 table entries."""
+        if INTERPRET or dtype not in _DT or self.device.type != "cuda" or ASM_OFF:
+            return False
+        if self.s is not None and self.GS % (8 * bkw) != 0 and not gemv:
+            return False
+        return self.mode == 0 or self.LS <= 16
+
+    def planes(self, dtype) -> torch.Tensor:
+        p = self._planes.get(dtype)
+        if p is None:
+            p = self._planes[dtype] = lut_planes(self.lut, dtype)
+        return p
 
     def config(self, mb: int, dtype) -> dict:
         return tuned().get(self.key(mb, dtype)) or self.default_config(mb)
@@ -497,36 +752,44 @@ class KLowbitKernel:
         tiles_n = cdiv(N, bn)
         if path == "gemv":
             bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
-            if cfg.get("v", "n") == "n":
-                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg)
+            # lut formats: table lookups in registers (inline PTX, fp16 planes: exact) unless disabled
+            gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
+            ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
+            if cfg.get("v", "n") == "n" or gasm:
+                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm)
             else:
                 fn, extra = _kq_gemv, dict(LUTG=lutg)
             lau = Launcher(fn, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, **extra),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
-            return self._fast(lau, grid, ws, cnt, cps, split)
+            return self._fast(lau, grid, ws, cnt, cps, split, ptrs)
         bm = int(cfg["BM"])
+        asm = bool(cfg.get("asm", False)) and self.asm_ok(bkw, dtype)
+        ptrs = self._ptrs
+        if asm and self.mode == 1:
+            lp = self.planes(dtype)
+            ptrs = (wp, sp, zp, lp)
         lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
                                      SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
-                                     INTERP=INTERPRET, LUTG=lutg),
+                                     INTERP=INTERPRET, LUTG=lutg and not asm, ASM=asm),
                        num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
         if tiles_m == 1:
-            return self._fast(lau, (tiles_n, split, 1), ws, cnt, cps, split)
+            return self._fast(lau, (tiles_n, split, 1), ws, cnt, cps, split, ptrs)
 
         def run_mma(x, out, M):
             lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
         return run_mma
 
-    def _fast(self, lau, grid, ws, cnt, cps, split):
+    def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
         """The launch closure of a fixed grid. After the first (compiling) call it calls the compiled
         kernel's launcher directly with every pointer as a plain int: Triton's launcher then skips
         the per-pointer ``data_ptr()`` call and driver query (cuPointerGetAttribute) it does for
         tensors."""
         N, K, KWS, G = self.N, self.K, self.KWS, self.G
-        wp, sp, zp, lp = self._ptrs
+        wp, sp, zp, lp = ptrs or self._ptrs
         fixed = (wp.data_ptr(), sp.data_ptr(), zp.data_ptr(), lp.data_ptr())
         wsi, cnti = ws.data_ptr(), cnt.data_ptr()
         gx, gy, gz = grid

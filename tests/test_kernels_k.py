@@ -31,6 +31,10 @@ KCFG = {
     "swap": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True},
     "mma1": {"path": "mma", "BM": 16, "BN": 16, "BKW": 8, "warps": 4, "split": 1, "group_m": 2},
     "dq": {"path": "dq", "BN": 16, "BKW": 4},
+    # inline-PTX dequant (compiled GPU only: on CPU these run the plain path of the same config)
+    "swapa": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True, "asm": True},
+    "mmaa": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False, "asm": True},
+    "swapa1": {"path": "mma", "BM": 16, "BN": 64, "BKW": 16, "warps": 4, "split": 1, "swap": True, "asm": True},
 }
 
 
@@ -75,6 +79,12 @@ def krun(kern, path, x):
     ("mma", 19, 4, 64, True, False, 200, torch.float16),      # two row tiles
     ("mma1", 33, 2, 32, False, False, 136, torch.bfloat16),   # int2, grouped order
     ("dq", 7, 4, 32, True, True, 200, torch.bfloat16),
+    ("swapa", 1, 4, 128, True, False, 264, torch.bfloat16),   # asm: sym, M = 1 on tensor cores
+    ("swapa", 3, 4, 32, False, False, 200, torch.float16),    # asm: asym zeros per group, fp16
+    ("swapa", 2, 4, None, False, False, 136, torch.bfloat16),  # asm: per channel, asym
+    ("mmaa", 19, 3, 64, True, False, 200, torch.bfloat16),    # asm: int3 repacked, two row tiles
+    ("swapa", 5, 4, 32, True, True, 200, torch.float16),      # asm: act-order
+    ("swapa1", 9, 4, 128, False, False, 1032, torch.bfloat16),  # asm: the tuned tile shape, odd K
 ])
 def test_k_int(path, m, bits, g, sym, act, k, dtype):
     n = 40
@@ -99,6 +109,10 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("gemv1", 4, 4, 128, None, torch.float16),
     ("gemvg", 1, 4, 64, "nf4", torch.float16),
     ("swapg", 7, 4, 32, None, torch.bfloat16),
+    ("swapa", 1, 4, 128, None, torch.bfloat16),   # asm PRMT lookups: any4 + group scales
+    ("swapa", 4, 4, None, None, torch.float16),   # asm: any4 rows, no scales, fp16 planes
+    ("mmaa", 20, 4, 64, "nf4", torch.bfloat16),   # asm: one shared table
+    ("swapa", 2, 3, 32, None, torch.bfloat16),    # asm: any3 (8 entries) repacked
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200
@@ -121,6 +135,14 @@ def test_k_no_second_copy():
 
 
 cuda_only = pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA (run with QUANTKIT_TEST_CUDA=1)")
+
+
+@cuda_only
+def test_k_asm_is_used_on_cuda():
+    spec, p, _ = make_int(64, 256, 4, 128, True)
+    kern = kbuild(spec, p, (64, 256))
+    assert kern.asm_ok(16, torch.bfloat16) and kern.asm_ok(16, torch.float16)
+    assert kern.default_config(16)["asm"] and not kern.asm_ok(16, torch.float32)
 
 
 @cuda_only
