@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (see /work/.library/device/README.md): install, check the compiled kernels,
+# then benchmark. Usage: bash bench/gpu_kernels.sh STEP... with steps
+#   test                      compiled kernel tests (QUANTKIT_TEST_CUDA=1)
+#   bench:ARGS                bench/kernels.py ARGS (commas in ARGS kept; ~ separates arguments)
+#   decode:ARGS               bench/decode.py ARGS (same convention)
+# Outputs (json, tuned configs) go to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/_gpu_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+for step in "$@"; do
+  name=${step%%:*}; arg=${step#*:}; [ "$arg" = "$step" ] && arg=""
+  args=${arg//\~/ }
+  t0=$(date +%s)
+  case $name in
+    test) QUANTKIT_TEST_CUDA=1 TAIL=15 run "compiled kernel tests" python3 -m pytest -q -x -p no:cacheprovider \
+            tests/test_kernels_k.py tests/test_kernels.py tests/test_kernels_asm.py ;;
+    bench) python3 -u bench/kernels.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
+    decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
+  esac
+  echo "## step $name: $(( $(date +%s) - t0 )) s"
+done
