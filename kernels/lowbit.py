@@ -621,12 +621,12 @@ def _build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc:
 
 # Which implementation serves int/lut layers: "k" (kernels/_kmajor.py: the checkpoint's own layout,
 # no repack, no second copy), "v1" (block-interleaved repack) or "v2" (v1's layout, reworked inner
-# loops, never measured). Defaults, from the H100 run of 2026-11-26 (docs/PERFORMANCE.md): "k" for
-# int (faster than v1 at M <= 64 on every Llama shape but one cell), "v1" for lut (its table lookups
-# through shared memory beat the k kernels' L1 lookups at M = 1 and M >= 8). QUANTKIT_LOWBIT=k|v1|v2
-# forces one for both; QUANTKIT_KERNEL_V2=1 still selects v2.
+# loops, never measured). Defaults, from the H100 runs of 2026-11-26 (docs/PERFORMANCE.md): "k" for
+# int (faster than v1 at M <= 64 on every Llama shape but one cell) and, since its table lookups
+# moved into registers (inline-PTX byte permutes), for lut too (2-4x faster than v1's shared-memory
+# lookups). QUANTKIT_LOWBIT=k|v1|v2 forces one for both; QUANTKIT_KERNEL_V2=1 still selects v2.
 IMPL = os.environ.get("QUANTKIT_LOWBIT") or ("v2" if V2 else None)
-DEFAULT_IMPL = {"int": "k", "lut": "v1"}
+DEFAULT_IMPL = {"int": "k", "lut": "k"}
 
 
 def _impl(impl, ftype: str = "int"):
