@@ -223,13 +223,21 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                 s0 = max(1, min(-(-k // (4 * bk)), -(-528 // tiles)))
                 for s in {s0, max(1, s0 // 2), s0 * 2}:
                     out.append({"path": "gemv", "BN": bn, "BK": bk, "warps": w, "stages": 3, "split": s})
+            if mb >= 2:  # tensor cores with x padded to 16 rows
+                if kind == "fp8":
+                    out.append({"path": "scaled_mm"})
+                for bn in (64, 128):
+                    tiles = -(-n // bn)
+                    s0 = max(1, min(-(-k // 512), -(-264 // tiles)))
+                    out.append({"path": "gemm", "BM": 16, "BN": bn, "BK": 128, "warps": 4, "stages": 4, "split": s0,
+                                "group_m": 1})
         else:
             if kind == "fp8":
                 out.append({"path": "scaled_mm"})
             else:
                 out.append({"path": "dq"})
-            for bm, bn, bk, w in ((16, 64, 128, 4), (16, 128, 128, 4), (64, 128, 128, 4), (128, 128, 128, 8),
-                                  (128, 256, 128, 8)):
+            for bm, bn, bk, w in ((16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 4), (64, 128, 128, 4),
+                                  (128, 128, 128, 8), (128, 256, 128, 8)):
                 if bm < min(mb, 128) // 2 or (bm > 16 and bm > mb):
                     continue
                 tiles = -(-n // bn) * -(-mb // bm)

@@ -611,8 +611,10 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
 def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
                 MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-                BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
-    """Write the dequantized weight [N, K] (row-major, out dtype): one [BN, 8*BKW] tile."""
+                BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr,
+                ASM: tl.constexpr = False):
+    """Write the dequantized weight [N, K] (row-major, out dtype): one [BN, 8*BKW] tile. ASM (lut,
+    whole groups per tile): register-table lookups, lut_ptr = fp16 table planes [rows, 8]."""
     c = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -624,7 +626,21 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
         w = tl.load(wrow + wc[None, :])
     else:
         w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
-    d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
+    if ASM:
+        if LUT_ROW:
+            tp = lut_ptr + rn[:, None] * 8
+        else:
+            tp = lut_ptr + rn[:, None] * 0
+        e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, tl.load(tp), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3),
+                                                tl.load(tp + 4), tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7))
+        a = tl.interleave(tl.interleave(e0, e4), tl.interleave(e2, e6))
+        b = tl.interleave(tl.interleave(e1, e5), tl.interleave(e3, e7))
+        d = tl.interleave(a, b)
+        if HAS_SCALE:
+            g1 = tl.minimum((c * (8 * BKW)) // GS, G - 1)
+            d = d * tl.load(s_ptr + rn[:, None] * G + g1).to(tl.float32)
+    else:
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
     optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
     tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
@@ -737,8 +753,11 @@ class KLowbitKernel:
         if path == "dq":
             bn, bkw = int(cfg.get("BN", 32)), int(cfg.get("BKW", 16))
             even = KWS % bkw == 0 and K == KWS * 8
-            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even, LUTG=False), num_warps=4, num_stages=1,
-                           device=self.device)
+            dasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype)
+            if dasm:
+                lp = self.planes(torch.float16)
+            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even, LUTG=False, ASM=dasm), num_warps=4,
+                           num_stages=1, device=self.device)
             grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
             return dequant_then_mm(lau, grid, (wp, sp, zp, lp), (N, K, KWS, G), N, K, dtype, self.device)
         bn, bkw = int(cfg["BN"]), int(cfg["BKW"])

@@ -22,7 +22,6 @@ import triton.language as tl
 from . import register_kernel
 from ._launch import INTERPRET, Launcher, cdiv, m_bucket, tuned, workspace
 from ._tl import _finish, _tile_mn
-from .lowbit import V2
 
 _INTERP = tl.constexpr(INTERPRET)
 _FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -168,9 +167,10 @@ class FP8Kernel:
         self.smm_ok = not (w.dtype == torch.float8_e5m2 and act_dtype == torch.float8_e5m2)
         self.fallback = fallback
         self.plans: dict = {}
-        # v2 (QUANTKIT_KERNEL_V2=1, not yet run on a GPU): unmasked K loads when BK divides K. The
-        # v1 kernels mask K with a run-time bound, which keeps loads byte-wide (measured slow).
-        self.v2 = V2
+        # Unmasked K loads when BK divides K (EVEN_K): a run-time K mask keeps the loads byte-wide,
+        # the slow path on the H100 (docs/PERFORMANCE.md). QUANTKIT_KERNEL_V2 no
+        # longer changes anything here (it used to gate EVEN_K before it had run on a GPU).
+        self.v2 = False
         bk = min(triton.next_power_of_2(self.K), 2048)
         mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
         self.q_launch = Launcher(_act_quant, dict(FMAX=self.fmax, STATIC=act == "static", BK=bk, MBITS=mbits,
@@ -244,14 +244,14 @@ class FP8Kernel:
         if path == "gemv":
             bm = mb
             lau = Launcher(_fp8_gemv, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           EVEN_K=self.v2 and K % bk == 0),
+                                           EVEN_K=K % bk == 0),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             part, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
             grid = (tiles_n, split, 1)
         else:
             bm = cfg["BM"]
             lau = Launcher(_fp8_gemm, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=self.v2 and K % bk == 0),
+                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             tiles_m = cdiv(mb, bm)
             part, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0,
