@@ -63,6 +63,25 @@ def _act_quant(x_ptr, q_ptr, s_ptr, sin_ptr, K, FMAX: tl.constexpr, STATIC: tl.c
     tl.store(s_ptr + m, s)
 
 
+@triton.jit
+def _pow2_scale(x_ptr, s_ptr, K, BK: tl.constexpr):
+    """One row: s = 2^k with max|x| / s < 2^15 (1 for a zero row), so x / s is exact in fp16 (down to
+    its subnormals, 2^-39 of the row's largest value): the W8A16 tensor-core path multiplies in fp16,
+    where the FP8 weight converts with one instruction per pair, and multiplies s back in after."""
+    m = tl.program_id(0)
+    offs = tl.arange(0, BK)
+    row = x_ptr + m.to(tl.int64) * K
+    amax = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    a = tl.max(amax, axis=0)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    k = tl.minimum(tl.maximum(e - 14, -126), 127)
+    sc = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    tl.store(s_ptr + m, tl.where(a > 0, sc, 1.0))
+
+
 @triton.jit(do_not_specialize=["M", "KPS", "SPLIT"])
 def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -107,8 +126,10 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 @triton.jit(do_not_specialize=["M", "KPS", "SPLIT"])
 def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, SPLITK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    """Tensor-core GEMM, w FP8 [N, K]; x FP8 (W8A8: FP8 dot) or 16-bit (W8A16: w converted)."""
+              BK: tl.constexpr, SPLITK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+              F16X: tl.constexpr = False):
+    """Tensor-core GEMM, w FP8 [N, K]; x FP8 (W8A8: FP8 dot) or 16-bit (W8A16: w converted).
+    F16X (W8A16, bf16 x): x / xs (a power of two per row, _pow2_scale) and w in fp16, xs after."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
@@ -121,6 +142,8 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     k0 = pid_k * KPS
     k1 = tl.minimum(k0 + KPS, K)
     XDT = x_ptr.dtype.element_ty
+    if F16X:
+        xinv = 1.0 / tl.load(xs_ptr + offs_m, mask=mmask, other=1.0)  # exact: powers of two
     for k in range(k0, k1, BK):
         kk = k + kb
         if EVEN_K:
@@ -132,9 +155,12 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kk[None, :],
                         mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if F16X:
+            a = (a.to(tl.float32) * xinv[:, None]).to(tl.float16)
+            b = b.to(tl.float16)
         if _INTERP:
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
-        elif XSCALE:
+        elif XSCALE or F16X:
             acc = tl.dot(a, tl.trans(b), acc)
         else:
             acc = tl.dot(a, tl.trans(b.to(XDT)), acc)
@@ -143,7 +169,7 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     else:
         sw = tl.load(ws_ptr + offs_n * 0)
     acc = acc * sw[None, :]
-    if XSCALE:
+    if XSCALE or F16X:
         sx = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
         acc = acc * sx[:, None]
     _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
@@ -176,6 +202,8 @@ class FP8Kernel:
         self.q_launch = Launcher(_act_quant, dict(FMAX=self.fmax, STATIC=act == "static", BK=bk, MBITS=mbits,
                                                   EMIN=emin),
                                  num_warps=8 if bk >= 1024 else 4, num_stages=1, device=device)
+        self.s_launch = Launcher(_pow2_scale, dict(BK=bk), num_warps=8 if bk >= 1024 else 4, num_stages=1,
+                                 device=device)
 
     def key(self, mb: int, dtype) -> str:
         return (f"{self.tag}{'.v2' if self.v2 else ''}:{self.N}x{self.K}:"
@@ -241,6 +269,7 @@ class FP8Kernel:
         splitk = split > 1
         bn = cfg["BN"]
         tiles_n = cdiv(N, bn)
+        f16x = False
         if path == "gemv":
             bm = mb
             lau = Launcher(_fp8_gemv, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
@@ -250,17 +279,23 @@ class FP8Kernel:
             grid = (tiles_n, split, 1)
         else:
             bm = cfg["BM"]
+            f16x = (not quant) and dtype == torch.bfloat16 and bool(cfg.get("f16", True))
             lau = Launcher(_fp8_gemm, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0),
+                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0, F16X=f16x),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             tiles_m = cdiv(mb, bm)
             part, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0,
                                   tiles_m * tiles_n)
             grid = None
 
+        slau = self.s_launch
+
         def run_triton(x, out, M):
             if quant:
                 xq, xs = qx(x, M)
+            elif f16x:
+                xq, xs = x, torch.empty((M,), dtype=torch.float32, device=x.device)
+                slau((M, 1, 1), x, xs, K)
             else:
                 xq, xs = x, ws
             g = grid if grid is not None else (cdiv(M, bm) * tiles_n, split, 1)

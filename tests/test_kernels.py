@@ -256,14 +256,38 @@ def fp8_ref(x, p, act, kind="e4m3"):
     ("f_gemv", 1, "dynamic", True, torch.bfloat16),    # W8A8 dynamic per token
     ("f_gemm1", 21, "dynamic", True, torch.float16),
     ("f_gemm", 9, "static", False, torch.bfloat16),
+    ("f_gemm", 13, "none", True, torch.bfloat16),      # W8A16 bf16: x scaled into fp16 per row
+    ("f_gemm1", 5, "none", True, torch.bfloat16),
 ])
 @V2S
 def test_fp8_paths(path, m, act, per_channel, dtype, v2):
-    n, k = 40, (256 if m in (1, 11) else 208)  # 256: the unmasked-K (EVEN_K, v2) variants
+    n, k = 40, (256 if m in (1, 11, 13) else 208)  # 256: the unmasked-K (EVEN_K) variants
     spec, p = make_fp8(n, k, per_channel=per_channel, act=act, seed=m)
     kern = build(spec, p, (n, k), v2)
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), fp8_ref(x, p, act), dtype)
+
+
+@pytest.mark.parametrize("path", ["f_gemm", "f_gemm1"])
+def test_fp8_w8a16_bf16_activations_beyond_fp16_range(path):
+    """The W8A16 tensor-core path multiplies in fp16 after dividing each row of x by a power of two:
+    rows far beyond fp16's range (1e30), tiny rows (1e-30) and a zero row come out right."""
+    n, k, m = 40, 256, 6
+    spec, p = make_fp8(n, k, per_channel=True, act="none", seed=3)
+    kern = build(spec, p, (n, k), False)
+    x = rand_x(m, k, torch.bfloat16, 7)
+    x[1] *= 1e30
+    x[2] *= 1e-30
+    x[3] = 0
+    x[4, 5] = 3e5  # one outlier far above fp16's max in an ordinary row
+    outs = run_path(kern, path, x)
+    ref = fp8_ref(x, p, "none")
+    for out in outs:
+        assert torch.isfinite(out).all()
+        for r in range(m):  # row by row: the rows' scales differ by 60 orders of magnitude
+            den = ref[r].norm()
+            e = 0.0 if den == 0 else float((out[r].double() - ref[r]).norm() / den)
+            assert (den == 0 and out[r].abs().max() == 0) or e < 1e-2, (r, e)
 
 
 def test_fp8_activation_quant():
