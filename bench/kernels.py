@@ -245,6 +245,9 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                 for s in ({s0, 1} if mb <= 64 else {1}):
                     out.append({"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": 3, "split": s,
                                 "group_m": 1 if mb <= 64 else 8})
+                    if kind == "fp8w" and bm <= 64:
+                        out.append({"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": 3,
+                                    "split": s, "group_m": 1, "swap": True})
         return _uniq(out)
     if getattr(kern, "impl", "") == "k":
         return _uniq(out + k_candidates(kern, mb))

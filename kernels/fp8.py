@@ -96,7 +96,7 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     mmask = offs_m < M
     kb = tl.arange(0, BK)
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-    k0 = pid_k * KPS
+    k0 = pid_k * (KPS // BK) * BK  # = pid_k * KPS; so written, k0 % BK == 0 is known (16-byte loads)
     k1 = tl.minimum(k0 + KPS, K)
     for k in range(k0, k1, BK):
         kk = k + kb
@@ -127,9 +127,10 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, SPLITK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-              F16X: tl.constexpr = False):
+              F16X: tl.constexpr = False, SWAP: tl.constexpr = False):
     """Tensor-core GEMM, w FP8 [N, K]; x FP8 (W8A8: FP8 dot) or 16-bit (W8A16: w converted).
-    F16X (W8A16, bf16 x): x / xs (a power of two per row, _pow2_scale) and w in fp16, xs after."""
+    F16X (W8A16, bf16 x): x / xs (a power of two per row, _pow2_scale) and w in fp16, xs after.
+    SWAP (W8A16): computes W x^T, the converted weight tile is the register A operand (small M)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
@@ -138,8 +139,11 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     mmask = offs_m < M
     nmask = offs_n < N
     kb = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k0 = pid_k * KPS
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k0 = pid_k * (KPS // BK) * BK  # = pid_k * KPS; so written, k0 % BK == 0 is known (16-byte loads)
     k1 = tl.minimum(k0 + KPS, K)
     XDT = x_ptr.dtype.element_ty
     if F16X:
@@ -159,11 +163,18 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
             a = (a.to(tl.float32) * xinv[:, None]).to(tl.float16)
             b = b.to(tl.float16)
         if _INTERP:
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
+            if SWAP:
+                acc = tl.dot(b.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
+        elif SWAP:
+            acc = tl.dot(b.to(a.dtype), tl.trans(a), acc)
         elif XSCALE or F16X:
             acc = tl.dot(a, tl.trans(b), acc)
         else:
             acc = tl.dot(a, tl.trans(b.to(XDT)), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     if WS_ROW:
         sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
     else:
@@ -281,7 +292,8 @@ class FP8Kernel:
             bm = cfg["BM"]
             f16x = (not quant) and dtype == torch.bfloat16 and bool(cfg.get("f16", True))
             lau = Launcher(_fp8_gemm, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0, F16X=f16x),
+                                           GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0, F16X=f16x,
+                                           SWAP=bool(cfg.get("swap", False)) and not quant),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             tiles_m = cdiv(mb, bm)
             part, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0,

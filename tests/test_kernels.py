@@ -116,6 +116,7 @@ CFGS = {
     "f_gemm": {"path": "gemm", "BM": 16, "BN": 32, "BK": 64, "warps": 4, "stages": 2, "split": 2},
     "f_gemm1": {"path": "gemm", "BM": 16, "BN": 32, "BK": 64, "warps": 4, "stages": 2, "split": 1, "group_m": 2},
     "f_smm": {"path": "scaled_mm"},
+    "f_swap": {"path": "gemm", "BM": 16, "BN": 32, "BK": 64, "warps": 4, "stages": 2, "split": 2, "swap": True},
 }
 
 
@@ -258,6 +259,8 @@ def fp8_ref(x, p, act, kind="e4m3"):
     ("f_gemm", 9, "static", False, torch.bfloat16),
     ("f_gemm", 13, "none", True, torch.bfloat16),      # W8A16 bf16: x scaled into fp16 per row
     ("f_gemm1", 5, "none", True, torch.bfloat16),
+    ("f_swap", 7, "none", True, torch.bfloat16),       # W8A16, weight tile as the A operand
+    ("f_swap", 17, "none", False, torch.float16),
 ])
 @V2S
 def test_fp8_paths(path, m, act, per_channel, dtype, v2):
@@ -268,7 +271,7 @@ def test_fp8_paths(path, m, act, per_channel, dtype, v2):
     check(run_path(kern, path, x), fp8_ref(x, p, act), dtype)
 
 
-@pytest.mark.parametrize("path", ["f_gemm", "f_gemm1"])
+@pytest.mark.parametrize("path", ["f_gemm", "f_gemm1", "f_swap"])
 def test_fp8_w8a16_bf16_activations_beyond_fp16_range(path):
     """The W8A16 tensor-core path multiplies in fp16 after dividing each row of x by a power of two:
     rows far beyond fp16's range (1e30), tiny rows (1e-30) and a zero row come out right."""
