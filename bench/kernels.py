@@ -291,6 +291,8 @@ def k_candidates(kern, mb: int) -> list[dict]:
             s0 = max(1, min(nch, -(-528 // tiles)))
             for s in {s0, max(1, s0 // 2), max(1, s0 // 4), min(nch, 2 * s0)}:
                 out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s})
+                out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s, "acc2": True,
+                            "xv": mb == 1})
         nch = -(-kws // 32)
         s0 = max(1, min(nch, -(-528 // -(-n // 64))))
         out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "pf": False})

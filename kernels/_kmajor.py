@@ -325,6 +325,26 @@ def _nib1(w, wh, cz, lbase, lt, I: tl.constexpr, MODE: tl.constexpr, LUTG: tl.co
 
 
 @triton.jit
+def _x8(xb, k8, K, EVEN: tl.constexpr):
+    """x[8*kw + i] for i = 0..7 as 8 fp32 [BKW] vectors from one contiguous [BKW, 8] load (16 bytes a
+    word) instead of 8 strided loads."""
+    j = tl.arange(0, 8)
+    if EVEN:
+        v = tl.load(xb[:, None] + j[None, :])
+    else:
+        v = tl.load(xb[:, None] + j[None, :], mask=(k8[:, None] + j[None, :]) < K, other=0.0)
+    v = tl.reshape(v.to(tl.float32), [v.shape[0], 2, 2, 2])
+    e0, e1 = tl.split(v)  # i & 1 (the last axis is bit 0 of i)
+    e00, e02 = tl.split(e0)
+    e01, e03 = tl.split(e1)
+    x0, x4 = tl.split(e00)
+    x2, x6 = tl.split(e02)
+    x1, x5 = tl.split(e01)
+    x3, x7 = tl.split(e03)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _xs(x, I: tl.constexpr, MODE: tl.constexpr):
     """x scaled by 2^(23-4p) for int nibble I (folds the magic-number exponent into x)."""
     if MODE == 0:
@@ -342,7 +362,8 @@ def _xs(x, I: tl.constexpr, MODE: tl.constexpr):
 def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
                 MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr,
+                ACC2: tl.constexpr, XV: tl.constexpr):
     kw = c * BKW + tl.arange(0, BKW)
     k8 = kw * 8
     s = 1.0
@@ -373,7 +394,17 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
     t1 = tl.zeros([BN, BKW], dtype=tl.float32)
     t2 = tl.zeros([BN, BKW], dtype=tl.float32)
     t3 = tl.zeros([BN, BKW], dtype=tl.float32)
-    for i in tl.static_range(8):
+    if XV and BM == 1:  # one contiguous x load per word, split in registers
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xb0, k8, K, EVEN)
+        t0 += _nib1(w, wh, cz, lbase, lt, 0, MODE, LUTG) * _xs(x0, 0, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 1, MODE, LUTG) * _xs(x1, 1, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 2, MODE, LUTG) * _xs(x2, 2, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 3, MODE, LUTG) * _xs(x3, 3, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 4, MODE, LUTG) * _xs(x4, 4, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 5, MODE, LUTG) * _xs(x5, 5, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 6, MODE, LUTG) * _xs(x6, 6, MODE)[None, :]
+        t0 += _nib1(w, wh, cz, lbase, lt, 7, MODE, LUTG) * _xs(x7, 7, MODE)[None, :]
+    for i in tl.static_range(8 if not (XV and BM == 1) else 0):
         d = _nib1(w, wh, cz, lbase, lt, i, MODE, LUTG)
         t0 += d * _xs(_xnib(xb0, k8, K, i, EVEN), i, MODE)[None, :]
         if BM > 1:
@@ -381,12 +412,20 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
         if BM > 2:
             t2 += d * _xs(_xnib(xb2, k8, K, i, EVEN), i, MODE)[None, :]
             t3 += d * _xs(_xnib(xb3, k8, K, i, EVEN), i, MODE)[None, :]
-    a0 += tl.sum(t0 * s, axis=1)
-    if BM > 1:
-        a1 += tl.sum(t1 * s, axis=1)
-    if BM > 2:
-        a2 += tl.sum(t2 * s, axis=1)
-        a3 += tl.sum(t3 * s, axis=1)
+    if ACC2:  # [BN, BKW] accumulators, one reduction at the end of the kernel
+        a0 += t0 * s
+        if BM > 1:
+            a1 += t1 * s
+        if BM > 2:
+            a2 += t2 * s
+            a3 += t3 * s
+    else:
+        a0 += tl.sum(t0 * s, axis=1)
+        if BM > 1:
+            a1 += tl.sum(t1 * s, axis=1)
+        if BM > 2:
+            a2 += tl.sum(t2 * s, axis=1)
+            a3 += tl.sum(t3 * s, axis=1)
     return a0, a1, a2, a3
 
 
@@ -422,7 +461,7 @@ def _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb, k8, K, EVEN: tl.constexpr):
 @triton.jit
 def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2, t3, t4, t5, t6, t7,
                      HAS_SCALE: tl.constexpr, GS: tl.constexpr, BM: tl.constexpr, BKW: tl.constexpr,
-                     EVEN: tl.constexpr):
+                     EVEN: tl.constexpr, ACC2: tl.constexpr):
     """_gemv_chunk for lut formats with the table lookups in registers (inline PTX)."""
     kw = c * BKW + tl.arange(0, BKW)
     k8 = kw * 8
@@ -434,15 +473,25 @@ def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2
             sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
         s = tl.load(s_ptr + sidx).to(tl.float32)
     e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
-    a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
+    if ACC2:
+        a0 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s
+    else:
+        a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
     if BM > 1:
         xb1 = x_ptr + tl.minimum(1, M - 1) * K + k8
-        a1 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s, axis=1)
+        if ACC2:
+            a1 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s
+        else:
+            a1 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s, axis=1)
     if BM > 2:
         xb2 = x_ptr + tl.minimum(2, M - 1) * K + k8
         xb3 = x_ptr + tl.minimum(3, M - 1) * K + k8
-        a2 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s, axis=1)
-        a3 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s, axis=1)
+        if ACC2:
+            a2 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s
+            a3 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s
+        else:
+            a2 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s, axis=1)
+            a3 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s, axis=1)
     return a0, a1, a2, a3
 
 
@@ -452,7 +501,8 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-               PF: tl.constexpr, LUTG: tl.constexpr, ASM: tl.constexpr = False):
+               PF: tl.constexpr, LUTG: tl.constexpr, ASM: tl.constexpr = False, ACC2: tl.constexpr = False,
+               XV: tl.constexpr = False):
     """GEMV, nibble by nibble: each nibble's [BN, BKW] values meet x[8*kw + i] (strided loads, L1) and
     accumulate in [BN, BKW]; scale and row sums once per chunk. PF: the next chunk's words are
     loaded before this chunk is computed (two chunks in flight per thread)."""
@@ -461,10 +511,16 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     offs_n = pid_n * BN + tl.arange(0, BN)
     rn = tl.minimum(offs_n, N - 1)
     kw0 = tl.arange(0, BKW)
-    a0 = tl.zeros([BN], dtype=tl.float32)
-    a1 = tl.zeros([BN], dtype=tl.float32)
-    a2 = tl.zeros([BN], dtype=tl.float32)
-    a3 = tl.zeros([BN], dtype=tl.float32)
+    if ACC2:
+        a0 = tl.zeros([BN, BKW], dtype=tl.float32)
+        a1 = tl.zeros([BN, BKW], dtype=tl.float32)
+        a2 = tl.zeros([BN, BKW], dtype=tl.float32)
+        a3 = tl.zeros([BN, BKW], dtype=tl.float32)
+    else:
+        a0 = tl.zeros([BN], dtype=tl.float32)
+        a1 = tl.zeros([BN], dtype=tl.float32)
+        a2 = tl.zeros([BN], dtype=tl.float32)
+        a3 = tl.zeros([BN], dtype=tl.float32)
     nch = tl.cdiv(KWS, BKW)
     c0 = pid_k * CPS
     c1 = tl.minimum(c0 + CPS, nch)
@@ -490,7 +546,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             wc = (c + 1) * BKW + kw0
             wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
             a0, a1, a2, a3 = _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3,
-                                              t0, t1, t2, t3, t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN)
+                                              t0, t1, t2, t3, t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN, ACC2)
     elif PF:
         lim = tl.minimum(KWS, c1 * BKW)  # words of this program's chunks
         wc = c0 * BKW + kw0
@@ -501,7 +557,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
             a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
                                          HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
-                                         LUTG)
+                                         LUTG, ACC2, XV)
     else:
         for c in range(c0, c1):
             wc = c * BKW + kw0
@@ -511,9 +567,12 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                 w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
             a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
                                          HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
-                                         LUTG)
+                                         LUTG, ACC2, XV)
     offs_m = tl.arange(0, BM)
-    res = _stack_rows(a0, a1, a2, a3, BM)
+    if ACC2:
+        res = _stack_rows(tl.sum(a0, axis=1), tl.sum(a1, axis=1), tl.sum(a2, axis=1), tl.sum(a3, axis=1), BM)
+    else:
+        res = _stack_rows(a0, a1, a2, a3, BM)
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
@@ -775,7 +834,8 @@ class KLowbitKernel:
             gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
             ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
             if cfg.get("v", "n") == "n" or gasm:
-                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm)
+                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm,
+                                             ACC2=bool(cfg.get("acc2", False)), XV=bool(cfg.get("xv", False)))
             else:
                 fn, extra = _kq_gemv, dict(LUTG=lutg)
             lau = Launcher(fn, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, **extra),
