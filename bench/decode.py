@@ -34,11 +34,12 @@ SPECS = {
     "bf16": None,
     "w4a16": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
     # the same through a named implementation (kernels/lowbit.py: "k" = kernels/_kmajor.py, the default
-    # for int since 2026-11-26; "v1" = the first kernels), and the any4 LUT format
+    # for int and lut since 2026-11-26; "v1" = the first kernels), and the any4 LUT format
     "w4a16-k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
     "w4a16-v1": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "v1"},
     "any4-k": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "k"},
     "w8a8-fp8": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "dynamic"},
+    "w8a16-fp8": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "none"},
 }
 
 
