@@ -797,7 +797,14 @@ class KLowbitKernel:
         return p
 
     def config(self, mb: int, dtype) -> dict:
-        return tuned().get(self.key(mb, dtype)) or self.default_config(mb)
+        t = tuned()
+        c = t.get(self.key(mb, dtype))
+        if c is None:  # no entry for this format: the tuned config of the same shape's reference format
+            ref = "int4g128" if self.mode == 0 else "lut4rg128s"
+            c = t.get(f"{ref}.k:{self.N}x{self.K}:{_DT.get(dtype, 'fp16')}:m{mb}")
+            if c is not None and c.get("path") == "mma" and self.GS < 8 * int(c["BKW"]):
+                c = dict(c, BKW=max(4, self.GS // 8))  # whole groups per chunk (the scale after the dot)
+        return c or self.default_config(mb)
 
     def _common(self):
         return dict(MODE=self.mode, HAS_SCALE=self.s is not None, HAS_ZERO=self.z is not None,
@@ -878,14 +885,13 @@ class KLowbitKernel:
 
         def run(x, out, M):
             if fast:
-                f, fn, meta, tail = fast
-                f(gx, gy, gz, stream(dev), fn, meta, None, None, None, x.data_ptr(), *fixed, out.data_ptr(), wsi,
-                  cnti, M, N, K, KWS, G, cps, split, *tail)
+                go, head, tail = fast
+                go(gx, gy, gz, stream(dev), *head, x.data_ptr(), *fixed, out.data_ptr(), wsi, cnti, M, N, K, KWS,
+                   G, cps, split, *tail)
                 return
             lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-            ck = lau.ck
-            if ck is not None:
-                fast.extend((ck.run, ck.function, ck.packed_metadata, lau.tail))
+            if lau.ck is not None:
+                fast.extend((lau.go, lau.head, lau.tail))
         return run
 
     def plan(self, M: int, dtype, cfg: dict | None = None):

@@ -165,3 +165,20 @@ def test_k_quantlinear_all_m(monkeypatch):
         y = layer(x.view(1, m, k))
         assert layer._kernel is not None and layer._kernel.impl == "k"
         check([y.view(m, n).cpu()], x.double().cpu() @ ref_int(p, n, k, 4, gidx, False).t(), torch.bfloat16)
+
+
+def test_k_config_falls_back_to_the_reference_format_of_the_shape():
+    """NF4 (a shared table) has no tuned entries of its own: it takes the tuned any4 config of the same
+    shape, with the chunk narrowed to whole groups for smaller groups; unknown shapes get the default."""
+    from quantkit.kernels._launch import tuned
+
+    spec, p = make_lut(24, 256, 4, 64, "nf4", seed=1)
+    kern = kbuild(spec, p, (24, 256))
+    kern.N, kern.K = 4096, 4096  # a tuned Llama shape (config() only reads the shape)
+    ref = tuned()["lut4rg128s.k:4096x4096:bf16:m16"]
+    got = kern.config(16, torch.bfloat16)
+    assert got["path"] == ref["path"] and got.get("BN") == ref.get("BN")
+    if ref["path"] == "mma":
+        assert got["BKW"] == 8  # g64: 64-column chunks
+    kern.N = 4104
+    assert kern.config(16, torch.bfloat16) == kern.default_config(16)
