@@ -885,13 +885,14 @@ class KLowbitKernel:
 
         def run(x, out, M):
             if fast:
-                go, head, tail = fast
-                go(gx, gy, gz, stream(dev), *head, x.data_ptr(), *fixed, out.data_ptr(), wsi, cnti, M, N, K, KWS,
-                   G, cps, split, *tail)
+                f, fn, meta, tail = fast
+                f(gx, gy, gz, stream(dev), fn, meta, None, None, None, x.data_ptr(), *fixed, out.data_ptr(), wsi,
+                  cnti, M, N, K, KWS, G, cps, split, *tail)
                 return
             lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-            if lau.ck is not None:
-                fast.extend((lau.go, lau.head, lau.tail))
+            ck = lau.ck
+            if ck is not None:
+                fast.extend((ck.run, ck.function, ck.packed_metadata, lau.tail))
         return run
 
     def plan(self, M: int, dtype, cfg: dict | None = None):

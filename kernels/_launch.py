@@ -45,24 +45,6 @@ def _hooks_set() -> bool:
         return False
 
 
-# Triton 3.6's CudaLauncher.__call__ only allocates the (here unused) global/profile scratch and then
-# calls its compiled C ``launch`` with the arguments below; calling ``launch`` directly skips that
-# Python frame. Used only for the Triton version whose launcher was read (3.6) and only when the
-# kernel needs no scratch; anything else keeps the ordinary ``run``. QUANTKIT_KERNEL_DIRECT=0 disables.
-DIRECT = os.environ.get("QUANTKIT_KERNEL_DIRECT", "1") != "0"
-
-
-def launch_parts(ck):
-    """``(go, head)`` with ``go(gx, gy, gz, stream, *head, *kernel_args)`` launching compiled kernel ck."""
-    run = ck.run
-    if DIRECT and _triton_version() == (3, 6) and type(run).__name__ == "CudaLauncher" \
-            and hasattr(run, "launch") and getattr(run, "global_scratch_size", 1) == 0 \
-            and getattr(run, "profile_scratch_size", 1) == 0:
-        return run.launch, (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-                            ck.packed_metadata, None, None, None)
-    return run, (ck.function, ck.packed_metadata, None, None, None)
-
-
 class Launcher:
     """One Triton kernel with fixed constexprs and launch options.
 
@@ -70,7 +52,7 @@ class Launcher:
     kernel's constexprs must be its last parameters, in the order of ``consts``.
     """
 
-    __slots__ = ("fn", "consts", "opts", "ck", "tail", "dev", "go", "head")
+    __slots__ = ("fn", "consts", "opts", "ck", "tail", "dev")
 
     def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None):
         self.fn = fn
@@ -79,12 +61,12 @@ class Launcher:
         self.ck = None
         self.tail = tuple(self.consts.values())
         self.dev = 0 if device is None or device.index is None else device.index
-        self.go = self.head = None
 
     def __call__(self, grid, *args):
-        if self.ck is not None:
-            self.go(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.dev), *self.head, *args,
-                    *self.tail)
+        ck = self.ck
+        if ck is not None:
+            ck.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.dev),
+                   ck.function, ck.packed_metadata, None, None, None, *args, *self.tail)
             return
         k = self.fn[grid](*args, **self.consts, **self.opts)
         if FAST_LAUNCH and k is not None and not _hooks_set():
@@ -92,7 +74,6 @@ class Launcher:
                 k = k.result()
             names = list(self.fn.arg_names)
             if names[len(args):] == list(self.consts) and hasattr(k, "packed_metadata"):
-                self.go, self.head = launch_parts(k)
                 self.ck = k
 
 
