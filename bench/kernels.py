@@ -291,8 +291,7 @@ def k_candidates(kern, mb: int) -> list[dict]:
             s0 = max(1, min(nch, -(-528 // tiles)))
             for s in {s0, max(1, s0 // 2), max(1, s0 // 4), min(nch, 2 * s0)}:
                 out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s})
-                out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s, "acc2": True,
-                            "xv": mb == 1})
+        # (GEMV variants "acc2" / "xv" measured no faster on the H100, 2026-11-26: not timed by default)
         nch = -(-kws // 32)
         s0 = max(1, min(nch, -(-528 // -(-n // 64))))
         out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "pf": False})
@@ -321,7 +320,12 @@ def k_candidates(kern, mb: int) -> list[dict]:
                             "swap": swap, "asm": asm})
         if mb >= 32:
             out.append({"path": "dq"})
-    else:
+    # several chunks per loop iteration (more weight bytes in flight per pipeline stage)
+    for c in [c for c in out if c.get("path") == "mma" and c.get("asm") and c["BM"] <= 64 and c["BN"] <= 128]:
+        if c["BN"] == 64 or mb <= 16:
+            out.append(dict(c, unroll=2, stages=3))
+            out.append(dict(c, unroll=4, stages=2))
+    if mb > 64:
         for bm, bn, bkw, w in ((64, 64, 16, 4), (128, 64, 16, 8), (64, 128, 16, 8), (128, 128, 16, 8)):
             out.append({"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": w, "stages": 3, "split": 1,
                         "group_m": 8, "asm": True})

@@ -576,6 +576,45 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
+@triton.jit
+def _mma_chunk(acc, c, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz, t0, t1, t2, t3, t4, t5, t6, t7,
+               XDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+               ZC: tl.constexpr, GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BN: tl.constexpr,
+               BM: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr,
+               LUTG: tl.constexpr, ASM: tl.constexpr, SA: tl.constexpr):
+    """acc + chunk c's product (nothing when c >= c1: its loads are masked to zero)."""
+    wc = c * BKW + kw
+    k = c * (8 * BKW) + kk
+    if EVEN:
+        w = tl.load(wrow + wc[None, :])
+        xt = tl.load(xrow + k[None, :])
+    else:
+        w = tl.load(wrow + wc[None, :], mask=((wc < KWS) & (kw * 0 + c < c1))[None, :], other=0)
+        xt = tl.load(xrow + k[None, :], mask=((k < K) & (kk * 0 + c < c1))[None, :], other=0.0)
+    if ASM:
+        if MODE == 0 and HAS_ZERO:
+            zc = tl.load(z_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+            zl = _zpair(zc[:, None], XDT)
+        else:
+            zl = zz
+        d = _kdeq_asm(w, zl, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+    else:
+        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS,
+                  LUT_ROW, BKW, LUTG).to(XDT)
+    if SA:
+        sc = tl.load(s_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+        if SWAP:
+            acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
+        else:
+            acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
+    else:
+        if SWAP:
+            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        else:
+            acc = _dot(xt, tl.trans(d), acc, INTERP)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
 def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             M, N, K, KWS, G, CPS, SPLIT,
@@ -583,7 +622,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
             SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, LUTG: tl.constexpr,
-            ASM: tl.constexpr = False):
+            ASM: tl.constexpr = False, U: tl.constexpr = 1):
     """Tensor cores: the dequantized [BN, 8*BKW] tile (x dtype) meets x [BM, 8*BKW] in tl.dot.
     ASM: packed dequant in inline PTX (_kdeq_asm; needs whole groups per chunk; for lut, lut_ptr
     holds the table planes, int32 [rows, 8])."""
@@ -608,6 +647,15 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     c1 = tl.minimum(c0 + CPS, nch)
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
     xrow = x_ptr + rm[:, None].to(tl.int64) * K
+    zz = 0
+    t0 = 0
+    t1 = 0
+    t2 = 0
+    t3 = 0
+    t4 = 0
+    t5 = 0
+    t6 = 0
+    t7 = 0
     if ASM:
         zz = _zpair(tl.full([1, 1], ZC, tl.float32), XDT)
         t0 = zz
@@ -631,36 +679,14 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             t5 = tl.load(tp + 5)
             t6 = tl.load(tp + 6)
             t7 = tl.load(tp + 7)
-    for c in range(c0, c1):
-        wc = c * BKW + kw
-        k = c * (8 * BKW) + kk
-        if EVEN:
-            w = tl.load(wrow + wc[None, :])
-            xt = tl.load(xrow + k[None, :])
-        else:
-            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
-            xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
-        if ASM:
-            if MODE == 0 and HAS_ZERO:
-                zc = tl.load(z_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
-                zl = _zpair(zc[:, None], XDT)
-            else:
-                zl = zz
-            d = _kdeq_asm(w, zl, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
-        else:
-            d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS,
-                      LUT_ROW, BKW, LUTG).to(XDT)
-        if SA:
-            sc = tl.load(s_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
-            if SWAP:
-                acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
-            else:
-                acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
-        else:
-            if SWAP:
-                acc = _dot(d, tl.trans(xt), acc, INTERP)
-            else:
-                acc = _dot(xt, tl.trans(d), acc, INTERP)
+    for cb in range(c0, c1, U):  # U chunks per iteration: more weight bytes in flight per pipeline stage
+        acc = _mma_chunk(acc, cb, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz,
+                         t0, t1, t2, t3, t4, t5, t6, t7, XDT, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BN, BM,
+                         BKW, EVEN and U == 1, SWAP, INTERP, LUTG, ASM, SA)
+        for j in tl.static_range(1, U):
+            acc = _mma_chunk(acc, cb + j, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz,
+                             t0, t1, t2, t3, t4, t5, t6, t7, XDT, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BN,
+                             BM, BKW, False, SWAP, INTERP, LUTG, ASM, SA)
     if SWAP:
         acc = tl.trans(acc)
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
@@ -858,7 +884,8 @@ class KLowbitKernel:
             ptrs = (wp, sp, zp, lp)
         lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
                                      SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
-                                     INTERP=INTERPRET, LUTG=lutg and not asm, ASM=asm),
+                                     INTERP=INTERPRET, LUTG=lutg and not asm, ASM=asm,
+                                     U=int(cfg.get("unroll", 1))),
                        num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)

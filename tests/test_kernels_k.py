@@ -36,6 +36,8 @@ KCFG = {
     "swapa": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True, "asm": True},
     "mmaa": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False, "asm": True},
     "swapa1": {"path": "mma", "BM": 16, "BN": 64, "BKW": 16, "warps": 4, "split": 1, "swap": True, "asm": True},
+    "swapu": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "asm": True,
+              "unroll": 4},  # 4 chunks per iteration, the last partly past the program's range
 }
 
 
@@ -89,6 +91,8 @@ def krun(kern, path, x):
     ("mmaa", 19, 3, 64, True, False, 200, torch.bfloat16),    # asm: int3 repacked, two row tiles
     ("swapa", 5, 4, 32, True, True, 200, torch.float16),      # asm: act-order
     ("swapa1", 9, 4, 128, False, False, 1032, torch.bfloat16),  # asm: the tuned tile shape, odd K
+    ("swapu", 3, 4, 32, False, False, 520, torch.bfloat16),   # unrolled chunks (65 words: 17 chunks, split 2)
+    ("swapu", 1, 4, 128, True, False, 264, torch.float16),
 ])
 def test_k_int(path, m, bits, g, sym, act, k, dtype):
     n = 40
@@ -118,6 +122,7 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("swapa", 4, 4, None, None, torch.float16),   # asm: any4 rows, no scales, fp16 planes
     ("mmaa", 20, 4, 64, "nf4", torch.bfloat16),   # asm: one shared table
     ("swapa", 2, 3, 32, None, torch.bfloat16),    # asm: any3 (8 entries) repacked
+    ("swapu", 5, 4, 128, None, torch.bfloat16),   # unrolled chunks
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200
