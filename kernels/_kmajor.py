@@ -15,12 +15,17 @@ Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
     ``1 + z * 2^(4p-23)`` is exact, and one FMA with ``x[8*kw + i] * 2^(23-4p)`` accumulates it (LOP3,
     FADD, FFMA per weight, no int->float convert); scale and row sums once per chunk; the next chunk's
     words are loaded before the current one is computed (``pf``); split-K over programs. For lut
-    formats the value is a load from the row's table (fp16 [N, 16]: 32 bytes a row, L1).
-    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order.
-  * ``mma`` (M = 3-64; ``_kq_mma``): the 8 nibble tensors are interleaved (``tl.interleave``, in
-    registers) into the [BN, 8*BKW] tile in column order, ``q - z`` exact in the x dtype, and go to
-    ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the register A operand of wgmma, x the
-    narrow side). When a chunk lies in one group the scale multiplies the chunk's dot product.
+    formats the values come from the row's table held in registers (``_lut16``: byte-permute lookups
+    in inline PTX, fp16 planes, exact; ``asm: False`` in a config falls back to L1 loads).
+    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order;
+    ``xv``/``acc2`` (contiguous x loads, 2D accumulators) were measured no faster.
+  * ``mma`` (M = 2-64 by the tuned table; ``_kq_mma``): the 8 nibble tensors are interleaved
+    (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in column order, ``q - z`` (or the
+    table value) in the x dtype, and go to ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the
+    register A operand of wgmma, x the narrow side). When a chunk lies in one group the scale
+    multiplies the chunk's dot product. ``asm`` dequantizes with inline PTX (``_kdeq_asm``: packed
+    magic-number pairs for int, register-table lookups for lut; compiled GPU only, whole groups per
+    chunk); ``unroll`` handles U chunks per loop iteration.
   * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
 Split-K partial sums go to the shared workspace; the last program of each tile (counted with an
 atomic) sums them in a fixed order (deterministic, one launch).
