@@ -209,6 +209,28 @@ def _zpair(z, XDT: tl.constexpr):
 
 
 @triton.jit
+def _planes(lut_ptr, rn, LUT_ROW: tl.constexpr):
+    """The 8 table-plane words (``lut_planes``) of rows rn, [BN, 1] each: per-row tables or one shared."""
+    if LUT_ROW:
+        tp = lut_ptr + rn[:, None] * 8
+    else:
+        tp = lut_ptr + rn[:, None] * 0
+    return (tl.load(tp), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3), tl.load(tp + 4), tl.load(tp + 5),
+            tl.load(tp + 6), tl.load(tp + 7))
+
+
+@triton.jit
+def _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7):
+    """The table entries (16-bit patterns, int16) of the 8 codes of words w, by PRMT lookups."""
+    return tl.inline_asm_elementwise(
+        _ASM_LUT_C, _CONS_LUT,
+        [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
+         tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
+         tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
+        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
 def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl.constexpr):
     """Words w [BN, BKW] -> [BN, 8*BKW] values of XDT in column order (no scale), inline PTX.
     int: zz = _zpair(z) ([BN, 1] or scalar); lut: t0..t7 = the row's table planes ([BN, 1])."""
@@ -221,12 +243,7 @@ def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl
             d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
                 _ASM_INT_FP16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     else:
-        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-            _ASM_LUT_C, _CONS_LUT,
-            [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
-             tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
-             tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
-            dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
     a = tl.interleave(tl.interleave(d0.to(XDT, bitcast=True), d4.to(XDT, bitcast=True)),
                       tl.interleave(d2.to(XDT, bitcast=True), d6.to(XDT, bitcast=True)))
     b = tl.interleave(tl.interleave(d1.to(XDT, bitcast=True), d5.to(XDT, bitcast=True)),
@@ -437,12 +454,7 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
 @triton.jit
 def _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7):
     """The 8 codes of words w as fp32 table values (fp16 planes, PRMT lookups, exact)."""
-    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-        _ASM_LUT_C, _CONS_LUT,
-        [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
-         tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
-         tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
-        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
     return (d0.to(tl.float16, bitcast=True).to(tl.float32), d1.to(tl.float16, bitcast=True).to(tl.float32),
             d2.to(tl.float16, bitcast=True).to(tl.float32), d3.to(tl.float16, bitcast=True).to(tl.float32),
             d4.to(tl.float16, bitcast=True).to(tl.float32), d5.to(tl.float16, bitcast=True).to(tl.float32),
@@ -531,18 +543,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     c1 = tl.minimum(c0 + CPS, nch)
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
     if ASM:  # lut formats: the rows' fp16 table planes in registers (lut_ptr: int32 [rows, 8])
-        if LUT_ROW:
-            tp = lut_ptr + rn[:, None] * 8
-        else:
-            tp = lut_ptr + rn[:, None] * 0
-        t0 = tl.load(tp)
-        t1 = tl.load(tp + 1)
-        t2 = tl.load(tp + 2)
-        t3 = tl.load(tp + 3)
-        t4 = tl.load(tp + 4)
-        t5 = tl.load(tp + 5)
-        t6 = tl.load(tp + 6)
-        t7 = tl.load(tp + 7)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
         lim = tl.minimum(KWS, c1 * BKW)
         wc = c0 * BKW + kw0
         wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
@@ -672,18 +673,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
         t6 = zz
         t7 = zz
         if MODE == 1:  # the rows' table planes, in registers for the whole loop
-            if LUT_ROW:
-                tp = lut_ptr + rn[:, None] * 8
-            else:
-                tp = lut_ptr + rn[:, None] * 0
-            t0 = tl.load(tp)
-            t1 = tl.load(tp + 1)
-            t2 = tl.load(tp + 2)
-            t3 = tl.load(tp + 3)
-            t4 = tl.load(tp + 4)
-            t5 = tl.load(tp + 5)
-            t6 = tl.load(tp + 6)
-            t7 = tl.load(tp + 7)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
     for cb in range(c0, c1, U):  # U chunks per iteration: more weight bytes in flight per pipeline stage
         acc = _mma_chunk(acc, cb, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz,
                          t0, t1, t2, t3, t4, t5, t6, t7, XDT, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BN, BM,
@@ -717,12 +707,8 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
     else:
         w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
     if ASM:
-        if LUT_ROW:
-            tp = lut_ptr + rn[:, None] * 8
-        else:
-            tp = lut_ptr + rn[:, None] * 0
-        e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, tl.load(tp), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3),
-                                                tl.load(tp + 4), tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7))
+        t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
         a = tl.interleave(tl.interleave(e0, e4), tl.interleave(e2, e6))
         b = tl.interleave(tl.interleave(e1, e5), tl.interleave(e3, e7))
         d = tl.interleave(a, b)
