@@ -161,34 +161,29 @@ mov.b32 {$6, $7}, p3;
 }"""
 _ASM_INT_FP16 = _ASM_INT_BF16.replace("0x3F803F80", "0x3C003C00").replace("0x43004300", "0x64006400") \
     .replace("bf16x2", "f16x2")
-_ASM_LUT = """{
+
+
+def _lut4(sel: str, pick: str, out_lo: str, out_hi: str) -> str:
+    """PTX: 4 codes (selector register sel, top-bit choice pick) -> their 16-bit table entries, two
+    per register (out_lo: codes 0-1, out_hi: codes 2-3)."""
+    return (f"prmt.b32 a, $9, $10, {sel};\nprmt.b32 bb, $11, $12, {sel};\n"   # low bytes, entries 0-7 / 8-15
+            f"prmt.b32 c, $13, $14, {sel};\nprmt.b32 d, $15, $16, {sel};\n"   # high bytes
+            f"prmt.b32 lo, a, bb, {pick};\nprmt.b32 hi, c, d, {pick};\n"      # by the code's top bit
+            f"prmt.b32 {out_lo}, lo, hi, 0x5140;\nprmt.b32 {out_hi}, lo, hi, 0x7362;\n")  # interleave
+
+
+_ASM_LUT = ("""{
 .reg .b32 s, sh, b, bh, a, bb, c, d, lo, hi, p0, p1, p2, p3;
 and.b32 s, $8, 0x77777777;
 shr.u32 sh, s, 16;
 shr.u32 b, $8, 1;
 lop3.b32 b, b, 0x44444444, 0x32103210, 0xEA;
 shr.u32 bh, b, 16;
-prmt.b32 a, $9, $10, s;
-prmt.b32 bb, $11, $12, s;
-prmt.b32 c, $13, $14, s;
-prmt.b32 d, $15, $16, s;
-prmt.b32 lo, a, bb, b;
-prmt.b32 hi, c, d, b;
-prmt.b32 p0, lo, hi, 0x5140;
-prmt.b32 p1, lo, hi, 0x7362;
-prmt.b32 a, $9, $10, sh;
-prmt.b32 bb, $11, $12, sh;
-prmt.b32 c, $13, $14, sh;
-prmt.b32 d, $15, $16, sh;
-prmt.b32 lo, a, bb, bh;
-prmt.b32 hi, c, d, bh;
-prmt.b32 p2, lo, hi, 0x5140;
-prmt.b32 p3, lo, hi, 0x7362;
-mov.b32 {$0, $1}, p0;
+""" + _lut4("s", "b", "p0", "p1") + _lut4("sh", "bh", "p2", "p3") + """mov.b32 {$0, $1}, p0;
 mov.b32 {$2, $3}, p1;
 mov.b32 {$4, $5}, p2;
 mov.b32 {$6, $7}, p3;
-}"""
+}""")
 _OUT8 = "=h,=h,=h,=h,=h,=h,=h,=h,"
 _ASM_INT_BF16_C = tl.constexpr(_ASM_INT_BF16)
 _ASM_INT_FP16_C = tl.constexpr(_ASM_INT_FP16)
