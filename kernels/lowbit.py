@@ -1,7 +1,8 @@
 """W4A16 kernels for the ``int`` (INT2-INT4 affine) and ``lut`` (any4/any3/any2, NF4, FP4) formats.
 
 The builders at the end choose the implementation: ``_kmajor.py`` ("k": the checkpoint's own layout,
-no repack; default for int) or the "v1"/"v2" kernels of this file (default for lut); see ``IMPL``.
+no repack; the default for int and lut) or the "v1"/"v2" kernels of this file (kept, selectable with
+QUANTKIT_LOWBIT=v1|v2, and the fallback where the k builder declines a layer); see ``IMPL``.
 What follows describes v1/v2.
 
 Packed layout (repacked once at build from the checkpoint's row bitstream, docs/FORMAT.md):
