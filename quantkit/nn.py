@@ -9,6 +9,8 @@ around the matmul; their tensors are buffers too.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -16,6 +18,26 @@ from torch import nn
 
 from .formats.base import WeightFormat, format_from_spec, packed_bits_per_weight
 from .registry import get as _get
+
+# torch.compile: under tracing, a QuantLinear is one opaque operator, ``quantkit::qlinear`` (its
+# Triton launch, transforms and bias run inside it as in eager mode), so a whole model compiles
+# without graph breaks (fullgraph=True) and CUDA graphs (mode="reduce-overhead") capture the
+# kernels. Eager calls do not go through the operator (its dispatch would add host time).
+_LAYERS: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count(1)
+
+
+@torch.library.custom_op("quantkit::qlinear", mutates_args=())
+def _qlinear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    layer = _LAYERS[handle]()
+    if layer is None:
+        raise RuntimeError(f"quantkit::qlinear: layer {handle} no longer exists")
+    return layer._forward_eager(x)
+
+
+@_qlinear_op.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class QuantLinear(nn.Module):
@@ -45,6 +67,9 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self._kernel_device = None
         self._plain = not self._pre and not self._post
+        self._handle = next(_HANDLES)
+        _LAYERS[self._handle] = weakref.ref(self)
+        weakref.finalize(self, _LAYERS.pop, self._handle, None)
         # the pipeline sets this to the dequantized weight (== unpack(packed), exactly) while the
         # block is being calibrated, so recomputing block outputs skips per-call unpacking
         self.dense_weight: torch.Tensor | None = None
@@ -82,6 +107,11 @@ class QuantLinear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.dense_weight is None:
+            return torch.ops.quantkit.qlinear(x, self._handle, self.out_features)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         # decode fast path: a GPU kernel already built for this device, nothing around the matmul
         kernel = self._kernel
         if kernel is not None and self._plain and self.bias is None and self.dense_weight is None \
