@@ -67,9 +67,7 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self._kernel_device = None
         self._plain = not self._pre and not self._post
-        self._handle = next(_HANDLES)
-        _LAYERS[self._handle] = weakref.ref(self)
-        weakref.finalize(self, _LAYERS.pop, self._handle, None)
+        self._register()
         # the pipeline sets this to the dequantized weight (== unpack(packed), exactly) while the
         # block is being calibrated, so recomputing block outputs skips per-call unpacking
         self.dense_weight: torch.Tensor | None = None
@@ -77,6 +75,17 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             if all(t.device.type != "meta" for t in packed.values()):
                 self.fmt.unpack(self.packed, self.shape)
+
+    def _register(self) -> None:
+        """A handle of its own for the ``quantkit::qlinear`` operator, dropped with the layer."""
+        self._handle = next(_HANDLES)
+        _LAYERS[self._handle] = weakref.ref(self)
+        weakref.finalize(self, _LAYERS.pop, self._handle, None)
+
+    def __setstate__(self, state):
+        # copy.deepcopy / unpickling: the copy gets its own handle (not the original's)
+        super().__setstate__(state)
+        self._register()
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -8,6 +8,7 @@ code generation). On a GPU (QUANTKIT_TEST_CUDA=1) the same with inductor and CUD
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 
@@ -62,6 +63,12 @@ def test_operator_shape_dtype_and_registry_lifetime():
     with torch._subclasses.fake_tensor.FakeTensorMode():  # the fake implementation agrees
         fy = torch.ops.quantkit.qlinear(torch.empty(2, 3, 96, dtype=torch.bfloat16), layer._handle, 40)
         assert fy.shape == y.shape and fy.dtype == y.dtype
+    twin = copy.deepcopy(layer)  # a copy is its own operator target, not an alias of the original
+    assert twin._handle != layer._handle
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    assert torch.equal(torch.ops.quantkit.qlinear(x, twin._handle, 40), twin(x))
+    assert not torch.equal(twin(x), layer(x))
     h = layer._handle
     del layer
     gc.collect()
