@@ -23,7 +23,7 @@ Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
     (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in column order, ``q - z`` (or the
     table value) in the x dtype, and go to ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the
     register A operand of wgmma, x the narrow side). When a chunk lies in one group the scale
-    multiplies the chunk's dot product. ``asm`` dequantizes with inline PTX (``_kdeq_asm``: packed
+    multiplies the chunk's dot product. ``asm`` dequantizes with inline PTX (``_ptx._kdeq_asm``: packed
     magic-number pairs for int, register-table lookups for lut; compiled GPU only, whole groups per
     chunk); ``unroll`` handles U chunks per loop iteration.
   * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
@@ -45,6 +45,7 @@ import triton.language as tl
 from quantkit.formats.packing import unpack_codes
 
 from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned, workspace
+from ._ptx import _kdeq_asm, _lut16, _planes, _zpair, lut_planes
 from ._tl import _finish, _tile_mn
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -126,124 +127,6 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     return tl.interleave(a, b)
 
 
-
-
-# ---- packed dequant in inline PTX (compiled GPU only; the interpreter takes _kdeq) --------------
-# One word (8 codes, column 8j+i in nibble i) -> 8 values of the dot dtype, two per 32-bit register
-# op. int: ``(w >> 4i) & 0x000F000F | magic`` is the pair {M0 + q_i, M0 + q_(i+4)} (M0 = 128 in
-# bf16, 1024 in fp16: exact), one packed FMA subtracts M0 + z, and PRMTs put the pairs in column
-# order: 15 instructions per 8 weights (the fp32 path: ~5.5 per weight). lut: byte-permute lookups
-# in a table held in 8 registers per row (the low and the high bytes of its 16 entries, 4 to a
-# register: ``lut_planes``): PRMT picks 4 codes' bytes among entries 0-7 and among 8-15, a second
-# PRMT chooses by the code's top bit, a third interleaves low and high bytes: 21 per 8 weights.
-_ASM_INT_BF16 = """{
-.reg .b32 t1, t2, t3, a0, a1, a2, a3, p0, p1, p2, p3, one;
-mov.b32 one, 0x3F803F80;
-lop3.b32 a0, $8, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t1, $8, 4;
-lop3.b32 a1, t1, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t2, $8, 8;
-lop3.b32 a2, t2, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t3, $8, 12;
-lop3.b32 a3, t3, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 a0, a0, one, $9;
-fma.rn.bf16x2 a1, a1, one, $9;
-fma.rn.bf16x2 a2, a2, one, $9;
-fma.rn.bf16x2 a3, a3, one, $9;
-prmt.b32 p0, a0, a1, 0x5410;
-prmt.b32 p1, a2, a3, 0x5410;
-prmt.b32 p2, a0, a1, 0x7632;
-prmt.b32 p3, a2, a3, 0x7632;
-mov.b32 {$0, $1}, p0;
-mov.b32 {$2, $3}, p1;
-mov.b32 {$4, $5}, p2;
-mov.b32 {$6, $7}, p3;
-}"""
-_ASM_INT_FP16 = _ASM_INT_BF16.replace("0x3F803F80", "0x3C003C00").replace("0x43004300", "0x64006400") \
-    .replace("bf16x2", "f16x2")
-
-
-def _lut4(sel: str, pick: str, out_lo: str, out_hi: str) -> str:
-    """PTX: 4 codes (selector register sel, top-bit choice pick) -> their 16-bit table entries, two
-    per register (out_lo: codes 0-1, out_hi: codes 2-3)."""
-    return (f"prmt.b32 a, $9, $10, {sel};\nprmt.b32 bb, $11, $12, {sel};\n"   # low bytes, entries 0-7 / 8-15
-            f"prmt.b32 c, $13, $14, {sel};\nprmt.b32 d, $15, $16, {sel};\n"   # high bytes
-            f"prmt.b32 lo, a, bb, {pick};\nprmt.b32 hi, c, d, {pick};\n"      # by the code's top bit
-            f"prmt.b32 {out_lo}, lo, hi, 0x5140;\nprmt.b32 {out_hi}, lo, hi, 0x7362;\n")  # interleave
-
-
-_ASM_LUT = ("""{
-.reg .b32 s, sh, b, bh, a, bb, c, d, lo, hi, p0, p1, p2, p3;
-and.b32 s, $8, 0x77777777;
-shr.u32 sh, s, 16;
-shr.u32 b, $8, 1;
-lop3.b32 b, b, 0x44444444, 0x32103210, 0xEA;
-shr.u32 bh, b, 16;
-""" + _lut4("s", "b", "p0", "p1") + _lut4("sh", "bh", "p2", "p3") + """mov.b32 {$0, $1}, p0;
-mov.b32 {$2, $3}, p1;
-mov.b32 {$4, $5}, p2;
-mov.b32 {$6, $7}, p3;
-}""")
-_OUT8 = "=h,=h,=h,=h,=h,=h,=h,=h,"
-_ASM_INT_BF16_C = tl.constexpr(_ASM_INT_BF16)
-_ASM_INT_FP16_C = tl.constexpr(_ASM_INT_FP16)
-_ASM_LUT_C = tl.constexpr(_ASM_LUT)
-_CONS_INT = tl.constexpr(_OUT8 + "r,r")
-_CONS_LUT = tl.constexpr(_OUT8 + "r,r,r,r,r,r,r,r,r")
-
-
-@triton.jit
-def _zpair(z, XDT: tl.constexpr):
-    """-(M0 + z) as two packed values of the dot dtype (int32 bits; exact for z < 16)."""
-    if XDT == tl.bfloat16:
-        v = -(z + 128.0)
-    else:
-        v = -(z + 1024.0)
-    b = v.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return b | (b << 16)
-
-
-@triton.jit
-def _planes(lut_ptr, rn, LUT_ROW: tl.constexpr):
-    """The 8 table-plane words (``lut_planes``) of rows rn, [BN, 1] each: per-row tables or one shared."""
-    if LUT_ROW:
-        tp = lut_ptr + rn[:, None] * 8
-    else:
-        tp = lut_ptr + rn[:, None] * 0
-    return (tl.load(tp), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3), tl.load(tp + 4), tl.load(tp + 5),
-            tl.load(tp + 6), tl.load(tp + 7))
-
-
-@triton.jit
-def _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7):
-    """The table entries (16-bit patterns, int16) of the 8 codes of words w, by PRMT lookups."""
-    return tl.inline_asm_elementwise(
-        _ASM_LUT_C, _CONS_LUT,
-        [w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
-         tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
-         tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape)],
-        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
-def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl.constexpr):
-    """Words w [BN, BKW] -> [BN, 8*BKW] values of XDT in column order (no scale), inline PTX.
-    int: zz = _zpair(z) ([BN, 1] or scalar); lut: t0..t7 = the row's table planes ([BN, 1])."""
-    if MODE == 0:
-        zb = tl.broadcast_to(zz, w.shape)
-        if XDT == tl.bfloat16:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                _ASM_INT_BF16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-        else:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                _ASM_INT_FP16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-    else:
-        d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
-    a = tl.interleave(tl.interleave(d0.to(XDT, bitcast=True), d4.to(XDT, bitcast=True)),
-                      tl.interleave(d2.to(XDT, bitcast=True), d6.to(XDT, bitcast=True)))
-    b = tl.interleave(tl.interleave(d1.to(XDT, bitcast=True), d5.to(XDT, bitcast=True)),
-                      tl.interleave(d3.to(XDT, bitcast=True), d7.to(XDT, bitcast=True)))
-    return tl.interleave(a, b)
 
 
 @triton.jit
@@ -444,16 +327,6 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
             a2 += tl.sum(t2 * s, axis=1)
             a3 += tl.sum(t3 * s, axis=1)
     return a0, a1, a2, a3
-
-
-@triton.jit
-def _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7):
-    """The 8 codes of words w as fp32 table values (fp16 planes, PRMT lookups, exact)."""
-    d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
-    return (d0.to(tl.float16, bitcast=True).to(tl.float32), d1.to(tl.float16, bitcast=True).to(tl.float32),
-            d2.to(tl.float16, bitcast=True).to(tl.float32), d3.to(tl.float16, bitcast=True).to(tl.float32),
-            d4.to(tl.float16, bitcast=True).to(tl.float32), d5.to(tl.float16, bitcast=True).to(tl.float32),
-            d6.to(tl.float16, bitcast=True).to(tl.float32), d7.to(tl.float16, bitcast=True).to(tl.float32))
 
 
 @triton.jit
@@ -714,22 +587,6 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
     optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
     tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
-
-
-def lut_planes(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A lut [rows, <=16] as the byte planes the PRMT lookup reads: int32 [rows, 8]; word g (g < 4)
-    holds the low bytes of entries 4g..4g+3 (entry 4g+j in byte j) of the table in ``dtype``, word
-    4 + g their high bytes. Missing entries (3/2-bit tables) are 0 and never indexed."""
-    r, ls = lut.shape
-    t = torch.zeros(r, 16, dtype=dtype, device=lut.device)
-    t[:, :ls] = lut.to(dtype)
-    b = t.view(torch.int16).to(torch.int64) & 0xFFFF
-    planes = []
-    for part in (b & 0xFF, b >> 8):
-        v = part.view(r, 4, 4)
-        planes.append(v[..., 0] | (v[..., 1] << 8) | (v[..., 2] << 16) | (v[..., 3] << 24))
-    out = torch.cat(planes, 1)
-    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32).contiguous()
 
 
 # ================================================================================================

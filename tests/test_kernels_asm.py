@@ -1,4 +1,4 @@
-"""The inline-PTX dequant of kernels/_kmajor.py, checked on CPU.
+"""The inline-PTX dequant of the k kernels (kernels/_ptx.py), checked on CPU.
 
 The interpreter cannot run inline PTX, so the compiled path is tested on a GPU
 (``QUANTKIT_TEST_CUDA=1 pytest tests/test_kernels_k.py``). Here the shipped PTX text itself is
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from quantkit.kernels import _kmajor as km
+from quantkit.kernels import _ptx
 
 M32 = 0xFFFFFFFF
 
@@ -101,7 +102,7 @@ def _words(rng, n):
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("z", [8.0, 0.0, 3.0, 15.0])
 def test_int_asm_decodes_q_minus_z(dt, z):
-    text = km._ASM_INT_BF16 if dt == torch.bfloat16 else km._ASM_INT_FP16
+    text = _ptx._ASM_INT_BF16 if dt == torch.bfloat16 else _ptx._ASM_INT_FP16
     m0 = 128.0 if dt == torch.bfloat16 else 1024.0
     zz = _pack(torch.tensor([-(m0 + z)] * 2, dtype=torch.float64), dt)
     rng = np.random.default_rng(0)
@@ -117,7 +118,7 @@ def test_int_asm_decodes_q_minus_z(dt, z):
 def test_lut_asm_looks_up_the_row_table(dt, ls):
     g = torch.Generator().manual_seed(1)
     lut = (torch.randn(3, ls, generator=g) * 3).to(torch.float16)
-    planes = km.lut_planes(lut, dt)
+    planes = _ptx.lut_planes(lut, dt)
     assert planes.shape == (3, 8) and planes.dtype == torch.int32
     rng = np.random.default_rng(ls)
     for r in range(3):
@@ -126,7 +127,7 @@ def test_lut_asm_looks_up_the_row_table(dt, ls):
             if ls < 16:  # 3/2-bit codes live in the low bits of each nibble
                 w &= int(("%x" % (ls - 1)) * 8, 16)
             args[8] = w
-            got = run_ptx(km._ASM_LUT, args)
+            got = run_ptx(_ptx._ASM_LUT, args)
             vals = torch.tensor(got, dtype=torch.int32).to(torch.int16).view(dt)
             want = lut[r, [(w >> (4 * i)) & 15 for i in range(8)]].to(dt)
             assert torch.equal(vals, want), (r, hex(w))
@@ -134,12 +135,12 @@ def test_lut_asm_looks_up_the_row_table(dt, ls):
 
 def test_emulator_catches_a_wrong_selector():
     """The check above can fail: a PTX text with a swapped interleave gives other values."""
-    bad = km._ASM_LUT.replace("0x5140", "0x4150", 1)
+    bad = _ptx._ASM_LUT.replace("0x5140", "0x4150", 1)
     lut = torch.arange(16, dtype=torch.float16).view(1, 16)
-    planes = km.lut_planes(lut, torch.bfloat16)
+    planes = _ptx.lut_planes(lut, torch.bfloat16)
     args = {9 + j: int(planes[0, j]) & M32 for j in range(8)}
     args[8] = 0x76543210
-    good = run_ptx(km._ASM_LUT, args)
+    good = run_ptx(_ptx._ASM_LUT, args)
     assert torch.tensor(good, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).tolist() == \
         [0, 1, 2, 3, 4, 5, 6, 7]
     assert run_ptx(bad, args) != good
