@@ -6,7 +6,8 @@ Each kernel module registers a builder with :func:`register_kernel`; modules are
 so that CPU-only installs never import Triton.
 
 Modules: ``lowbit`` (int2-int4 and lut formats: split-K GEMV, tensor-core GEMM, dequantize+cuBLAS;
-its builders pick ``_kmajor``, the "k" kernels on the checkpoint's own layout, for int by default),
+its builders pick ``_kmajor``, the "k" kernels on the checkpoint's own layout, by default, with the
+inline-PTX dequant of ``_ptx``),
 ``fp8`` (W8A8 with a fused activation-quant kernel + ``torch._scaled_mm`` or a Triton FP8 dot;
 W8A16). Builders repack once; the returned callable picks a plan per power-of-two M bucket from
 ``tuned_hopper.json`` (bench/kernels.py --tune) or a heuristic. See docs/PERFORMANCE.md.
