@@ -412,16 +412,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
     if ASM:  # lut formats: the rows' fp16 table planes in registers (lut_ptr: int32 [rows, 8])
         t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
-        lim = tl.minimum(KWS, c1 * BKW)
-        wc = c0 * BKW + kw0
-        wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
-        for c in range(c0, c1):
-            w = wn
-            wc = (c + 1) * BKW + kw0
-            wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
-            a0, a1, a2, a3 = _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3,
-                                              t0, t1, t2, t3, t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN, ACC2)
-    elif PF:
+    if PF or ASM:
         lim = tl.minimum(KWS, c1 * BKW)  # words of this program's chunks
         wc = c0 * BKW + kw0
         wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
@@ -429,9 +420,13 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             w = wn
             wc = (c + 1) * BKW + kw0
             wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
-            a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
-                                         HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
-                                         LUTG, ACC2, XV)
+            if ASM:
+                a0, a1, a2, a3 = _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2, t3,
+                                                  t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN, ACC2)
+            else:
+                a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
+                                             HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
+                                             LUTG, ACC2, XV)
     else:
         for c in range(c0, c1):
             wc = c * BKW + kw0
