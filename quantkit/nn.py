@@ -40,6 +40,56 @@ def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _qlinear_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.handle = inputs[1]
+
+
+@torch.library.custom_op("quantkit::qlinear_grad", mutates_args=())
+def _qlinear_grad_op(grad: torch.Tensor, x: torch.Tensor, handle: int) -> torch.Tensor:
+    """d(layer(x))/dx applied to grad, through the layer's plain-PyTorch path (transforms included);
+    an operator too, so that tracing a backward does not trace into the layer."""
+    layer = _LAYERS[handle]()
+    if layer is None:
+        raise RuntimeError(f"quantkit::qlinear_grad: layer {handle} no longer exists")
+    # (an operator's implementation runs below autograd: torch.func's vjp, not torch.autograd)
+    _, vjp = torch.func.vjp(lambda t: layer._forward_eager(t, differentiable=True), x)
+    (gx,) = vjp(grad)
+    return gx
+
+
+@_qlinear_grad_op.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _qlinear_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.quantkit.qlinear_grad(grad, x, ctx.handle), None, None
+
+
+_qlinear_op.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+class _WithGrad(torch.autograd.Function):
+    """The layer's kernel forward (no autograd history of its own) with the gradient with respect to x
+    of its plain-PyTorch path: adapters trained on a quantized model keep the kernel's speed."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer._forward_eager(x)  # grad mode is off in here: the kernel path
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(ctx.layer._forward_eager(xr, differentiable=True), xr, grad)
+        return gx, None
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: dict[str, Any],
                  packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
@@ -120,15 +170,22 @@ class QuantLinear(nn.Module):
             return torch.ops.quantkit.qlinear(x, self._handle, self.out_features)
         return self._forward_eager(x)
 
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_eager(self, x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """differentiable: the plain-PyTorch path even where a kernel serves (the gradient's path)."""
+        if not differentiable and x.requires_grad and torch.is_grad_enabled() and self.dense_weight is None \
+                and ((self._kernel is not None and x.device == self._kernel_device)
+                     or (x.is_cuda and self._get_kernel(x.device) is not None)):
+            # the Triton kernels have no backward: kernel forward, plain-PyTorch gradient
+            return _WithGrad.apply(x, self)
         # decode fast path: a GPU kernel already built for this device, nothing around the matmul
         kernel = self._kernel
         if kernel is not None and self._plain and self.bias is None and self.dense_weight is None \
-                and x.device == self._kernel_device:
+                and x.device == self._kernel_device and not differentiable:
             return kernel(x)
         for f in self._pre:
             x = f(x)
-        kernel = self._get_kernel(x.device) if x.is_cuda and self.dense_weight is None else None
+        kernel = self._get_kernel(x.device) if x.is_cuda and self.dense_weight is None and not differentiable \
+            else None
         if self.dense_weight is not None:
             y = torch.nn.functional.linear(x, self.dense_weight.to(x.dtype))
         elif kernel is not None:

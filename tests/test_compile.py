@@ -89,3 +89,71 @@ def test_cuda_graphs_capture_the_kernels(calib_ids):
             got = cm(x).logits.float()
     assert any(m._kernel is not None for m in qm.quantized_layers().values())  # the kernels ran
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def _quip_layer():
+    from quantkit.pipeline import quantize_linear
+    from quantkit.quantizers.base import LayerStats
+    from quantkit.recipe import load_recipe
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    x = torch.randn(256, 96, generator=g)
+    h = x.t() @ x
+    st = LayerStats(x.shape[0], h, torch.diagonal(h).clone(), x.abs().amax(0))
+    scheme = load_recipe({"quantizer": "rtn", "format": {"type": "int", "bits": 4, "group_size": 32},
+                          "transforms": [{"type": "quip", "seed": 3}]}).scheme_for("model.layers.0.mlp.up_proj")
+    layer = quantize_linear("model.layers.0.mlp.up_proj", lin, scheme, st)[0]
+    layer.dense_weight = None  # as after calibration (the pipeline clears it once a block is done)
+    return layer
+
+
+def test_gradient_flows_to_x_even_where_a_kernel_serves_the_layer():
+    """The Triton kernels have no backward: the kernel still computes the forward, the gradient comes
+    from the layer's plain-PyTorch path (same function); a stand-in kernel on CPU shows which ran."""
+    from test_kernels import make_int
+
+    spec, p, _ = make_int(40, 96, 4, 32, False, seed=4)
+    layer = QuantLinear(96, 40, {"format": spec}, p)
+    calls = []
+
+    def stand_in(x):  # what a kernel returns: the right values, no autograd history
+        calls.append(1)
+        with torch.no_grad():
+            return layer.fmt.linear(x, layer.packed, layer.shape)
+    layer._kernel, layer._kernel_device = stand_in, torch.device("cpu")
+    x = torch.randn(5, 96, requires_grad=True)
+    y = layer(x)
+    assert calls == [1] and y.requires_grad  # the kernel ran, and the output has a gradient
+    g = torch.randn(5, 40)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ layer.dequantized_weight(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert not layer(x).requires_grad
+    assert calls == [1, 1]
+
+
+def test_compiled_layer_backward_matches_eager():
+    layer = _quip_layer()  # with run-time rotations: the backward goes through them
+    x = torch.randn(7, 96, dtype=torch.float64).float()
+    xe = x.clone().requires_grad_(True)
+    layer(xe).square().sum().backward()
+    torch._dynamo.reset()
+    xc = x.clone().requires_grad_(True)
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(xc).square().sum().backward()
+    assert torch.allclose(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (QUANTKIT_TEST_CUDA=1)")
+def test_cuda_gradient_through_a_kernel_layer():
+    from test_kernels import make_int
+
+    spec, p, _ = make_int(96, 520, 4, 64, False, seed=5)
+    layer = QuantLinear(520, 96, {"format": spec}, {k: v.cuda() for k, v in p.items()}).cuda()
+    x = torch.randn(7, 520, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert layer._kernel is not None and y.requires_grad
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = g.float() @ layer.dequantized_weight().float()
+    assert (x.grad.float() - ref).norm() <= 1e-2 * ref.norm()
