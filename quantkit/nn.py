@@ -32,7 +32,8 @@ def _qlinear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor
     layer = _LAYERS[handle]()
     if layer is None:
         raise RuntimeError(f"quantkit::qlinear: layer {handle} no longer exists")
-    return layer._forward_eager(x)
+    with torch.no_grad():  # the operator's gradient is its registered autograd formula, not this
+        return layer._forward_eager(x)
 
 
 @_qlinear_op.register_fake
