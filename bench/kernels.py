@@ -291,7 +291,6 @@ def k_candidates(kern, mb: int) -> list[dict]:
             s0 = max(1, min(nch, -(-528 // tiles)))
             for s in {s0, max(1, s0 // 2), max(1, s0 // 4), min(nch, 2 * s0)}:
                 out.append({"path": "gemv", "BN": bn, "BKW": bkw, "warps": w, "split": s})
-        # (GEMV variants "acc2" / "xv" measured no faster on the H100, 2026-11-26: not timed by default)
         nch = -(-kws // 32)
         s0 = max(1, min(nch, -(-528 // -(-n // 64))))
         out.append({"path": "gemv", "BN": 64, "BKW": 32, "warps": 4, "split": s0, "pf": False})

@@ -17,8 +17,7 @@ Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
     words are loaded before the current one is computed (``pf``); split-K over programs. For lut
     formats the values come from the row's table held in registers (``_lut16``: byte-permute lookups
     in inline PTX, fp16 planes, exact; ``asm: False`` in a config falls back to L1 loads).
-    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order;
-    ``xv``/``acc2`` (contiguous x loads, 2D accumulators) were measured no faster.
+    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order.
   * ``mma`` (M = 2-64 by the tuned table; ``_kq_mma``): the 8 nibble tensors are interleaved
     (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in column order, ``q - z`` (or the
     table value) in the x dtype, and go to ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the
@@ -225,26 +224,6 @@ def _nib1(w, wh, cz, lbase, lt, I: tl.constexpr, MODE: tl.constexpr, LUTG: tl.co
 
 
 @triton.jit
-def _x8(xb, k8, K, EVEN: tl.constexpr):
-    """x[8*kw + i] for i = 0..7 as 8 fp32 [BKW] vectors from one contiguous [BKW, 8] load (16 bytes a
-    word) instead of 8 strided loads."""
-    j = tl.arange(0, 8)
-    if EVEN:
-        v = tl.load(xb[:, None] + j[None, :])
-    else:
-        v = tl.load(xb[:, None] + j[None, :], mask=(k8[:, None] + j[None, :]) < K, other=0.0)
-    v = tl.reshape(v.to(tl.float32), [v.shape[0], 2, 2, 2])
-    e0, e1 = tl.split(v)  # i & 1 (the last axis is bit 0 of i)
-    e00, e02 = tl.split(e0)
-    e01, e03 = tl.split(e1)
-    x0, x4 = tl.split(e00)
-    x2, x6 = tl.split(e02)
-    x1, x5 = tl.split(e01)
-    x3, x7 = tl.split(e03)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _xs(x, I: tl.constexpr, MODE: tl.constexpr):
     """x scaled by 2^(23-4p) for int nibble I (folds the magic-number exponent into x)."""
     if MODE == 0:
@@ -262,8 +241,7 @@ def _xs(x, I: tl.constexpr, MODE: tl.constexpr):
 def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
                 MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr,
-                ACC2: tl.constexpr, XV: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
     kw = c * BKW + tl.arange(0, BKW)
     k8 = kw * 8
     s = 1.0
@@ -294,17 +272,7 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
     t1 = tl.zeros([BN, BKW], dtype=tl.float32)
     t2 = tl.zeros([BN, BKW], dtype=tl.float32)
     t3 = tl.zeros([BN, BKW], dtype=tl.float32)
-    if XV and BM == 1:  # one contiguous x load per word, split in registers
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x8(xb0, k8, K, EVEN)
-        t0 += _nib1(w, wh, cz, lbase, lt, 0, MODE, LUTG) * _xs(x0, 0, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 1, MODE, LUTG) * _xs(x1, 1, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 2, MODE, LUTG) * _xs(x2, 2, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 3, MODE, LUTG) * _xs(x3, 3, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 4, MODE, LUTG) * _xs(x4, 4, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 5, MODE, LUTG) * _xs(x5, 5, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 6, MODE, LUTG) * _xs(x6, 6, MODE)[None, :]
-        t0 += _nib1(w, wh, cz, lbase, lt, 7, MODE, LUTG) * _xs(x7, 7, MODE)[None, :]
-    for i in tl.static_range(8 if not (XV and BM == 1) else 0):
+    for i in tl.static_range(8):
         d = _nib1(w, wh, cz, lbase, lt, i, MODE, LUTG)
         t0 += d * _xs(_xnib(xb0, k8, K, i, EVEN), i, MODE)[None, :]
         if BM > 1:
@@ -312,20 +280,12 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
         if BM > 2:
             t2 += d * _xs(_xnib(xb2, k8, K, i, EVEN), i, MODE)[None, :]
             t3 += d * _xs(_xnib(xb3, k8, K, i, EVEN), i, MODE)[None, :]
-    if ACC2:  # [BN, BKW] accumulators, one reduction at the end of the kernel
-        a0 += t0 * s
-        if BM > 1:
-            a1 += t1 * s
-        if BM > 2:
-            a2 += t2 * s
-            a3 += t3 * s
-    else:
-        a0 += tl.sum(t0 * s, axis=1)
-        if BM > 1:
-            a1 += tl.sum(t1 * s, axis=1)
-        if BM > 2:
-            a2 += tl.sum(t2 * s, axis=1)
-            a3 += tl.sum(t3 * s, axis=1)
+    a0 += tl.sum(t0 * s, axis=1)
+    if BM > 1:
+        a1 += tl.sum(t1 * s, axis=1)
+    if BM > 2:
+        a2 += tl.sum(t2 * s, axis=1)
+        a3 += tl.sum(t3 * s, axis=1)
     return a0, a1, a2, a3
 
 
@@ -346,7 +306,7 @@ def _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb, k8, K, EVEN: tl.constexpr):
 @triton.jit
 def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2, t3, t4, t5, t6, t7,
                      HAS_SCALE: tl.constexpr, GS: tl.constexpr, BM: tl.constexpr, BKW: tl.constexpr,
-                     EVEN: tl.constexpr, ACC2: tl.constexpr):
+                     EVEN: tl.constexpr):
     """_gemv_chunk for lut formats with the table lookups in registers (inline PTX)."""
     kw = c * BKW + tl.arange(0, BKW)
     k8 = kw * 8
@@ -358,25 +318,15 @@ def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2
             sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
         s = tl.load(s_ptr + sidx).to(tl.float32)
     e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
-    if ACC2:
-        a0 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s
-    else:
-        a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
+    a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
     if BM > 1:
         xb1 = x_ptr + tl.minimum(1, M - 1) * K + k8
-        if ACC2:
-            a1 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s
-        else:
-            a1 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s, axis=1)
+        a1 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb1, k8, K, EVEN) * s, axis=1)
     if BM > 2:
         xb2 = x_ptr + tl.minimum(2, M - 1) * K + k8
         xb3 = x_ptr + tl.minimum(3, M - 1) * K + k8
-        if ACC2:
-            a2 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s
-            a3 += _dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s
-        else:
-            a2 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s, axis=1)
-            a3 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s, axis=1)
+        a2 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb2, k8, K, EVEN) * s, axis=1)
+        a3 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, xb3, k8, K, EVEN) * s, axis=1)
     return a0, a1, a2, a3
 
 
@@ -386,8 +336,7 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-               PF: tl.constexpr, LUTG: tl.constexpr, ASM: tl.constexpr = False, ACC2: tl.constexpr = False,
-               XV: tl.constexpr = False):
+               PF: tl.constexpr, LUTG: tl.constexpr, ASM: tl.constexpr = False):
     """GEMV, nibble by nibble: each nibble's [BN, BKW] values meet x[8*kw + i] (strided loads, L1) and
     accumulate in [BN, BKW]; scale and row sums once per chunk. PF: the next chunk's words are
     loaded before this chunk is computed (two chunks in flight per thread)."""
@@ -396,16 +345,10 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     offs_n = pid_n * BN + tl.arange(0, BN)
     rn = tl.minimum(offs_n, N - 1)
     kw0 = tl.arange(0, BKW)
-    if ACC2:
-        a0 = tl.zeros([BN, BKW], dtype=tl.float32)
-        a1 = tl.zeros([BN, BKW], dtype=tl.float32)
-        a2 = tl.zeros([BN, BKW], dtype=tl.float32)
-        a3 = tl.zeros([BN, BKW], dtype=tl.float32)
-    else:
-        a0 = tl.zeros([BN], dtype=tl.float32)
-        a1 = tl.zeros([BN], dtype=tl.float32)
-        a2 = tl.zeros([BN], dtype=tl.float32)
-        a3 = tl.zeros([BN], dtype=tl.float32)
+    a0 = tl.zeros([BN], dtype=tl.float32)
+    a1 = tl.zeros([BN], dtype=tl.float32)
+    a2 = tl.zeros([BN], dtype=tl.float32)
+    a3 = tl.zeros([BN], dtype=tl.float32)
     nch = tl.cdiv(KWS, BKW)
     c0 = pid_k * CPS
     c1 = tl.minimum(c0 + CPS, nch)
@@ -422,11 +365,11 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             wn = tl.load(wrow + wc[None, :], mask=(wc < lim)[None, :], other=0)
             if ASM:
                 a0, a1, a2, a3 = _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2, t3,
-                                                  t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN, ACC2)
+                                                  t4, t5, t6, t7, HAS_SCALE, GS, BM, BKW, EVEN)
             else:
                 a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
                                              HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
-                                             LUTG, ACC2, XV)
+                                             LUTG)
     else:
         for c in range(c0, c1):
             wc = c * BKW + kw0
@@ -436,12 +379,9 @@ def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                 w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
             a0, a1, a2, a3 = _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3, MODE,
                                          HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BM, BN, BKW, EVEN,
-                                         LUTG, ACC2, XV)
+                                         LUTG)
     offs_m = tl.arange(0, BM)
-    if ACC2:
-        res = _stack_rows(tl.sum(a0, axis=1), tl.sum(a1, axis=1), tl.sum(a2, axis=1), tl.sum(a3, axis=1), BM)
-    else:
-        res = _stack_rows(a0, a1, a2, a3, BM)
+    res = _stack_rows(a0, a1, a2, a3, BM)
     _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
@@ -705,8 +645,7 @@ class KLowbitKernel:
             gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
             ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
             if cfg.get("v", "n") == "n" or gasm:
-                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm,
-                                             ACC2=bool(cfg.get("acc2", False)), XV=bool(cfg.get("xv", False)))
+                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm)
             else:
                 fn, extra = _kq_gemv, dict(LUTG=lutg)
             lau = Launcher(fn, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, **extra),

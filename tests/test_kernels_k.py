@@ -25,7 +25,6 @@ KCFG = {
     "gemv1": {"path": "gemv", "BN": 32, "BKW": 8, "warps": 4, "split": 1, "pf": False},
     "gemvng": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "lutg": True},
     "gemvi": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "v": "i"},
-    "gemvx": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 3, "xv": True, "acc2": True},
     "gemvg": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "lutg": True, "v": "i"},
     "swapg": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "lutg": True},
     "mma": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False},
@@ -78,9 +77,6 @@ def krun(kern, path, x):
     ("gemv1", 1, 4, 32, True, False, 196, torch.float16),     # 98-byte rows: repacked
     ("gemvi", 3, 4, 32, False, False, 264, torch.bfloat16),   # interleaved GEMV variant
     ("gemvi", 1, 4, 128, True, False, 200, torch.float16),
-    ("gemvx", 1, 4, 32, False, False, 200, torch.bfloat16),   # contiguous x loads, 2D accumulators
-    ("gemvx", 2, 4, 128, True, False, 264, torch.float16),
-    ("gemvx", 1, 4, 64, True, False, 196, torch.bfloat16),    # odd K (masked x loads)
     ("swap", 5, 4, 128, False, False, 264, torch.bfloat16),
     ("mma", 19, 4, 64, True, False, 200, torch.float16),      # two row tiles
     ("mma1", 33, 2, 32, False, False, 136, torch.bfloat16),   # int2, grouped order
@@ -115,7 +111,6 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("gemvi", 3, 4, 64, None, torch.bfloat16),
     ("gemvng", 3, 4, 32, None, torch.bfloat16),    # nibble GEMV + tl.gather
     ("gemv1", 4, 4, 128, None, torch.float16),
-    ("gemvx", 1, 4, 128, None, torch.bfloat16),
     ("gemvg", 1, 4, 64, "nf4", torch.float16),
     ("swapg", 7, 4, 32, None, torch.bfloat16),
     ("swapa", 1, 4, 128, None, torch.bfloat16),   # asm PRMT lookups: any4 + group scales
