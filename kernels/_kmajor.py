@@ -45,7 +45,7 @@ from quantkit.formats.packing import unpack_codes
 
 from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned, workspace
 from ._ptx import _kdeq_asm, _lut16, _planes, _zpair, lut_planes
-from ._tl import _finish, _tile_mn
+from ._tl import _cols8, _finish, _tile_mn
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 ASM_OFF = os.environ.get("QUANTKIT_KERNEL_ASM", "1") == "0"  # 0: never the inline-PTX dequant
@@ -87,6 +87,24 @@ def _nib(w, wh, zs, s, lrow, lut_ptr, lt, I: tl.constexpr, MODE: tl.constexpr, H
 
 
 @triton.jit
+def _chunk_group(c, G, GS: tl.constexpr, BKW: tl.constexpr):
+    """The group of chunk c (8*BKW columns), for chunks that lie inside one group."""
+    return tl.minimum((c * (8 * BKW)) // GS, G - 1)
+
+
+@triton.jit
+def _group_idx(rn, c, G, GS: tl.constexpr, BKW: tl.constexpr):
+    """Index of the scale/zero of rows rn in chunk c: [BN, 1] when the chunk lies in one group (one
+    value per row), else [BN, BKW] (one per word)."""
+    if GS % (8 * BKW) == 0:
+        idx = rn[:, None] * G + _chunk_group(c, G, GS, BKW)
+    else:
+        kw = c * BKW + tl.arange(0, BKW)
+        idx = rn[:, None] * G + tl.minimum((kw * 8) // GS, G - 1)[None, :]
+    return idx
+
+
+@triton.jit
 def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
           MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
           GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr, LUTG: tl.constexpr):
@@ -96,13 +114,7 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     lrow = 0
     lt = 0.0
     if HAS_SCALE or HAS_ZERO:
-        if GS % (8 * BKW) == 0:  # the chunk lies in one group: one scale per row
-            g1 = tl.minimum((c * (8 * BKW)) // GS, G - 1)
-            sidx = rn[:, None] * G + g1
-        else:
-            kw = c * BKW + tl.arange(0, BKW)
-            g = tl.minimum((kw * 8) // GS, G - 1)
-            sidx = rn[:, None] * G + g[None, :]
+        sidx = _group_idx(rn, c, G, GS, BKW)
         if HAS_SCALE:
             s = tl.load(s_ptr + sidx).to(tl.float32)
         if HAS_ZERO:
@@ -121,9 +133,7 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
     d5 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 5, MODE, HAS_SCALE, LUTG)
     d6 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 6, MODE, HAS_SCALE, LUTG)
     d7 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 7, MODE, HAS_SCALE, LUTG)
-    a = tl.interleave(tl.interleave(d0, d4), tl.interleave(d2, d6))
-    b = tl.interleave(tl.interleave(d1, d5), tl.interleave(d3, d7))
-    return tl.interleave(a, b)
+    return _cols8(d0, d1, d2, d3, d4, d5, d6, d7)
 
 
 
@@ -249,10 +259,7 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
     lbase = lut_ptr
     lt = 0.0
     if HAS_SCALE or HAS_ZERO:
-        if GS % (8 * BKW) == 0:  # the chunk lies in one group: one scale per row
-            sidx = rn[:, None] * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)
-        else:
-            sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
+        sidx = _group_idx(rn, c, G, GS, BKW)
         if HAS_SCALE:
             s = tl.load(s_ptr + sidx).to(tl.float32)
         if HAS_ZERO:
@@ -312,11 +319,7 @@ def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2
     k8 = kw * 8
     s = 1.0
     if HAS_SCALE:
-        if GS % (8 * BKW) == 0:
-            sidx = rn[:, None] * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)
-        else:
-            sidx = rn[:, None] * G + tl.minimum(k8 // GS, G - 1)[None, :]
-        s = tl.load(s_ptr + sidx).to(tl.float32)
+        s = tl.load(s_ptr + _group_idx(rn, c, G, GS, BKW)).to(tl.float32)
     e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
     a0 += tl.sum(_dot8x(e0, e1, e2, e3, e4, e5, e6, e7, x_ptr + k8, k8, K, EVEN) * s, axis=1)
     if BM > 1:
@@ -402,7 +405,7 @@ def _mma_chunk(acc, c, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS
         xt = tl.load(xrow + k[None, :], mask=((k < K) & (kk * 0 + c < c1))[None, :], other=0.0)
     if ASM:
         if MODE == 0 and HAS_ZERO:
-            zc = tl.load(z_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+            zc = tl.load(z_ptr + rn * G + _chunk_group(c, G, GS, BKW)).to(tl.float32)
             zl = _zpair(zc[:, None], XDT)
         else:
             zl = zz
@@ -411,7 +414,7 @@ def _mma_chunk(acc, c, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS,
                   LUT_ROW, BKW, LUTG).to(XDT)
     if SA:
-        sc = tl.load(s_ptr + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+        sc = tl.load(s_ptr + rn * G + _chunk_group(c, G, GS, BKW)).to(tl.float32)
         if SWAP:
             acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
         else:
@@ -456,7 +459,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     c1 = tl.minimum(c0 + CPS, nch)
     wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
     xrow = x_ptr + rm[:, None].to(tl.int64) * K
-    zz = 0
+    zz = 0  # what the inline-PTX dequant needs: -(M0 + z) pairs (int), the rows' table planes (lut)
     t0 = 0
     t1 = 0
     t2 = 0
@@ -467,15 +470,7 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     t7 = 0
     if ASM:
         zz = _zpair(tl.full([1, 1], ZC, tl.float32), XDT)
-        t0 = zz
-        t1 = zz
-        t2 = zz
-        t3 = zz
-        t4 = zz
-        t5 = zz
-        t6 = zz
-        t7 = zz
-        if MODE == 1:  # the rows' table planes, in registers for the whole loop
+        if MODE == 1:  # in registers for the whole loop
             t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
     for cb in range(c0, c1, U):  # U chunks per iteration: more weight bytes in flight per pipeline stage
         acc = _mma_chunk(acc, cb, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz,
@@ -512,12 +507,9 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
     if ASM:
         t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
         e0, e1, e2, e3, e4, e5, e6, e7 = _lut16(w, t0, t1, t2, t3, t4, t5, t6, t7)
-        a = tl.interleave(tl.interleave(e0, e4), tl.interleave(e2, e6))
-        b = tl.interleave(tl.interleave(e1, e5), tl.interleave(e3, e7))
-        d = tl.interleave(a, b)
+        d = _cols8(e0, e1, e2, e3, e4, e5, e6, e7)
         if HAS_SCALE:
-            g1 = tl.minimum((c * (8 * BKW)) // GS, G - 1)
-            d = d * tl.load(s_ptr + rn[:, None] * G + g1).to(tl.float32)
+            d = d * tl.load(s_ptr + rn[:, None] * G + _chunk_group(c, G, GS, BKW)).to(tl.float32)
     else:
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
     optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tl import _cols8
+
 
 _ASM_INT_BF16 = """{
 .reg .b32 t1, t2, t3, a0, a1, a2, a3, p0, p1, p2, p3, one;
@@ -124,11 +126,9 @@ def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl
                 _ASM_INT_FP16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     else:
         d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
-    a = tl.interleave(tl.interleave(d0.to(XDT, bitcast=True), d4.to(XDT, bitcast=True)),
-                      tl.interleave(d2.to(XDT, bitcast=True), d6.to(XDT, bitcast=True)))
-    b = tl.interleave(tl.interleave(d1.to(XDT, bitcast=True), d5.to(XDT, bitcast=True)),
-                      tl.interleave(d3.to(XDT, bitcast=True), d7.to(XDT, bitcast=True)))
-    return tl.interleave(a, b)
+    return _cols8(d0.to(XDT, bitcast=True), d1.to(XDT, bitcast=True), d2.to(XDT, bitcast=True),
+                  d3.to(XDT, bitcast=True), d4.to(XDT, bitcast=True), d5.to(XDT, bitcast=True),
+                  d6.to(XDT, bitcast=True), d7.to(XDT, bitcast=True))
 
 
 @triton.jit

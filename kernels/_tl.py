@@ -46,3 +46,12 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SP
             tl.atomic_xchg(cnt_ptr + tile, 0)
     else:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _cols8(d0, d1, d2, d3, d4, d5, d6, d7):
+    """The 8 nibble tensors of a word tile ([BN, BKW] each, d_i holding column 8*kw + i) as one
+    [BN, 8*BKW] tile in column order (interleaved in registers)."""
+    a = tl.interleave(tl.interleave(d0, d4), tl.interleave(d2, d6))
+    b = tl.interleave(tl.interleave(d1, d5), tl.interleave(d3, d7))
+    return tl.interleave(a, b)
