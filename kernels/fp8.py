@@ -204,10 +204,7 @@ class FP8Kernel:
         self.smm_ok = not (w.dtype == torch.float8_e5m2 and act_dtype == torch.float8_e5m2)
         self.fallback = fallback
         self.plans: dict = {}
-        # Unmasked K loads when BK divides K (EVEN_K): a run-time K mask keeps the loads byte-wide,
-        # the slow path on the H100 (docs/PERFORMANCE.md). QUANTKIT_KERNEL_V2 no
-        # longer changes anything here (it used to gate EVEN_K before it had run on a GPU).
-        self.v2 = False
+        # K loads are unmasked whenever BK divides K (EVEN_K): a run-time K mask keeps them byte-wide
         bk = min(triton.next_power_of_2(self.K), 2048)
         mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
         self.q_launch = Launcher(_act_quant, dict(FMAX=self.fmax, STATIC=act == "static", BK=bk, MBITS=mbits,
@@ -217,7 +214,7 @@ class FP8Kernel:
                                  device=device)
 
     def key(self, mb: int, dtype) -> str:
-        return (f"{self.tag}{'.v2' if self.v2 else ''}:{self.N}x{self.K}:"
+        return (f"{self.tag}:{self.N}x{self.K}:"
                 f"{'bf16' if dtype == torch.bfloat16 else 'fp16'}:m{mb}")
 
     def default_config(self, mb: int, dtype) -> dict:
