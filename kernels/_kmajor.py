@@ -105,12 +105,13 @@ def _group_idx(rn, c, G, GS: tl.constexpr, BKW: tl.constexpr):
 
 
 @triton.jit
-def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
-          MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
-          GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr, LUTG: tl.constexpr):
-    """Words w [BN, BKW] of rows rn (clamped to valid rows), chunk c -> fp32 [BN, 8*BKW], column order."""
+def _chunk_consts(rn, c, s_ptr, z_ptr, lut_ptr, G, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  ZC: tl.constexpr, GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+                  BKW: tl.constexpr, LUTG: tl.constexpr, MODE: tl.constexpr):
+    """What dequantizing chunk c of rows rn needs besides the codes: scale, zero, the rows' table
+    offset in lut_ptr and (LUTG) the [BN, LS] table tile."""
     s = 1.0
-    zs = ZC
+    z = ZC
     lrow = 0
     lt = 0.0
     if HAS_SCALE or HAS_ZERO:
@@ -118,12 +119,22 @@ def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
         if HAS_SCALE:
             s = tl.load(s_ptr + sidx).to(tl.float32)
         if HAS_ZERO:
-            zs = tl.load(z_ptr + sidx).to(tl.float32)
+            z = tl.load(z_ptr + sidx).to(tl.float32)
     if MODE == 1:
         if LUT_ROW:
             lrow = rn[:, None] * LS
         if LUTG:
             lt = tl.load(lut_ptr + (lrow + tl.arange(0, LS)[None, :] + rn[:, None] * 0)).to(tl.float32)
+    return s, z, lrow, lt
+
+
+@triton.jit
+def _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G,
+          MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+          GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, BKW: tl.constexpr, LUTG: tl.constexpr):
+    """Words w [BN, BKW] of rows rn (clamped to valid rows), chunk c -> fp32 [BN, 8*BKW], column order."""
+    s, zs, lrow, lt = _chunk_consts(rn, c, s_ptr, z_ptr, lut_ptr, G, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW,
+                                    LUTG, MODE)
     wh = w >> 12
     d0 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 0, MODE, HAS_SCALE, LUTG)
     d1 = _nib(w, wh, zs, s, lrow, lut_ptr, lt, 1, MODE, HAS_SCALE, LUTG)
@@ -254,21 +265,9 @@ def _gemv_chunk(w, c, rn, x_ptr, s_ptr, z_ptr, lut_ptr, M, K, G, a0, a1, a2, a3,
                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr):
     kw = c * BKW + tl.arange(0, BKW)
     k8 = kw * 8
-    s = 1.0
-    cz = ZC
-    lbase = lut_ptr
-    lt = 0.0
-    if HAS_SCALE or HAS_ZERO:
-        sidx = _group_idx(rn, c, G, GS, BKW)
-        if HAS_SCALE:
-            s = tl.load(s_ptr + sidx).to(tl.float32)
-        if HAS_ZERO:
-            cz = tl.load(z_ptr + sidx).to(tl.float32)
-    if MODE == 1:
-        if LUT_ROW:
-            lbase = lut_ptr + rn[:, None] * LS
-        if LUTG:
-            lt = tl.load(lbase + tl.arange(0, LS)[None, :] + rn[:, None] * 0).to(tl.float32)
+    s, cz, lrow, lt = _chunk_consts(rn, c, s_ptr, z_ptr, lut_ptr, G, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW,
+                                    LUTG, MODE)
+    lbase = lut_ptr + lrow
     # rows of x past M read row M-1 (their results are never written): no masks
     xb0 = x_ptr + k8
     xb1 = x_ptr + tl.minimum(1, M - 1) * K + k8
