@@ -17,7 +17,6 @@ Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
     words are loaded before the current one is computed (``pf``); split-K over programs. For lut
     formats the values come from the row's table held in registers (``_lut16``: byte-permute lookups
     in inline PTX, fp16 planes, exact; ``asm: False`` in a config falls back to L1 loads).
-    ``v="i"`` selects the older variant that interleaves the 8 nibble tensors into column order.
   * ``mma`` (M = 2-64 by the tuned table; ``_kq_mma``): the 8 nibble tensors are interleaved
     (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in column order, ``q - z`` (or the
     table value) in the x dtype, and go to ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the
@@ -160,56 +159,6 @@ def _stack_rows(a0, a1, a2, a3, BM: tl.constexpr):
         res = tl.where(r == 2, a2[None, :], res)
         res = tl.where(r == 3, a3[None, :], res)
     return res
-
-
-@triton.jit
-def _xrow(x_ptr, m, M, K, k, EVEN: tl.constexpr):
-    if EVEN:
-        v = tl.load(x_ptr + m * K + k, mask=(k * 0 + m) < M, other=0.0)
-    else:
-        v = tl.load(x_ptr + m * K + k, mask=(k < K) & ((k * 0 + m) < M), other=0.0)
-    return v.to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
-def _kq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
-             M, N, K, KWS, G, CPS, SPLIT,
-             MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
-             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
-             LUTG: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] W[n, k] for M <= BM <= 4 rows; program = BN rows x CPS chunks of K."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rn = tl.minimum(offs_n, N - 1)  # rows past N read row N-1 and are never written
-    kw = tl.arange(0, BKW)
-    kk = tl.arange(0, 8 * BKW)
-    a0 = tl.zeros([BN], dtype=tl.float32)
-    a1 = tl.zeros([BN], dtype=tl.float32)
-    a2 = tl.zeros([BN], dtype=tl.float32)
-    a3 = tl.zeros([BN], dtype=tl.float32)
-    nch = tl.cdiv(KWS, BKW)
-    c0 = pid_k * CPS
-    c1 = tl.minimum(c0 + CPS, nch)
-    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
-    for c in range(c0, c1):
-        wc = c * BKW + kw
-        if EVEN:
-            w = tl.load(wrow + wc[None, :])
-        else:
-            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
-        d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
-        k = c * (8 * BKW) + kk
-        a0 += tl.sum(d * _xrow(x_ptr, 0, M, K, k, EVEN)[None, :], axis=1)
-        if BM > 1:
-            a1 += tl.sum(d * _xrow(x_ptr, 1, M, K, k, EVEN)[None, :], axis=1)
-        if BM > 2:
-            a2 += tl.sum(d * _xrow(x_ptr, 2, M, K, k, EVEN)[None, :], axis=1)
-            a3 += tl.sum(d * _xrow(x_ptr, 3, M, K, k, EVEN)[None, :], axis=1)
-    offs_m = tl.arange(0, BM)
-    res = _stack_rows(a0, a1, a2, a3, BM)
-    _finish(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
 
 
 @triton.jit
@@ -635,11 +584,8 @@ class KLowbitKernel:
             # lut formats: table lookups in registers (inline PTX, fp16 planes: exact) unless disabled
             gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
             ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
-            if cfg.get("v", "n") == "n" or gasm:
-                fn, extra = _kq_gemv_n, dict(PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm)
-            else:
-                fn, extra = _kq_gemv, dict(LUTG=lutg)
-            lau = Launcher(fn, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, **extra),
+            lau = Launcher(_kq_gemv_n, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
+                                            PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
             grid = (tiles_n, split, 1)
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)

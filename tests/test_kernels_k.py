@@ -24,8 +24,6 @@ KCFG = {
     "gemv": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 3},
     "gemv1": {"path": "gemv", "BN": 32, "BKW": 8, "warps": 4, "split": 1, "pf": False},
     "gemvng": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "lutg": True},
-    "gemvi": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "v": "i"},
-    "gemvg": {"path": "gemv", "BN": 16, "BKW": 4, "warps": 4, "split": 2, "lutg": True, "v": "i"},
     "swapg": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "lutg": True},
     "mma": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": False},
     "swap": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 3, "swap": True},
@@ -75,8 +73,6 @@ def krun(kern, path, x):
     ("gemv", 1, 3, 64, True, False, 200, torch.bfloat16),     # int3: repacked to nibbles
     ("gemv", 2, 4, 32, False, True, 200, torch.bfloat16),     # act-order g_idx: sorted, x permuted
     ("gemv1", 1, 4, 32, True, False, 196, torch.float16),     # 98-byte rows: repacked
-    ("gemvi", 3, 4, 32, False, False, 264, torch.bfloat16),   # interleaved GEMV variant
-    ("gemvi", 1, 4, 128, True, False, 200, torch.float16),
     ("swap", 5, 4, 128, False, False, 264, torch.bfloat16),
     ("mma", 19, 4, 64, True, False, 200, torch.float16),      # two row tiles
     ("mma1", 33, 2, 32, False, False, 136, torch.bfloat16),   # int2, grouped order
@@ -107,11 +103,8 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("swap", 6, 4, 128, None, torch.float16),     # any4 + group scales, tensor cores
     ("mma", 21, 4, None, None, torch.bfloat16),
     ("dq", 5, 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
-    ("gemvg", 2, 4, 128, None, torch.bfloat16),   # table lookups through tl.gather
-    ("gemvi", 3, 4, 64, None, torch.bfloat16),
     ("gemvng", 3, 4, 32, None, torch.bfloat16),    # nibble GEMV + tl.gather
     ("gemv1", 4, 4, 128, None, torch.float16),
-    ("gemvg", 1, 4, 64, "nf4", torch.float16),
     ("swapg", 7, 4, 32, None, torch.bfloat16),
     ("swapa", 1, 4, 128, None, torch.bfloat16),   # asm PRMT lookups: any4 + group scales
     ("swapa", 4, 4, None, None, torch.float16),   # asm: any4 rows, no scales, fp16 planes
