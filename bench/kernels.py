@@ -10,7 +10,7 @@ bf16 cuBLAS in the same run. Weights (and x) rotate through enough copies that t
 move (packed weights with scales/zeros/tables, x, output) over the measured device-to-device copy
 bandwidth (bytes read + written). Every kernel's output is checked against a reference before it
 is timed. ``--tune`` first times a few configs per (kernel, shape, M bucket) and stores the best
-in kernels/tuned_hopper.json (or --tuned-out), which the kernels read at build time.
+in kernels/src/tuned_hopper.json (or --tuned-out), which the kernels read at build time.
 
 Random weights, packed following docs/FORMAT.md. Peers measured in the same run: torch's tinygemm
 int4 (``_weight_int4pack_mm``, asym g128 in its own convention).
@@ -41,7 +41,7 @@ KINDS = {
     "int4": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
     "int4a": {"type": "int", "bits": 4, "group_size": 128, "sym": False},
     "any4": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned"},
-    # the same formats through the "k" kernels (kernels/_kmajor.py, checkpoint layout)
+    # the same formats through the "k" kernels (kernels/src/_kmajor.py, checkpoint layout)
     "int4k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
     "any4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "k"},
     "nf4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4", "impl": "k"},
@@ -279,7 +279,7 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
 
 
 def k_candidates(kern, mb: int) -> list[dict]:
-    """Configs timed per (shape, M bucket) for the k kernels (kernels/_kmajor.py)."""
+    """Configs timed per (shape, M bucket) for the k kernels (kernels/src/_kmajor.py)."""
     n, kws = kern.N, kern.KWS
     out = []
     if mb <= 4:
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--tune", action="store_true", help="time candidate configs first and store the best")
     ap.add_argument("--tune-kinds", default=None, help="with --tune: tune only these kinds (default: all)")
-    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/tuned_hopper.json)")
+    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/src/tuned_hopper.json)")
     ap.add_argument("--rep", type=float, default=60.0, help="ms of timed repetitions per measurement")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/PERFORMANCE.md)")

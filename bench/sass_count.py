@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path", choices=["mma", "gemv", "fp8"])
     ap.add_argument("--mode", type=int, default=0, help="0: int codes, 1: lut codes")
-    ap.add_argument("--asm", action="store_true", help="the inline-PTX dequant (kernels/_ptx.py)")
+    ap.add_argument("--asm", action="store_true", help="the inline-PTX dequant (kernels/src/_ptx.py)")
     ap.add_argument("--zero", action="store_true", help="asymmetric (zero points per group)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--bm", type=int, default=16)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.resources
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -176,11 +176,20 @@ def matches(patterns: list[str], name: str) -> bool:
 
 def builtin_recipes() -> dict[str, str]:
     """Built-in recipe names -> file paths (the YAML files in ``recipes/``)."""
-    out = {}
-    for entry in importlib.resources.files("quantkit.recipes").iterdir():
-        if entry.name.endswith(".yaml"):
-            out[entry.name[:-5]] = str(entry)
-    return out
+    return {p.stem: str(p) for p in sorted(_builtin_recipe_dir().glob("*.yaml"))}
+
+
+def _builtin_recipe_dir() -> Path:
+    """The YAML folder: ``quantkit/recipes`` in an installed wheel, else ``recipes/`` of the source tree
+    (a checkout or an editable install). It is a data folder, not a package: a root
+    ``recipes/__init__.py`` would shadow PyPI's ``recipes`` for anything run from the checkout."""
+    here = Path(__file__).resolve().parent
+    if (here / "recipes").is_dir():
+        return here / "recipes"
+    if (here.parent / "pyproject.toml").is_file() and (here.parent / "recipes").is_dir():
+        return here.parent / "recipes"
+    raise RecipeError(f"the built-in recipes are missing (looked in {here.parent / 'recipes'} and "
+                      f"{here / 'recipes'}); reinstall quantkit")
 
 
 def load_recipe(name_or_path: str | dict | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -1,4 +1,4 @@
-"""The inline-PTX dequant of the k kernels (kernels/_ptx.py), checked on CPU.
+"""The inline-PTX dequant of the k kernels (kernels/src/_ptx.py), checked on CPU.
 
 The interpreter cannot run inline PTX, so the compiled path is tested on a GPU
 (``QUANTKIT_TEST_CUDA=1 pytest tests/test_kernels_k.py``). Here the shipped PTX text itself is

@@ -1,4 +1,4 @@
-"""The "k" W4A16 kernels (kernels/_kmajor.py: the checkpoint's own K-major layout) on CPU through
+"""The "k" W4A16 kernels (kernels/src/_kmajor.py: the checkpoint's own K-major layout) on CPU through
 Triton's interpreter, against the float64 reference of tests/test_kernels.py (docs/FORMAT.md
 formulas, not the kernels' code). Odd sizes, outputs poisoned with NaN, fresh inputs per check.
 QUANTKIT_TEST_CUDA=1 runs the compiled kernels on a GPU instead.

@@ -620,7 +620,7 @@ def _build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc:
     return LowbitKernel(mode, shape, device, w, st, zt, lut, lut_row, gmap, perm, G, gs, gpt, zc, fallback, tag)
 
 
-# Which implementation serves int/lut layers: "k" (kernels/_kmajor.py: the checkpoint's own layout,
+# Which implementation serves int/lut layers: "k" (kernels/src/_kmajor.py: the checkpoint's own layout,
 # no repack, no second copy), "v1" (block-interleaved repack) or "v2" (v1's layout, reworked inner
 # loops, never measured). Defaults, from the H100 runs of 2026-11-26 (docs/PERFORMANCE.md): "k" for
 # int (faster than v1 at M <= 64 on every Llama shape but one cell) and, since its table lookups

@@ -1,4 +1,4 @@
-"""Inline-PTX dequantization for the k kernels (kernels/_kmajor.py): compiled GPU code only (Triton's
+"""Inline-PTX dequantization for the k kernels (kernels/src/_kmajor.py): compiled GPU code only (Triton's
 interpreter cannot run inline assembly; there the kernels take their plain-Triton paths).
 
 * int codes: ``_kdeq_asm`` MODE 0 — two weights per 32-bit register: ``(w >> 4i) & 0x000F000F | magic``

@@ -1,0 +1,67 @@
+"""The checkout must not shadow installed packages (issue 15).
+
+`python -m pytest`, `python -c ...`, `python -m quantkit.cli` and `torchrun -m quantkit.cli` put the
+repository root on ``sys.path``; a root folder that is a regular package is then imported instead of an
+installed distribution of the same name (PyPI has `kernels`, `eval`, `recipes`, `bench`, `tests`;
+transformers >= 5.25 imports `kernels`). These tests start processes from the root, as users do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_from_root(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_no_root_folder_is_a_regular_package():
+    """Only ``quantkit/`` may hold an ``__init__.py`` at the root: any other would shadow a PyPI
+    distribution of its name for every process started in the checkout."""
+    offenders = sorted(p.parent.name for p in ROOT.glob("*/__init__.py")
+                       if p.parent.name != "quantkit" and not p.parent.name.startswith("."))
+    offenders += sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in ("setup", "conftest"))
+    assert offenders == [], f"root folders/modules importable by name from the checkout: {offenders}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is None, reason="the PyPI `kernels` is not installed")
+def test_transformers_and_quantkit_import_together_from_the_root():
+    r = _run_from_root("-c", "import kernels, transformers.activations, quantkit, quantkit.kernels, "
+                             "quantkit.eval; print(kernels.__file__)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not r.stdout.strip().startswith(str(ROOT / "kernels")), f"`kernels` resolved into the checkout: {r.stdout}"
+
+
+def test_side_folders_do_not_resolve_to_the_checkout():
+    code = ("import importlib.util, sys\n"
+            "for n in ('kernels', 'eval', 'recipes', 'bench', 'tests'):\n"
+            "    s = importlib.util.find_spec(n)\n"
+            "    print(n, s.origin if s is not None and s.origin else '-')\n")
+    r = _run_from_root("-c", code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in r.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert not origin.startswith((str(ROOT / name) + os.sep, str(ROOT / name) + ".py")), f"`import {name}` from the root loads {origin}"
+
+
+def test_module_cli_runs_from_the_root():
+    r = _run_from_root("-m", "quantkit.cli", "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "quantize" in r.stdout
+
+
+def test_builtin_recipes_found():
+    from quantkit.recipe import builtin_recipes
+
+    names = builtin_recipes()
+    assert "w4a16-gptq" in names and all(Path(p).is_file() for p in names.values())
