@@ -33,8 +33,13 @@ def _recipe(name: str) -> dict:
     return {k: v for k, v in r.items() if k != "source"}
 
 
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def fingerprints(name: str, keep_dir: str | None = None) -> dict[str, str]:
-    """{tensor name: sha256 of dtype, shape and bytes} of the native checkpoint of recipe ``name``."""
+    """{tensor name: sha256 of dtype, shape and bytes} of the native checkpoint of recipe ``name``,
+    and hashes of its saved layer specs and of the report's figures (times left out)."""
     import quantkit
     from conftest import tiny_model
     from safetensors.torch import load_file
@@ -50,7 +55,13 @@ def fingerprints(name: str, keep_dir: str | None = None) -> dict[str, str]:
         out = os.path.join(keep_dir, name) if keep_dir else os.path.join(tmp, "ck")
         qm.save(out, overwrite=True)
         tensors = load_file(os.path.join(out, "model.safetensors"))
-    fp = {}
+        with open(os.path.join(out, "config.json")) as f:
+            layers = json.load(f)["quantization_config"]["layers"]
+    fp = {"config: quantization_config.layers": _h(json.dumps(layers, sort_keys=True)),
+          "report: layers": _h(json.dumps(qm.report.layers, sort_keys=True)),
+          # the block figures, less the phase times
+          "report: blocks": _h(json.dumps([{k: v for k, v in b.items() if not k.endswith("_s")}
+                                           for b in qm.report.blocks], sort_keys=True))}
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
