@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     dump()
     zs = out["zero_shot"]
     if a.tasks:
-        from quantkit.kv.zeroshot import zero_shot_with_kv
+        from kv_zeroshot import zero_shot_with_kv  # bench/kv_zeroshot.py (bench/ is on sys.path)
 
         for key in [x for x in a.task_rows.split(",") if x]:
             if key == "float":
