@@ -11,7 +11,8 @@ import torch
 import quantkit
 from quantkit.errors import CheckpointError, RecipeError
 from quantkit.formats.base import format_from_spec
-from quantkit.formats.lut import FP4_TABLE, NF4_TABLE, kmeans_dp_1d, weighted_kmeans_1d, weighted_sse
+from quantkit.formats.kmeans import kmeans_dp_1d, weighted_kmeans_1d, weighted_sse
+from quantkit.formats.lut import FP4_TABLE, NF4_TABLE
 from quantkit.formats.packing import pack_codes
 from quantkit.quantizers.base import LayerStats, quantize_columns, quantizer_from_spec
 
