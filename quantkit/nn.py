@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError, QuantkitError
 from .formats.base import WeightFormat, format_from_spec, packed_bits_per_weight
 from .registry import get as _get
 
@@ -202,3 +203,22 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.fmt.describe()}, bias={self.bias is not None}")
+
+
+def make_quantlinear(shape: tuple[int, int], spec: dict[str, Any], packed: dict[str, torch.Tensor],
+                     bias: torch.Tensor | None = None, *, dense_weight: torch.Tensor | None = None,
+                     checkpoint: str | None = None, name: str = "") -> QuantLinear:
+    """The one place a :class:`QuantLinear` is made from packed tensors: a solve's result
+    (quantkit.solve, both solvers), a resumed block (quantkit.resume) and every checkpoint layout.
+
+    ``shape`` is [out, in]; ``dense_weight`` the dequantized weight a solve already holds (the pipeline
+    uses it while the block is calibrated). With ``checkpoint`` (the folder read) a tensor that does not
+    fit ``spec`` raises a CheckpointError naming the folder and the layer ``name``."""
+    try:
+        ql = QuantLinear(shape[1], shape[0], spec, {k: v.contiguous() for k, v in packed.items()}, bias)
+    except QuantkitError as e:
+        if checkpoint is None:
+            raise
+        raise CheckpointError(f"{checkpoint}: layer {name!r}: {e}") from None
+    ql.dense_weight = dense_weight
+    return ql
