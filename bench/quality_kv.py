@@ -29,7 +29,7 @@ BUDGETS = [3.0, 2.5]
 def bits_summary(alloc: dict | None, n_layers: int) -> tuple[str, str]:
     if alloc is None:
         return "16", "16"
-    from quantkit.kv.allocation import layer_bits
+    from quantkit.kv.spec import layer_bits
 
     kb, vb = zip(*layer_bits(alloc, n_layers))
     f = lambda xs: (str(xs[0]) if len(set(xs)) == 1  # noqa: E731
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from quantkit.api import QuantizedModel, default_device
     from quantkit.data import calibration_batch
     from quantkit.kv import allocate, evaluate_with_kv, measure, measure_kl, normalize_allocation
-    from quantkit.kv.allocation import _kv_shape
+    from quantkit.kv.spec import _kv_shape
     from quantkit.models import load_float_model
 
     device = a.device or default_device()

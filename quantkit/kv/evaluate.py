@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import QuantkitError
-from .allocation import _kv_shape, average_bits, kv_bytes_per_token, normalize_allocation
 from .cache import cache_kwarg, make_cache
+from .spec import _kv_shape, average_bits, kv_bytes_per_token, normalize_allocation
 
 
 def new_cache(model, allocation):
@@ -105,7 +105,7 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
     (codes + scales + minima + the residual window, full-precision elements counted at ``fp_bytes``
     bytes); ``kv_bytes_per_token_long`` is the long-context limit (residual amortised away).
     ``split`` may pass an already tokenized ``quantkit.data.TokenSplit`` (tokenizing takes seconds)."""
-    from ..data import tokenize_split
+    from ..eval.corpora import evaluation_split
 
     model, tok, bos = resolve_model(qm_or_model, tokenizer, bos_token_id)
     if chunk < 1 or seq_len < 2:
@@ -117,7 +117,7 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
         model.to(device)
     model.eval()
     if split is None:
-        split = tokenize_split(tok, corpus, "evaluation")
+        split = evaluation_split(tok, corpus)
     wins = _windows(split.ids, seq_len, max_windows, bos)
     # batch windows of equal length (all but possibly the last)
     groups: list[list[torch.Tensor]] = []
