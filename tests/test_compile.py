@@ -92,7 +92,7 @@ def test_cuda_graphs_capture_the_kernels(calib_ids):
 
 
 def _quip_layer():
-    from quantkit.pipeline import quantize_linear
+    from quantkit.solve import quantize_linear
     from quantkit.quantizers.base import LayerStats
     from quantkit.recipe import load_recipe
 

@@ -35,15 +35,9 @@ def run(args) -> int:
     qm = api.quantize(args.model, args.recipe, device=args.device, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, batch_size=args.batch_size, resume_dir=args.resume_dir)
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
-    from ..distributed import current
-
-    d = current()
-    if d is not None and not d.is_main:  # rank 0 writes and reports
+    if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
-    if args.resume_dir:
-        from ..resume import clear_state
-
-        clear_state(args.resume_dir)
+    qm.clear_resume_state()
     print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
           f"{qm.meta['seconds']:.1f} s)")
     return 0
