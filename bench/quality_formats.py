@@ -92,6 +92,7 @@ DEFAULT_ROWS = ["float", "int4-rtn", "nf4-g128-rtn", "fp4-g128-rtn", "any4-g128-
 
 def _calibration(kind: str, lm, args):
     from quantkit.data import calibration_batch
+
     from curated_text import CURATED_CALIBRATION_TEXT  # bench/curated_text.py (bench/ is on sys.path)
 
     if kind == "curated":

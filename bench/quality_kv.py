@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -84,7 +83,8 @@ def main(argv=None) -> int:
 
     split = tokenize_split(qm.tokenizer, "enwiki", "evaluation")
     print(f"evaluation split tokenized: {split.ids.numel()} tokens (t={time.time() - t_start:.0f}s)", flush=True)
-    ev = dict(split=split, seq_len=a.seq_len, max_windows=a.windows, chunk=a.chunk, batch_size=a.batch_size, progress=False)
+    ev = dict(split=split, seq_len=a.seq_len, max_windows=a.windows, chunk=a.chunk, batch_size=a.batch_size,
+              progress=False)
 
     rows: list[dict] = []
 
@@ -201,7 +201,8 @@ def to_markdown(o: dict) -> str:
         f"Evaluation split of enwiki, {o['rows'][0]['windows']} disjoint windows of {s['seq_len']} tokens "
         f"({o['rows'][0]['tokens_scored']} tokens scored, text sha256 {o['rows'][0]['text_sha256']}), fed in chunks of "
         f"{s['chunk']} tokens through one cache per window. Residual window R = {s['residual']} tokens, key groups "
-        f"G = {s['key_group_size']} tokens (per channel), value groups g = {s['value_group_size']} channels (per token), "
+        f"G = {s['key_group_size']} tokens (per channel), value groups g = {s['value_group_size']} channels "
+        f"(per token), "
         f"float16 scales and minima. Allocations from {s['calibration']}.",
         "",
         "| cache | key bits | value bits | mean code bits | ppl | Δ ppl | KV bytes/token @ "

@@ -162,7 +162,8 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
         if n == 0:
             raise QuantkitError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {c.seq_len}")
         return ids[: n * c.seq_len].view(n, c.seq_len), {"corpus": "user text", "samples": n, "seq_len": c.seq_len}
-    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of strings")
+    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of "
+                        "strings")
 
 
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,

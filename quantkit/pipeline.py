@@ -258,7 +258,8 @@ class _StatsCollector:
                 s.act_sqsum = torch.diagonal(s.hessian).clone()
             if name in self.alias.values():
                 s.cache = {}  # several layers read these statistics: let them share derived results
-            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not torch.isfinite(s.hessian).all()):
+            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None
+                                                           and not torch.isfinite(s.hessian).all()):
                 raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
                                      f"weights and the calibration data")
 
@@ -401,7 +402,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     if is_data_free(model, recipe):
         return quantize_data_free(model, recipe, report, device, progress, t0)
     if recipe.block_plugins and solver.world > 1:
-        raise QuantkitError(f"{recipe.source}: block_plugins ({', '.join(str(p.get('type', p)) for p in recipe.block_plugins)}) "
+        kinds = ", ".join(str(p.get("type", p)) for p in recipe.block_plugins)
+        raise QuantkitError(f"{recipe.source}: block_plugins ({kinds}) "
                             f"train on all calibration batches in sequence and do not run on several ranks yet; "
                             f"run this recipe in one process (without torchrun)")
     plugins = [block_plugin_from_spec(p, f"{recipe.source}: block_plugins[{i}]")

@@ -40,9 +40,11 @@ def _h(text: str) -> str:
 def fingerprints(name: str, keep_dir: str | None = None) -> dict[str, str]:
     """{tensor name: sha256 of dtype, shape and bytes} of the native checkpoint of recipe ``name``,
     and hashes of its saved layer specs and of the report's figures (times left out)."""
-    import quantkit
-    from conftest import tiny_model
     from safetensors.torch import load_file
+
+    import quantkit
+
+    from conftest import tiny_model
 
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same summation order on every machine

@@ -161,8 +161,8 @@ def test_missing_tensor_and_extra_tensor(ckpts, tmp_path, layout):
     d = variant(ckpts[layout], tmp_path, lambda d: edit_tensors(d, lambda t: t.pop(key)), "missing")
     with pytest.raises(CheckpointError, match="q_proj|scale"):
         quantkit.load(d)
-    d = variant(ckpts[layout], tmp_path, lambda d: edit_tensors(d, lambda t: t.__setitem__("model.evil", torch.ones(2))),
-                "extra")
+    d = variant(ckpts[layout], tmp_path,
+                lambda d: edit_tensors(d, lambda t: t.__setitem__("model.evil", torch.ones(2))), "extra")
     with pytest.raises(CheckpointError, match="model.evil"):
         quantkit.load(d)
 

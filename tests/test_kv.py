@@ -10,15 +10,34 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from conftest import tiny_model
 from quantkit.errors import QuantkitError, RecipeError
-from quantkit.kv import (KVConfig, allocate, allocate_from_norms, attach, average_bits, detach, kv_bytes_per_token,
-                         make_cache, measure, normalize_allocation, parse_spec, solve_knapsack)
+from quantkit.formats.packing import unpack_codes
+from quantkit.kv import (
+    KVConfig,
+    allocate,
+    allocate_from_norms,
+    attach,
+    average_bits,
+    detach,
+    kv_bytes_per_token,
+    make_cache,
+    measure,
+    normalize_allocation,
+    parse_spec,
+    solve_knapsack,
+)
 from quantkit.kv.cache import QuantKVLayer, cache_kwarg
 from quantkit.kv.evaluate import chunked_logits, chunked_nll
-from quantkit.kv.quant import (dequantize_keys, dequantize_values, fake_quantize_keys, fake_quantize_values,
-                               quantize_keys, quantize_values)
-from quantkit.formats.packing import unpack_codes
+from quantkit.kv.quant import (
+    dequantize_keys,
+    dequantize_values,
+    fake_quantize_keys,
+    fake_quantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
+from conftest import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -215,7 +234,7 @@ def test_sliding_window_layers_stay_float():
 # ---- allocation -----------------------------------------------------------------------------
 def test_knapsack_is_optimal_and_within_budget():
     rnd = random.Random(0)
-    for trial in range(30):
+    for _ in range(30):
         n = rnd.randint(1, 5)
         choices = sorted(rnd.sample(range(1, 9), rnd.randint(1, 4)))
         errs = [{b: rnd.random() * 4.0 ** (-b) * rnd.choice([1, 10, 100]) for b in choices} for _ in range(n)]

@@ -35,11 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-
 from . import loglik
 from .taskdata import PACKAGE, PACKAGE_VERSION, TaskError, data_root
 from .taskdata import package_version as _version
-
 
 
 @dataclass(frozen=True)

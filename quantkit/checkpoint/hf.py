@@ -217,7 +217,8 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path:
         if ref is None:
             raise CheckpointError(f"{path}: tensor {k!r} does not belong to this model (config/tensor mismatch)")
         if tuple(ref.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(ref.shape)}")
         if not t.dtype.is_floating_point and ref.dtype.is_floating_point:
             raise CheckpointError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a float tensor")
     missing = model.load_state_dict(tensors, strict=False, assign=True).missing_keys

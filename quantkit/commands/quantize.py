@@ -10,7 +10,8 @@ def register(sub) -> None:
                        description="Quantize MODEL (a bundled name such as smollm2-135m, or a Hugging Face "
                                    "model folder) with RECIPE (a built-in name or a YAML file) and save it.")
     p.add_argument("model", help="bundled model name or local HF model folder")
-    p.add_argument("-r", "--recipe", default="w4a16-gptq", help="built-in recipe name or YAML path (default w4a16-gptq)")
+    p.add_argument("-r", "--recipe", default="w4a16-gptq",
+                   help="built-in recipe name or YAML path (default w4a16-gptq)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")

@@ -18,8 +18,8 @@ sum_j a_j (w_j - ŵ_j)^2 per row, the diagonal approximation of the layer's outp
 Plain Lloyd iterations get stuck far from the optimum on real rows (measured up to 1.9x the optimal
 weighted error on smollm2-135m rows), so the main start is the dynamic-programming optimum of 1-D
 k-means over 128 cut points of the sorted row (exact when the row has at most 128 values, see
-:func:`quantkit.formats.kmeans.kmeans_dp_1d`); it and a weighted-quantile start are refined by Lloyd and the better table
-per row is kept. Tables are rounded to fp16 *before* the final rounding so the stored
+:func:`quantkit.formats.kmeans.kmeans_dp_1d`); it and a weighted-quantile start are refined by Lloyd
+and the better table per row is kept. Tables are rounded to fp16 *before* the final rounding so the stored
 checkpoint reproduces the in-memory model bit for bit.
 
 ``table: nf4`` / ``fp4`` (bitsandbytes-style): one fixed table ``lut [1, 16]`` and an absmax

@@ -209,7 +209,7 @@ class QuantKVCache(Cache):
         alloc = normalize_allocation(allocation)
         text_cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         base = DynamicCache(config=text_cfg).layers
-        n = len(base) or int(getattr(text_cfg, "num_hidden_layers"))
+        n = len(base) or int(text_cfg.num_hidden_layers)
         per = alloc.get("layers")
         if per is not None and len(per) != n:
             raise QuantkitError(f"kv allocation has {len(per)} layers but the model has {n} decoder layers; it was "

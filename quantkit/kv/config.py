@@ -72,7 +72,7 @@ class KVConfig(BaseModel):
         return self
 
     @classmethod
-    def from_recipe(cls, data: dict[str, Any] | None, where: str = "<recipe>") -> "KVConfig | None":
+    def from_recipe(cls, data: dict[str, Any] | None, where: str = "<recipe>") -> KVConfig | None:
         """Validate a recipe's ``kv_cache`` section; errors name the file and the key."""
         if data is None:
             return None

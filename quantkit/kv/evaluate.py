@@ -148,7 +148,8 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
         "avg_bits": 16.0 if alloc is None else average_bits(alloc, n_layers),
         "kv_bytes_per_token": (mem_full or {}).get("total"),
         "kv_bytes_breakdown": mem_full,
-        "kv_bytes_per_token_long": (float_bpt if alloc is None else kv_bytes_per_token(alloc, cfg, None, fp_bytes)["total"]),
+        "kv_bytes_per_token_long": (float_bpt if alloc is None
+                                    else kv_bytes_per_token(alloc, cfg, None, fp_bytes)["total"]),
         "float16_bytes_per_token": float_bpt,
         "fp_bytes": fp_bytes,
         "device": str(next(model.parameters()).device),

@@ -13,8 +13,9 @@ and its float outputs on those inputs (e.g. norm tweaking). Registered as ``("bl
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
