@@ -29,7 +29,8 @@ def main() -> int:
             if x.shape != y.shape or x.dtype != y.dtype:
                 print(f"{k}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
                 continue
-            xb, yb = x.view(torch.uint8) if x.dtype != torch.bool else x, y.view(torch.uint8) if y.dtype != torch.bool else y
+            xb = x.view(torch.uint8) if x.dtype != torch.bool else x
+            yb = y.view(torch.uint8) if y.dtype != torch.bool else y
             n_el[kind] += x.numel()
             n_diff[kind] += int((x.view(torch.uint8) != y.view(torch.uint8)).sum()) if x.element_size() == 1 \
                 else int((x != y).sum())

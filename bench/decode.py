@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402 - after the sys.path line above
+import torch.nn.functional as F  # noqa: E402
 
 CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 SPECS = {
@@ -199,6 +199,15 @@ def run(kind, batch, layers, steps, start, dev, bw):
     return r
 
 
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy bandwidth in bytes/s (1 GiB read + 1 GiB written, median of runs)."""
+    from triton.testing import do_bench
+
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (do_bench(lambda: b.copy_(a), rep=100, return_mode="median") * 1e-3)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", default="1,16")
@@ -215,12 +224,7 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    a = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    from triton.testing import do_bench
-
-    bw = 2 * a.numel() / (do_bench(lambda: b.copy_(a), rep=100, return_mode="median") * 1e-3)
-    del a, b
+    bw = copy_bandwidth(dev)
     rows = []
     for glue in args.glue.split(","):
         set_glue(glue)

@@ -40,7 +40,7 @@ def build_model(layers: int, tiny: bool, device_init: str):
     model = model.to_empty(device="cpu")
     g = torch.Generator(device=device_init).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:  # fill on the GPU (fast), keep on CPU like a loaded checkpoint
@@ -98,7 +98,8 @@ def main():
     blocks = qm.report.blocks
     world = qm.report.world_size
     row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "params_B": nparams / 1e9,
-           "layers": args.layers, "calib_tokens": ids.numel(), "recipe": args.recipe + (f" ({args.accumulate} sums)" if args.accumulate else ""), "seconds": round(secs, 1),
+           "layers": args.layers, "calib_tokens": ids.numel(),
+           "recipe": args.recipe + (f" ({args.accumulate} sums)" if args.accumulate else ""), "seconds": round(secs, 1),
            "peak_gpu_GiB": max(peaks), "peak_gpu_GiB_per_rank": peaks, "build_s": round(build_s, 1),
            "world_size": world, "launcher": "torchrun" if dist is not None else "none",
            "mean_layer_rel_err": sum(b["mean_layer_rel_err"] for b in blocks) / len(blocks),
@@ -112,14 +113,16 @@ def main():
     ph = row["phases_s"]
     print(f"| {row['device']} | {world} | {row['launcher']} | {row['params_B']:.2f} B | {row['calib_tokens']} | "
           f"{row['recipe']} | {row['seconds']} | {', '.join(map(str, peaks))} | {row['capture_s']} / "
-          f"{ph['calibrate_s']} ({ph['reduce_s']}) / {ph['solve_s']} / {ph['propagate_s']} / {ph['finish_s']} ({row['pipeline_s']}) | {row['mean_layer_rel_err']:.4e} |", flush=True)
+          f"{ph['calibrate_s']} ({ph['reduce_s']}) / {ph['solve_s']} / {ph['propagate_s']} / {ph['finish_s']} "
+          f"({row['pipeline_s']}) | {row['mean_layer_rel_err']:.4e} |", flush=True)
     if args.save_codes:
         from safetensors.torch import save_file
 
         tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in qm.quantized_layers().items()
                    for k, v in m.packed.items()}
         save_file(tensors, args.save_codes)
-        print(f"saved {len(tensors)} packed tensors to {args.save_codes} ({os.path.getsize(args.save_codes) / 2**30:.2f} GiB)")
+        gib = os.path.getsize(args.save_codes) / 2**30
+        print(f"saved {len(tensors)} packed tensors to {args.save_codes} ({gib:.2f} GiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)

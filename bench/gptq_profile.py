@@ -49,12 +49,12 @@ def main():
         w = torch.randn(r, c, device=dev, generator=g) * 0.02
         st = LayerStats(x.shape[0], h, torch.diagonal(h).clone(), x.abs().amax(0))
         hp = h / x.shape[0]
-        f_cur = timed(lambda: inverse_hessian_factor(hp, 0.01, 3))
-        f_rev = timed(lambda: reversed_factor(hp))
+        f_cur = timed(lambda hp=hp: inverse_hessian_factor(hp, 0.01, 3))
+        f_rev = timed(lambda hp=hp: reversed_factor(hp))
         U, _ = inverse_hessian_factor(hp, 0.01, 3)
         err = float((reversed_factor(hp) - U).abs().max() / U.abs().max())
-        whole = timed(lambda: q.quantize(w, fmt, st), reps=1)
-        half = timed(lambda: q.quantize(w[: r // 2], fmt, st), reps=1)
+        whole = timed(lambda w=w, st=st: q.quantize(w, fmt, st), reps=1)
+        half = timed(lambda w=w, r=r, st=st: q.quantize(w[: r // 2], fmt, st), reps=1)
         rows.append((name, r, c, f_cur, f_rev, err, whole, half))
     print("| linear | rows x cols | factor ms (chol+inv+chol) | factor ms (reversed chol + trsm) | rel diff | "
           "GPTQ whole ms | GPTQ half rows ms |")

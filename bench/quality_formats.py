@@ -4,7 +4,7 @@ Every row: the real default model (smollm2-135m), lm_head in float, perplexity f
 ``quantkit.evaluate(qm, seq_len=512, max_windows=40)`` on the enwiki odd-numbered articles. Rows
 that use calibration data (GPTQ, any4's activation-weighted k-means, SmoothQuant, static activation
 scales) draw 64 x 512 tokens from the even-numbered articles (seed 0), except the "1 curated sample"
-row, which calibrates on ``quantkit.formats.lut.CURATED_CALIBRATION_TEXT`` alone (one window).
+row, which calibrates on ``CURATED_CALIBRATION_TEXT`` (bench/curated_text.py) alone (one window).
 Each row also saves the checkpoint, reloads it with ``quantkit.load`` and checks that the reloaded
 model's logits equal the in-memory quantized model's (bit for bit), and records the checkpoint size.
 
@@ -92,7 +92,8 @@ DEFAULT_ROWS = ["float", "int4-rtn", "nf4-g128-rtn", "fp4-g128-rtn", "any4-g128-
 
 def _calibration(kind: str, lm, args):
     from quantkit.data import calibration_batch
-    from quantkit.formats.lut import CURATED_CALIBRATION_TEXT
+
+    from curated_text import CURATED_CALIBRATION_TEXT  # bench/curated_text.py (bench/ is on sys.path)
 
     if kind == "curated":
         ids = lm.tokenizer(CURATED_CALIBRATION_TEXT, return_tensors="pt", add_special_tokens=False).input_ids

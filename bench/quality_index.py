@@ -18,14 +18,14 @@ def first_table(md, start_pat=None):
     lines = md.splitlines()
     i0 = 0
     if start_pat:
-        for i, l in enumerate(lines):
-            if re.search(start_pat, l):
+        for i, ln in enumerate(lines):
+            if re.search(start_pat, ln):
                 i0 = i
                 break
     out, started = [], False
-    for l in lines[i0:]:
-        if l.startswith('|'):
-            out.append(l)
+    for ln in lines[i0:]:
+        if ln.startswith('|'):
+            out.append(ln)
             started = True
         elif started:
             break
@@ -37,18 +37,20 @@ parts = [
     "per-layer detail, raw JSON) are in `docs/quality/*.md`; this page holds the headline tables.\n"
     "Figures were measured, never estimated; where a target was missed the text says by how much.\n",
     found,
-    "## Low-bit: QuIP incoherence and norm tweaking (issue 3)\n\nsmollm2-135m, INT asymmetric g128, 32 x 512 calibration, "
-    "40 x 512 evaluation windows (same text as\nabove). Measured on the lent NVIDIA H200 (fp32), two rows cross-checked on "
-    "this CPU (3-bit GPTQ+QuIP(in): 40.63 CPU vs 40.48 H200). Full section, settings and the anchor comparison: "
+    "## Low-bit: QuIP incoherence and norm tweaking (issue 3)\n\nsmollm2-135m, INT asymmetric g128, 32 x 512 "
+    "calibration, 40 x 512 evaluation windows (same text as\nabove). Measured on the lent NVIDIA H200 (fp32), two rows "
+    "cross-checked on this CPU (3-bit GPTQ+QuIP(in): 40.63 CPU vs 40.48 H200). Full section, settings and the anchor "
+    "comparison: "
     "[docs/quality/lowbit.md](quality/lowbit.md).\n",
     first_table(lowbit, r'^\| bits \| method'),
     "\n## Number formats at equal bits (issue 4)\n\nFull section: [docs/quality/formats.md](quality/formats.md).\n",
     first_table(formats),
     "\n" + formats.split("## What the table shows", 1)[-1].split("\n\n", 2)[1].strip() + "\n"
     if "## What the table shows" in formats else "",
-    "\n## KV-cache quantization (issue 5)\n\nsmollm2-135m with float weights, 40 windows x 512 tokens fed in chunks of 64 "
-    "through the quantized\ncache (residual window 32, key groups of 32 tokens, value groups of 32 channels); measured on "
-    "the lent\nH200. Full section (allocations per layer, norms, LAMBADA): [docs/quality/kv.md](quality/kv.md).\n",
+    "\n## KV-cache quantization (issue 5)\n\nsmollm2-135m with float weights, 40 windows x 512 tokens fed in chunks "
+    "of 64 through the quantized\ncache (residual window 32, key groups of 32 tokens, value groups of 32 channels); "
+    "measured on the lent\nH200. Full section (allocations per layer, norms, LAMBADA): "
+    "[docs/quality/kv.md](quality/kv.md).\n",
     first_table(kv, r'^\| cache'),
     "\n## Zero-shot accuracy of the float model vs published figures (issue 6)\n\nFull section: "
     "[docs/quality/tasks.md](quality/tasks.md).\n",

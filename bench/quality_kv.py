@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -29,7 +28,7 @@ BUDGETS = [3.0, 2.5]
 def bits_summary(alloc: dict | None, n_layers: int) -> tuple[str, str]:
     if alloc is None:
         return "16", "16"
-    from quantkit.kv.allocation import layer_bits
+    from quantkit.kv.spec import layer_bits
 
     kb, vb = zip(*layer_bits(alloc, n_layers))
     f = lambda xs: (str(xs[0]) if len(set(xs)) == 1  # noqa: E731
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     from quantkit.api import QuantizedModel, default_device
     from quantkit.data import calibration_batch
     from quantkit.kv import allocate, evaluate_with_kv, measure, measure_kl, normalize_allocation
-    from quantkit.kv.allocation import _kv_shape
+    from quantkit.kv.spec import _kv_shape
     from quantkit.models import load_float_model
 
     device = a.device or default_device()
@@ -84,7 +83,8 @@ def main(argv=None) -> int:
 
     split = tokenize_split(qm.tokenizer, "enwiki", "evaluation")
     print(f"evaluation split tokenized: {split.ids.numel()} tokens (t={time.time() - t_start:.0f}s)", flush=True)
-    ev = dict(split=split, seq_len=a.seq_len, max_windows=a.windows, chunk=a.chunk, batch_size=a.batch_size, progress=False)
+    ev = dict(split=split, seq_len=a.seq_len, max_windows=a.windows, chunk=a.chunk, batch_size=a.batch_size,
+              progress=False)
 
     rows: list[dict] = []
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     dump()
     zs = out["zero_shot"]
     if a.tasks:
-        from quantkit.kv.zeroshot import zero_shot_with_kv
+        from kv_zeroshot import zero_shot_with_kv  # bench/kv_zeroshot.py (bench/ is on sys.path)
 
         for key in [x for x in a.task_rows.split(",") if x]:
             if key == "float":
@@ -201,7 +201,8 @@ def to_markdown(o: dict) -> str:
         f"Evaluation split of enwiki, {o['rows'][0]['windows']} disjoint windows of {s['seq_len']} tokens "
         f"({o['rows'][0]['tokens_scored']} tokens scored, text sha256 {o['rows'][0]['text_sha256']}), fed in chunks of "
         f"{s['chunk']} tokens through one cache per window. Residual window R = {s['residual']} tokens, key groups "
-        f"G = {s['key_group_size']} tokens (per channel), value groups g = {s['value_group_size']} channels (per token), "
+        f"G = {s['key_group_size']} tokens (per channel), value groups g = {s['value_group_size']} channels "
+        f"(per token), "
         f"float16 scales and minima. Allocations from {s['calibration']}.",
         "",
         "| cache | key bits | value bits | mean code bits | ppl | Δ ppl | KV bytes/token @ "

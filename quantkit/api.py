@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -11,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .checkpoint.io import atomic_output_dir, read_config, write_json
 from .data import calibration_batch
+from .distributed import DistributedSolver, current, exit_now, setup
 from .errors import CheckpointError, QuantkitError
 from .models.sources import (
     LoadedModel,
@@ -22,13 +23,18 @@ from .models.sources import (
     load_tokenizer,
     read_source,
 )
-from .nn import QuantLinear
-from .pipeline import PipelineReport, quantize_model
+from .nn import QuantLinear, cached_dequant
+from .pipeline import PipelineReport, is_data_free, quantize_model
 from .recipe import Recipe, load_recipe
 from .registry import get as _get
 from .registry import names as _names
+from .resume import ResumeObserver, clear_state
+from .solve import LocalSolver
+from .version import __version__
 
 RUN_FILE = "quantkit_run.json"
+__all__ = ["QuantizedModel", "cached_dequant", "default_device", "evaluate", "exit_if_distributed", "load",
+           "load_any", "quantize"]
 
 
 def default_device() -> str:
@@ -48,10 +54,12 @@ class QuantizedModel:
     """A quantized (or loaded) causal LM with its tokenizer and the record of how it was made."""
 
     def __init__(self, model: nn.Module, tokenizer, source: dict[str, Any], source_dir: str | None,
-                 meta: dict[str, Any] | None = None, report: PipelineReport | None = None):
+                 meta: dict[str, Any] | None = None, report: PipelineReport | None = None,
+                 resume_dir: str | None = None):
         self.model, self.tokenizer, self.source, self.source_dir = model, tokenizer, source, source_dir
         self.meta = meta or {}
         self.report = report
+        self.resume_dir = resume_dir  # where quantize(resume_dir=...) committed its blocks
 
     # ---- conveniences ------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -83,16 +91,25 @@ class QuantizedModel:
                 total += t.numel() * t.element_size()
         return total
 
+    @property
+    def is_main_process(self) -> bool:
+        """False on the ranks other than 0 under torch.distributed: they neither write nor report."""
+        d = current()
+        return d is None or d.is_main
+
+    def clear_resume_state(self) -> None:
+        """Remove the resume files ``quantize(resume_dir=...)`` committed (once the result is saved);
+        other files in that folder are left alone. Rank 0 only; nothing without a resume dir."""
+        if self.resume_dir and self.is_main_process:
+            clear_state(self.resume_dir)
+
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str, *, overwrite: bool = False, layout: str = "native") -> str:
         """Write the checkpoint atomically; an existing folder is replaced only with overwrite.
 
         Under torch.distributed only rank 0 writes (every rank holds the same quantized model)."""
         lay = _get("layout", layout)
-        from .distributed import current
-
-        d = current()
-        if d is not None and not d.is_main:
+        if not self.is_main_process:
             return os.path.abspath(path)
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
             lay.save(self.model, tmp, self.meta)
@@ -145,54 +162,62 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
         if n == 0:
             raise QuantkitError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {c.seq_len}")
         return ids[: n * c.seq_len].view(n, c.seq_len), {"corpus": "user text", "samples": n, "seq_len": c.seq_len}
-    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of strings")
+    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of "
+                        "strings")
 
 
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,
              tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
-             resume_dir: str | None = None, **pipeline_kwargs) -> QuantizedModel:
+             resume_dir: str | None = None) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     The model is quantized in place block by block; only the current block is moved to ``device``.
-    With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume).
+    With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume;
+    ``meta["resume"]`` says whether and from where, or why it started afresh).
     Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
     by all ranks (quantkit.distributed); every rank returns the same model.
     """
-    if resume_dir is not None:
-        from .resume import quantize_resumable
-
-        return quantize_resumable(model_or_name, recipe, resume_dir, calibration, tokenizer=tokenizer,
-                                  device=device, samples=samples, seq_len=seq_len, seed=seed,
-                                  batch_size=batch_size, progress=progress, **pipeline_kwargs)
-    recipe, dist, device, lm, ids, calib_info = _prepare(model_or_name, recipe, calibration, tokenizer, device,
-                                                        samples, seq_len, seed, batch_size)
-    t0 = time.time()
-    report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
-                            progress=progress, dist=dist, **pipeline_kwargs)
-    return _finish(lm, recipe, report, calib_info, device, dist, t0, progress)
-
-
-def _prepare(model_or_name, recipe, calibration, tokenizer, device, samples=None, seq_len=None, seed=None,
-             batch_size=None):
-    """What every quantize entry point does first: the recipe (with overrides), the process group
-    (under torchrun) and this rank's device, the model, the calibration ids."""
-    from .distributed import setup
-
+    if resume_dir is not None and not resume_dir:
+        raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
     recipe = load_recipe(recipe)
     over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
             if v is not None}
     if over:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
-    dist, device = setup(device)
+    dist, device = setup(device)  # under torchrun: join the group; this rank's device
+    device = torch.device(device or default_device())
     lm = _as_loaded(model_or_name, tokenizer)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
-    return recipe, dist, torch.device(device or default_device()), lm, ids, calib_info
+    t0 = time.time()
+    solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
+    observer, extra_meta = None, {}
+    if resume_dir is not None:
+        if is_data_free(lm.model, recipe):
+            extra_meta["resume"] = {"work_dir": os.path.abspath(resume_dir), "resumed_from_block": None,
+                                    "restart_reason": "data-free recipe: no blocks to resume, ran directly"}
+        else:
+            observer = ResumeObserver(resume_dir, lm.model, recipe, ids, device, dist)
+    with observer if observer is not None else contextlib.nullcontext():
+        report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
+                                progress=progress, solver=solver, observer=observer)
+    if observer is not None:
+        extra_meta["resume"] = observer.info
+    qm = _finish(lm, recipe, report, calib_info, device, dist, t0, progress, extra_meta)
+    qm.resume_dir = resume_dir
+    return qm
+
+
+def exit_if_distributed(code: int) -> None:
+    """Under torch.distributed, leave the process at once with ``code`` (streams flushed): a graceful
+    teardown of a group whose peers failed can hang. Outside a group it returns (the caller exits)."""
+    if current() is not None:
+        exit_now(code)
 
 
 def _finish(lm: LoadedModel, recipe: Recipe, report: PipelineReport, calib_info: dict, device, dist, t0: float,
             progress: bool, extra_meta: dict | None = None) -> QuantizedModel:
-    """What every quantize entry point does last: the record of the run, the KV-cache allocation."""
+    """The record of the run, the KV-cache allocation."""
     if report.calibration_tokens == 0:
         calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
@@ -274,13 +299,13 @@ def evaluate(model_or_path, *, corpus: str = "enwiki", seq_len: int = 512, strid
              max_windows: int | None = 40, batch_size: int = 4, device: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Token-level perplexity on the held-out evaluation split (odd-numbered articles)."""
-    from .data import tokenize_split
+    from .eval.corpora import evaluation_split
     from .eval.perplexity import perplexity
 
     qm = model_or_path if isinstance(model_or_path, QuantizedModel) else load_any(model_or_path)
     device = device or default_device()
     qm.model.to(device)
-    split = tokenize_split(qm.tokenizer, corpus, "evaluation")
+    split = evaluation_split(qm.tokenizer, corpus)
     res = perplexity(qm.model, split.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
                      bos_token_id=qm.bos_token_id, batch_size=batch_size, device=device, progress=progress)
     res.update({"corpus": corpus, "split": "evaluation (odd-numbered articles; disjoint from calibration)",

@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr)
-        from .distributed import current, exit_now
+        from .api import exit_if_distributed
 
-        if current() is not None:  # under torchrun: do not wait on a group that failed
-            exit_now(2)
+        exit_if_distributed(2)  # under torchrun: do not wait on a group that failed
         return 2
     except KeyboardInterrupt:
         print("quantkit: interrupted", file=sys.stderr)

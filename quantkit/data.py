@@ -107,12 +107,7 @@ def articles(corpus: str = "enwiki") -> tuple[str, ...]:
 
 def split_text(corpus: str = "enwiki", split: str = "evaluation") -> str:
     """The text of one split: even-numbered articles calibrate, odd-numbered ones evaluate."""
-    if corpus not in CORPORA:  # evaluation-only corpora of quantkit.eval (e.g. lambada): no calibration split
-        from .eval.corpora import CORPORA as EVAL_CORPORA
-        from .eval.corpora import corpus as eval_corpus
-
-        if corpus in EVAL_CORPORA and split == "evaluation":
-            return eval_corpus(corpus).text
+    # (evaluation-only corpora such as lambada are quantkit.eval.corpora's: evaluation_split)
     if split not in SPLITS:
         raise ModelSourceError(f"unknown split {split!r}; use one of {SPLITS}")
     arts = articles(corpus)

@@ -32,7 +32,11 @@ from typing import Any
 
 import torch
 
-from .errors import QuantkitError
+from . import solve as _solve  # solve_linear looked up at call time (tests wrap it)
+from .errors import NumericalError, QuantkitError
+from .formats.base import packed_bits_per_weight
+from .models.discovery import linear_weight
+from .quantizers.base import output_error_terms
 
 DEFAULT_TIMEOUT_S = 1800.0
 _BUCKET_ELEMS = 1 << 26  # all-reduce small statistics together, up to 64 Mi elements per call
@@ -365,81 +369,124 @@ def row_splittable(scheme) -> bool:
             and scheme.fmt.row_tensors() is not None)
 
 
-def solve_block(d: Dist, bi: int, linears: dict, schemes: dict, collector, device) -> dict[str, tuple]:
-    """Quantize one block's linears split across the ranks; every rank returns every layer's
-    ``(QuantLinear, info)``, bit-identical on all ranks (the owners' results, broadcast)."""
-    from .models.discovery import linear_weight
-    from .nn import QuantLinear
-    from .pipeline import quantize_linear
-    from .quantizers.base import output_error_terms
+class DistributedSolver:
+    """The pipeline's solver under torch.distributed (quantkit.solve has the one-process one): this rank
+    runs its share of the calibration batches, statistics are summed over the ranks, each block's
+    solves are planned over the ranks (:func:`plan_solves`) and broadcast, so every rank ends with the
+    same, bit-identical, quantized block."""
 
-    items = []
-    for n, s in schemes.items():
-        rows, cols = linear_weight(linears[n]).shape
-        s.fmt.check_shape((rows, cols), where=n)
-        items.append((n, rows, cols, s.needs_hessian, row_splittable(s), collector.alias.get(n, n)))
-    plan = plan_solves(items, d.world, split_rows=os.environ.get("QUANTKIT_SPLIT_ROWS", "auto"))
-    local: dict[tuple, tuple[dict, dict]] = {}
-    err: BaseException | None = None
-    try:
+    def __init__(self, d: Dist, device: torch.device):
+        self.d, self.device = d, torch.device(device)
+
+    @property
+    def world(self) -> int:
+        return self.d.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.d.is_main
+
+    def shard(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's calibration batches: r, r + N, r + 2N, ..."""
+        if len(batches) < self.d.world:
+            raise QuantkitError(f"{len(batches)} calibration batches for {self.d.world} ranks: every rank needs at "
+                                f"least one; use more samples or a smaller calibration.batch_size")
+        return [batches[j] for j in self.d.shard(len(batches))]
+
+    def reduce_stats(self, collector, what: str, err: BaseException | None) -> None:
+        """Sum (max) every statistic of ``collector`` (quantkit.pipeline's) across the ranks; ``err``, this
+        rank's failure in the forward, is shared first (every rank then raises)."""
+        d = self.d
+        names = sorted(collector.stats)
+        views = d.agree(err, what, (names, sorted(collector.alias.items()),
+                                    [collector.stats[n].nsamples for n in names]))
+        counts = [sum(v[2][i] for v in views) for i in range(len(names))]
+        views = [v[:2] for v in views]
+        if any(v != views[0] for v in views):
+            raise QuantkitError(f"{what}: the ranks saw different layer inputs ({views[0][0][:3]}... on rank 0 vs "
+                                f"others); the block's forward is not the same on every rank")
+        st = collector.stats
+        d.all_reduce([st[n].hessian if st[n].hessian is not None else st[n].act_sqsum for n in names], "sum", what)
+        d.all_reduce([st[n].act_absmax for n in names], "max", what)
+        for n, c in zip(names, counts):
+            st[n].nsamples = int(c)
+
+    def reduce_sums(self, values: list[float], what: str) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        self.d.all_reduce([t], "sum", what)
+        return t.tolist()
+
+    def solve(self, block, schemes: dict, stats) -> dict[str, tuple]:
+        """Quantize the block's linears split across the ranks; every rank returns every layer's
+        ``(QuantLinear, report entry)``, bit-identical on all ranks (the owners' results, broadcast)."""
+        d, bi, linears, device = self.d, block.index, block.linears, self.device
+        items = []
+        for n, s in schemes.items():
+            rows, cols = linear_weight(linears[n]).shape
+            s.fmt.check_shape((rows, cols), where=n)
+            items.append((n, rows, cols, s.needs_hessian, row_splittable(s), stats.alias.get(n, n)))
+        plan = plan_solves(items, d.world, split_rows=os.environ.get("QUANTKIT_SPLIT_ROWS", "auto"))
+        local: dict[tuple, tuple[dict, dict]] = {}
+        err: BaseException | None = None
+        try:
+            for p in plan:
+                if p.rank == d.rank:
+                    local[(p.name, p.rows)] = _solve_piece(p, linears[p.name], schemes[p.name], stats.get(p.name), bi)
+        except Exception as e:  # noqa: BLE001 - shared with every rank by agree(), then re-raised
+            err = NumericalError(f"{p.name}: {e}") if isinstance(e, NumericalError) and p.name not in str(e) else e
+        metas: dict[tuple, dict] = {}
+        for m in d.agree(err, f"block {bi} solves", {k: v[1] for k, v in local.items()}):
+            metas.update(m)
+        got = {}
         for p in plan:
-            if p.rank != d.rank:
-                continue
-            s, mod, stats = schemes[p.name], linears[p.name], collector.get(p.name)
-            wdt = linear_weight(mod).dtype
-            if p.rows is None:
-                ql, info = quantize_linear(p.name, mod, s, stats, seed=bi)
-                tensors = {**{"p." + k: v for k, v in ql.packed.items()}, "dense": ql.dense_weight}
-                meta = {"spec": ql.spec, "info": info}
-            else:
-                r0, r1 = p.rows
-                w = linear_weight(mod).detach().float()[r0:r1]
-                res = s.quantizer.quantize(w, s.fmt, stats)
-                num, den = output_error_terms(w, res.weight, stats)
-                tensors = {**{"p." + k: v for k, v in res.packed.items()}, "dense": res.weight.to(wdt)}
-                meta = {"metrics": {k: v for k, v in res.metrics.items() if k != "rel_err"}, "num": num, "den": den}
-            local[(p.name, p.rows)] = (tensors, {**meta, "layout": layout_of(tensors)})
-    except Exception as e:  # noqa: BLE001 - shared with every rank by agree(), then re-raised
-        from .errors import NumericalError
+            key = (p.name, p.rows)
+            mine = local[key][0] if p.rank == d.rank else None
+            got[key] = d.broadcast_tensors(mine, metas[key]["layout"], p.rank, device,
+                                           f"block {bi}: sending {p.name} from rank {p.rank}")
+        local.clear()
+        out = {}
+        for n, s in schemes.items():
+            parts = sorted((p for p in plan if p.name == n), key=lambda p: p.rows or (0, 0))
+            sol = _joined(n, s, parts, got, metas, tuple(linear_weight(linears[n]).shape))
+            out[n] = (sol.build(linears[n]), sol.info)
+        return out
 
-        err = NumericalError(f"{p.name}: {e}") if isinstance(e, NumericalError) and p.name not in str(e) else e
-    metas: dict[tuple, dict] = {}
-    for m in d.agree(err, f"block {bi} solves", {k: v[1] for k, v in local.items()}):
-        metas.update(m)
-    got = {}
-    for p in plan:
-        key = (p.name, p.rows)
-        mine = local[key][0] if p.rank == d.rank else None
-        got[key] = d.broadcast_tensors(mine, metas[key]["layout"], p.rank, device,
-                                       f"block {bi}: sending {p.name} from rank {p.rank}")
-    local.clear()
-    out = {}
-    for n, s in schemes.items():
-        mod = linears[n]
-        w = linear_weight(mod)
-        bias = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
-        parts = sorted((p for p in plan if p.name == n), key=lambda p: p.rows or (0, 0))
-        if parts[0].rows is None:
-            t, meta = got[(n, None)], metas[(n, None)]
-            ql = QuantLinear(w.shape[1], w.shape[0], meta["spec"], {k[2:]: v for k, v in t.items() if k != "dense"},
-                             bias)
-            ql.dense_weight = t["dense"]
-            info = meta["info"]
-        else:
-            packs = [{k[2:]: v for k, v in got[(n, p.rows)].items() if k != "dense"} for p in parts]
-            spec = {**s.spec(), "transforms": []}
-            ql = QuantLinear(w.shape[1], w.shape[0], spec, s.fmt.concat_rows(packs), bias)
-            ql.dense_weight = torch.cat([got[(n, p.rows)]["dense"] for p in parts], 0)
-            ms = [metas[(n, p.rows)] for p in parts]
-            info = {**spec, "bits_per_weight": ql.bits_per_weight(), "shape": list(w.shape), **ms[0]["metrics"],
-                    "rel_err": sum(m["num"] for m in ms) / max(sum(m["den"] for m in ms), 1e-30),
-                    "row_ranges": len(parts)}
-        out[n] = (ql, info)
-    return out
+
+def _solve_piece(p: Piece, mod, scheme, stats, bi: int) -> tuple[dict, dict]:
+    """This rank's piece of the plan: the tensors to broadcast and what the other ranks need to know."""
+    if p.rows is None:
+        sol = _solve.solve_linear(p.name, mod, scheme, stats, seed=bi)
+        tensors = {**{"p." + k: v for k, v in sol.packed.items()}, "dense": sol.dense}
+        meta = {"spec": sol.spec, "info": sol.info}
+    else:
+        r0, r1 = p.rows
+        w = linear_weight(mod).detach().float()[r0:r1]
+        res = scheme.quantizer.quantize(w, scheme.fmt, stats)
+        num, den = output_error_terms(w, res.weight, stats)
+        tensors = {**{"p." + k: v for k, v in res.packed.items()}, "dense": res.weight.to(linear_weight(mod).dtype)}
+        meta = {"metrics": {k: v for k, v in res.metrics.items() if k != "rel_err"}, "num": num, "den": den}
+    return tensors, {**meta, "layout": layout_of(tensors)}
+
+
+def _joined(name: str, scheme, parts: list[Piece], got: dict, metas: dict, shape: tuple[int, int]) -> _solve.Solution:
+    """One linear's :class:`quantkit.solve.Solution` from the broadcast pieces (whole, or row ranges)."""
+    if parts[0].rows is None:
+        t, meta = got[(name, None)], metas[(name, None)]
+        return _solve.Solution(meta["spec"], {k[2:]: v for k, v in t.items() if k != "dense"}, t["dense"],
+                               meta["info"])
+    packs = [{k[2:]: v for k, v in got[(name, p.rows)].items() if k != "dense"} for p in parts]
+    spec = {**scheme.spec(), "transforms": []}
+    packed = {k: v.contiguous() for k, v in scheme.fmt.concat_rows(packs).items()}
+    ms = [metas[(name, p.rows)] for p in parts]
+    info = {**spec, "bits_per_weight": packed_bits_per_weight(packed, shape), "shape": list(shape),
+            **ms[0]["metrics"], "rel_err": sum(m["num"] for m in ms) / max(sum(m["den"] for m in ms), 1e-30),
+            "row_ranges": len(parts)}
+    return _solve.Solution(spec, packed, torch.cat([got[(name, p.rows)]["dense"] for p in parts], 0), info)
 
 
 __all__ = [
     "Dist",
+    "DistributedSolver",
     "Piece",
     "current",
     "exit_now",
@@ -450,6 +497,5 @@ __all__ = [
     "row_splittable",
     "setup",
     "shutdown",
-    "solve_block",
     "solve_cost",
 ]

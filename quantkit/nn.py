@@ -9,13 +9,16 @@ around the matmul; their tensors are buffers too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import CheckpointError, QuantkitError
 from .formats.base import WeightFormat, format_from_spec, packed_bits_per_weight
 from .registry import get as _get
 
@@ -202,3 +205,49 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.fmt.describe()}, bias={self.bias is not None}")
+
+
+def make_quantlinear(shape: tuple[int, int], spec: dict[str, Any], packed: dict[str, torch.Tensor],
+                     bias: torch.Tensor | None = None, *, dense_weight: torch.Tensor | None = None,
+                     checkpoint: str | None = None, name: str = "") -> QuantLinear:
+    """The one place a :class:`QuantLinear` is made from packed tensors: a solve's result
+    (quantkit.solve, both solvers), a resumed block (quantkit.resume) and every checkpoint layout.
+
+    ``shape`` is [out, in]; ``dense_weight`` the dequantized weight a solve already holds (the pipeline
+    uses it while the block is calibrated). With ``checkpoint`` (the folder read) a tensor that does not
+    fit ``spec`` raises a CheckpointError naming the folder and the layer ``name``."""
+    try:
+        ql = QuantLinear(shape[1], shape[0], spec, {k: v.contiguous() for k, v in packed.items()}, bias)
+    except QuantkitError as e:
+        if checkpoint is None:
+            raise
+        raise CheckpointError(f"{checkpoint}: layer {name!r}: {e}") from None
+    ql.dense_weight = dense_weight
+    return ql
+
+
+@contextlib.contextmanager
+def cached_dequant(model: nn.Module) -> Iterator[int]:
+    """While open, each weight-only quantized linear on CPU computes from one unpacked copy of its
+    weight instead of unpacking it at every forward (evaluation speed on CPU); yields how many.
+
+    On CPU a weight-only format's forward is ``F.linear(x, unpack(packed))``: this holds ``unpack(packed)``
+    as the layer's ``dense_weight`` (the state the pipeline uses while calibrating), so the outputs are
+    exactly the same. Layers whose format quantizes activations (its own ``linear``), layers on GPU
+    (Triton kernels) and layers already holding a dense weight are left alone. Memory: one float copy."""
+    held = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if not isinstance(m, QuantLinear) or m.dense_weight is not None:
+                    continue
+                if type(m.fmt).linear is not WeightFormat.linear:
+                    continue
+                if any(t.device.type != "cpu" for t in m.packed.values()):
+                    continue
+                m.dense_weight = m.dequantized_weight()
+                held.append(m)
+        yield len(held)
+    finally:
+        for m in held:
+            m.dense_weight = None

@@ -1,12 +1,19 @@
 """Block-by-block sequential calibration. Nothing here knows any algorithm.
 
-1. Capture what the first decoder block receives (hidden states and every keyword argument the
-   architecture passes: masks, position ids, rotary embeddings, ...), by running the model up to
-   that block.
-2. For each block, on the compute device: gather each linear's input statistics with hooks (XᵀX,
-   Σx², max|x|; linears that share an input share one accumulator), run the recipe's transforms and
-   quantizer on every linear, swap in :class:`QuantLinear`, run the block plugins, then recompute
-   the block's outputs with the quantized weights — they are the next block's inputs.
+:func:`quantize_model` runs four steps, each a function below:
+
+1. :func:`capture` (once): what the first decoder block receives (hidden states and every keyword
+   argument the architecture passes: masks, position ids, rotary embeddings, ...), by running the
+   model up to that block.
+2. :func:`calibrate` (per block, on the compute device): each linear's input statistics, gathered with
+   hooks (XᵀX, Σx², max|x|; linears that share an input share one accumulator).
+3. ``solver.solve`` (quantkit.solve): the recipe's transforms and quantizer on every linear; the
+   pipeline swaps in the returned :class:`QuantLinear` layers.
+4. :func:`propagate`: the block plugins, then the block's outputs recomputed with the quantized
+   weights: they are the next block's inputs.
+
+Two seams: the *solver* (one process, or ``quantkit.distributed.DistributedSolver`` for a group) and
+the *observer* (:class:`BlockObserver`: where to start, told after each block; quantkit.resume).
 Only the current block and the activations live on the compute device; the rest stays on CPU.
 """
 
@@ -15,8 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,7 +34,8 @@ from .models.discovery import find_blocks, find_linears, linear_weight, set_modu
 from .nn import QuantLinear
 from .quantizers.base import LayerStats
 from .recipe import Recipe, Scheme
-from .transforms.base import LayerContext, block_plugin_from_spec
+from .solve import Block, LocalSolver, quantize_linear
+from .transforms.base import block_plugin_from_spec
 
 REF_BATCHES = 4  # calibration batches (per rank) whose float block outputs are kept for block_rel_err
 
@@ -46,6 +53,32 @@ class PipelineReport:
     device: str = "cpu"
     world_size: int = 1  # ranks that shared the calibration (quantkit.distributed)
     capture_seconds: float = 0.0  # running the model up to the first block
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineReport:
+        """The report ``dataclasses.asdict`` wrote (e.g. into a resume state): every field it holds."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Restored:
+    """Where an interrupted run stands: the blocks before ``start_block`` are quantized in the model."""
+
+    start_block: int
+    inputs: list[torch.Tensor]  # hidden states entering start_block: this process's batches, in shard order
+    report: PipelineReport  # the report of the finished blocks; the run goes on adding to it
+
+
+class BlockObserver:
+    """Watches the block loop; quantkit.resume commits every block through one. The pipeline asks it
+    once where to start (:meth:`restored`) and tells it after every finished block."""
+
+    def restored(self) -> Restored | None:
+        return None
+
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+        """``block`` is quantized and back on CPU; ``inputs`` are the next block's hidden states."""
 
 
 def _tree_to(obj: Any, device) -> Any:
@@ -215,23 +248,6 @@ class _StatsCollector:
             s.act_sqsum += x.float().pow(2).sum(0)
         torch.maximum(s.act_absmax, x.abs().amax(0).float(), out=s.act_absmax)  # NaN propagates to here
 
-    def reduce(self, d, what: str, err: BaseException | None = None) -> None:
-        """Sum (max) every statistic across the ranks of ``d`` (quantkit.distributed.Dist); ``err``, this
-        rank's failure in the forward, is shared first (every rank then raises)."""
-        names = sorted(self.stats)
-        views = d.agree(err, what, (names, sorted(self.alias.items()), [self.stats[n].nsamples for n in names]))
-        counts = [sum(v[2][i] for v in views) for i in range(len(names))]
-        views = [v[:2] for v in views]
-        if any(v != views[0] for v in views):
-            raise QuantkitError(f"{what}: the ranks saw different layer inputs ({views[0][0][:3]}... on rank 0 vs "
-                                f"others); the block's forward is not the same on every rank")
-        sums = [self.stats[n].hessian if self.stats[n].hessian is not None else self.stats[n].act_sqsum
-                for n in names]
-        d.all_reduce(sums, "sum", what)
-        d.all_reduce([self.stats[n].act_absmax for n in names], "max", what)
-        for n, c in zip(names, counts):
-            self.stats[n].nsamples = int(c)
-
     def finish(self) -> None:
         for name, s in self.stats.items():
             if s.hessian is not None and s.hessian.dtype != torch.float32:
@@ -242,7 +258,8 @@ class _StatsCollector:
                 s.act_sqsum = torch.diagonal(s.hessian).clone()
             if name in self.alias.values():
                 s.cache = {}  # several layers read these statistics: let them share derived results
-            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not torch.isfinite(s.hessian).all()):
+            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None
+                                                           and not torch.isfinite(s.hessian).all()):
                 raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
                                      f"weights and the calibration data")
 
@@ -258,29 +275,6 @@ class _StatsCollector:
     def remove(self):
         for h in self._handles:
             h.remove()
-
-
-def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0
-                    ) -> tuple[QuantLinear, dict[str, Any]]:
-    w = linear_weight(mod).detach().float()
-    if not torch.isfinite(w).all():
-        raise NumericalError(f"{name}: the weight holds NaN/inf; the model is broken")
-    scheme.fmt.check_shape(tuple(w.shape), where=name)
-    ctx = LayerContext(name, w, stats, seed)
-    for t in scheme.transforms:
-        t.before(ctx)
-    try:
-        res = scheme.quantizer.quantize(ctx.weight, scheme.fmt, ctx.stats)
-    except NumericalError as e:
-        raise NumericalError(f"{name}: {e}") from None
-    packed = {**res.packed, **ctx.tensors}
-    spec = {**scheme.spec(), "transforms": ctx.runtime}
-    bias = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
-    ql = QuantLinear(w.shape[1], w.shape[0], spec,
-                     {k: v.contiguous() for k, v in packed.items()}, bias)
-    ql.dense_weight = res.weight.to(linear_weight(mod).dtype)
-    info = {**spec, "bits_per_weight": ql.bits_per_weight(), "shape": list(w.shape), **res.metrics}
-    return ql, info
 
 
 def is_data_free(model: nn.Module, recipe: Recipe) -> bool:
@@ -379,153 +373,170 @@ class _Prefetch:
         self.module = None
 
 
-def _solve_local(bi: int, linears: dict[str, nn.Module], schemes: dict[str, Scheme], collector: _StatsCollector
-                 ) -> dict[str, tuple[QuantLinear, dict[str, Any]]]:
-    return {n: quantize_linear(n, linears[n], s, collector.get(n), seed=bi) for n, s in schemes.items()}
+def _clock(device: torch.device) -> float:
+    """Phase times per block, in the report (the device's queue drained first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, *,
-                   device: str | torch.device = "cpu", batch_size: int = 8, offload_activations: bool = False,
-                   progress: bool = True, start_block: int = 0,
-                   on_block_done: Callable[[int, nn.Module, PipelineReport, tuple], None] | None = None,
-                   state: tuple[list, list] | None = None, dist=None) -> PipelineReport:
+                   device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True,
+                   solver=None, observer: BlockObserver | None = None) -> PipelineReport:
     """Quantize ``model`` in place with ``recipe``, calibrated on token ids ``calibration`` [N, L].
 
-    With ``dist`` (a :class:`quantkit.distributed.Dist`) this rank runs calibration batches
-    ``dist.shard(n_batches)`` only, statistics are summed across ranks and the solves are split
-    (see quantkit.distributed); ``state``'s inputs are then this rank's batches, in shard order.
+    Block by block: :func:`capture` (once), then :func:`calibrate` -> ``solver.solve`` -> :func:`propagate`.
+    ``solver`` (default :class:`quantkit.solve.LocalSolver`) decides which calibration batches this
+    process runs, how statistics are combined and where each linear is solved; a
+    ``quantkit.distributed.DistributedSolver`` shares the work among the ranks of a group. ``observer``
+    (e.g. quantkit.resume's) may restore finished blocks and is told after every block.
     """
     t0 = time.time()
     device = torch.device(device)
-    store = torch.device("cpu") if offload_activations else device
-    report = PipelineReport(device=str(device), calibration_tokens=int(calibration.numel()),
-                            world_size=dist.world if dist is not None else 1)
+    solver = solver if solver is not None else LocalSolver()
+    restored = observer.restored() if observer is not None else None
+    report = restored.report if restored is not None else PipelineReport()
+    prior_seconds = report.seconds
+    report.device, report.calibration_tokens, report.world_size = str(device), int(calibration.numel()), solver.world
     blocks_name, blocks = find_blocks(model)
     if is_data_free(model, recipe):
         return quantize_data_free(model, recipe, report, device, progress, t0)
-    if dist is not None and recipe.block_plugins and dist.world > 1:
-        raise QuantkitError(f"{recipe.source}: block_plugins ({', '.join(str(p.get('type', p)) for p in recipe.block_plugins)}) "
+    if recipe.block_plugins and solver.world > 1:
+        kinds = ", ".join(str(p.get("type", p)) for p in recipe.block_plugins)
+        raise QuantkitError(f"{recipe.source}: block_plugins ({kinds}) "
                             f"train on all calibration batches in sequence and do not run on several ranks yet; "
                             f"run this recipe in one process (without torchrun)")
     plugins = [block_plugin_from_spec(p, f"{recipe.source}: block_plugins[{i}]")
                for i, p in enumerate(recipe.block_plugins)]
     acc = {"float32": torch.float32, "float64": torch.float64}[recipe.calibration.accumulate]
-    batches = list(calibration.split(batch_size))
-    if dist is not None:
-        if len(batches) < dist.world:
-            raise QuantkitError(f"{len(batches)} calibration batches for {dist.world} ranks: every rank needs at "
-                                f"least one; use more samples or a smaller calibration.batch_size")
-        batches = [batches[j] for j in dist.shard(len(batches))]
-        progress = progress and dist.is_main
-    if state is None:
-        t_cap = time.time()
-        inputs, kwargs_list = capture_block_inputs(model, blocks, batches, device, store)
-        report.capture_seconds = time.time() - t_cap
-    else:
-        inputs, kwargs_list = state
-
-    def clock() -> float:  # phase times per block, in the report (the device's queue drained first)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    batches = solver.shard(list(calibration.split(batch_size)))
+    progress = progress and solver.is_main
+    t_cap = time.time()
+    inputs, kwargs_list = capture(model, blocks, batches, device)
+    report.capture_seconds += time.time() - t_cap
+    start = 0
+    if restored is not None:  # the saved hidden states replace the captured ones (the kwargs are the same)
+        start, inputs = restored.start_block, [h.to(device) for h in restored.inputs]
 
     prefetch = None
-    if device.type == "cuda" and start_block < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
-        prefetch = _Prefetch(device, blocks[start_block])
-    bar = tqdm(range(start_block, len(blocks)), desc="quantize", unit="block", disable=not progress)
+    if device.type == "cuda" and start < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
+        prefetch = _Prefetch(device, blocks[start])
+    bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress)
     for bi in bar:
-        t_block = clock()
-        block = blocks[bi]
+        t_block = _clock(device)
+        module = blocks[bi]
         if prefetch is not None:
-            prefetch.wait(block)
+            prefetch.wait(module)
             if bi + 1 < len(blocks):  # the next block's weights travel while this one is worked on
                 prefetch.start(blocks[bi + 1])
         else:
-            block.to(device)
+            module.to(device)
         prefix = f"{blocks_name}.{bi}."
-        linears = find_linears(block, prefix)
-        schemes = {n: recipe.scheme_for(n) for n in linears}
-        schemes = {n: s for n, s in schemes.items() if s is not None}
-        for n in schemes:  # a broken weight is named as such, not as bad activations downstream
-            if not torch.isfinite(linear_weight(linears[n])).all():
-                raise NumericalError(f"{n}: the weight holds NaN/inf; the model is broken")
-        need_h = {n for n, s in schemes.items() if s.needs_hessian}
-        collector = _StatsCollector({n: linears[n] for n in schemes}, need_h, acc)
-        float_outs = []
+        block = Block(bi, module, prefix, find_linears(module, prefix))
+        schemes = _schemes(recipe, block)
         # plugins train on every float output; otherwise only the first REF_BATCHES are kept, for the
         # block error estimate (keeping all would hold a second copy of the activations)
         n_ref = len(inputs) if plugins else min(len(inputs), REF_BATCHES)
-        err: BaseException | None = None
-        try:
-            with torch.no_grad():
-                for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
-                    collector.new_batch()
-                    out = run_block(block, h.to(device), kw)
-                    if j < n_ref:
-                        float_outs.append(out.to(store))
-        except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
-            err = e
-        finally:
-            collector.remove()
-        t_reduce = clock()
-        if dist is not None:
-            collector.reduce(dist, f"block {bi} calibration", err)
-        elif err is not None:
-            raise err
-        collector.finish()
-        t_solve = clock()
-        if dist is not None:
-            from .distributed import solve_block
-
-            solved = solve_block(dist, bi, linears, schemes, collector, device)
-        else:
-            solved = _solve_local(bi, linears, schemes, collector)
+        stats, float_outs, t_reduce = calibrate(block, schemes, inputs, kwargs_list, device, acc, n_ref, solver)
+        t_solve = _clock(device)
+        solved = solver.solve(block, schemes, stats)
         errs = []
         for n, (ql, info) in solved.items():
             set_module(model, n, ql.to(device))
             report.layers[n] = info
             errs.append(info.get("rel_err", 0.0))
-        del collector, solved
-        binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": clock() - t_solve,
+        del stats, solved
+        binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": _clock(device) - t_solve,
                                    "reduce_s": t_solve - t_reduce}  # reduce_s: the statistics' all-reduce
-        t_prop = clock()
-        for p in plugins:
-            binfo.update(p.after_block(block, inputs, kwargs_list, float_outs, run_block) or {})
-        with torch.no_grad():
-            nd = torch.zeros(2, dtype=torch.float64, device=device)
-            for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
-                out = run_block(block, h.to(device), kw)
-                if j < len(float_outs):
-                    ref = float_outs[j].to(device).float()
-                    nd[0] += (out.float() - ref).pow(2).sum()
-                    nd[1] += ref.pow(2).sum()
-                inputs[j] = out.to(store)
-            num, den = nd.tolist()
+        t_prop = _clock(device)
+        plugin_metrics, block_rel_err = propagate(block, plugins, inputs, kwargs_list, float_outs, device, solver)
         del float_outs
-        if dist is not None:
-            nd = torch.tensor([num, den], dtype=torch.float64)
-            dist.all_reduce([nd], "sum", f"block {bi} output error")
-            num, den = nd.tolist()
-        for m in block.modules():
-            if isinstance(m, QuantLinear):
-                m.dense_weight = None
-        binfo["propagate_s"] = clock() - t_prop
-        binfo["block_rel_err"] = num / max(den, 1e-30)
+        binfo.update(plugin_metrics)
+        binfo["propagate_s"] = _clock(device) - t_prop
+        binfo["block_rel_err"] = block_rel_err
         binfo["mean_layer_rel_err"] = sum(errs) / max(len(errs), 1)
         report.blocks.append(binfo)
         if prefetch is not None:
-            prefetch.offload(block)
+            prefetch.offload(module)
         else:
-            block.to("cpu")
+            module.to("cpu")
         bar.set_postfix(layer_err=f"{binfo['mean_layer_rel_err']:.2e}", block_err=f"{binfo['block_rel_err']:.2e}")
-        binfo["finish_s"] = clock() - t_prop - binfo["propagate_s"]  # moving the block back, bookkeeping
-        if on_block_done is not None:
+        binfo["finish_s"] = _clock(device) - t_prop - binfo["propagate_s"]  # moving the block back, bookkeeping
+        if observer is not None:
             if prefetch is not None:
-                prefetch.drain()  # the callback may read the block (resume saves it)
-            on_block_done(bi, model, report, (inputs, kwargs_list))
+                prefetch.drain()  # the observer may read the block (resume saves it)
+            report.seconds = prior_seconds + time.time() - t0
+            observer.on_block_done(block, report, inputs)
     if prefetch is not None:
         prefetch.drain()
     if device.type == "cuda":  # cached blocks are reused block after block; released once, at the end
         torch.cuda.empty_cache()
-    report.seconds = time.time() - t0
+    report.seconds = prior_seconds + time.time() - t0
     return report
+
+
+def capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device
+            ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Step 1, once: the first block's inputs for every batch (hidden states and keyword arguments)."""
+    return capture_block_inputs(model, blocks, batches, device, device)
+
+
+def _schemes(recipe: Recipe, block: Block) -> dict[str, Scheme]:
+    """The recipe's scheme of each of the block's linears that it quantizes."""
+    schemes = {n: recipe.scheme_for(n) for n in block.linears}
+    schemes = {n: s for n, s in schemes.items() if s is not None}
+    for n in schemes:  # a broken weight is named as such, not as bad activations downstream
+        if not torch.isfinite(linear_weight(block.linears[n])).all():
+            raise NumericalError(f"{n}: the weight holds NaN/inf; the model is broken")
+    return schemes
+
+
+def calibrate(block: Block, schemes: dict[str, Scheme], inputs: list[torch.Tensor], kwargs_list: list[dict],
+              device: torch.device, acc: torch.dtype, n_ref: int, solver
+              ) -> tuple[_StatsCollector, list[torch.Tensor], float]:
+    """Step 2: run the float block on every batch, gathering each linear's input statistics (combined
+    across processes by the solver) and keeping the first ``n_ref`` float outputs. Returns the
+    statistics, those outputs and the time the combining started."""
+    need_h = {n for n, s in schemes.items() if s.needs_hessian}
+    collector = _StatsCollector({n: block.linears[n] for n in schemes}, need_h, acc)
+    float_outs = []
+    err: BaseException | None = None
+    try:
+        with torch.no_grad():
+            for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
+                collector.new_batch()
+                out = run_block(block.module, h.to(device), kw)
+                if j < n_ref:
+                    float_outs.append(out.to(device))
+    except Exception as e:  # noqa: BLE001 - shared with the other processes by the solver, then re-raised
+        err = e
+    finally:
+        collector.remove()
+    t_reduce = _clock(device)
+    solver.reduce_stats(collector, f"block {block.index} calibration", err)
+    collector.finish()
+    return collector, float_outs, t_reduce
+
+
+def propagate(block: Block, plugins: list, inputs: list[torch.Tensor], kwargs_list: list[dict],
+              float_outs: list[torch.Tensor], device: torch.device, solver) -> tuple[dict[str, float], float]:
+    """Step 4: run the block plugins, then the quantized block on every batch: its outputs replace
+    ``inputs`` (they are the next block's). Returns the plugins' metrics and the block's relative
+    output error against the kept float outputs (summed over the processes)."""
+    metrics: dict[str, float] = {}
+    for p in plugins:
+        metrics.update(p.after_block(block.module, inputs, kwargs_list, float_outs, run_block) or {})
+    with torch.no_grad():
+        nd = torch.zeros(2, dtype=torch.float64, device=device)
+        for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):
+            out = run_block(block.module, h.to(device), kw)
+            if j < len(float_outs):
+                ref = float_outs[j].to(device).float()
+                nd[0] += (out.float() - ref).pow(2).sum()
+                nd[1] += ref.pow(2).sum()
+            inputs[j] = out.to(device)
+        num, den = solver.reduce_sums(nd.tolist(), f"block {block.index} output error")
+    for m in block.module.modules():
+        if isinstance(m, QuantLinear):
+            m.dense_weight = None
+    return metrics, num / max(den, 1e-30)

@@ -22,8 +22,6 @@ Every error names the file and the key.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -125,12 +123,6 @@ class Recipe(BaseModel):
             [_transform(x, f"{where}transforms[{j}]") for j, x in enumerate(t)],
         )
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
-
 
 class Scheme:
     def __init__(self, quantizer: Quantizer, fmt: WeightFormat, transforms: list):
@@ -192,7 +184,7 @@ def _builtin_recipe_dir() -> Path:
                       f"{here / 'recipes'}); reinstall quantkit")
 
 
-def load_recipe(name_or_path: str | dict | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | dict | Recipe) -> Recipe:
     """Load a recipe from a built-in name, a YAML path, a dict or a Recipe; validate everything."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
@@ -216,8 +208,6 @@ def load_recipe(name_or_path: str | dict | Recipe, overrides: dict[str, Any] | N
             raise RecipeError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
-    if overrides:
-        data = {**data, **overrides}
     try:
         r = Recipe(**data)
     except ValidationError as e:

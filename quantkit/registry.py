@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .errors import QuantkitError
+from pydantic import ValidationError
+
+from .errors import QuantkitError, RecipeError, pydantic_message
 
 # kind -> package whose submodules hold the plugins of that kind
 _PACKAGES = {
@@ -65,3 +68,22 @@ def get(kind: str, name: str) -> Any:
 def names(kind: str) -> list[str]:
     _scan(kind)
     return sorted(_REGISTRY[kind])
+
+
+def from_spec(kind: str, spec: Any, where: str, *, example: str, names: bool = True) -> Any:
+    """Build the ``kind`` plugin a recipe or checkpoint spec describes: ``{"type": NAME, **options}``
+    (or, with ``names``, just ``"NAME"``), its options validated by the class's pydantic ``Config``.
+    Every error names ``where`` (file and key); ``example`` is a type to show in the message."""
+    if names and isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise RecipeError(f"{where}: expected {'a name or ' if names else ''}a mapping with a 'type' key "
+                          f"(e.g. type: {example}), got {spec!r}")
+    cls = get(kind, spec["type"])
+    # a Config with its own ``type`` field (formats) validates the whole spec, the others their options
+    options = spec if "type" in cls.Config.model_fields else {k: v for k, v in spec.items() if k != "type"}
+    try:
+        cfg = cls.Config(**options)
+    except ValidationError as e:
+        raise RecipeError(pydantic_message(e, where)) from None
+    return cls(cfg)

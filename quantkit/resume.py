@@ -1,7 +1,8 @@
 """Resumable quantization: an interrupted run picks up after the last finished decoder block.
 
-``quantize_resumable(model, recipe, work_dir)`` runs :func:`quantkit.pipeline.quantize_model` and, after
-every block, commits to ``work_dir``:
+``quantkit.quantize(model, recipe, resume_dir=work_dir)`` hands the pipeline a :class:`ResumeObserver`
+(quantkit.pipeline.BlockObserver): it restores what an earlier run committed and, after every block,
+commits to ``work_dir``:
 
 * ``block-<k>.safetensors``: block k's whole state after quantization (its quantized layers' packed
   tensors and biases, and whatever else a block plugin changed, e.g. norm weights);
@@ -25,13 +26,11 @@ and state.json; state.json is committed only after every rank has written its ac
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -39,12 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import CheckpointError, QuantkitError
 from .models.discovery import find_blocks, set_module
-from .nn import QuantLinear
-from .pipeline import PipelineReport, capture_block_inputs, is_data_free, quantize_model
+from .nn import QuantLinear, make_quantlinear
+from .pipeline import BlockObserver, PipelineReport, Restored
 from .recipe import Recipe
+from .solve import Block
+from .version import __version__
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -208,77 +208,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# ---- restore ----------------------------------------------------------------------------------------------
-def _restore_block(model: nn.Module, path: str, specs: dict[str, Any], prefix: str) -> None:
-    tensors = _load_tensors(path)
-    mine = {n: s for n, s in specs.items() if n.startswith(prefix)}
-    for name, spec in mine.items():
-        p = name + "."
-        packed = {k[len(p):].replace("__", "."): tensors.pop(k) for k in list(tensors)
-                  if k.startswith(p) and k != p + "bias"}
-        bias = tensors.pop(p + "bias", None)
-        out, inn = spec["shape"]
-        ql = QuantLinear(inn, out, {k: v for k, v in spec.items() if k != "shape"}, packed, bias)
-        set_module(model, name, ql)
-    res = model.load_state_dict(tensors, strict=False)
-    if res.unexpected_keys:
-        raise CheckpointError(f"{path}: tensors {res.unexpected_keys[:3]} do not belong to this model")
-
-
-def _report_from(d: dict[str, Any]) -> PipelineReport:
-    return PipelineReport(layers=dict(d.get("layers", {})), blocks=list(d.get("blocks", [])),
-                          seconds=float(d.get("seconds", 0.0)), calibration_tokens=int(d.get("calibration_tokens", 0)),
-                          device=str(d.get("device", "cpu")))
-
-
-def _merge(old: PipelineReport, new: PipelineReport) -> PipelineReport:
-    return PipelineReport(layers={**old.layers, **new.layers}, blocks=old.blocks + new.blocks,
-                          seconds=old.seconds + new.seconds, calibration_tokens=new.calibration_tokens,
-                          device=new.device)
-
-
+# ---- the observer ---------------------------------------------------------------------------------------
 def _stderr(msg: str) -> None:
     print(f"quantkit: {msg}", file=sys.stderr, flush=True)
-
-
-# ---- the entry point --------------------------------------------------------------------------------------
-def quantize_resumable(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", work_dir: str = "",
-                       calibration=None, *, tokenizer=None, device: str | None = None, samples: int | None = None,
-                       seq_len: int | None = None, seed: int | None = None, batch_size: int | None = None,
-                       progress: bool = True, offload_activations: bool = False,
-                       on_block_done: Callable | None = None, log: Callable[[str], None] | None = None):
-    """Like :func:`quantkit.quantize`, but resumable through ``work_dir`` (see the module docstring).
-
-    Returns a :class:`quantkit.api.QuantizedModel`; its ``meta["resume"]`` says whether and from which
-    block it resumed, or why it started afresh. ``on_block_done(block, model, report, state)`` is called
-    after each block is committed.
-    """
-    from . import api
-
-    if not work_dir:
-        raise QuantkitError("quantize_resumable needs a work_dir (e.g. --resume-dir DIR)")
-    log = log or _stderr
-    recipe, dist, device, lm, ids, calib_info = api._prepare(model_or_name, recipe, calibration, tokenizer, device,
-                                                            samples, seq_len, seed, batch_size)
-    model = lm.model
-    bs = recipe.calibration.batch_size
-    store = torch.device("cpu") if offload_activations else device
-    t0 = time.time()
-    data_free = is_data_free(model, recipe)
-
-    info: dict[str, Any] = {"work_dir": os.path.abspath(work_dir), "resumed_from_block": None,
-                            "restart_reason": None}
-    if data_free:
-        info["restart_reason"] = "data-free recipe: no blocks to resume, ran directly"
-        report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
-                                offload_activations=offload_activations, dist=dist)
-    else:
-        os.makedirs(work_dir, exist_ok=True)
-        # one run per work dir: rank 0 holds the lock for the whole group
-        with (_Lock(work_dir) if dist is None or dist.is_main else contextlib.nullcontext()):
-            report = _run(model, recipe, ids, device, store, bs, work_dir, progress, offload_activations,
-                          on_block_done, log, info, dist)
-    return api._finish(lm, recipe, report, calib_info, device, dist, t0, progress, {"resume": info})
 
 
 def _act_file(bi: int, dist) -> str:
@@ -287,7 +219,7 @@ def _act_file(bi: int, dist) -> str:
     return f"acts-{bi:05d}-rank{dist.rank}of{dist.world}.safetensors"
 
 
-def _load_acts(work_dir: str, files: list[str], want: list[int], store) -> list[torch.Tensor]:
+def _load_acts(work_dir: str, files: list[str], want: list[int]) -> list[torch.Tensor]:
     """The saved hidden states of global batches ``want`` (files may come from any number of ranks)."""
     from safetensors import safe_open
 
@@ -306,69 +238,123 @@ def _load_acts(work_dir: str, files: list[str], want: list[int], store) -> list[
     if missing:
         raise CheckpointError(f"{work_dir}: the saved activations lack batches {missing[:5]}; remove the work dir "
                               f"to start afresh")
-    return [found[j].to(store) for j in want]
+    return [found[j] for j in want]
 
 
-def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, user_cb, log, info,
-         dist=None) -> PipelineReport:
-    fp = run_fingerprint(model, recipe, ids, device)
-    blocks_name, blocks = find_blocks(model)
-    n_blocks = len(blocks)
-    all_batches = list(ids.split(bs))
-    mine = dist.shard(len(all_batches)) if dist is not None else list(range(len(all_batches)))
-    main = dist is None or dist.is_main
-    # rank 0 reads the state and decides; the other ranks follow its decision
-    decision: dict[str, Any] = {"resume": False}
-    if main:
-        state = read_state(work_dir)
-        if state is not None and state.get("fingerprint", {}).get("run") == fp["run"] \
-                and state.get("n_blocks") == n_blocks:
-            acts = state["acts"]
-            decision = {"resume": True, "start": int(state["next_block"]), "specs": dict(state["specs"]),
-                        "report": state["report"], "acts": [acts] if isinstance(acts, str) else list(acts),
-                        "blocks": list(state["blocks"])}
-        else:
-            if state is not None:
-                reason = _why_different(state.get("fingerprint", {}), fp)
-                decision["reason"] = reason
-                log(f"{work_dir} holds another run: {reason}; starting afresh")
-            elif os.path.exists(os.path.join(work_dir, STATE_FILE)):
-                decision["reason"] = "the saved state is unreadable"
-                log(f"{work_dir}/{STATE_FILE} is unreadable; starting afresh")
-            clear_state(work_dir)
-    if dist is not None:
-        decision = dist.agree(None, "reading the resume state", decision)[0]
-    start, prev, specs, act_files, block_files = 0, PipelineReport(), {}, [], []
-    if decision["resume"]:
-        start, specs, act_files, block_files = (decision["start"], decision["specs"], decision["acts"],
-                                                decision["blocks"])
-        prev = _report_from(decision["report"])
-        for bi, fn in enumerate(block_files):
-            _restore_block(model, os.path.join(work_dir, fn), specs, f"{blocks_name}.{bi}.")
-        inputs = _load_acts(work_dir, act_files, mine, store)
-        _, kwargs_list = capture_block_inputs(model, blocks, [all_batches[j] for j in mine], device, store)
-        info["resumed_from_block"] = start
-        if main:
-            log(f"resuming from block {start} of {n_blocks} (work dir {work_dir})")
-        pipeline_state = (inputs, kwargs_list)
-    else:
-        info["restart_reason"] = decision.get("reason")
-        pipeline_state = None
+def _restore_block(model: nn.Module, path: str, specs: dict[str, Any], prefix: str) -> None:
+    tensors = _load_tensors(path)
+    mine = {n: s for n, s in specs.items() if n.startswith(prefix)}
+    for name, spec in mine.items():
+        p = name + "."
+        packed = {k[len(p):].replace("__", "."): tensors.pop(k) for k in list(tensors)
+                  if k.startswith(p) and k != p + "bias"}
+        bias = tensors.pop(p + "bias", None)
+        set_module(model, name, make_quantlinear(tuple(spec["shape"]), {k: v for k, v in spec.items() if k != "shape"},
+                                                 packed, bias, checkpoint=path, name=name))
+    res = model.load_state_dict(tensors, strict=False)
+    if res.unexpected_keys:
+        raise CheckpointError(f"{path}: tensors {res.unexpected_keys[:3]} do not belong to this model")
 
-    def commit(bi: int, mdl: nn.Module, report: PipelineReport, st: tuple) -> None:
-        inputs, _ = st
-        prefix = f"{blocks_name}.{bi}."
-        block = blocks[bi]
-        for n, m in block.named_modules():
+
+class ResumeObserver(BlockObserver):
+    """Commits every finished block to ``work_dir`` and restores an earlier run's committed blocks.
+
+    Used as a context manager around the pipeline: entering takes the work dir's lock (rank 0 for the
+    whole group), reads the state, decides whether to resume (rank 0; the others follow) and restores
+    the committed blocks into ``model``; :attr:`info` then says whether and from which block it
+    resumed, or why it started afresh. ``dist`` is the group (quantkit.distributed.Dist) or None;
+    ``log`` gets the messages (default: stderr)."""
+
+    def __init__(self, work_dir: str, model: nn.Module, recipe: Recipe, ids: torch.Tensor, device: torch.device,
+                 dist=None, log: Callable[[str], None] | None = None):
+        if not work_dir:
+            raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
+        self.work_dir, self.model, self.dist, self.log = work_dir, model, dist, log or _stderr
+        self.main = dist is None or dist.is_main
+        self.fp = run_fingerprint(model, recipe, ids, device)
+        self.blocks_name, blocks = find_blocks(model)
+        self.n_blocks = len(blocks)
+        n_batches = len(ids.split(recipe.calibration.batch_size))
+        self.mine = dist.shard(n_batches) if dist is not None else list(range(n_batches))
+        self.info: dict[str, Any] = {"work_dir": os.path.abspath(work_dir), "resumed_from_block": None,
+                                     "restart_reason": None}
+        self.specs: dict[str, Any] = {}
+        self.act_files: list[str] = []
+        self.block_files: list[str] = []
+        self._restored: Restored | None = None
+        self._lock = None
+
+    # ---- the lock and the decision ------------------------------------------------------------------
+    def __enter__(self) -> ResumeObserver:
+        os.makedirs(self.work_dir, exist_ok=True)
+        if self.main:  # one run per work dir: rank 0 holds the lock for the whole group
+            self._lock = _Lock(self.work_dir).__enter__()
+        try:
+            self._decide_and_restore()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+            self._lock = None
+
+    def _decide_and_restore(self) -> None:
+        work_dir, fp, dist = self.work_dir, self.fp, self.dist
+        # rank 0 reads the state and decides; the other ranks follow its decision
+        decision: dict[str, Any] = {"resume": False}
+        if self.main:
+            state = read_state(work_dir)
+            if state is not None and state.get("fingerprint", {}).get("run") == fp["run"] \
+                    and state.get("n_blocks") == self.n_blocks:
+                acts = state["acts"]
+                decision = {"resume": True, "start": int(state["next_block"]), "specs": dict(state["specs"]),
+                            "report": state["report"], "acts": [acts] if isinstance(acts, str) else list(acts),
+                            "blocks": list(state["blocks"])}
+            else:
+                if state is not None:
+                    reason = _why_different(state.get("fingerprint", {}), fp)
+                    decision["reason"] = reason
+                    self.log(f"{work_dir} holds another run: {reason}; starting afresh")
+                elif os.path.exists(os.path.join(work_dir, STATE_FILE)):
+                    decision["reason"] = "the saved state is unreadable"
+                    self.log(f"{work_dir}/{STATE_FILE} is unreadable; starting afresh")
+                clear_state(work_dir)
+        if dist is not None:
+            decision = dist.agree(None, "reading the resume state", decision)[0]
+        if not decision["resume"]:
+            self.info["restart_reason"] = decision.get("reason")
+            return
+        start = decision["start"]
+        self.specs, self.act_files, self.block_files = decision["specs"], decision["acts"], decision["blocks"]
+        for bi, fn in enumerate(self.block_files):
+            _restore_block(self.model, os.path.join(work_dir, fn), self.specs, f"{self.blocks_name}.{bi}.")
+        inputs = _load_acts(work_dir, self.act_files, self.mine)
+        self.info["resumed_from_block"] = start
+        if self.main:
+            self.log(f"resuming from block {start} of {self.n_blocks} (work dir {work_dir})")
+        self._restored = Restored(start, inputs, PipelineReport.from_dict(decision["report"]))
+
+    # ---- the observer ---------------------------------------------------------------------------------
+    def restored(self) -> Restored | None:
+        return self._restored
+
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+        """Commit ``block``: its state (rank 0), this rank's activations, then state.json (rank 0)."""
+        work_dir, dist, bi = self.work_dir, self.dist, block.index
+        for n, m in block.module.named_modules():
             if isinstance(m, QuantLinear):
-                specs[prefix + n] = {**m.spec, "shape": list(m.shape)}
+                self.specs[block.prefix + n] = {**m.spec, "shape": list(m.shape)}
         bfile = f"block-{bi:05d}.safetensors"
+        afile = _act_file(bi + 1, dist)
         err = None
         try:
-            if main:
-                _save_tensors(os.path.join(work_dir, bfile), {prefix + k: v for k, v in block.state_dict().items()})
-            afile = _act_file(bi + 1, dist)
-            _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in zip(mine, inputs)})
+            if self.main:
+                _save_tensors(os.path.join(work_dir, bfile),
+                              {block.prefix + k: v for k, v in block.module.state_dict().items()})
+            _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in zip(self.mine, inputs)})
         except Exception as e:  # noqa: BLE001 - shared with the other ranks first
             err = e
         afiles = dist.agree(err, f"saving block {bi}'s resume files", afile) if dist is not None else [afile]
@@ -376,28 +362,19 @@ def _run(model, recipe, ids, device, store, bs, work_dir, progress, offload, use
             raise err
         if _before_commit is not None:
             _before_commit(bi)
-        nonlocal act_files
-        merged = _merge(prev, report)
-        if main:
-            new_state = {"version": STATE_VERSION, "fingerprint": fp, "n_blocks": n_blocks, "next_block": bi + 1,
-                         "blocks": block_files + [bfile], "acts": afiles, "specs": specs,
-                         "report": asdict(merged)}
+        if self.main:
+            new_state = {"version": STATE_VERSION, "fingerprint": self.fp, "n_blocks": self.n_blocks,
+                         "next_block": bi + 1, "blocks": self.block_files + [bfile], "acts": afiles,
+                         "specs": self.specs, "report": asdict(report)}
             _fsync_write(os.path.join(work_dir, STATE_FILE), json.dumps(new_state, default=str).encode())
-            for old in act_files:
+            for old in self.act_files:
                 if old not in afiles:
                     try:
                         os.remove(os.path.join(work_dir, old))
                     except OSError:
                         pass
-        block_files.append(bfile)
-        act_files = afiles
-        if user_cb is not None:
-            user_cb(bi, mdl, merged, st)
-
-    report = quantize_model(model, recipe, ids, device=device, batch_size=bs, progress=progress,
-                            offload_activations=offload, start_block=start, state=pipeline_state,
-                            on_block_done=commit, dist=dist)
-    return _merge(prev, report)
+        self.block_files.append(bfile)
+        self.act_files = afiles
 
 
-__all__ = ["clear_state", "model_fingerprint", "quantize_resumable", "read_state", "run_fingerprint"]
+__all__ = ["ResumeObserver", "clear_state", "model_fingerprint", "read_state", "run_fingerprint"]

@@ -15,7 +15,6 @@ perplexity record and ``eval_settings`` describes it; new keys are added beside 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -152,10 +151,3 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(row)
     return rows
 
-
-def load_results(path: str) -> dict[str, Any]:
-    """A run's results.json, from the file or its run folder."""
-    if os.path.isdir(path):
-        path = os.path.join(path, RESULTS_FILE)
-    with open(path) as f:
-        return json.load(f)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import quantkit
-from quantkit import pipeline
+from quantkit import pipeline, solve
 from quantkit.errors import NumericalError, QuantkitError
 
 
@@ -39,25 +39,24 @@ def main() -> int:
 
     die = os.environ.get("QK_DIE_AT_BLOCK")
     fail = os.environ.get("QK_FAIL_SOLVE")
-    quantize_linear = pipeline.quantize_linear
+    solve_linear = solve.solve_linear
 
     def patched(name, mod, scheme, st, seed=0):
         if die is not None and rank == 1 and seed == int(die):
             os._exit(17)
         if fail is not None and rank == 1 and name == fail:
             raise NumericalError(f"{name}: injected failure")
-        return quantize_linear(name, mod, scheme, st, seed)
-    pipeline.quantize_linear = patched
+        return solve_linear(name, mod, scheme, st, seed)
+    solve.solve_linear = patched
     try:
         qm = quantkit.quantize(model_dir, json.loads(recipe_json), calibration=ids, device="cpu", progress=False,
                                resume_dir=resume_dir)
         qm.save(out_dir, overwrite=True)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr, flush=True)
-        from quantkit.distributed import current, exit_now
+        from quantkit.api import exit_if_distributed
 
-        if current() is not None:  # as the CLI does
-            exit_now(2)
+        exit_if_distributed(2)  # as the CLI does
         return 2
     if rank == 0:
         from safetensors.torch import save_file

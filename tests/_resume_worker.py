@@ -2,7 +2,7 @@
 
     python _resume_worker.py MODEL_DIR WORK_DIR OUT_DIR RECIPE_JSON DATA_SEED
 
-Env: QK_KILL_AFTER_BLOCK=k   SIGKILL itself right after block k is committed (on_block_done);
+Env: QK_KILL_AFTER_BLOCK=k   SIGKILL itself right after block k is committed (the observer's on_block_done);
      QK_KILL_BEFORE_COMMIT=k SIGKILL itself after block k's files are written, before state.json commits.
 Prints one JSON line with meta["resume"] on success.
 """
@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+import quantkit
 import quantkit.resume as resume
 
 
@@ -24,17 +25,21 @@ def main() -> None:
     kill_after = os.environ.get("QK_KILL_AFTER_BLOCK")
     kill_commit = os.environ.get("QK_KILL_BEFORE_COMMIT")
 
-    def on_block_done(bi, model, report, state):
-        if kill_after is not None and bi == int(kill_after):
+    commit = resume.ResumeObserver.on_block_done
+
+    def on_block_done(self, block, report, inputs):
+        commit(self, block, report, inputs)
+        if kill_after is not None and block.index == int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
+    resume.ResumeObserver.on_block_done = on_block_done
 
     if kill_commit is not None:
         def hook(bi):
             if bi == int(kill_commit):
                 os.kill(os.getpid(), signal.SIGKILL)
         resume._before_commit = hook
-    qm = resume.quantize_resumable(model_dir, json.loads(recipe_json), work_dir, calibration=ids, device="cpu",
-                                   progress=False, on_block_done=on_block_done)
+    qm = quantkit.quantize(model_dir, json.loads(recipe_json), calibration=ids, device="cpu", progress=False,
+                           resume_dir=work_dir)
     qm.save(out_dir, overwrite=True)
     print(json.dumps(qm.meta["resume"]))
 

@@ -92,9 +92,9 @@ def test_cuda_graphs_capture_the_kernels(calib_ids):
 
 
 def _quip_layer():
-    from quantkit.pipeline import quantize_linear
     from quantkit.quantizers.base import LayerStats
     from quantkit.recipe import load_recipe
+    from quantkit.solve import quantize_linear
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(96, 40)

@@ -104,7 +104,7 @@ def test_plan_covers_every_row_once_and_balances(world, split):
     items = [(n, r, c, True, True, GROUP.get(n, n)) for n, r, c in LLAMA8B]
     plan = plan_solves(items, world, split_rows=split)
     assert plan == plan_solves(items, world, split_rows=split)  # every rank computes the same plan
-    for n, r, c in LLAMA8B:
+    for n, r, _c in LLAMA8B:
         ranges = sorted(p.rows or (0, r) for p in plan if p.name == n)
         assert ranges[0][0] == 0 and ranges[-1][1] == r
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -130,8 +130,8 @@ def test_plan_splits_rows_only_where_it_pays():
 
 
 # ---- row ranges pack like the whole weight ------------------------------------------------------------
-@pytest.mark.parametrize("fmt", [INT4, {**INT4, "sym": True, "clip": "mse"}, {"type": "lut", "table": "learned", "bits": 4,
-                                                                             "group_size": 16},
+@pytest.mark.parametrize("fmt", [INT4, {**INT4, "sym": True, "clip": "mse"},
+                                 {"type": "lut", "table": "learned", "bits": 4, "group_size": 16},
                                  {"type": "lut", "table": "nf4", "bits": 4, "group_size": 16},
                                  {"type": "fp8", "dtype": "e4m3"}])
 @pytest.mark.parametrize("quantizer", ["rtn", GPTQ])
@@ -190,7 +190,8 @@ def test_resume_a_killed_two_rank_run_in_one_process(model_dir, tmp_path):
     st = json.load(open(tmp_path / "w" / "state.json"))
     assert st["next_block"] == 1 and len(st["acts"]) == 2  # block 0 committed, one activation file per rank
     single(model_dir, tmp_path / "out", rec, resume=tmp_path / "w")
-    ta, tb = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    ta = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    tb = load_file(str(tmp_path / "out" / "model.safetensors"))
     for k in ta:
         assert torch.equal(as_bytes(ta[k]), as_bytes(tb[k])), k
 
@@ -247,7 +248,8 @@ def test_cli_quantize_under_torchrun_matches_one_process(tmp_path):
                          capture_output=True, text=True, env=_env(QUANTKIT_SPLIT_ROWS="always"), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved ") == 1  # one writer
-    ta, tb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    ta = load_file(str(tmp_path / "one" / "model.safetensors"))
+    tb = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert torch.equal(as_bytes(ta[k]), as_bytes(tb[k])), k

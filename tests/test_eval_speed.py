@@ -3,7 +3,7 @@
 import torch
 
 import quantkit
-from quantkit.eval.speed import _CachedFormat, cached_dequant
+from quantkit.eval.speed import cached_dequant
 from quantkit.nn import QuantLinear
 
 
@@ -15,13 +15,13 @@ def test_cached_dequant_is_exact(tiny_llama, calib_ids):
         ref = qm.model(input_ids=x).logits
         with cached_dequant(qm.model) as n:
             assert n == len(qm.quantized_layers()) > 0
-            assert all(isinstance(m.fmt, _CachedFormat) for m in qm.quantized_layers().values())
+            assert all(m.dense_weight is not None for m in qm.quantized_layers().values())
             got = qm.model(input_ids=x).logits
         after = qm.model(input_ids=x).logits
     assert torch.equal(got, ref) and torch.equal(after, ref)
-    assert not any(isinstance(m.fmt, _CachedFormat) for m in qm.model.modules() if isinstance(m, QuantLinear))
+    assert all(m.dense_weight is None for m in qm.model.modules() if isinstance(m, QuantLinear))
     # a wrong cached weight would show: perturb inside the context and the output must change
     with torch.no_grad(), cached_dequant(qm.model):
         first = next(iter(qm.quantized_layers().values()))
-        first.fmt._w.mul_(1.5)
+        first.dense_weight.mul_(1.5)
         assert not torch.equal(qm.model(input_ids=x).logits, ref)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import quantkit  # noqa: E402
-from quantkit.checkpoint.compressed_tensors import pack_words, unpack_words  # noqa: E402
+from quantkit.checkpoint.hf import pack_words, unpack_words  # noqa: E402
 from quantkit.errors import CheckpointError  # noqa: E402
 from quantkit.formats.packing import unpack_codes  # noqa: E402
 

@@ -182,7 +182,8 @@ def test_config_and_checkpoint_errors():
 
 
 @pytest.mark.parametrize("fmt_spec", [{"type": "fp8", "dtype": "e4m3", "activations": "dynamic"},
-                                      {"type": "fp8", "dtype": "e5m2", "weight_scale": "tensor", "activations": "static"}],
+                                      {"type": "fp8", "dtype": "e5m2", "weight_scale": "tensor",
+                                       "activations": "static"}],
                          ids=["e4m3-dyn", "e5m2-static"])
 def test_checkpoint_round_trip(tmp_path, fmt_spec):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -214,7 +215,8 @@ def test_checkpoint_round_trip(tmp_path, fmt_spec):
     assert q2.spec["format"] == q.spec["format"]
     assert q2.packed["weight"].dtype == FP8_DTYPES[fmt_spec["dtype"]]
     shape = q2.shape
-    expect_bits = 8 + 32 * (shape[0] if fmt_spec.get("weight_scale", "channel") == "channel" else 1) / (shape[0] * shape[1])
+    n_scales = shape[0] if fmt_spec.get("weight_scale", "channel") == "channel" else 1
+    expect_bits = 8 + 32 * n_scales / (shape[0] * shape[1])
     if fmt_spec["activations"] == "static":
         expect_bits += 32 / (shape[0] * shape[1])
     assert q2.bits_per_weight() == pytest.approx(expect_bits)

@@ -11,7 +11,8 @@ import torch
 import quantkit
 from quantkit.errors import CheckpointError, RecipeError
 from quantkit.formats.base import format_from_spec
-from quantkit.formats.lut import FP4_TABLE, NF4_TABLE, kmeans_dp_1d, weighted_kmeans_1d, weighted_sse
+from quantkit.formats.kmeans import kmeans_dp_1d, weighted_kmeans_1d, weighted_sse
+from quantkit.formats.lut import FP4_TABLE, NF4_TABLE
 from quantkit.formats.packing import pack_codes
 from quantkit.quantizers.base import LayerStats, quantize_columns, quantizer_from_spec
 
@@ -38,7 +39,9 @@ def test_nf4_table_matches_its_definition():
     # QLoRA / bitsandbytes: 8 positive normal quantiles from linspace(0.9677083, 0.5, 9)[:-1], 7
     # negative ones from linspace(0.9677083, 0.5, 8)[:-1], and 0; divided by the largest.
     off = 0.9677083
-    ndtri = lambda p: math.sqrt(2) * torch.special.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+    def ndtri(p):
+        return math.sqrt(2) * torch.special.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+
     pos = [ndtri(p) for p in np.linspace(off, 0.5, 9)[:-1]]
     neg = [-ndtri(p) for p in np.linspace(off, 0.5, 8)[:-1]]
     vals = sorted(pos + neg + [0.0])
@@ -56,7 +59,8 @@ def test_fp4_table_is_e2m1():
 
 
 # ---- encoding round trips --------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['table']}{s['bits'] if 'bits' in s else 4}-g{s['group_size']}")
+@pytest.mark.parametrize("spec", SPECS,
+                         ids=lambda s: f"{s['table']}{s['bits'] if 'bits' in s else 4}-g{s['group_size']}")
 def test_every_code_decodes_exactly(spec):
     fmt = format_from_spec(spec)
     K = 1 << fmt.cfg.bits
@@ -96,7 +100,8 @@ def test_quantize_pack_unpack_is_exact_and_nearest(spec):
     # every weight went to the nearest table value (float64 brute force; ties excluded)
     lut = packed["lut"].double()
     gsz = spec["group_size"] or 100
-    scale = packed["scales"].double()[:, torch.arange(100) // gsz] if fmt.has_scales else torch.ones(24, 100, dtype=torch.float64)
+    scale = (packed["scales"].double()[:, torch.arange(100) // gsz] if fmt.has_scales
+             else torch.ones(24, 100, dtype=torch.float64))
     x = w.double() / scale
     tab = lut if fmt.learned else lut.expand(24, -1)
     dist = (x.unsqueeze(-1) - tab.unsqueeze(1)).abs()  # [r, j, K]
@@ -235,7 +240,9 @@ def test_gptq_rounds_to_the_table_and_beats_rtn(spec):
     res = gptq.quantize(w, fmt, stats)
     assert torch.equal(fmt.unpack(res.packed, tuple(w.shape)), res.weight)  # codes decode to GPTQ's weights
     rtn = quantizer_from_spec("rtn").quantize(w, fmt, stats)
-    out_err = lambda q: float(((x @ (w - q).t()) ** 2).sum())
+    def out_err(q):
+        return float(((x @ (w - q).t()) ** 2).sum())
+
     assert out_err(res.weight) < 0.9 * out_err(rtn.weight)
     # the same table in both (learned once per layer from the weights before any update)
     assert torch.equal(res.packed["lut"], rtn.packed["lut"])
@@ -275,7 +282,8 @@ def test_checkpoint_round_trip(tmp_path, recipe):
     assert q.spec["format"]["type"] == "lut" and q.spec["format"]["table"] == recipe["format"].get("table", "learned")
     K = 1 << q.fmt.cfg.bits
     assert tuple(q.packed["lut"].shape) == ((64, K) if q.fmt.learned else (1, K))
-    assert torch.equal(q.dequantized_weight(), qm.quantized_layers()["model.layers.0.self_attn.q_proj"].dequantized_weight())
+    saved = qm.quantized_layers()["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q.dequantized_weight(), saved.dequantized_weight())
 
 
 def test_bad_lut_shape_is_a_checkpoint_error():

@@ -9,10 +9,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from test_gptq import real_looking_stats  # noqa: E402
+
 from quantkit.formats.base import format_from_spec  # noqa: E402
 from quantkit.quantizers.gptq import GPTQ  # noqa: E402
-
-from test_gptq import real_looking_stats  # noqa: E402
 
 
 @pytest.mark.parametrize("bits,g,sym,act_order", [(4, 32, False, True), (3, None, True, False), (2, 16, False, True)])

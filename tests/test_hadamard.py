@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from quantkit.errors import CheckpointError
-from quantkit.transforms.hadamard import (HadamardPlan, dense_matrix, fwht, hadamard_transform, pack_signs,
-                                          plan, random_signs, small_hadamard, unpack_signs)
+from quantkit.transforms.hadamard import (
+    HadamardPlan,
+    dense_matrix,
+    fwht,
+    hadamard_transform,
+    pack_signs,
+    plan,
+    random_signs,
+    small_hadamard,
+    unpack_signs,
+)
 from quantkit.transforms.quip import rotate_weight, unrotate_weight
 
 # powers of two, Paley orders (12, 20, 28, 36, 44), Hadamard x 2^k (24, 40, 160, 192, 576, 640, 1536),

@@ -161,8 +161,8 @@ def test_missing_tensor_and_extra_tensor(ckpts, tmp_path, layout):
     d = variant(ckpts[layout], tmp_path, lambda d: edit_tensors(d, lambda t: t.pop(key)), "missing")
     with pytest.raises(CheckpointError, match="q_proj|scale"):
         quantkit.load(d)
-    d = variant(ckpts[layout], tmp_path, lambda d: edit_tensors(d, lambda t: t.__setitem__("model.evil", torch.ones(2))),
-                "extra")
+    d = variant(ckpts[layout], tmp_path,
+                lambda d: edit_tensors(d, lambda t: t.__setitem__("model.evil", torch.ones(2))), "extra")
     with pytest.raises(CheckpointError, match="model.evil"):
         quantkit.load(d)
 
@@ -176,7 +176,13 @@ def test_config_lies_about_layer_count(ckpts, tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "gptq"])
 @pytest.mark.parametrize("value", [None, "x", -1, 0, [1], {"a": 1}, 10 ** 12])
-def test_config_type_confusion_external_layouts(ckpts, tmp_path, layout, value):
+def test_config_type_confusion_external_layouts(qm, ckpts, tmp_path, layout, value):
+    """A config value of the wrong type either fails with a QuantkitError that names the checkpoint, or
+    (where the loader may read it, e.g. ignore: null, group_size with a stored g_idx) loads a model that
+    computes exactly what the saved one did: never another exception, never a silently different model."""
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = qm(ids).logits
     keys = {"compressed-tensors": [("quantization_config", "config_groups"), ("quantization_config", "ignore"),
                                    ("quantization_config", "config_groups", "group_0", "weights", "num_bits"),
                                    ("quantization_config", "config_groups", "group_0", "targets"),
@@ -193,9 +199,12 @@ def test_config_type_confusion_external_layouts(ckpts, tmp_path, layout, value):
             node[path[-1]] = value
         d = variant(ckpts[layout], tmp_path, lambda d: edit_config(d, edit), f"v{i}")
         try:
-            quantkit.load(d)
-        except QuantkitError:
-            pass
+            back = quantkit.load(d)
+        except QuantkitError as e:
+            assert d in str(e), f"{path} = {value!r}: the error does not name the checkpoint: {e}"
+            continue
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, ref), f"{path} = {value!r} loaded a different model"
 
 
 # lead-owned native loader: the same type confusions end in TypeError / AttributeError / ZeroDivisionError

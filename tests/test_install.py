@@ -51,7 +51,8 @@ def test_side_folders_do_not_resolve_to_the_checkout():
     assert r.returncode == 0, r.stderr[-2000:]
     for line in r.stdout.splitlines():
         name, origin = line.split(" ", 1)
-        assert not origin.startswith((str(ROOT / name) + os.sep, str(ROOT / name) + ".py")), f"`import {name}` from the root loads {origin}"
+        assert not origin.startswith((str(ROOT / name) + os.sep, str(ROOT / name) + ".py")), \
+            f"`import {name}` from the root loads {origin}"
 
 
 def test_module_cli_runs_from_the_root():

@@ -10,15 +10,34 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from conftest import tiny_model
 from quantkit.errors import QuantkitError, RecipeError
-from quantkit.kv import (KVConfig, allocate, allocate_from_norms, attach, average_bits, detach, kv_bytes_per_token,
-                         make_cache, measure, normalize_allocation, parse_spec, solve_knapsack)
+from quantkit.formats.packing import unpack_codes
+from quantkit.kv import (
+    KVConfig,
+    allocate,
+    allocate_from_norms,
+    attach,
+    average_bits,
+    detach,
+    kv_bytes_per_token,
+    make_cache,
+    measure,
+    normalize_allocation,
+    parse_spec,
+    solve_knapsack,
+)
 from quantkit.kv.cache import QuantKVLayer, cache_kwarg
 from quantkit.kv.evaluate import chunked_logits, chunked_nll
-from quantkit.kv.quant import (dequantize_keys, dequantize_values, fake_quantize_keys, fake_quantize_values,
-                               quantize_keys, quantize_values)
-from quantkit.formats.packing import unpack_codes
+from quantkit.kv.quant import (
+    dequantize_keys,
+    dequantize_values,
+    fake_quantize_keys,
+    fake_quantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
+from conftest import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -215,7 +234,7 @@ def test_sliding_window_layers_stay_float():
 # ---- allocation -----------------------------------------------------------------------------
 def test_knapsack_is_optimal_and_within_budget():
     rnd = random.Random(0)
-    for trial in range(30):
+    for _ in range(30):
         n = rnd.randint(1, 5)
         choices = sorted(rnd.sample(range(1, 9), rnd.randint(1, 4)))
         errs = [{b: rnd.random() * 4.0 ** (-b) * rnd.choice([1, 10, 100]) for b in choices} for _ in range(n)]
@@ -298,8 +317,16 @@ def test_kvconfig_validates_recipe_section():
 
 
 def test_zero_shot_scoring_through_the_cache_matches_plain_forward():
+    import importlib.util
+    import os
+
     from quantkit.eval.loglik import direct_logprob
-    from quantkit.kv.zeroshot import score_choices
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "kv_zeroshot.py")
+    spec = importlib.util.spec_from_file_location("kv_zeroshot", path)
+    zs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zs)
+    score_choices = zs.score_choices
 
     m = tiny_model("llama")
     g = torch.Generator().manual_seed(8)

@@ -9,9 +9,10 @@ import torch
 
 import quantkit
 from quantkit.models.discovery import find_blocks, find_linears, set_module
-from quantkit.pipeline import capture_block_inputs, quantize_linear, run_block
+from quantkit.pipeline import capture_block_inputs, run_block
 from quantkit.quantizers.base import LayerStats
 from quantkit.recipe import load_recipe
+from quantkit.solve import quantize_linear
 from quantkit.transforms.base import block_plugin_from_spec
 from quantkit.transforms.norm_tweak import dist_loss, find_norms
 

@@ -103,7 +103,8 @@ def test_ignore_and_rules(calib_ids):
     m = tiny_model("llama")
     recipe = {"quantizer": "rtn", "format": {"type": "int", "bits": 4, "group_size": 16},
               "ignore": ["lm_head", "re:.*layers\\.0\\..*"],
-              "rules": [{"match": "*.down_proj", "format": {"type": "int", "bits": 8, "group_size": None, "sym": True}}]}
+              "rules": [{"match": "*.down_proj",
+                         "format": {"type": "int", "bits": 8, "group_size": None, "sym": True}}]}
     qm = quantkit.quantize(m, recipe, calibration=calib_ids, device="cpu", progress=False)
     q = qm.quantized_layers()
     assert not any(".layers.0." in n for n in q)

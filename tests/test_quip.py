@@ -12,9 +12,9 @@ from safetensors import safe_open
 import quantkit
 from quantkit.errors import CheckpointError
 from quantkit.nn import QuantLinear
-from quantkit.pipeline import quantize_linear
 from quantkit.quantizers.base import LayerStats
 from quantkit.recipe import builtin_recipes, load_recipe
+from quantkit.solve import quantize_linear
 from quantkit.transforms.hadamard import dense_matrix, plan, random_signs, unpack_signs
 from quantkit.transforms.quip import rotate_diag, rotate_hessian
 

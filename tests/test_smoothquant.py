@@ -56,7 +56,9 @@ def test_statistics_are_those_of_the_smoothed_input_and_shared_stats_untouched()
     assert ctx.stats.nsamples == st.nsamples
     assert torch.equal(st.hessian, h0)  # q/k/v share their input's stats object: never mutated
     # after smoothing, the per-channel activation range is flatter
-    spread = lambda a: float(a.max() / a.median())
+    def spread(a):
+        return float(a.max() / a.median())
+
     assert spread(ctx.stats.act_absmax) < spread(st.act_absmax) / 4
 
 

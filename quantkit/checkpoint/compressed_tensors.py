@@ -30,205 +30,39 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, QuantkitError
+from ..errors import CheckpointError
+from ..formats.base import column_groups
 from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..models.discovery import is_linear, set_module
-from ..nn import QuantLinear
+from ..nn import QuantLinear, make_quantlinear
 from ..registry import register
-from .io import safe_load_tensors, write_json
+from .hf import (
+    SCALE_DTYPES,
+    build_skeleton,
+    bytes_from_words,
+    check_no_conv1d,
+    expect_shape,
+    finish_load,
+    int_layer_parts,
+    int_quantlinear,
+    linear_shape,
+    pack_words,
+    quant_layers,
+    tensor_of,
+    unpack_words,
+    words_from_bytes,
+    write_export,
+)
+from .io import safe_load_tensors
 
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified against
-_SCALE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-_INT_KEYS = {"qweight", "scales", "zeros", "g_idx"}
-
-
-# ================================================================================================
-# helpers shared with gptq.py: 32-bit words, skeleton models, int QuantLinears
-# ================================================================================================
-def words_from_bytes(b: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[R, n]`` -> int32 ``[R, ceil(n/4)]``, little-endian (byte 0 = bits 0..7 of word 0)."""
-    rows, n = b.shape
-    pad = (-n) % 4
-    if pad:
-        b = torch.nn.functional.pad(b, (0, pad))
-    if sys.byteorder == "little":  # the bytes of little-endian int32 words are exactly this stream
-        return b.contiguous().view(torch.int32).clone()
-    x = b.to(torch.int64).view(rows, -1, 4)
-    w = x[..., 0] | (x[..., 1] << 8) | (x[..., 2] << 16) | (x[..., 3] << 24)
-    w = torch.where(w >= 2 ** 31, w - 2 ** 32, w)  # two's complement, explicitly
-    return w.to(torch.int32).contiguous()
-
-
-def bytes_from_words(w: torch.Tensor) -> torch.Tensor:
-    """int32 ``[R, m]`` -> uint8 ``[R, 4m]`` (inverse of :func:`words_from_bytes`)."""
-    if sys.byteorder == "little":
-        return w.to(torch.int32).contiguous().view(torch.uint8).clone()
-    x = w.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
-    return ((x.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(w.shape[0], -1)
-
-
-def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes ``[R, C]`` in ``[0, 2^bits)`` -> int32 ``[R, ceil(C*bits/32)]``, a dense LSB-first bit stream."""
-    return words_from_bytes(pack_codes(codes.contiguous(), bits))
-
-
-def unpack_words(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """int32 ``[R, ceil(cols*bits/32)]`` -> int32 codes ``[R, cols]`` (inverse of :func:`pack_words`)."""
-    return unpack_codes(bytes_from_words(words)[:, :packed_row_bytes(cols, bits)].contiguous(), bits, cols)
-
-
-def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def float_state_dict(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """The state dict without the tensors of the modules in ``skip`` (tied weights stored once)."""
-    from .native import _dedupe_tied
-
-    sd = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in skip}
-    return _dedupe_tied(sd)
-
-
-def build_skeleton(path: str, cfg: dict[str, Any]) -> nn.Module:
-    """The float model of ``config.json`` on the meta device (weights come from the checkpoint)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    mt = base.pop("model_type", None)
-    if not isinstance(mt, str):
-        raise CheckpointError(f"{path}/config.json: model_type is missing")
-    _check_layer_count(path, base)
-    try:
-        hf_cfg = AutoConfig.for_model(mt, **base)
-        with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(hf_cfg)
-    except Exception as e:  # noqa: BLE001 - whatever a bad config makes transformers raise
-        raise CheckpointError(f"{path}/config.json: cannot build a {mt!r} model from this config "
-                              f"({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def _check_layer_count(path: str, cfg: dict[str, Any]) -> None:
-    """A layer count beyond the number of stored tensors is a lie (and would take forever to build)."""
-    from .io import safetensors_files
-
-    n_tensors = 0
-    for fp in safetensors_files(path):
-        n_tensors += _header_tensor_count(fp)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n_tensors):
-            raise CheckpointError(f"{path}/config.json: {key} = {v!r} does not fit a checkpoint of {n_tensors} "
-                                  f"tensors")
-
-
-def _header_tensor_count(fp: str) -> int:
-    import struct
-
-    try:
-        with open(fp, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{fp}: truncated ({len(head)} bytes); re-create the checkpoint")
-            n = struct.unpack("<Q", head)[0]
-            if n > 100_000_000 or n > os.path.getsize(fp) - 8:
-                raise CheckpointError(f"{fp}: corrupt safetensors header (length {n}); re-create the checkpoint")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{fp}: corrupt safetensors header ({e}); re-create the checkpoint") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{fp}: corrupt safetensors header (not a JSON object)")
-    return sum(1 for k in header if k != "__metadata__")
-
-
-def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
-    from .native import _load_float_tensors
-
-    _load_float_tensors(model, tensors, path)
-    return model
-
-
-def linear_shape(model: nn.Module, name: str, path: str) -> tuple[int, int, bool]:
-    """(out, in, has_bias) of the float linear ``name`` of a skeleton model."""
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in this model") from None
-    if not isinstance(mod, nn.Linear):
-        raise CheckpointError(f"{path}: {name!r} is a {type(mod).__name__}, not a linear layer; only nn.Linear "
-                              f"layers are read from this layout")
-    return mod.out_features, mod.in_features, mod.bias is not None
-
-
-def int_quantlinear(name: str, path: str, shape: tuple[int, int], bits: int, group_size: int | None, sym: bool,
-                    packed: dict[str, torch.Tensor], bias: torch.Tensor | None, source: dict[str, Any]
-                    ) -> QuantLinear:
-    """A QuantLinear of quantkit's ``int`` format from native tensors (validated by the format)."""
-    sdt = packed["scales"].dtype
-    if sdt not in _SCALE_DTYPES:
-        raise CheckpointError(f"{path}: layer {name!r}: scales have dtype {sdt}; expected float16, bfloat16 or "
-                              f"float32")
-    spec = {"quantizer": {"type": "imported", **source},
-            "format": {"type": "int", "bits": bits, "group_size": group_size, "sym": sym,
-                       "scale_dtype": _SCALE_DTYPES[sdt]},
-            "transforms": []}
-    try:
-        return QuantLinear(shape[1], shape[0], spec, packed, bias)
-    except QuantkitError as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
-
-
-def int_layer_parts(name: str, ql: QuantLinear, layout: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(IntConfig, packed) of a QuantLinear exported by an external layout; refuses what it cannot hold."""
-    spec = ql.spec
-    if spec["format"].get("type") != "int":
-        raise CheckpointError(
-            f"layer {name!r} uses format {ql.fmt.describe()!r}; the {layout} layout holds only the 'int' format "
-            f"here; save it with layout='native'")
-    if spec.get("transforms"):
-        kinds = ", ".join(t.get("type", "?") for t in spec["transforms"])
-        raise CheckpointError(
-            f"layer {name!r} has run-time transforms ({kinds}) that the {layout} layout cannot express; save it "
-            f"with layout='native' or quantize without transforms")
-    packed = ql.packed
-    extra = set(packed) - _INT_KEYS
-    if extra:
-        raise CheckpointError(f"layer {name!r} holds tensors {sorted(extra)} the {layout} layout cannot express; "
-                              f"save it with layout='native'")
-    return ql.fmt.cfg, packed
-
-
-def check_no_conv1d(model: nn.Module, layout: str) -> None:
-    if any(type(m).__name__ == "Conv1D" for m in model.modules()) or getattr(model.config, "model_type", "") == "gpt2":
-        raise CheckpointError(f"this architecture ({type(model).__name__}) stores linear weights transposed "
-                              f"(GPT-2 Conv1D); the {layout} layout expects nn.Linear; save it with layout='native'")
-
-
-def tensor_of(tensors: dict[str, torch.Tensor], key: str, path: str, dtypes: tuple, ndim: int | None = None
-              ) -> torch.Tensor:
-    t = tensors.get(key)
-    if t is None:
-        raise CheckpointError(f"{path}: tensor {key!r} is missing")
-    if t.dtype not in dtypes or (ndim is not None and t.dim() != ndim):
-        raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype} and {t.dim()} dims; expected "
-                              f"{' or '.join(str(d) for d in dtypes)}{'' if ndim is None else f' with {ndim} dims'}")
-    return t
-
-
-def expect_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, path: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                              f"(config/tensor mismatch)")
 
 
 # ================================================================================================
@@ -298,7 +132,7 @@ def _check_plain(name: str, ql: QuantLinear, keys: set[str]) -> dict[str, torch.
     return packed
 
 
-def _fp8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
+def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``fp8`` -> ``float-quantized`` (W8A8) or ``naive-quantized`` (W8A16): weight, weight_scale,
     input_scale (static activations only)."""
     cfg = ql.fmt.cfg
@@ -319,7 +153,7 @@ def _fp8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tenso
             "format": "naive-quantized" if act is None else "float-quantized"}, t
 
 
-def _int8a8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Tensor]]:
+def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``int8a8`` -> ``int-quantized``: weight int8 = q - 128, weight_scale [out, 1], input_scale."""
     cfg = ql.fmt.cfg
     packed = _check_plain(name, ql, {"qweight", "scales", "input_scale"})
@@ -332,6 +166,10 @@ def _int8a8_scheme(name: str, ql: QuantLinear) -> tuple[dict, dict[str, torch.Te
     return {"weights": args, "input_activations": _act_args(cfg.activations, "int"), "format": "int-quantized"}, t
 
 
+# quantkit format (registry name) -> its exporter: (layer name, layer, partial_groups) -> (scheme, tensors)
+EXPORTERS = {"int": _int_scheme, "fp8": _fp8_scheme, "int8a8": _int8a8_scheme}
+
+
 def ct_config(model: nn.Module, partial_groups: str = "expand"
               ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """(quantization_config, per-layer tensors) of a quantized model in compressed-tensors terms."""
@@ -342,16 +180,12 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     groups: dict[str, tuple[dict, list[str]]] = {}
     for name, ql in layers.items():
-        ftype = ql.spec["format"].get("type")
-        if ftype == "int":
-            scheme, t = _int_scheme(name, ql, partial_groups)
-        elif ftype == "fp8":
-            scheme, t = _fp8_scheme(name, ql)
-        elif ftype == "int8a8":
-            scheme, t = _int8a8_scheme(name, ql)
-        else:
+        export = EXPORTERS.get(ql.spec["format"].get("type"))
+        if export is None:
             raise CheckpointError(f"layer {name!r} uses format {ql.fmt.describe()!r}, which compressed-tensors "
-                                  f"cannot hold (it holds int, int8a8 and fp8 e4m3); save it with layout='native'")
+                                  f"cannot hold (it holds {', '.join(sorted(EXPORTERS))}; fp8 as e4m3); save it "
+                                  f"with layout='native'")
+        scheme, t = export(name, ql, partial_groups)
         per_layer[name] = t
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, (scheme, []))[1].append(name)
@@ -386,23 +220,6 @@ def save_compressed_tensors(model: nn.Module, out_dir: str, meta: dict[str, Any]
     partial_groups = partial_groups or (meta.get("export_options") or {}).get("partial_groups", "expand")
     qc, per_layer = ct_config(model, partial_groups)
     write_export(model, out_dir, qc, per_layer)
-
-
-def write_export(model: nn.Module, out_dir: str, qc: dict[str, Any], per_layer: dict[str, dict]) -> None:
-    """Write ``model.safetensors`` (float tensors + each quantized layer's exported tensors and bias)
-    and ``config.json`` with ``qc`` as its quantization_config. Shared by the export layouts."""
-    from safetensors.torch import save_file
-
-    sd = float_state_dict(model, set(per_layer))
-    for name, ql in quant_layers(model).items():
-        for k, v in per_layer[name].items():
-            sd[f"{name}.{k}"] = v
-        if ql.bias is not None:
-            sd[f"{name}.bias"] = ql.bias.detach().contiguous().cpu()
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qc
-    write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
 # ================================================================================================
@@ -458,7 +275,7 @@ def _import_packed(name: str, t: dict[str, torch.Tensor], w: dict, shape: tuple[
         raise CheckpointError(f"{path}: {name}.weight_shape is {ws.tolist()}, the model's layer is [{out}, {inn}]")
     wp = tensor_of(t, f"{name}.weight_packed", path, (torch.int32,), 2)
     expect_shape(wp, (out, math.ceil(inn * b / 32)), f"{name}.weight_packed", path)
-    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(_SCALE_DTYPES), None)
+    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(SCALE_DTYPES), None)
     strat = w["strategy"]
     if strat == "group":
         g = w["group_size"]
@@ -495,7 +312,7 @@ def _import_packed(name: str, t: dict[str, torch.Tensor], w: dict, shape: tuple[
     if gk in t:
         gi = tensor_of(t, gk, path, (torch.int32, torch.int64), 1)
         expect_shape(gi, (inn,), gk, path)
-        natural = torch.arange(inn) // (group_size or inn)
+        natural = column_groups(inn, group_size)
         if not torch.equal(gi.long(), natural):
             packed["g_idx"] = gi.to(torch.int32).contiguous()
     return int_quantlinear(name, path, shape, b, group_size, w["symmetric"], packed, bias,
@@ -530,7 +347,7 @@ def _import_int8(name: str, t: dict[str, torch.Tensor], w: dict, act: dict, shap
     if w["strategy"] not in ("channel", "tensor") or not w["symmetric"]:
         raise CheckpointError(f"{where}: quantkit reads int-quantized weights only symmetric per channel or "
                               f"per tensor, got {w['strategy']} symmetric={w['symmetric']}")
-    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(_SCALE_DTYPES), None)
+    scale = tensor_of(t, f"{name}.weight_scale", path, tuple(SCALE_DTYPES), None)
     if scale.numel() == 1 and w["strategy"] == "tensor":
         scale = scale.reshape(1, 1).expand(out, 1)
     expect_shape(scale, (out, 1), f"{name}.weight_scale", path)
@@ -550,11 +367,8 @@ def _import_int8(name: str, t: dict[str, torch.Tensor], w: dict, act: dict, shap
         packed["input_scale"] = xs
     spec = {"quantizer": {"type": "imported", **src},
             "format": {"type": "int8a8", "activations": activations,
-                       "scale_dtype": _SCALE_DTYPES[scale.dtype]}, "transforms": []}
-    try:
-        return QuantLinear(inn, out, spec, packed, bias)
-    except QuantkitError as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+                       "scale_dtype": SCALE_DTYPES[scale.dtype]}, "transforms": []}
+    return make_quantlinear((out, inn), spec, packed, bias, checkpoint=path, name=name)
 
 
 def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where: str) -> QuantLinear:
@@ -581,10 +395,7 @@ def _import_fp8(name: str, t, w: dict, act: dict, shape, bias, path: str, where:
     spec = {"quantizer": {"type": "imported", "layout": "compressed-tensors", "format": "float-quantized"},
             "format": {"type": "fp8", "dtype": "e4m3", "weight_scale": w["strategy"], "activations": activations},
             "transforms": []}
-    try:
-        return QuantLinear(inn, out, spec, packed, bias)
-    except QuantkitError as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+    return make_quantlinear((out, inn), spec, packed, bias, checkpoint=path, name=name)
 
 
 class _Seen(dict):

@@ -34,11 +34,25 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..formats.base import column_groups
 from ..formats.packing import packed_row_bytes, unpack_codes
 from ..registry import register
-from .compressed_tensors import (bytes_from_words, build_skeleton, check_no_conv1d, expect_shape, finish_load,
-                                 int_layer_parts, int_quantlinear, linear_shape, pack_words,
-                                 quant_layers, tensor_of, unpack_words, words_from_bytes, write_export)
+from .hf import (
+    build_skeleton,
+    bytes_from_words,
+    check_no_conv1d,
+    expect_shape,
+    finish_load,
+    int_layer_parts,
+    int_quantlinear,
+    linear_shape,
+    pack_words,
+    quant_layers,
+    tensor_of,
+    unpack_words,
+    words_from_bytes,
+    write_export,
+)
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "gptq"
@@ -69,7 +83,7 @@ def _layer_tensors(name: str, ql, checkpoint_format: str) -> tuple[dict[str, tor
     if "g_idx" in packed:
         g_idx = packed["g_idx"].to(torch.int32)
     else:
-        g_idx = (torch.arange(inn) // (g if g else inn)).to(torch.int32)
+        g_idx = column_groups(inn, g).to(torch.int32)
     qweight = packed["qweight"]
     if cfg.sym:
         zeros = torch.full((out, ng), 1 << (b - 1), dtype=torch.int32)
@@ -195,7 +209,7 @@ def load_gptq(path: str, cfg: dict[str, Any]) -> nn.Module:
             raise CheckpointError(f"{path}: {name}.scales has no groups")
         qz = tensor_of(tensors, f"{name}.qzeros", path, (torch.int32,), 2)
         expect_shape(qz, (ng, out * b // 32), f"{name}.qzeros", path)
-        natural = torch.arange(inn) // (gs if gs > 0 else inn)
+        natural = column_groups(inn, gs)
         gk = f"{name}.g_idx"
         if gk in tensors:
             gi = tensor_of(tensors, gk, path, (torch.int32, torch.int64), 1)

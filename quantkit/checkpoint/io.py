@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -96,7 +96,8 @@ def safe_load_tensors(path: str) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(fp)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e}); re-create the checkpoint") from None
+            raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e}); re-create the "
+                                  f"checkpoint") from None
         dup = set(tensors) & set(out)
         if dup:
             raise CheckpointError(f"{fp}: tensor {sorted(dup)[0]!r} appears in two files")

@@ -11,29 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..errors import CheckpointError, QuantkitError
+from ..errors import CheckpointError
 from ..models.discovery import set_module
-from ..nn import QuantLinear
+from ..nn import QuantLinear, make_quantlinear
 from ..registry import register
+from .hf import build_skeleton, dedupe_tied, load_float_tensors
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "quantkit"
 FORMAT_VERSION = 1
-
-
-def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[tuple, str] = {}
-    out = {}
-    for k, v in sd.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            continue
-        seen[key] = k
-        out[k] = v.detach().contiguous().cpu()
-    return out
 
 
 @register("layout", "native")
@@ -51,7 +39,7 @@ class NativeLayout:
             # buffer names use "__" where a transform's key had "."; restore the dotted key on disk
             mod, _, leaf = k.rpartition(".")
             sd[f"{mod}.{leaf.replace('__', '.')}" if mod in layers else k] = v
-        sd = _dedupe_tied(sd)
+        sd = dedupe_tied(sd)
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt", "quantkit": "1"})
         cfg = model.config.to_dict()
         cfg["quantization_config"] = {
@@ -64,33 +52,12 @@ class NativeLayout:
 
     @staticmethod
     def load(path: str, cfg: dict[str, Any]) -> nn.Module:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         qc = cfg.get("quantization_config") or {}
         layers = qc.get("layers")
         if not isinstance(layers, dict):
             raise CheckpointError(f"{path}/config.json: quantization_config.layers is missing or not a mapping")
-        base = {k: v for k, v in cfg.items() if k != "quantization_config"}
-        mt = base.pop("model_type", None)
-        if mt is None:
-            raise CheckpointError(f"{path}/config.json: model_type is missing")
-        n_layers = base.get("num_hidden_layers", base.get("n_layer"))
-        if n_layers is not None and (not isinstance(n_layers, int) or isinstance(n_layers, bool)
-                                     or not 0 < n_layers <= 100_000):
-            raise CheckpointError(f"{path}/config.json: num_hidden_layers = {n_layers!r} is not a layer count")
-        try:
-            hf_cfg = AutoConfig.for_model(mt, **base)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}/config.json: unsupported model_type {mt!r} ({e})") from None
-        except Exception as e:  # noqa: BLE001 - transformers' config validation raises its own types
-            raise CheckpointError(f"{path}/config.json: invalid {mt} config ({type(e).__name__}: {e})") from None
-        try:
-            with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(hf_cfg)
-        except Exception as e:  # noqa: BLE001 - e.g. ZeroDivisionError for 0 attention heads
-            raise CheckpointError(f"{path}/config.json: cannot build a {mt} model from this config "
-                                  f"({type(e).__name__}: {e})") from None
+        model = build_skeleton(path, cfg)
+        mt = cfg["model_type"]
         tensors = safe_load_tensors(path)
         for name, spec in layers.items():
             where = f"{path}/config.json: quantization_config.layers[{name!r}]"
@@ -117,31 +84,7 @@ class NativeLayout:
             had_bias = getattr(old, "bias", None) is not None
             if had_bias != (bias is not None):
                 raise CheckpointError(f"{path}: layer {name!r} bias {'missing' if had_bias else 'unexpected'}")
-            try:
-                ql = QuantLinear(shape[1], shape[0], spec, packed, bias)
-            except QuantkitError as e:
-                raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
-            set_module(model, name, ql)
-        _load_float_tensors(model, tensors, path)
+            set_module(model, name, make_quantlinear((shape[0], shape[1]), spec, packed, bias, checkpoint=path,
+                                                     name=name))
+        load_float_tensors(model, tensors, path)
         return model
-
-
-def _load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
-    expected = dict(model.named_parameters())
-    expected.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
-    for k, t in tensors.items():
-        ref = expected.get(k)
-        if ref is None:
-            raise CheckpointError(f"{path}: tensor {k!r} does not belong to this model (config/tensor mismatch)")
-        if tuple(ref.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
-        if not t.dtype.is_floating_point and ref.dtype.is_floating_point:
-            raise CheckpointError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a float tensor")
-    missing = model.load_state_dict(tensors, strict=False, assign=True).missing_keys
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
-    if still_meta:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(still_meta[:5])}"
-                              f"{' ...' if len(still_meta) > 5 else ''}")
-    del missing

@@ -10,7 +10,8 @@ def register(sub) -> None:
                        description="Quantize MODEL (a bundled name such as smollm2-135m, or a Hugging Face "
                                    "model folder) with RECIPE (a built-in name or a YAML file) and save it.")
     p.add_argument("model", help="bundled model name or local HF model folder")
-    p.add_argument("-r", "--recipe", default="w4a16-gptq", help="built-in recipe name or YAML path (default w4a16-gptq)")
+    p.add_argument("-r", "--recipe", default="w4a16-gptq",
+                   help="built-in recipe name or YAML path (default w4a16-gptq)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
@@ -35,15 +36,9 @@ def run(args) -> int:
     qm = api.quantize(args.model, args.recipe, device=args.device, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, batch_size=args.batch_size, resume_dir=args.resume_dir)
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
-    from ..distributed import current
-
-    d = current()
-    if d is not None and not d.is_main:  # rank 0 writes and reports
+    if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
-    if args.resume_dir:
-        from ..resume import clear_state
-
-        clear_state(args.resume_dir)
+    qm.clear_resume_state()
     print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
           f"{qm.meta['seconds']:.1f} s)")
     return 0

@@ -23,7 +23,8 @@ def run(args) -> int:
     for r in args.runs:
         results.append(load_results(r))
         sources.append(os.path.join(r, "results.json") if os.path.isdir(r) else r)
-    out = args.output or (args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(os.path.abspath(args.runs[0])))
+    first = args.runs[0]
+    out = args.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
     paths = write_report(results, out, sources=sources)
     print(f"wrote {paths['markdown']}\nwrote {paths['html']}")
     return 0

@@ -6,7 +6,8 @@ from ._common import add_calibration_args, add_eval_args, eval_kwargs, format_ta
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="quantize with each recipe, reload, evaluate beside the float model, write the report",
+    p = sub.add_parser("run",
+                       help="quantize with each recipe, reload, evaluate beside the float model, write the report",
                        description="The whole loop. Each checkpoint is saved, reloaded from disk and evaluated "
                                    "beside the float model: perplexity on held-out text (token and word level), "
                                    "zero-shot tasks, KL divergence and top-1 agreement with the float model, "

@@ -19,10 +19,10 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ..errors import QuantkitError, RecipeError, pydantic_message
-from ..registry import get as _get
+from ..errors import CheckpointError, QuantkitError, RecipeError
+from ..registry import from_spec
 
 Params = dict[str, torch.Tensor]
 
@@ -36,6 +36,44 @@ class FormatConfig(BaseModel):
     def groups(self, cols: int) -> list[tuple[int, int]]:
         g = self.group_size if self.group_size and self.group_size > 0 else cols
         return [(s, min(s + g, cols)) for s in range(0, cols, g)]
+
+
+def column_groups(cols: int, group_size: int | None, device=None) -> torch.Tensor:
+    """The group of each of ``cols`` input columns, ``j // group_size`` (one group when ``group_size`` is
+    None or <= 0): how every format, quantizer and layout maps a column to its group."""
+    g = group_size if group_size and group_size > 0 else cols
+    return torch.arange(cols, device=device) // max(g, 1)
+
+
+def group_index(cfg: FormatConfig, cols: int, g_idx: torch.Tensor | None, device) -> torch.Tensor:
+    """The group of each column: a stored ``g_idx`` (act-order), else :func:`column_groups`."""
+    if g_idx is not None:
+        return g_idx.to(device=device, dtype=torch.long)
+    return column_groups(cols, cfg.group_size, device)
+
+
+def check_groups(cfg: FormatConfig, shape: tuple[int, int], where: str) -> None:
+    """Refuse a weight whose columns are not whole groups when the format says ``last_group: error``."""
+    g = cfg.group_size
+    if g is not None and g > 0 and shape[1] % g and getattr(cfg, "last_group", "partial") == "error":
+        raise RecipeError(
+            f"{where}: group_size {g} does not divide the {shape[1]} input columns of a "
+            f"{tuple(shape)} weight; choose a divisor of {shape[1]} or set last_group: partial "
+            f"(the last group then holds {shape[1] % g} columns)")
+
+
+def expect(packed: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], dtype: torch.dtype | None,
+           what: str) -> torch.Tensor:
+    """The packed tensor ``key``, checked for its shape (and dtype): a checkpoint that does not fit its
+    format spec fails here with the tensor's name."""
+    t = packed.get(key)
+    if t is None:
+        raise CheckpointError(f"{what}: tensor '{key}' is missing")
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+        raise CheckpointError(
+            f"{what}: tensor '{key}' has shape {tuple(t.shape)} dtype {t.dtype}, expected "
+            f"{tuple(shape)}{'' if dtype is None else f' dtype {dtype}'}")
+    return t
 
 
 class WeightFormat(ABC):
@@ -66,6 +104,12 @@ class WeightFormat(ABC):
 
     def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
         """Raise a clear error if this format cannot hold a weight of ``shape``."""
+
+    def affine_maxq(self) -> int | None:
+        """Capability: ``maxq`` when this format rounds column groups onto the affine grid
+        ``q = clamp(round(w / scale) + zero, 0, maxq)``, ``w ≈ (q - zero) * scale``, with group params
+        ``scale`` and ``zero`` [rows, 1] (GPTQ's Triton loop computes exactly that); None otherwise."""
+        return None
 
     # ---- rounding -------------------------------------------------------------------------
     def begin_layer(self, w: torch.Tensor, col_weight: torch.Tensor | None, stats: Any = None) -> Params:
@@ -150,11 +194,4 @@ def format_from_spec(spec: dict[str, Any] | FormatConfig, where: str = "format")
     """Build a format from a dict like ``{"type": "int", "bits": 4, "group_size": 128}``."""
     if isinstance(spec, FormatConfig):
         spec = spec.model_dump()
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise RecipeError(f"{where}: expected a mapping with a 'type' key (e.g. type: int), got {spec!r}")
-    cls = _get("format", spec["type"])
-    try:
-        cfg = cls.Config(**spec)
-    except ValidationError as e:
-        raise RecipeError(pydantic_message(e, where)) from None
-    return cls(cfg)
+    return from_spec("format", spec, where, example="int", names=False)

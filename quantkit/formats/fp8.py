@@ -27,8 +27,7 @@ from pydantic import model_validator
 
 from ..errors import CheckpointError
 from ..registry import register
-from .base import FormatConfig, WeightFormat, static_input_scale
-from .int import expect
+from .base import FormatConfig, WeightFormat, expect, static_input_scale
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}

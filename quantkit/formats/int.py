@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError
 from ..registry import register
-from .base import FormatConfig, Params, WeightFormat
+from .base import FormatConfig, Params, WeightFormat, check_groups, expect, group_index
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -34,34 +34,6 @@ class IntConfig(FormatConfig):
     # "minmax": the group's range; "mse": shrink the range (grid of 20 steps down to 55%) to the
     # point of least (activation-weighted) squared error, per row.
     clip: Literal["minmax", "mse"] = "minmax"
-
-
-def check_groups(cfg: FormatConfig, shape: tuple[int, int], where: str) -> None:
-    g = cfg.group_size
-    if g is not None and g > 0 and shape[1] % g and getattr(cfg, "last_group", "partial") == "error":
-        raise RecipeError(
-            f"{where}: group_size {g} does not divide the {shape[1]} input columns of a "
-            f"{tuple(shape)} weight; choose a divisor of {shape[1]} or set last_group: partial "
-            f"(the last group then holds {shape[1] % g} columns)")
-
-
-def group_index(cfg: FormatConfig, cols: int, g_idx: torch.Tensor | None, device) -> torch.Tensor:
-    if g_idx is not None:
-        return g_idx.to(device=device, dtype=torch.long)
-    g = cfg.group_size if cfg.group_size and cfg.group_size > 0 else cols
-    return torch.arange(cols, device=device) // g
-
-
-def expect(packed: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], dtype: torch.dtype | None,
-           what: str) -> torch.Tensor:
-    t = packed.get(key)
-    if t is None:
-        raise CheckpointError(f"{what}: tensor '{key}' is missing")
-    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
-        raise CheckpointError(
-            f"{what}: tensor '{key}' has shape {tuple(t.shape)} dtype {t.dtype}, expected "
-            f"{tuple(shape)}{'' if dtype is None else f' dtype {dtype}'}")
-    return t
 
 
 @register("format", "int")
@@ -86,6 +58,9 @@ class IntFormat(WeightFormat):
 
     def check_shape(self, shape, where=""):
         check_groups(self.cfg, shape, where)
+
+    def affine_maxq(self) -> int:
+        return self.maxq
 
     # ---- rounding -------------------------------------------------------------------------
     def _params_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> Params:

@@ -20,9 +20,9 @@ from pydantic import model_validator
 
 from ..errors import CheckpointError
 from ..registry import register
-from .base import static_input_scale
+from .base import expect, static_input_scale
 from .int import _DTYPES as _SDT
-from .int import IntConfig, IntFormat, expect
+from .int import IntConfig, IntFormat
 from .packing import unpack_codes
 
 INT8_ACT_MAX = 127.0
@@ -69,6 +69,11 @@ class Int8A8Format(IntFormat):
     @property
     def needs_calibration(self) -> bool:
         return self.cfg.activations == "static" or super().needs_calibration
+
+    def affine_maxq(self) -> None:
+        # the grid is int's, but GPTQ's Triton loop (close to, not bit-equal with, the PyTorch loop) was
+        # only ever used and measured for the weight-only int format: int8a8 keeps the PyTorch loop
+        return None
 
     def begin_layer(self, w, col_weight, stats=None):
         if self.cfg.activations != "static":

@@ -18,8 +18,8 @@ sum_j a_j (w_j - ŵ_j)^2 per row, the diagonal approximation of the layer's outp
 Plain Lloyd iterations get stuck far from the optimum on real rows (measured up to 1.9x the optimal
 weighted error on smollm2-135m rows), so the main start is the dynamic-programming optimum of 1-D
 k-means over 128 cut points of the sorted row (exact when the row has at most 128 values, see
-:func:`kmeans_dp_1d`); it and a weighted-quantile start are refined by Lloyd and the better table
-per row is kept. Tables are rounded to fp16 *before* the final rounding so the stored
+:func:`quantkit.formats.kmeans.kmeans_dp_1d`); it and a weighted-quantile start are refined by Lloyd
+and the better table per row is kept. Tables are rounded to fp16 *before* the final rounding so the stored
 checkpoint reproduces the in-memory model bit for bit.
 
 ``table: nf4`` / ``fp4`` (bitsandbytes-style): one fixed table ``lut [1, 16]`` and an absmax
@@ -41,8 +41,8 @@ from pydantic import Field, model_validator
 
 from ..errors import CheckpointError, RecipeError
 from ..registry import register
-from .base import FormatConfig, Params, WeightFormat
-from .int import check_groups, expect
+from .base import FormatConfig, Params, WeightFormat, check_groups, column_groups, expect
+from .kmeans import nearest_index, weighted_kmeans_1d
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 # QLoRA NormalFloat-4 (the values bitsandbytes uses), ascending; index = code.
@@ -63,58 +63,6 @@ def e2m1_value(code: int) -> float:
 
 FP4_TABLE = tuple(e2m1_value(c) for c in range(16))
 FIXED_TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
-
-# A short, diverse calibration text (prose, dialogue, code, numbers, lists, other languages), in
-# the spirit of the any4 paper's single curated calibration sample; written for quantkit.
-CURATED_CALIBRATION_TEXT = """\
-The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined \
-movable metal type, oil-based ink and a wooden screw press into a system that could produce books \
-far faster than scribes. Within fifty years, presses operated in more than two hundred European \
-cities, and the price of a book fell by roughly two thirds.
-
-"Are you coming to the station tomorrow?" she asked. "The train leaves at 7:45, and I don't want to \
-miss it again." He laughed, poured another cup of coffee and said, "I'll be there by seven. Promise."
-
-def fibonacci(n: int) -> list[int]:
-    a, b, out = 0, 1, []
-    for _ in range(n):
-        out.append(a)
-        a, b = b, a + b
-    return out
-
-print(fibonacci(10))  # [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
-
-SELECT name, COUNT(*) AS orders FROM customers JOIN sales ON customers.id = sales.customer_id \
-GROUP BY name ORDER BY orders DESC LIMIT 5;
-
-Photosynthesis converts light energy into chemical energy: 6 CO2 + 6 H2O -> C6H12O6 + 6 O2. The \
-reaction takes place in the chloroplasts, where chlorophyll absorbs mostly blue and red light. The \
-derivative of x^3 + 2x is 3x^2 + 2, and the integral of 1/x from 1 to e equals 1.
-
-Shopping list: 2 kg of potatoes, 500 g of butter, a dozen eggs, olive oil, fresh basil, three lemons.
-
-Quarterly revenue rose 12.4% to $3.18 billion, while operating margin narrowed from 21% to 19.5% \
-because of higher logistics costs in Asia and Latin America.
-
-La ville de Paris compte environ deux millions d'habitants. Der schnelle braune Fuchs springt über \
-den faulen Hund. El conocimiento es poder, y la curiosidad es el motor del aprendizaje.
-
-Mount Everest, at 8,849 metres, is the highest mountain above sea level; the Mariana Trench reaches \
-about 10,935 metres below it. Light travels 299,792 kilometres per second, so sunlight needs about \
-eight minutes and twenty seconds to reach the Earth.
-
-Q: What is the capital of Australia?
-A: Canberra, which was chosen as a compromise between Sydney and Melbourne in 1908.
-
-In 1969, Apollo 11 landed on the Moon. Neil Armstrong stepped onto the surface and said, "That's one \
-small step for man, one giant leap for mankind." Millions watched the grainy broadcast on television.
-
-<html><body><h1>Welcome</h1><p>Click <a href="/start">here</a> to begin.</p></body></html>
-
-Poetry compresses experience: the autumn wind scatters red leaves across the quiet river, and an old \
-boatman hums a song his grandmother taught him, long before the bridge was built.
-"""
-
 
 class LutConfig(FormatConfig):
     type: Literal["lut"] = "lut"
@@ -138,151 +86,6 @@ class LutConfig(FormatConfig):
         if self.group_size is not None and self.group_size < 1:
             self.group_size = None  # -1 = per row, like int
         return self
-
-
-# ---- shared math --------------------------------------------------------------------------------
-def nearest_index(x: torch.Tensor, sorted_vals: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest value in ``sorted_vals`` ([R, K] ascending, or [1, K] for all rows) for
-    each element of ``x`` [R, n]; a value exactly at a midpoint goes to the lower entry."""
-    bounds = (sorted_vals[:, 1:] + sorted_vals[:, :-1]) * 0.5
-    if bounds.shape[0] == 1:
-        return torch.bucketize(x, bounds[0].contiguous())
-    return torch.searchsorted(bounds.contiguous(), x.contiguous())
-
-
-def weighted_sse(x: torch.Tensor, sw: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of sw * (x - nearest center)^2; centers [R, K] ascending."""
-    idx = nearest_index(x, centers)
-    return (sw * (x - centers.gather(1, idx)).pow(2)).sum(1)
-
-
-def _lloyd(x: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
-    R, k = c.shape
-    prev = None
-    for _ in range(iters):
-        c = c.sort(1).values
-        a = nearest_index(x, c)
-        num = torch.zeros(R, k, dtype=x.dtype, device=x.device).scatter_add_(1, a, sw * x)
-        den = torch.zeros(R, k, dtype=x.dtype, device=x.device).scatter_add_(1, a, sw)
-        newc = torch.where(den > 0, num / den.clamp_min(1e-300), c)
-        empty = den == 0
-        if empty.any():
-            # re-seed one empty cluster per row at the point with the largest weighted error
-            err = sw * (x - c.gather(1, a)).pow(2)
-            far = x.gather(1, err.argmax(1, keepdim=True)).squeeze(1)
-            rows = empty.any(1).nonzero().squeeze(1)
-            first = empty.to(torch.int8).argmax(1)
-            newc[rows, first[rows]] = far[rows]
-        elif prev is not None and torch.equal(a, prev):
-            return newc.sort(1).values
-        prev = a
-        c = newc
-    return c.sort(1).values
-
-
-def kmeans_dp_1d(x: torch.Tensor, sw: torch.Tensor, k: int, bins: int = 128, band: int | None = None,
-                 row_chunk: int = 256) -> torch.Tensor:
-    """Near-optimal 1-D weighted k-means by dynamic programming, per row of ``x`` [R, N].
-
-    Optimal 1-D clusters are runs of the sorted values, so D_j(b) = min_a D_{j-1}(a) + cost(a, b)
-    (cost = weighted SSE of the run; as in Ckmeans.1d.dp, Wang & Song 2011) finds the optimum.
-    To keep it cheap, runs start and end only at ``bins`` + 1 equal-count cut points of the sorted
-    row, and a run spans at most ``band`` bins (default 5 * bins / k, at least bins / k + 1). It is
-    exact when N <= bins and band >= N. Float64 prefix sums, float32 DP, ``row_chunk`` rows at a
-    time. Returns sorted centers [R, k]."""
-    R, N = x.shape
-    M = min(N, bins)
-    kk = min(k, M)
-    L = M if band is None and kk * 5 >= M else (band or max(5 * M // kk, -(-M // kk) + 1))
-    L = min(L, M)
-    dev = x.device
-    pos = torch.round(torch.arange(M + 1, dtype=torch.float64) * N / M).long().to(dev)
-    # window slot l of cut b is the run start a = b - L + l (slots with a < 0 are invalid)
-    A = torch.arange(M + 1, device=dev).unsqueeze(1) - L + torch.arange(L, device=dev).unsqueeze(0)
-    valid = A >= 0
-    A = A.clamp_min(0)
-    out = torch.empty(R, k, dtype=torch.float32, device=dev)
-    for r0 in range(0, R, row_chunk):
-        xr, swr = x[r0:r0 + row_chunk].double(), sw[r0:r0 + row_chunk].double()
-        n = xr.shape[0]
-        xs, order = xr.sort(1)
-        ws = swr.gather(1, order)
-        shift = (ws * xs).sum(1, keepdim=True) / ws.sum(1, keepdim=True)
-        xc = xs - shift  # centred: less cancellation in the prefix sums
-        zero = torch.zeros(n, 1, dtype=torch.float64, device=dev)
-        Wc = torch.cat([zero, ws.cumsum(1)], 1)[:, pos]
-        Sc = torch.cat([zero, (ws * xc).cumsum(1)], 1)[:, pos]
-        Qc = torch.cat([zero, (ws * xc * xc).cumsum(1)], 1)[:, pos]
-        # run sums as differences of float64 prefix sums, then float32 (the DP only adds and compares)
-        dw = (Wc.unsqueeze(2) - Wc[:, A]).float()  # [n, b, l]
-        ds = (Sc.unsqueeze(2) - Sc[:, A]).float()
-        cost = (Qc.unsqueeze(2) - Qc[:, A]).float()
-        cost -= ds.square_().div_(dw.clamp_min_(1e-30))
-        cost.clamp_min_(0).masked_fill_(~valid, float("inf"))
-        del dw, ds
-        D = torch.full((n, M + 1), float("inf"), dtype=torch.float32, device=dev)
-        D[:, 0] = 0
-        pad = torch.full((n, L), float("inf"), dtype=torch.float32, device=dev)
-        args = []
-        for _ in range(kk):
-            # windows of D ending just before each cut b: a view, no copy
-            win = torch.cat([pad, D[:, :-1]], 1).unfold(1, L, 1)  # [n, M + 1, L]: D[b - L + l]
-            D, li = (cost + win).min(dim=2)
-            args.append(li)
-        # backtrack the kk runs of each row; a run of zero weight gets its first value as center
-        b = torch.full((n,), M, dtype=torch.long, device=dev)
-        cents = []
-        for j in reversed(range(kk)):
-            a = (b - L + args[j].gather(1, b.unsqueeze(1)).squeeze(1)).clamp_min(0)
-            w_ = Wc.gather(1, b.unsqueeze(1)) - Wc.gather(1, a.unsqueeze(1))
-            s_ = Sc.gather(1, b.unsqueeze(1)) - Sc.gather(1, a.unsqueeze(1))
-            first = xc.gather(1, pos[a].clamp(max=N - 1).unsqueeze(1))
-            cents.append(torch.where(w_ > 0, s_ / w_.clamp_min(1e-300), first))
-            b = a
-        c = torch.cat(cents, 1) + shift
-        if kk < k:  # fewer cut points than centers: repeat the last center
-            c = torch.cat([c, c[:, -1:].expand(-1, k - kk)], 1)
-        out[r0:r0 + row_chunk] = c.float().sort(1).values
-    return out
-
-
-def weighted_kmeans_1d(x: torch.Tensor, sw: torch.Tensor, k: int, iters: int = 40, dp_bins: int = 128
-                       ) -> torch.Tensor:
-    """Per-row weighted k-means of scalars: ``x`` [R, N], sample weights ``sw`` [R, N] (>= 0).
-
-    Returns the sorted centers [R, k] that minimise sum sw * (x - nearest center)^2 per row.
-    Start: the dynamic-programming optimum over ``dp_bins`` cut points (:func:`kmeans_dp_1d`;
-    exact when N <= dp_bins), or with ``dp_bins`` 0 the weighted quantiles (plain k-means); then
-    Lloyd's algorithm, which never increases the error. Rows whose weights are all zero use equal
-    weights.
-    """
-    x = x.float()
-    sw = sw.float().expand_as(x).clamp_min(0)
-    sw = torch.where(sw.sum(1, keepdim=True) > 0, sw, torch.ones_like(sw))
-    R, N = x.shape
-    xs, order = x.sort(1)
-    cw = sw.gather(1, order).cumsum(1)
-    cw = cw / cw[:, -1:]
-    targets = ((torch.arange(k, device=x.device, dtype=x.dtype) + 0.5) / k).expand(R, k).contiguous()
-    pos = torch.searchsorted(cw, targets).clamp(max=N - 1)
-    # the DP start beat the quantile start on every row of a smollm2-135m layer; keep one
-    starts = [kmeans_dp_1d(x, sw, k, dp_bins)] if dp_bins else [xs.gather(1, pos)]
-    best, best_err = None, None
-    for c0 in starts:
-        c = _lloyd(x, sw, c0, iters)
-        err = weighted_sse(x, sw, c)
-        if best is None:
-            best, best_err = c, err
-        else:
-            better = err < best_err
-            best = torch.where(better.unsqueeze(1), c, best)
-            best_err = torch.where(better, err, best_err)
-    return best
-
-
-def _group_cols(cfg: FormatConfig, cols: int) -> torch.Tensor:
-    g = cfg.group_size if cfg.group_size else cols
-    return torch.arange(cols) // g
 
 
 @register("format", "lut")
@@ -378,7 +181,7 @@ class LutFormat(WeightFormat):
     # ---- storage --------------------------------------------------------------------------
     def pack(self, codes, layer, groups, g_idx):
         if g_idx is not None:
-            natural = _group_cols(self.cfg, codes.shape[1]).to(g_idx.device)
+            natural = column_groups(codes.shape[1], self.cfg.group_size, g_idx.device)
             if not torch.equal(g_idx.to(torch.long), natural):
                 raise RecipeError(
                     f"format {self.describe()}: the lut layout has no g_idx; GPTQ act-order needs "
@@ -400,7 +203,7 @@ class LutFormat(WeightFormat):
         if self.has_scales:
             ng = len(self.cfg.groups(cols))
             scales = expect(packed, "scales", (rows, ng), torch.float16, what).float()
-            w = w * scales[:, _group_cols(self.cfg, cols).to(w.device)]
+            w = w * scales[:, column_groups(cols, self.cfg.group_size, w.device)]
         elif "scales" in packed:
             raise CheckpointError(f"{what}: tensor 'scales' is stored but {self.describe()} has no group "
                                   f"scales (group_size: null); the checkpoint and its format spec disagree")
@@ -408,14 +211,9 @@ class LutFormat(WeightFormat):
 
 
 __all__ = [
-    "CURATED_CALIBRATION_TEXT",
     "FP4_TABLE",
     "NF4_TABLE",
     "LutConfig",
     "LutFormat",
     "e2m1_value",
-    "kmeans_dp_1d",
-    "nearest_index",
-    "weighted_kmeans_1d",
-    "weighted_sse",
 ]

@@ -30,7 +30,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..errors import QuantkitError
-from .quant import (SCALE_DTYPES, dequantize_keys, dequantize_values, quantize_keys, quantize_values)
+from .quant import SCALE_DTYPES, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from .spec import normalize_allocation
 
 FLOAT_BITS = 16
 
@@ -201,15 +202,14 @@ class QuantKVCache(Cache):
 
     Layers of other types (sliding window, linear attention, shared KV) keep transformers' own
     float layer classes. Build it with :func:`make_cache` (or directly from a model config and an
-    allocation dict, see ``quantkit.kv.allocation``)."""
+    allocation dict, see ``quantkit.kv.spec``)."""
 
     def __init__(self, config, allocation: dict[str, Any] | str):
-        from .allocation import normalize_allocation
 
         alloc = normalize_allocation(allocation)
         text_cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         base = DynamicCache(config=text_cfg).layers
-        n = len(base) or int(getattr(text_cfg, "num_hidden_layers"))
+        n = len(base) or int(text_cfg.num_hidden_layers)
         per = alloc.get("layers")
         if per is not None and len(per) != n:
             raise QuantkitError(f"kv allocation has {len(per)} layers but the model has {n} decoder layers; it was "
@@ -255,7 +255,6 @@ def cache_kwarg(model) -> str:
 def attach(model, allocation: dict[str, Any] | str):
     """Make ``model.generate`` and ``model(...)`` use a fresh quantized cache whenever the caller
     passes no cache (instance-level wrappers; :func:`detach` removes them). Returns the model."""
-    from .allocation import normalize_allocation
 
     alloc = normalize_allocation(allocation)
     detach(model)

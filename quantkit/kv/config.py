@@ -45,8 +45,8 @@ class KVConfig(BaseModel):
     def _spec(cls, v):
         if v is None:
             return v
-        from .allocation import parse_spec
         from ..errors import QuantkitError
+        from .spec import parse_spec
 
         try:
             parse_spec(v)
@@ -72,7 +72,7 @@ class KVConfig(BaseModel):
         return self
 
     @classmethod
-    def from_recipe(cls, data: dict[str, Any] | None, where: str = "<recipe>") -> "KVConfig | None":
+    def from_recipe(cls, data: dict[str, Any] | None, where: str = "<recipe>") -> KVConfig | None:
         """Validate a recipe's ``kv_cache`` section; errors name the file and the key."""
         if data is None:
             return None
@@ -88,7 +88,8 @@ class KVConfig(BaseModel):
 
     def build(self, model_or_qm, tokenizer=None, calibration=None, progress: bool = False) -> dict[str, Any]:
         """The allocation dict for this model (runs the calibration pass for measured policies)."""
-        from .allocation import allocate, normalize_allocation, parse_spec
+        from .allocation import allocate
+        from .spec import normalize_allocation, parse_spec
 
         geometry = {"key_group_size": self.key_group_size, "value_group_size": self.value_group_size,
                     "residual": self.residual, "scale_dtype": self.scale_dtype}

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from ..errors import QuantkitError
-from .allocation import _kv_shape, average_bits, kv_bytes_per_token, normalize_allocation
 from .cache import cache_kwarg, make_cache
+from .spec import _kv_shape, average_bits, kv_bytes_per_token, normalize_allocation
 
 
-def _new_cache(model, allocation):
+def new_cache(model, allocation):
     from transformers.cache_utils import DynamicCache
 
     if allocation is None:
@@ -34,7 +34,7 @@ def chunked_logits(model, ids: torch.Tensor, allocation: dict[str, Any] | str | 
                    ) -> torch.Tensor:
     """Logits [B, T, V] of ``ids`` [B, T] computed chunk by chunk through one cache."""
     dev = next(model.parameters()).device
-    cache, name = _new_cache(model, allocation), cache_kwarg(model)
+    cache, name = new_cache(model, allocation), cache_kwarg(model)
     outs = []
     for s in range(0, ids.shape[1], chunk):
         outs.append(model(input_ids=ids[:, s:s + chunk].to(dev), use_cache=True, **{name: cache}).logits)
@@ -47,7 +47,7 @@ def chunked_nll(model, ids: torch.Tensor, allocation, chunk: int = 64, fp_bytes:
     """Summed next-token NLL over ``ids`` [B, T] (every token but the first is scored) with a
     chunked pass through one cache; also returns the cache's bytes after the last chunk."""
     dev = next(model.parameters()).device
-    cache, name = _new_cache(model, allocation), cache_kwarg(model)
+    cache, name = new_cache(model, allocation), cache_kwarg(model)
     B, T = ids.shape
     nll, n = 0.0, 0
     for s in range(0, T, chunk):
@@ -81,7 +81,7 @@ def _windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, bos: int 
     return out
 
 
-def _resolve(qm_or_model, tokenizer, bos_token_id):
+def resolve_model(qm_or_model, tokenizer, bos_token_id):
     model = getattr(qm_or_model, "model", qm_or_model)
     tok = tokenizer if tokenizer is not None else getattr(qm_or_model, "tokenizer", None)
     if tok is None:
@@ -105,9 +105,9 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
     (codes + scales + minima + the residual window, full-precision elements counted at ``fp_bytes``
     bytes); ``kv_bytes_per_token_long`` is the long-context limit (residual amortised away).
     ``split`` may pass an already tokenized ``quantkit.data.TokenSplit`` (tokenizing takes seconds)."""
-    from ..data import tokenize_split
+    from ..eval.corpora import evaluation_split
 
-    model, tok, bos = _resolve(qm_or_model, tokenizer, bos_token_id)
+    model, tok, bos = resolve_model(qm_or_model, tokenizer, bos_token_id)
     if chunk < 1 or seq_len < 2:
         raise QuantkitError(f"evaluate_with_kv: chunk={chunk} must be >= 1 and seq_len={seq_len} >= 2")
     alloc = None
@@ -117,7 +117,7 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
         model.to(device)
     model.eval()
     if split is None:
-        split = tokenize_split(tok, corpus, "evaluation")
+        split = evaluation_split(tok, corpus)
     wins = _windows(split.ids, seq_len, max_windows, bos)
     # batch windows of equal length (all but possibly the last)
     groups: list[list[torch.Tensor]] = []
@@ -148,7 +148,8 @@ def evaluate_with_kv(qm_or_model, tokenizer=None, spec: str | dict | None = None
         "avg_bits": 16.0 if alloc is None else average_bits(alloc, n_layers),
         "kv_bytes_per_token": (mem_full or {}).get("total"),
         "kv_bytes_breakdown": mem_full,
-        "kv_bytes_per_token_long": (float_bpt if alloc is None else kv_bytes_per_token(alloc, cfg, None, fp_bytes)["total"]),
+        "kv_bytes_per_token_long": (float_bpt if alloc is None
+                                    else kv_bytes_per_token(alloc, cfg, None, fp_bytes)["total"]),
         "float16_bytes_per_token": float_bpt,
         "fp_bytes": fp_bytes,
         "device": str(next(model.parameters()).device),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
+from ..formats.packing import pack_codes, unpack_codes
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -118,6 +118,3 @@ def fake_quantize_values(v: torch.Tensor, bits: int, group: int, scale_dtype=tor
     c, s, m = quantize_values(v, bits, group, scale_dtype)
     return dequantize_values(c, s, m, bits, group, v.shape[-1], v.dtype)
 
-
-def code_bytes_per_token(head_dim: int, bits: int) -> int:
-    return packed_row_bytes(head_dim, bits)

@@ -137,7 +137,8 @@ def resolve_model_dir(name_or_path: str) -> str:
         return dest
     if os.path.isdir(name_or_path):
         if not os.path.exists(os.path.join(name_or_path, "config.json")):
-            raise ModelSourceError(f"{name_or_path} is a folder but has no config.json: not a Hugging Face model folder")
+            raise ModelSourceError(f"{name_or_path} is a folder but has no config.json: not a Hugging Face model "
+                                   f"folder")
         return name_or_path
     raise ModelSourceError(
         f"unknown model {name_or_path!r}: not a bundled model name ({', '.join(BUNDLED)}) and not a "

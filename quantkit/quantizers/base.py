@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ..errors import RecipeError, pydantic_message
 from ..formats.base import Params, WeightFormat
-from ..registry import get as _get
+from ..registry import from_spec
 
 
 @dataclass
@@ -67,18 +66,8 @@ class Quantizer(ABC):
         """Quantize ``w`` [out, in] (float32) into ``fmt``."""
 
 
-def quantizer_from_spec(spec: dict[str, Any], where: str = "quantizer") -> Quantizer:
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise RecipeError(f"{where}: expected a name or a mapping with 'type' (e.g. type: gptq), got {spec!r}")
-    args = {k: v for k, v in spec.items() if k != "type"}
-    cls = _get("quantizer", spec["type"])
-    try:
-        cfg = cls.Config(**args)
-    except ValidationError as e:
-        raise RecipeError(pydantic_message(e, where)) from None
-    return cls(cfg)
+def quantizer_from_spec(spec: dict[str, Any] | str, where: str = "quantizer") -> Quantizer:
+    return from_spec("quantizer", spec, where, example="gptq")
 
 
 def quantize_columns(w: torch.Tensor, fmt: WeightFormat, stats: LayerStats

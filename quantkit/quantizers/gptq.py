@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from ..errors import NumericalError
+from ..formats.base import column_groups
 from ..registry import register
 from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, output_error
 
@@ -89,7 +90,7 @@ class GPTQ(Quantizer):
             Wn = W if perm is None else W[:, torch.argsort(perm)]
             for s, e in nat_groups:
                 group_params.append(fmt.fit_group(Wn[:, s:e], col_weight[s:e], layer))
-            nat_of = torch.arange(cols, device=W.device) // g
+            nat_of = column_groups(cols, g, W.device)
             col_group = nat_of if perm is None else nat_of[perm]  # group of permuted column j
             col_group = col_group.tolist()
 
@@ -175,7 +176,8 @@ class GPTQ(Quantizer):
         """The Triton inner loop, for affine (scale/zero) grids with static params on CUDA."""
         if not (W.is_cuda or self.cfg.triton == "always") or self.cfg.triton == "never":
             return None
-        if getattr(fmt.cfg, "type", None) != "int":
+        maxq = fmt.affine_maxq()
+        if maxq is None:
             return None
         try:
             from ._gptq_triton import gptq_block
@@ -184,7 +186,6 @@ class GPTQ(Quantizer):
         gid = torch.tensor(col_group, device=W.device)
         S = torch.cat([p["scale"] for p in group_params], 1)[:, gid].float()
         Z = torch.cat([p["zero"] for p in group_params], 1)[:, gid].float()
-        maxq = (1 << fmt.cfg.bits) - 1
 
         def run(W1, U1, i1, i2):
             return gptq_block(W1, U1, S[:, i1:i2], Z[:, i1:i2], maxq)

@@ -13,15 +13,15 @@ and its float outputs on those inputs (e.g. norm tweaking). Registered as ``("bl
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ..errors import RecipeError, pydantic_message
 from ..quantizers.base import LayerStats
-from ..registry import get as _get
+from ..registry import from_spec
 
 
 class PluginConfig(BaseModel):
@@ -78,22 +78,9 @@ class BlockPlugin(ABC):
         return {}
 
 
-def _build(kind: str, spec: dict[str, Any], where: str):
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise RecipeError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
-    cls = _get(kind, spec["type"])
-    try:
-        cfg = cls.Config(**{k: v for k, v in spec.items() if k != "type"})
-    except ValidationError as e:
-        raise RecipeError(pydantic_message(e, where)) from None
-    return cls(cfg)
+def transform_from_spec(spec: dict[str, Any] | str, where: str = "transforms") -> Transform:
+    return from_spec("transform", spec, where, example="quip")
 
 
-def transform_from_spec(spec: dict[str, Any], where: str = "transforms") -> Transform:
-    return _build("transform", spec, where)
-
-
-def block_plugin_from_spec(spec: dict[str, Any], where: str = "block_plugins") -> BlockPlugin:
-    return _build("block_plugin", spec, where)
+def block_plugin_from_spec(spec: dict[str, Any] | str, where: str = "block_plugins") -> BlockPlugin:
+    return from_spec("block_plugin", spec, where, example="norm_tweak")

@@ -82,7 +82,7 @@ def _paley2(q: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_hadamard(m: int) -> torch.Tensor | None:
     """A ±1 Hadamard matrix of order m (float64, m x m) from Sylvester/Paley, or None if unknown."""
     if m == 1:
@@ -129,11 +129,12 @@ class HadamardPlan:
         return asdict(self)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], where: str = "transform") -> "HadamardPlan":
+    def from_spec(cls, spec: dict[str, Any], where: str = "transform") -> HadamardPlan:
         try:
             pl = cls(int(spec["n"]), int(spec["m"]), str(spec["kind"]))
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{where}: a Hadamard plan needs integer 'n', 'm' and a 'kind', got {spec!r}") from None
+            raise CheckpointError(f"{where}: a Hadamard plan needs integer 'n', 'm' and a 'kind', "
+                                  f"got {spec!r}") from None
         p = pl.n // pl.m if pl.m > 0 else 0
         if pl.m < 1 or pl.n % pl.m or p & (p - 1) or pl.kind not in ("hadamard", "dct") or \
                 (pl.kind == "hadamard" and small_hadamard(pl.m) is None):
@@ -155,7 +156,7 @@ def _small_cached(m: int, kind: str, device: str, dtype: torch.dtype) -> torch.T
     return k.to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plan(n: int) -> HadamardPlan:
     """How to build an orthonormal Hadamard-type transform of size n (see the module doc)."""
     if n < 1:
@@ -294,5 +295,5 @@ def unpack_signs(packed: torch.Tensor, n: int, dtype=torch.float32) -> torch.Ten
     return (1 - 2 * bits.reshape(-1)[:n].to(dtype))
 
 
-__all__ = ["HadamardPlan", "plan", "fwht", "sylvester", "pow2_split", "hadamard_transform", "dense_matrix", "small_hadamard",
-           "dct_matrix", "random_signs", "pack_signs", "unpack_signs"]
+__all__ = ["HadamardPlan", "plan", "fwht", "sylvester", "pow2_split", "hadamard_transform", "dense_matrix",
+           "small_hadamard", "dct_matrix", "random_signs", "pack_signs", "unpack_signs"]

@@ -22,7 +22,8 @@ stores every float tensor. The linears are untouched.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from pydantic import Field

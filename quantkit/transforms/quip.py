@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from ..errors import CheckpointError
-from ..quantizers.base import LayerStats
 from ..registry import register
 from .base import LayerContext, PluginConfig, Transform
 from .hadamard import HadamardPlan, hadamard_transform, pack_signs, plan, random_signs, unpack_signs

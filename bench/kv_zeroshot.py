@@ -1,4 +1,4 @@
-"""Zero-shot tasks scored with the quantized KV cache in the attention path.
+"""Zero-shot tasks scored with the quantized KV cache in the attention path (bench/quality_kv.py).
 
 Each document's context is prefilled in chunks of ``chunk`` tokens through a fresh cache; the cache
 is then repeated once per answer choice and all continuations are scored in one batched forward
@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from .allocation import normalize_allocation
-from .cache import cache_kwarg
-from .evaluate import _new_cache, _resolve
+from quantkit.eval import loglik
+from quantkit.eval import tasks as T
+from quantkit.kv import normalize_allocation
+from quantkit.kv.cache import cache_kwarg
+from quantkit.kv.evaluate import new_cache, resolve_model
 
 
 @torch.no_grad()
@@ -29,7 +31,7 @@ def score_choices(model, ctx: list[int], conts: list[list[int]], allocation, chu
     """(log-likelihood, is_greedy) of each continuation after ``ctx``, through one cache; also the
     number of context tokens held quantized when the continuations read it."""
     dev = next(model.parameters()).device
-    cache, name = _new_cache(model, allocation), cache_kwarg(model)
+    cache, name = new_cache(model, allocation), cache_kwarg(model)
     out = None
     for s in range(0, len(ctx), chunk):
         out = model(input_ids=torch.tensor([ctx[s:s + chunk]], device=dev), use_cache=True, **{name: cache})
@@ -57,10 +59,7 @@ def zero_shot_with_kv(qm_or_model, tokenizer=None, spec=None, *, tasks=("lambada
                       limit: int | None = 500, chunk: int = 64, max_length: int = 2048,
                       bos_token_id: int | None | str = "auto", progress: bool = False) -> dict[str, Any]:
     """Accuracy of zero-shot tasks (``quantkit.eval.tasks``) with the KV cache ``spec``."""
-    from ..eval import loglik
-    from ..eval import tasks as T
-
-    model, tok, bos = _resolve(qm_or_model, tokenizer, bos_token_id)
+    model, tok, bos = resolve_model(qm_or_model, tokenizer, bos_token_id)
     alloc = None if spec is None or (isinstance(spec, str) and spec.lower() in ("float", "none")) \
         else normalize_allocation(spec)
     model.eval()
