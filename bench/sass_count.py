@@ -85,8 +85,9 @@ _K_DIV = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "lut_ptr", "out_ptr", "ws_ptr", "c
 def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int = 64, bkw: int = 16,
               warps: int = 4, stages: int = 3, unroll: int = 1, dtype: str = "bf16", zero: bool = False,
               swap: bool = True, gs: int = 128):
-    """Compile one k-kernel variant; returns (compiled, sass, weights per thread per loop iteration)."""
-    from quantkit.kernels import _kmajor as km
+    """Compile one variant of the default W4A16 kernels (kernels/src/w4a16_jit.py); returns (compiled, sass,
+    weights per thread per loop iteration)."""
+    from quantkit.kernels import w4a16_jit as km
 
     lut_t = "*i32" if asm and mode == 1 else "*fp16"
     ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "lut_ptr": lut_t,
@@ -94,15 +95,15 @@ def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int
     common = dict(MODE=mode, HAS_SCALE=True, HAS_ZERO=zero, ZC=0.0 if zero else 8.0, GS=gs, LS=16, LUT_ROW=True,
                   BN=bn, BKW=bkw, SPLITK=True, EVEN=True, LUTG=False, ASM=asm)
     if path == "mma":
-        fn = km._kq_mma
+        fn = km.w4a16_mma
         c = dict(common, BM=bm, SWAP=swap, GROUP_M=1, INTERP=False, U=unroll)
         per = bn * bkw * 8 * unroll / (32 * warps)
     elif path == "gemv":
-        fn = km._kq_gemv_n
+        fn = km.w4a16_gemv
         c = dict(common, BM=1, PF=True)
         stages, per = 1, bn * bkw * 8 / (32 * warps)
     else:
-        raise SystemExit(f"sass_count: unknown k path {path!r}")
+        raise SystemExit(f"sass_count: unknown W4A16 path {path!r}")
     sig = dict(ptrs, **{n: "i32" for n in _INTS})
     ck, sass = compile_sm90(fn, sig, c, _K_DIV, warps, stages)
     return ck, sass, per

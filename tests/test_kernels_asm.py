@@ -1,4 +1,4 @@
-"""The inline-PTX dequant of the k kernels (kernels/src/_ptx.py), checked on CPU.
+"""The inline-PTX dequant of the W4A16 kernels (kernels/src/_ptx.py), checked on CPU.
 
 The interpreter cannot run inline PTX, so the compiled path is tested on a GPU
 (``QUANTKIT_TEST_CUDA=1 pytest tests/test_kernels_k.py``). Here the shipped PTX text itself is
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.kernels import _kmajor as km
+from quantkit.kernels import w4a16
 from quantkit.kernels import _ptx
 
 M32 = 0xFFFFFFFF
@@ -151,4 +151,4 @@ def test_asm_is_never_used_by_the_interpreter_or_on_cpu():
         device = torch.device("cpu")
         s, GS, mode, LS = None, 1 << 30, 0, 16
 
-    assert not km.KLowbitKernel.asm_ok(_K(), 16, torch.bfloat16)
+    assert not w4a16.W4A16Kernel.asm_ok(_K(), 16, torch.bfloat16)

@@ -1,5 +1,5 @@
-"""Inline-PTX dequantization for the k kernels (kernels/src/_kmajor.py): compiled GPU code only (Triton's
-interpreter cannot run inline assembly; there the kernels take their plain-Triton paths).
+"""Inline-PTX dequantization for the W4A16 kernels (kernels/src/w4a16_jit.py): compiled GPU code only
+(Triton's interpreter cannot run inline assembly; there the kernels take their plain-Triton paths).
 
 * int codes: ``_kdeq_asm`` MODE 0 — two weights per 32-bit register: ``(w >> 4i) & 0x000F000F | magic``
   is the pair {M0 + q_i, M0 + q_(i+4)} (M0 = 128 in bf16, 1024 in fp16: exact), one packed FMA subtracts
