@@ -3,6 +3,7 @@ loop — the instruction budgets quoted in docs/PERFORMANCE.md come from here.
 
     python bench/sass_count.py mma --mode 1 --asm            # k tensor-core path, lut, inline PTX
     python bench/sass_count.py gemv --bn 128 --bkw 16         # k GEMV, int4
+    python bench/sass_count.py gemm --bm 128 --bn 128 --bkw 8 --warps 8 --stages 4 --asm --no-swap  # large M
     python bench/sass_count.py fp8 --swap --f16x              # FP8 W8A16 tensor-core path
     quantkit bench sass ...                                    # the same
 
@@ -98,6 +99,11 @@ def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int
         fn = km.w4a16_mma
         c = dict(common, BM=bm, SWAP=swap, GROUP_M=1, INTERP=False, U=unroll)
         per = bn * bkw * 8 * unroll / (32 * warps)
+    elif path == "gemm":
+        fn = km.w4a16_gemm
+        c = dict(common, BM=bm, SWAP=swap, GROUP_M=8, INTERP=False)
+        c.pop("LUTG")
+        per = bn * bkw * 8 / (32 * warps)
     elif path == "gemv":
         fn = km.w4a16_gemv
         c = dict(common, BM=1, PF=True)
@@ -126,7 +132,7 @@ def fp8_variant(swap: bool = False, f16x: bool = False, bm: int = 16, bn: int = 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", choices=["mma", "gemv", "fp8"])
+    ap.add_argument("path", choices=["mma", "gemm", "gemv", "fp8"])
     ap.add_argument("--mode", type=int, default=0, help="0: int codes, 1: lut codes")
     ap.add_argument("--asm", action="store_true", help="the inline-PTX dequant (kernels/src/_ptx.py)")
     ap.add_argument("--zero", action="store_true", help="asymmetric (zero points per group)")

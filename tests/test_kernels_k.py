@@ -31,6 +31,10 @@ KCFG = {
     "swapa1": {"path": "mma", "BM": 16, "BN": 64, "BKW": 16, "warps": 4, "split": 1, "swap": True, "asm": True},
     "swapu": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "asm": True,
               "unroll": 4},  # 4 chunks per iteration, the last partly past the program's range
+    # large M: the scale inside the dequantized tile, one accumulator (inline PTX on a GPU)
+    "gemm": {"path": "gemm", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "stages": 2, "split": 2},
+    "gemm1": {"path": "gemm", "BM": 32, "BN": 16, "BKW": 8, "warps": 4, "stages": 3, "split": 1, "group_m": 2},
+    "gemms": {"path": "gemm", "BM": 16, "BN": 32, "BKW": 8, "warps": 4, "stages": 2, "split": 3, "swap": True},
 }
 
 
@@ -66,6 +70,11 @@ def krun(kern, path, x):
     ("swapa1", 9, 4, 128, False, False, 1032, torch.bfloat16),  # asm: the tuned tile shape, odd K
     ("swapu", 3, 4, 32, False, False, 520, torch.bfloat16),   # unrolled chunks (65 words: 17 chunks, split 2)
     ("swapu", 1, 4, 128, True, False, 264, torch.float16),
+    ("gemm", 37, 4, 128, True, False, 264, torch.bfloat16),    # gemm: sym, split-K, partial group
+    ("gemm1", 70, 4, 32, False, False, 200, torch.float16),    # gemm: g32 inside a 64-column chunk, asym
+    ("gemms", 21, 4, 64, False, False, 520, torch.bfloat16),   # gemm, W xT, 3-way split
+    ("gemm", 19, 4, None, False, False, 136, torch.bfloat16),  # gemm: per channel, asym
+    ("gemm1", 40, 3, 64, True, True, 200, torch.bfloat16),     # gemm: int3 repacked, act-order
 ])
 def test_k_int(path, m, bits, g, sym, act, k, dtype):
     n = 40
@@ -92,6 +101,9 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("mmaa", 20, 4, 64, "nf4", torch.bfloat16),   # asm: one shared table
     ("swapa", 2, 3, 32, None, torch.bfloat16),    # asm: any3 (8 entries) repacked
     ("swapu", 5, 4, 128, None, torch.bfloat16),   # unrolled chunks
+    ("gemm", 33, 4, 128, None, torch.bfloat16),   # gemm: any4 + group scales
+    ("gemm1", 45, 4, None, None, torch.float16),  # gemm: any4 rows, no scales
+    ("gemms", 18, 4, 32, "nf4", torch.bfloat16),  # gemm: one shared table, g32 in a 64-column chunk
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200

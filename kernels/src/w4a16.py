@@ -44,7 +44,7 @@ from quantkit.formats.packing import unpack_codes
 from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, tuned, workspace
 from ._ptx import lut_planes
 from .base import DTYPE_NAMES, LayerKernel
-from .w4a16_jit import w4a16_dequant, w4a16_gemv, w4a16_mma
+from .w4a16_jit import w4a16_dequant, w4a16_gemm, w4a16_gemv, w4a16_mma
 
 ASM_OFF = os.environ.get("QUANTKIT_KERNEL_ASM", "1") == "0"  # 0: never the inline-PTX dequant
 
@@ -92,14 +92,25 @@ class W4A16Kernel(LayerKernel):
             split = max(1, min(nch // 2 or 1, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
             return {"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": 4, "stages": 2, "split": split,
                     "swap": mb <= 16, "asm": True}
-        return {"path": "dq"}
+        return self.gemm_config(mb)
 
-    def asm_ok(self, bkw: int, dtype, gemv: bool = False) -> bool:
-        """Whether the inline-PTX dequant (``_kdeq_asm``) serves this layer at chunk width bkw: compiled
-        CUDA (not the interpreter), a 16-bit dot dtype, whole groups per chunk, <= 16 table entries."""
+    def gemm_config(self, mb: int, bm: int = 128, bn: int = 128, bkw: int = 8, warps: int = 8, stages: int = 4,
+                    swap: bool = False) -> dict:
+        """A ``gemm`` config (large M) with split-K only where the output tiles leave SMs idle."""
+        sms = 132
+        tiles = cdiv(mb, bm) * cdiv(self.N, bn)
+        nch = cdiv(self.KWS, bkw)
+        split = 1 if tiles >= sms * 3 // 4 else max(1, min(nch // 8 or 1, round(sms / tiles)))
+        return {"path": "gemm", "BM": bm, "BN": bn, "BKW": bkw, "warps": warps, "stages": stages, "split": split,
+                "group_m": 8, "swap": swap}
+
+    def asm_ok(self, bkw: int, dtype, any_group: bool = False) -> bool:
+        """Whether the inline-PTX dequant (``_ptx``) serves this layer at chunk width bkw: compiled CUDA
+        (not the interpreter), a 16-bit dot dtype, <= 16 table entries, and whole groups per chunk
+        unless the path takes a scale per word (``any_group``: the GEMV and the large-M GEMM)."""
         if INTERPRET or dtype not in DTYPE_NAMES or self.device.type != "cuda" or ASM_OFF:
             return False
-        if self.s is not None and self.GS % (8 * bkw) != 0 and not gemv:
+        if self.s is not None and self.GS % (8 * bkw) != 0 and not any_group:
             return False
         return self.mode == 0 or self.LS <= 16
 
@@ -151,7 +162,7 @@ class W4A16Kernel(LayerKernel):
         if path == "gemv":
             bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
             # lut formats: table lookups in registers (inline PTX, fp16 planes: exact) unless disabled
-            gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
+            gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, any_group=True)
             ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
             lau = Launcher(w4a16_gemv, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
                                             PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm),
@@ -160,16 +171,23 @@ class W4A16Kernel(LayerKernel):
             ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
             return self._fast(lau, grid, ws, cnt, cps, split, ptrs)
         bm = int(cfg["BM"])
-        asm = bool(cfg.get("asm", False)) and self.asm_ok(bkw, dtype)
+        gemm = path == "gemm"
+        if gemm:  # the scale rides in the dequantized tile: any group size takes the inline PTX
+            asm = bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, any_group=True)
+        else:
+            asm = bool(cfg.get("asm", False)) and self.asm_ok(bkw, dtype)
         ptrs = self._ptrs
         if asm and self.mode == 1:
             lp = self.planes(dtype)
             ptrs = (wp, sp, zp, lp)
-        lau = Launcher(w4a16_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
-                                     SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
-                                     INTERP=INTERPRET, LUTG=lutg and not asm, ASM=asm,
-                                     U=int(cfg.get("unroll", 1))),
-                       num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
+        tile = dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even, SWAP=bool(cfg.get("swap", False)),
+                    GROUP_M=int(cfg.get("group_m", 8 if gemm else 1)), INTERP=INTERPRET)
+        if gemm:
+            lau = Launcher(w4a16_gemm, dict(tile, ASM=asm), num_warps=int(cfg["warps"]),
+                           num_stages=int(cfg.get("stages", 3)), device=self.device)
+        else:
+            lau = Launcher(w4a16_mma, dict(tile, LUTG=lutg and not asm, ASM=asm, U=int(cfg.get("unroll", 1))),
+                           num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
         tiles_m = cdiv(mb, bm)
         ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
         if tiles_m == 1:

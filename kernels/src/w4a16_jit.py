@@ -1,8 +1,9 @@
 """Triton kernels of the default W4A16 path (kernels/src/w4a16.py) on the checkpoint's own layout.
 
-``w4a16_gemv`` (M <= 4: FMA dot products, split-K), ``w4a16_mma`` (tensor cores, the weight tile
-dequantized in registers before ``tl.dot``) and ``w4a16_dequant`` (the weight to a [N, K] buffer for
-cuBLAS). The layout, the dequantization arithmetic and the paths are described in w4a16.py.
+``w4a16_gemv`` (M <= 4: FMA dot products, split-K), ``w4a16_mma`` (small and mid M: tensor cores, the
+weight tile dequantized in registers before ``tl.dot``, the scale after the dot per chunk),
+``w4a16_gemm`` (large M: the scale inside the dequantized tile, one pipelined accumulator) and
+``w4a16_dequant`` (the weight to a [N, K] buffer for cuBLAS). The layout, the dequantization arithmetic and the paths are described in w4a16.py.
 Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
 copied.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ptx import _kdeq_asm, _lut16, _planes, _zpair
+from ._ptx import _kdeq_asm, _kdeq_asm_s, _lut16, _planes, _spair, _zpair
 from ._tl import _cols8, _finish, _tile_mn
 
 
@@ -394,6 +395,101 @@ def w4a16_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc = _mma_chunk(acc, cb + j, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS, G, zz,
                              t0, t1, t2, t3, t4, t5, t6, t7, XDT, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BN,
                              BM, BKW, False, SWAP, INTERP, LUTG, ASM, SA)
+    if SWAP:
+        acc = tl.trans(acc)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
+
+
+@triton.jit
+def _sz_pairs(rn, c, nch, s_ptr, z_ptr, G, zz, XDT: tl.constexpr, HAS_SCALE: tl.constexpr, ZERO: tl.constexpr,
+              GS: tl.constexpr, BKW: tl.constexpr):
+    """Chunk c's scale pairs and -(M0 + zero) pairs for the inline-PTX dequant (c clamped to the last
+    chunk): [BN, 1], or [BN, BKW] when groups split a chunk; 0 / zz where the layer has none."""
+    sidx = _group_idx(rn, tl.minimum(c, nch - 1), G, GS, BKW)
+    sp = 0
+    zl = zz
+    if HAS_SCALE:
+        sp = _spair(tl.load(s_ptr + sidx), XDT)
+    if ZERO:
+        zl = _zpair(tl.load(z_ptr + sidx).to(tl.float32), XDT)
+    return sp, zl
+
+
+@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
+def w4a16_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+               M, N, K, KWS, G, CPS, SPLIT,
+               MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+               GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
+               SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, ASM: tl.constexpr):
+    """Large M. Per chunk of 8*BKW columns the [BN, 8*BKW] weight tile is dequantized in registers *with
+    its group scale* (``(q - z) * s`` or ``table[q] * s`` in the x dtype, rounded once: the weight
+    cuBLAS would get from the dequantize path) and tl.dot accumulates it into one fp32 accumulator.
+    Unlike ``w4a16_mma`` there is no rescale per chunk between dots, so consecutive tensor-core
+    instructions (wgmma on Hopper) chain on the accumulator and the loads of x and of the packed words
+    are pipelined ``num_stages`` deep. ASM: inline-PTX dequant (compiled CUDA); otherwise fp32
+    dequant (any group size, the interpreter). SWAP computes W xᵀ (the weight tile is the A operand)."""
+    XDT = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)
+    rm = tl.minimum(offs_m, M - 1)
+    kw = tl.arange(0, BKW)
+    kk = tl.arange(0, 8 * BKW)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    nch = tl.cdiv(KWS, BKW)
+    c0 = pid_k * CPS
+    c1 = tl.minimum(c0 + CPS, nch)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    xrow = x_ptr + rm[:, None].to(tl.int64) * K
+    zz = 0
+    t0 = 0
+    t1 = 0
+    t2 = 0
+    t3 = 0
+    t4 = 0
+    t5 = 0
+    t6 = 0
+    t7 = 0
+    sn = 0
+    zn = 0
+    if ASM:
+        zz = _zpair(tl.full([1, 1], ZC, tl.float32), XDT)
+        if MODE == 1:  # the rows' table planes (x dtype), in registers for the whole loop
+            t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
+        # the first chunk's scale/zero pairs; in the loop the next chunk's are loaded a chunk ahead
+        # (2-byte gathers are not pipelined by Triton: loaded when used they stall every chunk)
+        sn, zn = _sz_pairs(rn, c0, nch, s_ptr, z_ptr, G, zz, XDT, HAS_SCALE, HAS_ZERO and MODE == 0, GS, BKW)
+    for c in range(c0, c1):
+        wc = c * BKW + kw
+        k = c * (8 * BKW) + kk
+        if EVEN:
+            w = tl.load(wrow + wc[None, :])
+            xt = tl.load(xrow + k[None, :])
+        else:
+            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+            xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
+        if ASM:
+            sp = sn
+            zl = zn
+            sn, zn = _sz_pairs(rn, c + 1, nch, s_ptr, z_ptr, G, zz, XDT, HAS_SCALE, HAS_ZERO and MODE == 0, GS, BKW)
+            if HAS_SCALE:
+                d = _kdeq_asm_s(w, zl, sp, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+            else:
+                d = _kdeq_asm(w, zl, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+        else:
+            d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW,
+                      False).to(XDT)
+        if SWAP:
+            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        else:
+            acc = _dot(xt, tl.trans(d), acc, INTERP)
     if SWAP:
         acc = tl.trans(acc)
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
