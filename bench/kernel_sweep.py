@@ -27,24 +27,36 @@ if str(ROOT) not in sys.path:
 import importlib.util
 
 import torch
+import triton
+import triton.language as tl
 
 _spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
 kb = importlib.util.module_from_spec(_spec)  # bench/kernels.py (not importable as "kernels": a PyPI name)
 sys.modules["bench_kernels"] = kb
 _spec.loader.exec_module(kb)
 
+CAND = "gemm"
 # large-M candidates: (name, BM, BN, BKW, warps, stages, swap)
 GEMM = [("s128x128k64", 128, 128, 8, 8, 4, True), ("s128x128k128", 128, 128, 16, 8, 3, True),
         ("s128x64k128", 128, 64, 16, 4, 4, True), ("s64x128k64", 64, 128, 8, 8, 4, True),
         ("s64x64k128", 64, 64, 16, 4, 4, True), ("n128x128k64", 128, 128, 8, 8, 4, False)]
 
 
-def gemm_cfgs(kern, mb: int) -> list[tuple[str, dict]]:
+# second round (large M, the x tile as the A operand): two programs per SM (a register cap, or
+# 4-warp tiles) so that one dequantizes while the other's wgmma runs; a 256-row x tile (half the
+# dequant work per FLOP); 128-column chunks
+GEMM2 = [("n128x128k64", 128, 128, 8, 8, 4, False, None), ("n128x128k64r128", 128, 128, 8, 8, 3, False, 128),
+         ("n128x64k64", 128, 64, 8, 4, 4, False, None), ("n128x128k128", 128, 128, 16, 8, 3, False, None),
+         ("n256x128k64", 256, 128, 8, 8, 3, False, None)]
+CANDS = {"gemm": GEMM, "gemm2": GEMM2}
+
+
+def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
-    for name, bm, bn, bkw, w, st, swap in GEMM:
+    for name, bm, bn, bkw, w, st, swap, *reg in CANDS[which]:
         if bm > 2 * mb:
             continue
-        c = kern.gemm_config(mb, bm, bn, bkw, w, st, swap)
+        c = kern.gemm_config(mb, bm, bn, bkw, w, st, swap, *reg)
         out.append((name + (f"/sk{c['split']}" if c["split"] > 1 else ""), c))
         if c["split"] > 1:
             out.append((name, dict(c, split=1)))
@@ -87,7 +99,7 @@ def precompile(kinds, shapes, ms, workers: int) -> None:
             for M in ms:
                 mb = _launch.m_bucket(M)
                 cands = [kern.config(mb, torch.bfloat16)] + ([{"path": "dq"}] if M > 2 else [])
-                cands += [c for _, c in gemm_cfgs(kern, mb)] if M >= 64 else []
+                cands += [c for _, c in gemm_cfgs(kern, mb, CAND)] if M >= 64 else []
                 cands += kb.k_candidates(kern, mb) if M <= 2 else []
                 for cfg in cands:
                     sig = json.dumps([kind, min(M, 4) if cfg["path"] == "gemv" else 64,
@@ -143,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=float, default=12.0)
     ap.add_argument("--emit-tuned", default=None)
     ap.add_argument("--precompile", type=int, default=0, metavar="N", help="compile every variant first in N processes")
+    ap.add_argument("--cands", default="gemm", choices=sorted(CANDS), help="large-M candidate set")
+    ap.add_argument("--merge-into", default=None, help="update this tuned table with the best configs measured")
+    ap.add_argument("--lut-too", action="store_true", help="with --merge-into: int4's winners for the lut keys too")
+    ap.add_argument("--diag", action="store_true", help="also time a plain Triton bf16 GEMM (the tiles' ceiling)")
     ap.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)  # CPU/interpreter self-test
     a = ap.parse_args(argv)
     import triton
@@ -172,6 +188,8 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     small = [int(m) for m in a.small_ms.split(",") if m]
     large = [int(m) for m in a.ms.split(",") if m]
+    global CAND
+    CAND = a.cands
     if a.precompile:
         precompile(a.kinds.split(","), a.shapes.split(","), small + large, a.precompile)
     rows, errs, best_cfg = [], [], {}
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
                 if M > 2:
                     cands.append(("dq", {"path": "dq"}))
                 if M >= 64:
-                    cands += gemm_cfgs(kern, mb)
+                    cands += gemm_cfgs(kern, mb, a.cands)
                 if M <= 2:  # GEMV (and BM=16 tensor-core) candidates of bench/kernels.py --tune
                     cands += [(f"t{i}", c) for i, c in enumerate(kb.k_candidates(kern, mb))]
                 res = {}
@@ -238,7 +256,58 @@ def main(argv=None) -> int:
         print("  FAIL", e)
     if a.emit_tuned:
         Path(a.emit_tuned).write_text(json.dumps(best_cfg, indent=0, sort_keys=True))
+    if a.merge_into:
+        p = Path(a.merge_into)
+        t = json.loads(p.read_text()) if p.exists() else {}
+        for k, c in best_cfg.items():
+            t[k] = c
+            if a.lut_too and k.startswith("int4g128.k:") and not k.endswith(("m1", "m2")):
+                t[k.replace("int4g128.k:", "lut4rg128s.k:")] = c
+        p.write_text(json.dumps(t, indent=0, sort_keys=True))
+        print(f"merged {len(best_cfg)} configs into {p}")
+    if a.diag and not a.smoke_cpu:
+        diag(a.rep)
     return 0
+
+
+@triton.jit
+def _bf16_gemm(x_ptr, w_ptr, o_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Plain out = x @ w^T (bf16 in, fp32 accumulate), the tutorial loop: Triton's own ceiling for a tile."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    pm, pn = pid // n_n, pid % n_n
+    rm = tl.minimum(pm * BM + tl.arange(0, BM), M - 1)
+    rn = tl.minimum(pn * BN + tl.arange(0, BN), N - 1)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + (k + rk)[None, :])
+        b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + (k + rk)[None, :])
+        acc = tl.dot(a, tl.trans(b), acc)
+    om = pm * BM + tl.arange(0, BM)
+    on = pn * BN + tl.arange(0, BN)
+    tl.store(o_ptr + om[:, None].to(tl.int64) * N + on[None, :], acc.to(tl.bfloat16),
+             mask=(om < M)[:, None] & (on < N)[None, :])
+
+
+def diag(rep) -> None:
+    """Triton's plain bf16 GEMM at the large-M tiles vs cuBLAS: how close a Triton tile loop gets at all."""
+    dev = torch.device("cuda")
+    for sname in ("8B.gateup", "70B.o"):
+        K, N = kb.SHAPES[sname]
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        for M in (256, 2048, 8192):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            o = torch.empty(M, N, device=dev, dtype=torch.bfloat16)
+            cub = graph_us(lambda: torch.nn.functional.linear(x, w), rep)
+            s = f"diag {sname:10s} M={M:5d} cuBLAS {cub:8.1f} us"
+            for bm, bn, bk, nw, ns in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
+                g = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+                f = lambda: _bf16_gemm[g](x, w, o, M, N, K, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+                f()
+                e = float((o.float() - (x.float() @ w.float().t())).norm() / (x.float() @ w.float().t()).norm())
+                s += f" | triton {bm}x{bn}x{bk} x{cub / graph_us(f, rep):4.2f} (err {e:.0e})"
+            print(s, flush=True)
 
 
 def fmt_row(row, kinds) -> str:

@@ -36,7 +36,7 @@ import torch
 
 SHAPES = {"8B.qkv": (4096, 6144), "8B.o": (4096, 4096), "8B.gateup": (4096, 28672), "8B.down": (14336, 4096),
           "70B.o": (8192, 8192), "70B.gateup": (8192, 57344), "70B.down": (28672, 8192)}
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
+MS = [1, 2, 4, 16, 64, 128, 256, 512, 2048, 8192]
 KINDS = {
     # int/lut formats through the default implementation (kernels/src/w4a16.py, checkpoint layout)
     "int4": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
@@ -405,15 +405,22 @@ def _signature(kind, mb, cfg):
     return json.dumps([kind, c], sort_keys=True)
 
 
-def precompile_jobs(kinds, shapes, ms):
+def precompile_jobs(kinds, shapes, ms, tune: bool = True):
+    """(kind, M, config) to compile: every tuning candidate, or (tune=False) the config each layer
+    picks (its GPU's tuned table or default; real layers are built on the GPU to ask them)."""
     jobs, seen = [], set()
     for kind in kinds:
         for sname in shapes:
             K, N = SHAPES[sname]
-            st = _stub(kind, N, K)
+            if tune:
+                st = _stub(kind, N, K)
+            else:
+                dev = torch.device("cuda")
+                st = build_kernel(KINDS[kind], make_packed(KINDS[kind], N, K, dev), N, K, dev)[1]
             for M in ms:
                 mb = max(1, 1 << (M - 1).bit_length())
-                for cfg in candidates(kind, st, mb):
+                picked = [st.check_config(st.config(mb, torch.bfloat16), mb, torch.bfloat16)] if not tune else None
+                for cfg in picked or candidates(kind, st, mb):
                     sig = _signature(kind, mb, cfg)
                     if sig not in seen:
                         seen.add(sig)
@@ -442,10 +449,10 @@ def _pc_worker(jobs):
     return done, errs
 
 
-def precompile(kinds, shapes, ms, workers: int) -> None:
+def precompile(kinds, shapes, ms, workers: int, tune: bool = True) -> None:
     import multiprocessing as mp
 
-    jobs = precompile_jobs(kinds, shapes, ms)
+    jobs = precompile_jobs(kinds, shapes, ms, tune)
     t0 = time.perf_counter()
     chunks = [jobs[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -495,7 +502,7 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     if args.precompile:
         pk = kinds if not args.tune_kinds else [k for k in kinds if k in args.tune_kinds.split(",")]
-        precompile(pk, shapes, ms if args.tune else sorted({_launch.m_bucket(m) for m in ms}), args.precompile)
+        precompile(pk, shapes, ms, args.precompile, args.tune)
     tuned_new: dict = {}
     tune_log: dict = {}
     rows = []
@@ -675,8 +682,9 @@ def report_md(info, rows, kinds) -> str:
              f"{info['rep_ms']:.0f} ms of repetitions each; weights rotate through copies > 3x L2. "
              f"Speed-up = bf16 `F.linear` time / kernel time, same M, same run. bw = bytes moved / graph time / copy bandwidth.")
     L.append("")
+    tag = f"{info['device']}, {info['date']}"
     for k in kinds:
-        L.append(f"#### {NAMES.get(k, k)}")
+        L.append(f"#### {NAMES.get(k, k)} — {tag}")
         L.append("")
         L.append("| shape | M | bf16 graph µs | kernel graph µs | speed-up graph | speed-up eager | bw | path | rel err |")
         L.append("|---|---|---|---|---|---|---|---|---|")
@@ -691,7 +699,7 @@ def report_md(info, rows, kinds) -> str:
                      f"{_f(r, 'rel_err', '{:.1e}')} |")
         L.append("")
     if any("tinygemm" in r for r in rows):
-        L.append("#### Peer in the same run: torch tinygemm int4 (`_weight_int4pack_mm`, g128)")
+        L.append(f"#### Peer in the same run: torch tinygemm int4 (`_weight_int4pack_mm`, g128) — {tag}")
         L.append("")
         L.append("| shape | M | tinygemm graph µs | speed-up graph | speed-up eager |")
         L.append("|---|---|---|---|---|")
@@ -705,7 +713,7 @@ def report_md(info, rows, kinds) -> str:
           if row["M"] == 1 and isinstance(row.get(k), dict) and "host_us" in row[k]]
     if ov:
         L.append("#### Eager cost per call at M = 1: host time to issue a call (Python + launch), wall time per "
-                 "call of 300 back-to-back calls, and the kernel's graph time")
+                 f"call of 300 back-to-back calls, and the kernel's graph time — {tag}")
         L.append("")
         L.append("| shape | kernel | host µs/call (kernel object) | host µs/call (QuantLinear) | eager wall µs/call | "
                  "graph µs/call |")

@@ -35,7 +35,7 @@ def _bin(name: str) -> str:
     return str(p)
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps: int, stages: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps: int, stages: int, maxnreg=None):
     """(compiled kernel, SASS text) of ``fn`` for sm_90."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -48,7 +48,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps:
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.TemporaryDirectory() as d:
         cub = Path(d) / "k.cubin"
         cub.write_bytes(ck.asm["cubin"])
@@ -85,7 +86,7 @@ _K_DIV = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "lut_ptr", "out_ptr", "ws_ptr", "c
 
 def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int = 64, bkw: int = 16,
               warps: int = 4, stages: int = 3, unroll: int = 1, dtype: str = "bf16", zero: bool = False,
-              swap: bool = True, gs: int = 128):
+              swap: bool = True, gs: int = 128, maxnreg=None):
     """Compile one variant of the default W4A16 kernels (kernels/src/w4a16_jit.py); returns (compiled, sass,
     weights per thread per loop iteration)."""
     from quantkit.kernels import w4a16_jit as km
@@ -111,7 +112,7 @@ def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int
     else:
         raise SystemExit(f"sass_count: unknown W4A16 path {path!r}")
     sig = dict(ptrs, **{n: "i32" for n in _INTS})
-    ck, sass = compile_sm90(fn, sig, c, _K_DIV, warps, stages)
+    ck, sass = compile_sm90(fn, sig, c, _K_DIV, warps, stages, maxnreg)
     return ck, sass, per
 
 

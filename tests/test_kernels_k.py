@@ -71,7 +71,7 @@ def krun(kern, path, x):
     ("swapu", 3, 4, 32, False, False, 520, torch.bfloat16),   # unrolled chunks (65 words: 17 chunks, split 2)
     ("swapu", 1, 4, 128, True, False, 264, torch.float16),
     ("gemm", 37, 4, 128, True, False, 264, torch.bfloat16),    # gemm: sym, split-K, partial group
-    ("gemm1", 70, 4, 32, False, False, 200, torch.float16),    # gemm: g32 inside a 64-column chunk, asym
+    ("gemm1", 70, 4, 32, False, False, 200, torch.float16),    # gemm: g32 (the chunk narrowed to 32 columns), asym
     ("gemms", 21, 4, 64, False, False, 520, torch.bfloat16),   # gemm, W xT, 3-way split
     ("gemm", 19, 4, None, False, False, 136, torch.bfloat16),  # gemm: per channel, asym
     ("gemm1", 40, 3, 64, True, True, 200, torch.bfloat16),     # gemm: int3 repacked, act-order
@@ -103,7 +103,8 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("swapu", 5, 4, 128, None, torch.bfloat16),   # unrolled chunks
     ("gemm", 33, 4, 128, None, torch.bfloat16),   # gemm: any4 + group scales
     ("gemm1", 45, 4, None, None, torch.float16),  # gemm: any4 rows, no scales
-    ("gemms", 18, 4, 32, "nf4", torch.bfloat16),  # gemm: one shared table, g32 in a 64-column chunk
+    ("gemms", 18, 4, 32, "nf4", torch.bfloat16),  # gemm: one shared table, g32 (chunk narrowed)
+    ("gemm1", 23, 3, 24, None, torch.bfloat16),   # gemm: g24 (no power-of-two chunk inside a group: dq)
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200
@@ -146,7 +147,7 @@ def test_k_quantlinear_all_m(monkeypatch):
     n, k = 96, 520
     spec, p, gidx = make_int(n, k, 4, 64, False, seed=5)
     layer = QuantLinear(k, n, {"format": spec}, {kk: v.to(DEV) for kk, v in p.items()}).to(DEV)
-    for m in (1, 2, 3, 4, 7, 16, 40, 64, 130, 700):
+    for m in (1, 2, 3, 4, 7, 16, 40, 64, 100, 130, 700):  # 100: the default large-M GEMM (M bucket 128)
         x = rand_x(m, k, torch.bfloat16, m).to(DEV)
         y = layer(x.view(1, m, k))
         assert layer._kernel is not None and layer._kernel.impl == "k"

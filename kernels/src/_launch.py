@@ -55,10 +55,12 @@ class Launcher:
 
     __slots__ = ("fn", "consts", "opts", "ck", "tail", "dev")
 
-    def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None):
+    def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None, maxnreg=None):
         self.fn = fn
         self.consts = dict(consts)
         self.opts = {"num_warps": num_warps, "num_stages": num_stages}
+        if maxnreg and not INTERPRET:  # a register cap (more programs per SM), compiled CUDA only
+            self.opts["maxnreg"] = int(maxnreg)
         self.ck = None
         self.tail = tuple(self.consts.values())
         self.dev = 0 if device is None or device.index is None else device.index

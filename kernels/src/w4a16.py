@@ -92,17 +92,22 @@ class W4A16Kernel(LayerKernel):
             split = max(1, min(nch // 2 or 1, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
             return {"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": 4, "stages": 2, "split": split,
                     "swap": mb <= 16, "asm": True}
-        return self.gemm_config(mb)
+        if mb <= 128:  # H200, 2026-12-04: the fused GEMM beat dequantize + cuBLAS at M = 128 on all 7 Llama shapes
+            return self.gemm_config(mb, 128, 128, 16, 8, 3, swap=True)
+        return {"path": "dq"}  # ... and lost to it from M = 512 (at M = 256: 4 of 7 shapes)
 
     def gemm_config(self, mb: int, bm: int = 128, bn: int = 128, bkw: int = 8, warps: int = 8, stages: int = 4,
-                    swap: bool = False) -> dict:
+                    swap: bool = False, maxnreg: int | None = None) -> dict:
         """A ``gemm`` config (large M) with split-K only where the output tiles leave SMs idle."""
         sms = 132
         tiles = cdiv(mb, bm) * cdiv(self.N, bn)
         nch = cdiv(self.KWS, bkw)
         split = 1 if tiles >= sms * 3 // 4 else max(1, min(nch // 8 or 1, round(sms / tiles)))
-        return {"path": "gemm", "BM": bm, "BN": bn, "BKW": bkw, "warps": warps, "stages": stages, "split": split,
-                "group_m": 8, "swap": swap}
+        cfg = {"path": "gemm", "BM": bm, "BN": bn, "BKW": bkw, "warps": warps, "stages": stages, "split": split,
+               "group_m": 8, "swap": swap}
+        if maxnreg:
+            cfg["maxnreg"] = maxnreg
+        return cfg
 
     def asm_ok(self, bkw: int, dtype, any_group: bool = False) -> bool:
         """Whether the inline-PTX dequant (``_ptx``) serves this layer at chunk width bkw: compiled CUDA
@@ -151,6 +156,13 @@ class W4A16Kernel(LayerKernel):
             grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
             return dequant_then_mm(lau, grid, (wp, sp, zp, lp), (N, K, KWS, G), N, K, dtype, self.device)
         bn, bkw = int(cfg["BN"]), int(cfg["BKW"])
+        if path == "gemm" and self.s is not None and self.GS % (8 * bkw):
+            # chunks inside one group (one scale per row per chunk): Triton 3.6 fails to compile the
+            # large tiles with a scale per word (TritonGPUOptimizeDotOperands, sm_90)
+            while bkw > 2 and self.GS % (8 * bkw):
+                bkw //= 2
+            if self.GS % (8 * bkw):
+                return self.make_plan({"path": "dq"}, dtype, mb)
         nch = cdiv(KWS, bkw)
         split = max(1, min(int(cfg.get("split", 1)), nch))
         cps = cdiv(nch, split)
@@ -184,7 +196,7 @@ class W4A16Kernel(LayerKernel):
                     GROUP_M=int(cfg.get("group_m", 8 if gemm else 1)), INTERP=INTERPRET)
         if gemm:
             lau = Launcher(w4a16_gemm, dict(tile, ASM=asm), num_warps=int(cfg["warps"]),
-                           num_stages=int(cfg.get("stages", 3)), device=self.device)
+                           num_stages=int(cfg.get("stages", 3)), device=self.device, maxnreg=cfg.get("maxnreg"))
         else:
             lau = Launcher(w4a16_mma, dict(tile, LUTG=lutg and not asm, ASM=asm, U=int(cfg.get("unroll", 1))),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
