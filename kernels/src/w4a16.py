@@ -9,7 +9,7 @@ repacked and the GPU holds the weights once. Only 2/3-bit codes, rows whose byte
 multiple of 4, and act-order (``g_idx``) need a repack (codes widened to nibbles, columns sorted
 by group); then the kernel owns that copy.
 
-Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
+Paths, by the row count M of x (measured on an H100 and an H200, docs/PERFORMANCE.md):
   * ``gemv`` (M = 1-2; ``w4a16_gemv``): a program reads [BN, BKW] words (16-byte loads along K) and
     dequantizes nibble by nibble: ``(w & (15 << 4p)) | 0x3F800000`` read as fp32 is
     ``1 + q * 2^(4p-23)`` (p = i, or i-3 of ``w >> 12`` for the top three nibbles), minus
@@ -25,7 +25,12 @@ Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
     multiplies the chunk's dot product. ``asm`` dequantizes with inline PTX (``_ptx._kdeq_asm``: packed
     magic-number pairs for int, register-table lookups for lut; compiled GPU only, whole groups per
     chunk); ``unroll`` handles U chunks per loop iteration.
-  * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
+  * ``gemm`` (M = 64-256 by the tuned table; ``w4a16_gemm``): the weight tile dequantized *with its
+    scale* in the x dtype (inline PTX: one more packed FMA per pair) so that tl.dot accumulates every
+    chunk into one accumulator and wgmma chains across chunks; large tiles, split-K where the output
+    tiles leave SMs idle. On the H200 it beat dequantize + cuBLAS at M = 128 (0.59-0.88x bf16) but
+    plateaus at 0.55-0.67x cuBLAS at large M (docs/PERFORMANCE.md says why).
+  * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (M >= 512, and 256 on some shapes).
 Split-K partial sums go to the shared workspace; the last program of each tile (counted with an
 atomic) sums them in a fixed order (deterministic, one launch).
 
