@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     ms_mm = do_bench(lambda: xa @ xb, warmup=25, rep=200, return_mode="median")
-    del xa, xb
-    info = {"device": "cpu-smoke" if a.smoke_cpu else torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+    info = {"device": "cpu-smoke" if a.smoke_cpu else torch.cuda.get_device_name(),
+            "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "copy_bw_GBs": bw / 1e9,
             "bf16_8192_tflops": 2 * n ** 3 / (ms_mm * 1e-3) / 1e12}
     print(json.dumps(info), flush=True)
