@@ -33,7 +33,7 @@ CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=1
 SPECS = {
     "bf16": None,
     "w4a16": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
-    # the same through a named implementation (kernels/src/lowbit.py: "k" = kernels/src/_kmajor.py, the default
+    # the same through a named implementation (kernels/src/lowbit.py: "k" = kernels/src/w4a16.py, the default
     # for int and lut since 2026-11-26; "v1" = the first kernels), and the any4 LUT format
     "w4a16-k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
     "w4a16-v1": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "v1"},

@@ -4,6 +4,7 @@
 #   test                      compiled kernel tests (QUANTKIT_TEST_CUDA=1)
 #   bench:ARGS                bench/kernels.py ARGS (commas in ARGS kept; ~ separates arguments)
 #   decode:ARGS               bench/decode.py ARGS (same convention)
+#   sweep:ARGS                bench/kernel_sweep.py ARGS (same convention): kernel variants, checked and timed
 # Outputs (json, tuned configs) go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +19,11 @@ for step in "$@"; do
   args=${arg//\~/ }
   t0=$(date +%s)
   case $name in
-    test) QUANTKIT_TEST_CUDA=1 TAIL=15 run "compiled kernel tests" python3 -m pytest -q -x -p no:cacheprovider \
-            tests/test_kernels_k.py tests/test_kernels.py tests/test_kernels_asm.py ;;
+    test) QUANTKIT_TEST_CUDA=1 TAIL=15 run "compiled kernel tests" python3 -m pytest -q -p no:cacheprovider \
+            -n ${TEST_PROCS:-8} tests/test_kernels_k.py tests/test_kernels.py tests/test_kernels_asm.py ;;
     bench) python3 -u bench/kernels.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
     decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
+    sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
   esac
   echo "## step $name: $(( $(date +%s) - t0 )) s"
 done

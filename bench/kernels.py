@@ -10,7 +10,7 @@ bf16 cuBLAS in the same run. Weights (and x) rotate through enough copies that t
 move (packed weights with scales/zeros/tables, x, output) over the measured device-to-device copy
 bandwidth (bytes read + written). Every kernel's output is checked against a reference before it
 is timed. ``--tune`` first times a few configs per (kernel, shape, M bucket) and stores the best
-in kernels/src/tuned_hopper.json (or --tuned-out), which the kernels read at build time.
+in kernels/src/tuned_<gpu>.json (or --tuned-out), which the kernels of that GPU read.
 
 Random weights, packed following docs/FORMAT.md. Peers measured in the same run: torch's tinygemm
 int4 (``_weight_int4pack_mm``, asym g128 in its own convention).
@@ -36,16 +36,19 @@ import torch
 
 SHAPES = {"8B.qkv": (4096, 6144), "8B.o": (4096, 4096), "8B.gateup": (4096, 28672), "8B.down": (14336, 4096),
           "70B.o": (8192, 8192), "70B.gateup": (8192, 57344), "70B.down": (28672, 8192)}
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
+MS = [1, 2, 4, 16, 64, 128, 256, 512, 2048, 8192]
 KINDS = {
+    # int/lut formats through the default implementation (kernels/src/w4a16.py, checkpoint layout)
     "int4": {"type": "int", "bits": 4, "group_size": 128, "sym": True},
     "int4a": {"type": "int", "bits": 4, "group_size": 128, "sym": False},
     "any4": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned"},
-    # the same formats through the "k" kernels (kernels/src/_kmajor.py, checkpoint layout)
+    "nf4": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4"},
+    # the same, naming the implementation: "k" (the default) or "v1" (kernels/src/w4a16_repacked.py)
     "int4k": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "k"},
     "any4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "k"},
     "nf4k": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4", "impl": "k"},
-    "nf4": {"type": "lut", "bits": 4, "group_size": 128, "table": "nf4"},
+    "int4v1": {"type": "int", "bits": 4, "group_size": 128, "sym": True, "impl": "v1"},
+    "any4v1": {"type": "lut", "bits": 4, "group_size": 128, "table": "learned", "impl": "v1"},
     "fp8": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "dynamic"},
     "fp8w": {"type": "fp8", "dtype": "e4m3", "weight_scale": "channel", "activations": "none"},
 }
@@ -89,7 +92,7 @@ def build_kernel(spec: dict, packed: dict, n: int, k: int, dev):
         from quantkit.kernels import lowbit
 
         b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
-        kern = b(fmt, packed, (n, k), dev, impl=spec.get("impl", "v1"))
+        kern = b(fmt, packed, (n, k), dev, impl=spec.get("impl"))
     else:
         kern = kernels.find_kernel(fmt, packed, (n, k), dev)
     if kern is None:
@@ -99,13 +102,11 @@ def build_kernel(spec: dict, packed: dict, n: int, k: int, dev):
 
 def clone_kernel(kern):
     """An independent copy (own weight tensors) of a built kernel, for L2 rotation."""
-    c = copy.copy(kern)
-    c.plans = {}
-    if hasattr(c, "_calls"):
-        from quantkit.kernels._kmajor import _Plans
+    from quantkit.kernels.base import Plans
 
-        c._calls = {}
-        c.plans = _Plans(c._calls)
+    c = copy.copy(kern)
+    c._calls = {}
+    c.plans = Plans(c._calls)
     for a in ("w", "s", "z", "lut", "gmap", "ws"):
         v = getattr(c, a, None)
         if isinstance(v, torch.Tensor):
@@ -194,7 +195,7 @@ def layer_host_us(spec, packed, n, k, x) -> float:
     from quantkit.nn import QuantLinear
 
     old = lowbit.IMPL
-    lowbit.IMPL = spec.get("impl", "v1")
+    lowbit.IMPL = spec.get("impl")
     try:
         layer = QuantLinear(k, n, {"format": fmt_spec(spec)}, packed)
         layer(x)
@@ -213,8 +214,7 @@ def rel_err(y, ref) -> float:
 # ---- tuning ----------------------------------------------------------------------------------------
 def candidates(kind: str, kern, mb: int) -> list[dict]:
     n, nb = kern.N, -(-kern.K // 128)
-    d = kern.default_config(mb) if kind not in ("fp8", "fp8w") else kern.default_config(mb, torch.bfloat16)
-    out = [d]
+    out = [kern.default_config(mb, torch.bfloat16)]
     if kind in ("fp8", "fp8w"):
         k = kern.K
         if mb <= 4:
@@ -279,7 +279,7 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
 
 
 def k_candidates(kern, mb: int) -> list[dict]:
-    """Configs timed per (shape, M bucket) for the k kernels (kernels/src/_kmajor.py)."""
+    """Configs timed per (shape, M bucket) for the default W4A16 kernels (kernels/src/w4a16.py)."""
     n, kws = kern.N, kern.KWS
     out = []
     if mb <= 4:
@@ -364,8 +364,7 @@ def tune_one(kind, kern, x, ref, log) -> dict:
         except Exception as e:  # noqa: BLE001
             log.append({"cfg": cfg, "error": repr(e)[:200]})
     kern.plans.clear()
-    return best[1] if best else kern.default_config(mb) if kind not in ("fp8", "fp8w") else \
-        kern.default_config(mb, x.dtype)
+    return best[1] if best else kern.default_config(mb, x.dtype)
 
 
 # ---- parallel precompile ---------------------------------------------------------------------------
@@ -379,21 +378,21 @@ PC_N, PC_K = 256, 2048
 def _stub(kind, n, k):
     from types import SimpleNamespace
 
-    from quantkit.kernels._kmajor import KLowbitKernel
     from quantkit.kernels.fp8 import FP8Kernel
-    from quantkit.kernels.lowbit import LowbitKernel
+    from quantkit.kernels.w4a16 import W4A16Kernel
+    from quantkit.kernels.w4a16_repacked import RepackedW4A16Kernel
 
-    if KINDS[kind].get("impl") == "k":
-        st = SimpleNamespace(N=n, K=k, KWS=k // 8, impl="k", GS=KINDS[kind]["group_size"] or (1 << 30),
-                             mode=1 if KINDS[kind]["type"] == "lut" else 0)
-        st.default_config = lambda mb, st=st: KLowbitKernel.default_config(st, mb)
-    elif kind.startswith("fp8"):
+    gs = KINDS[kind].get("group_size") or (1 << 30)
+    if kind.startswith("fp8"):
         st = SimpleNamespace(N=n, K=k, act=KINDS[kind]["activations"], smm_ok=True)
-        st.default_config = lambda mb, dt, st=st: FP8Kernel.default_config(st, mb, dt)
+        cls = FP8Kernel
+    elif KINDS[kind].get("impl") == "v1":
+        st = SimpleNamespace(N=n, K=k, NB=-(-k // 128), gmap=None, GS=gs, gemv_max_m=4)
+        cls = RepackedW4A16Kernel
     else:
-        st = SimpleNamespace(N=n, K=k, NB=-(-k // 128), gmap=None, GS=KINDS[kind]["group_size"] or (1 << 30),
-                             block_scale=(KINDS[kind]["group_size"] or 128) % 128 == 0)
-        st.default_config = lambda mb, st=st: LowbitKernel.default_config(st, mb)
+        st = SimpleNamespace(N=n, K=k, KWS=k // 8, impl="k", GS=gs, mode=1 if KINDS[kind]["type"] == "lut" else 0)
+        cls = W4A16Kernel
+    st.default_config = lambda mb, dt, st=st, cls=cls: cls.default_config(st, mb, dt)
     return st
 
 
@@ -406,15 +405,22 @@ def _signature(kind, mb, cfg):
     return json.dumps([kind, c], sort_keys=True)
 
 
-def precompile_jobs(kinds, shapes, ms):
+def precompile_jobs(kinds, shapes, ms, tune: bool = True):
+    """(kind, M, config) to compile: every tuning candidate, or (tune=False) the config each layer
+    picks (its GPU's tuned table or default; real layers are built on the GPU to ask them)."""
     jobs, seen = [], set()
     for kind in kinds:
         for sname in shapes:
             K, N = SHAPES[sname]
-            st = _stub(kind, N, K)
+            if tune:
+                st = _stub(kind, N, K)
+            else:
+                dev = torch.device("cuda")
+                st = build_kernel(KINDS[kind], make_packed(KINDS[kind], N, K, dev), N, K, dev)[1]
             for M in ms:
                 mb = max(1, 1 << (M - 1).bit_length())
-                for cfg in candidates(kind, st, mb):
+                picked = [st.check_config(st.config(mb, torch.bfloat16), mb, torch.bfloat16)] if not tune else None
+                for cfg in picked or candidates(kind, st, mb):
                     sig = _signature(kind, mb, cfg)
                     if sig not in seen:
                         seen.add(sig)
@@ -443,10 +449,10 @@ def _pc_worker(jobs):
     return done, errs
 
 
-def precompile(kinds, shapes, ms, workers: int) -> None:
+def precompile(kinds, shapes, ms, workers: int, tune: bool = True) -> None:
     import multiprocessing as mp
 
-    jobs = precompile_jobs(kinds, shapes, ms)
+    jobs = precompile_jobs(kinds, shapes, ms, tune)
     t0 = time.perf_counter()
     chunks = [jobs[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -466,7 +472,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--tune", action="store_true", help="time candidate configs first and store the best")
     ap.add_argument("--tune-kinds", default=None, help="with --tune: tune only these kinds (default: all)")
-    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/src/tuned_hopper.json)")
+    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/src/tuned_<gpu>.json)")
     ap.add_argument("--rep", type=float, default=60.0, help="ms of timed repetitions per measurement")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/PERFORMANCE.md)")
@@ -496,7 +502,7 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     if args.precompile:
         pk = kinds if not args.tune_kinds else [k for k in kinds if k in args.tune_kinds.split(",")]
-        precompile(pk, shapes, ms if args.tune else sorted({_launch.m_bucket(m) for m in ms}), args.precompile)
+        precompile(pk, shapes, ms, args.precompile, args.tune)
     tuned_new: dict = {}
     tune_log: dict = {}
     rows = []
@@ -548,7 +554,7 @@ def main(argv=None) -> int:
                         cfg = tune_one(kind, kern, x, ref, log)
                         key = kern.key(_launch.m_bucket(M), dt)
                         tuned_new[key] = cfg
-                        _launch.tuned()[key] = cfg
+                        _launch.tuned(dev)[key] = cfg
                         tune_log[key] = log
                         r["cfg"] = cfg
                     kern.plans.clear()
@@ -589,13 +595,17 @@ def save(args, info, rows, tune_log, tuned_new) -> None:
     from quantkit.kernels import _launch
 
     if args.tune:
-        out = Path(args.tuned_out) if args.tuned_out else Path(_launch._TUNED_FILE)
+        name = info["device"]
+        out = Path(args.tuned_out) if args.tuned_out else _launch.tuned_file(name)
         old = {}
         try:
             old = json.loads(out.read_text())
         except (OSError, ValueError):
             pass
         old.update(tuned_new)
+        if torch.cuda.is_available():
+            old.setdefault("_gpu", name)
+            old.setdefault("_cc", list(torch.cuda.get_device_capability()))
         out.write_text(json.dumps(old, indent=0, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "tune_log": tune_log}, indent=1))
@@ -631,7 +641,7 @@ def _smoke_patches():
         fmt = format_from_spec(fmt_spec(spec))
         if spec["type"] in ("int", "lut"):
             b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
-            return fmt, b(fmt, packed, (n, k), dev, impl=spec.get("impl", "v1"))
+            return fmt, b(fmt, packed, (n, k), dev, impl=spec.get("impl"))
         for t, b in kernels._BUILDERS:
             if t == spec["type"]:
                 return fmt, b(fmt, packed, (n, k), dev)
@@ -672,8 +682,9 @@ def report_md(info, rows, kinds) -> str:
              f"{info['rep_ms']:.0f} ms of repetitions each; weights rotate through copies > 3x L2. "
              f"Speed-up = bf16 `F.linear` time / kernel time, same M, same run. bw = bytes moved / graph time / copy bandwidth.")
     L.append("")
+    tag = f"{info['device']}, {info['date']}"
     for k in kinds:
-        L.append(f"#### {NAMES.get(k, k)}")
+        L.append(f"#### {NAMES.get(k, k)} — {tag}")
         L.append("")
         L.append("| shape | M | bf16 graph µs | kernel graph µs | speed-up graph | speed-up eager | bw | path | rel err |")
         L.append("|---|---|---|---|---|---|---|---|---|")
@@ -688,7 +699,7 @@ def report_md(info, rows, kinds) -> str:
                      f"{_f(r, 'rel_err', '{:.1e}')} |")
         L.append("")
     if any("tinygemm" in r for r in rows):
-        L.append("#### Peer in the same run: torch tinygemm int4 (`_weight_int4pack_mm`, g128)")
+        L.append(f"#### Peer in the same run: torch tinygemm int4 (`_weight_int4pack_mm`, g128) — {tag}")
         L.append("")
         L.append("| shape | M | tinygemm graph µs | speed-up graph | speed-up eager |")
         L.append("|---|---|---|---|---|")
@@ -702,7 +713,7 @@ def report_md(info, rows, kinds) -> str:
           if row["M"] == 1 and isinstance(row.get(k), dict) and "host_us" in row[k]]
     if ov:
         L.append("#### Eager cost per call at M = 1: host time to issue a call (Python + launch), wall time per "
-                 "call of 300 back-to-back calls, and the kernel's graph time")
+                 f"call of 300 back-to-back calls, and the kernel's graph time — {tag}")
         L.append("")
         L.append("| shape | kernel | host µs/call (kernel object) | host µs/call (QuantLinear) | eager wall µs/call | "
                  "graph µs/call |")

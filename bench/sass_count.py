@@ -3,6 +3,7 @@ loop — the instruction budgets quoted in docs/PERFORMANCE.md come from here.
 
     python bench/sass_count.py mma --mode 1 --asm            # k tensor-core path, lut, inline PTX
     python bench/sass_count.py gemv --bn 128 --bkw 16         # k GEMV, int4
+    python bench/sass_count.py gemm --bm 128 --bn 128 --bkw 8 --warps 8 --stages 4 --asm --no-swap  # large M
     python bench/sass_count.py fp8 --swap --f16x              # FP8 W8A16 tensor-core path
     quantkit bench sass ...                                    # the same
 
@@ -34,7 +35,7 @@ def _bin(name: str) -> str:
     return str(p)
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps: int, stages: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps: int, stages: int, maxnreg=None):
     """(compiled kernel, SASS text) of ``fn`` for sm_90."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -47,7 +48,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, divisible: tuple, warps:
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.TemporaryDirectory() as d:
         cub = Path(d) / "k.cubin"
         cub.write_bytes(ck.asm["cubin"])
@@ -84,9 +86,10 @@ _K_DIV = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "lut_ptr", "out_ptr", "ws_ptr", "c
 
 def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int = 64, bkw: int = 16,
               warps: int = 4, stages: int = 3, unroll: int = 1, dtype: str = "bf16", zero: bool = False,
-              swap: bool = True, gs: int = 128):
-    """Compile one k-kernel variant; returns (compiled, sass, weights per thread per loop iteration)."""
-    from quantkit.kernels import _kmajor as km
+              swap: bool = True, gs: int = 128, maxnreg=None):
+    """Compile one variant of the default W4A16 kernels (kernels/src/w4a16_jit.py); returns (compiled, sass,
+    weights per thread per loop iteration)."""
+    from quantkit.kernels import w4a16_jit as km
 
     lut_t = "*i32" if asm and mode == 1 else "*fp16"
     ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "lut_ptr": lut_t,
@@ -94,17 +97,22 @@ def k_variant(path: str, mode: int = 0, asm: bool = False, bm: int = 16, bn: int
     common = dict(MODE=mode, HAS_SCALE=True, HAS_ZERO=zero, ZC=0.0 if zero else 8.0, GS=gs, LS=16, LUT_ROW=True,
                   BN=bn, BKW=bkw, SPLITK=True, EVEN=True, LUTG=False, ASM=asm)
     if path == "mma":
-        fn = km._kq_mma
+        fn = km.w4a16_mma
         c = dict(common, BM=bm, SWAP=swap, GROUP_M=1, INTERP=False, U=unroll)
         per = bn * bkw * 8 * unroll / (32 * warps)
+    elif path == "gemm":
+        fn = km.w4a16_gemm
+        c = dict(common, BM=bm, SWAP=swap, GROUP_M=8, INTERP=False)
+        c.pop("LUTG")
+        per = bn * bkw * 8 / (32 * warps)
     elif path == "gemv":
-        fn = km._kq_gemv_n
+        fn = km.w4a16_gemv
         c = dict(common, BM=1, PF=True)
         stages, per = 1, bn * bkw * 8 / (32 * warps)
     else:
-        raise SystemExit(f"sass_count: unknown k path {path!r}")
+        raise SystemExit(f"sass_count: unknown W4A16 path {path!r}")
     sig = dict(ptrs, **{n: "i32" for n in _INTS})
-    ck, sass = compile_sm90(fn, sig, c, _K_DIV, warps, stages)
+    ck, sass = compile_sm90(fn, sig, c, _K_DIV, warps, stages, maxnreg)
     return ck, sass, per
 
 
@@ -125,7 +133,7 @@ def fp8_variant(swap: bool = False, f16x: bool = False, bm: int = 16, bn: int = 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", choices=["mma", "gemv", "fp8"])
+    ap.add_argument("path", choices=["mma", "gemm", "gemv", "fp8"])
     ap.add_argument("--mode", type=int, default=0, help="0: int codes, 1: lut codes")
     ap.add_argument("--asm", action="store_true", help="the inline-PTX dequant (kernels/src/_ptx.py)")
     ap.add_argument("--zero", action="store_true", help="asymmetric (zero points per group)")

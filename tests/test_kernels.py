@@ -9,10 +9,8 @@ On a GPU machine the same tests run the compiled kernels (QUANTKIT_TEST_CUDA=1).
 
 from __future__ import annotations
 
-import os
-
-if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_ref import (DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut, rel_err,  # noqa: F401, I001
+                        run_poisoned)  # first: it selects Triton's interpreter before Triton is imported
 
 import pytest
 import torch
@@ -20,69 +18,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from quantkit.formats.base import format_from_spec
-from quantkit.formats.packing import pack_codes, unpack_codes
-
-DEV = torch.device("cuda" if os.environ.get("QUANTKIT_TEST_CUDA") == "1" else "cpu")
-BOUND = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
 
 
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
-    return float((out.double() - ref).norm() / ref.norm())
-
-
-# ---- packed tensors per docs/FORMAT.md, and the float64 reference --------------------------------
-def make_int(n, k, bits, g, sym, act_order=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gs = g or k
-    ng = -(-k // gs)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    scales = (torch.rand(n, ng, generator=gen) * 0.02 + 0.002).to(torch.float16)
-    p = {"qweight": pack_codes(codes, bits), "scales": scales}
-    if not sym:
-        p["zeros"] = torch.randint(0, 1 << bits, (n, ng), generator=gen).to(torch.uint8)
-    gidx = torch.arange(k) // gs
-    if act_order:
-        gidx = gidx[torch.randperm(k, generator=gen)]
-        p["g_idx"] = gidx.to(torch.int32)
-    spec = {"type": "int", "bits": bits, "group_size": g, "sym": sym}
-    return spec, p, gidx
-
-
-def ref_int(p, n, k, bits, gidx, sym):
-    codes = unpack_codes(p["qweight"], bits, k).double()
-    s = p["scales"].double()[:, gidx]
-    z = float(1 << (bits - 1)) if sym else p["zeros"].double()[:, gidx]
-    return (codes - z) * s
-
-
-def make_lut(n, k, bits, g, fixed=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    if fixed:
-        fmt = format_from_spec({"type": "lut", "table": fixed, "bits": 4, "group_size": g})
-        lut = fmt.fixed_table().to(torch.float16)
-    else:
-        lut = torch.sort(torch.randn(n, 1 << bits, generator=gen), dim=1).values.to(torch.float16)
-    p = {"qweight": pack_codes(codes, bits), "lut": lut}
-    if g or fixed:
-        gs = g or k
-        p["scales"] = (torch.rand(n, -(-k // gs), generator=gen) * 0.02 + 0.002).to(torch.float16)
-    spec = {"type": "lut", "bits": bits, "group_size": g, **({"table": fixed} if fixed else {})}
-    return spec, p
-
-
-def ref_lut(p, n, k, bits, g):
-    codes = unpack_codes(p["qweight"], bits, k).long()
-    lut = p["lut"].double()
-    w = lut[0][codes] if lut.shape[0] == 1 else lut.gather(1, codes)
-    if "scales" in p:
-        gs = g or k
-        w = w * p["scales"].double()[:, torch.arange(k) // gs]
-    return w
-
-
-def build(spec, p, shape, v2=None):
+def build(spec, p, shape):
     from quantkit import kernels
 
     kernels._scan()
@@ -90,17 +28,10 @@ def build(spec, p, shape, v2=None):
 
     fmt = format_from_spec(spec)
     pd = {k: v.to(DEV) for k, v in p.items()}
-    if spec["type"] in ("int", "lut"):  # this file tests the v1/v2 kernels; test_kernels_k.py the k ones
+    if spec["type"] in ("int", "lut"):  # this file tests the v1 kernels; test_kernels_k.py the default ones
         b = lowbit.build_int if spec["type"] == "int" else lowbit.build_lut
-        kern = b(fmt, pd, shape, DEV, impl="v2" if v2 else "v1")
-    else:
-        kern = fp8.build_fp8(fmt, pd, shape, DEV)
-    if kern is not None and v2 is not None and spec["type"] in ("int", "lut"):
-        kern.v2 = v2  # v1: the kernels measured on GPU; v2: QUANTKIT_KERNEL_V2
-    return kern
-
-
-V2S = pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+        return b(fmt, pd, shape, DEV, impl="v1")
+    return fp8.build_fp8(fmt, pd, shape, DEV)
 
 
 CFGS = {
@@ -121,36 +52,7 @@ CFGS = {
 
 
 def run_path(kern, path, x):
-    """Call the kernel twice through one plan (the 2nd call takes the fast launcher on GPU),
-    each time with torch.empty poisoned so that unwritten outputs show as NaN."""
-    m = x.shape[0]
-    kern.plans.clear()
-    kern.plan(m, x.dtype, CFGS[path])
-    real_empty = torch.empty
-
-    def poisoned(*a, **kw):
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.element_size() > 1 else t
-    outs = []
-    torch.empty = poisoned
-    try:
-        for _ in range(2 if DEV.type == "cuda" else 1):
-            outs.append(kern(x.to(DEV)).cpu())
-    finally:
-        torch.empty = real_empty
-    return outs
-
-
-def rand_x(m, k, dtype, seed):
-    gen = torch.Generator().manual_seed(seed + 1000)
-    return (torch.randn(m, k, generator=gen) * (1 + torch.rand(m, 1, generator=gen) * 3)).to(dtype)
-
-
-def check(outs, ref, dtype, bound=None):
-    for out in outs:
-        assert out.dtype == dtype and out.shape == ref.shape
-        e = rel_err(out, ref)
-        assert e < (bound or BOUND[dtype]), e
+    return run_poisoned(kern, CFGS[path], x)
 
 
 # ---- int ------------------------------------------------------------------------------------------
@@ -160,17 +62,16 @@ def check(outs, ref, dtype, bound=None):
     ("gemv", 1, 128, False, torch.bfloat16),
     ("post", 5, 128, True, torch.bfloat16),
     ("post2", 3, 128, False, torch.float16),
-    ("post1", 17, 32, False, torch.float16),  # g32: served by the pre path
+    ("post1", 17, 32, False, torch.float16),  # g32: two groups per 128-column block
     ("pre", 19, 64, False, torch.bfloat16),
     ("pre", 33, 128, True, torch.float16),
     ("dq", 7, 32, True, torch.bfloat16),
 ])
-@V2S
-def test_int4_paths(path, m, g, sym, dtype, v2):
+def test_int4_paths(path, m, g, sym, dtype):
     n, k = 40, (200 if g != 128 else 264)  # odd sizes; partial last group; padded block
-    m = 3 if (path == "gemv1" and not v2) else m  # the v1 GEMV takes up to 4 rows
+    m = 3 if path == "gemv1" else m  # the GEMV takes up to 4 rows
     spec, p, gidx = make_int(n, k, 4, g, sym, seed=g + m)
-    kern = build(spec, p, (n, k), v2)
+    kern = build(spec, p, (n, k))
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
 
@@ -182,12 +83,11 @@ def test_int4_paths(path, m, g, sym, dtype, v2):
     ("post1", 2, 64, False, False),   # int2
     ("post", 4, None, True, False),   # per channel, tensor cores
 ])
-@V2S
-def test_int_variants(path, bits, g, sym, act, v2):
+def test_int_variants(path, bits, g, sym, act):
     n, k = 24, 136
-    m = (1 if v2 else 2) if path.startswith("gemv") else 9
+    m = 2 if path.startswith("gemv") else 9
     spec, p, gidx = make_int(n, k, bits, g, sym, act_order=act, seed=bits)
-    kern = build(spec, p, (n, k), v2)
+    kern = build(spec, p, (n, k))
     x = rand_x(m, k, torch.bfloat16, bits)
     check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, bits, gidx, sym).t(), torch.bfloat16)
 
@@ -209,12 +109,11 @@ def test_int_refuses_unaligned_groups():
     ("gemv1", 3, 32, None, torch.float16),     # any3
     ("dq", 4, None, "fp4", torch.bfloat16),    # fixed table, one scale per row
 ])
-@V2S
-def test_lut_paths(path, bits, g, fixed, dtype, v2):
+def test_lut_paths(path, bits, g, fixed, dtype):
     n, k = 40, 200
-    m = {"gemv": 1, "gemv1": 1 if v2 else 4, "post": 6, "post2": 2, "pre": 21, "dq": 5}[path]
+    m = {"gemv": 1, "gemv1": 4, "post": 6, "post2": 2, "pre": 21, "dq": 5}[path]
     spec, p = make_lut(n, k, bits, g, fixed, seed=bits + m)
-    kern = build(spec, p, (n, k), v2)
+    kern = build(spec, p, (n, k))
     x = rand_x(m, k, dtype, m)
     check(run_path(kern, path, x), x.double() @ ref_lut(p, n, k, bits, g).t(), dtype)
 
@@ -276,7 +175,7 @@ def test_fp8_w8a16_bf16_activations_beyond_fp16_range(path):
     rows far beyond fp16's range (1e30), tiny rows (1e-30) and a zero row come out right."""
     n, k, m = 40, 256, 6
     spec, p = make_fp8(n, k, per_channel=True, act="none", seed=3)
-    kern = build(spec, p, (n, k), False)
+    kern = build(spec, p, (n, k))
     x = rand_x(m, k, torch.bfloat16, 7)
     x[1] *= 1e30
     x[2] *= 1e-30

@@ -1,4 +1,4 @@
-"""The inline-PTX dequant of the k kernels (kernels/src/_ptx.py), checked on CPU.
+"""The inline-PTX dequant of the W4A16 kernels (kernels/src/_ptx.py), checked on CPU.
 
 The interpreter cannot run inline PTX, so the compiled path is tested on a GPU
 (``QUANTKIT_TEST_CUDA=1 pytest tests/test_kernels_k.py``). Here the shipped PTX text itself is
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.kernels import _kmajor as km
+from quantkit.kernels import w4a16
 from quantkit.kernels import _ptx
 
 M32 = 0xFFFFFFFF
@@ -151,4 +151,42 @@ def test_asm_is_never_used_by_the_interpreter_or_on_cpu():
         device = torch.device("cpu")
         s, GS, mode, LS = None, 1 << 30, 0, 16
 
-    assert not km.KLowbitKernel.asm_ok(_K(), 16, torch.bfloat16)
+    assert not w4a16.W4A16Kernel.asm_ok(_K(), 16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("z", [8.0, 0.0, 13.0])
+def test_int_asm_with_scale_decodes_q_minus_z_times_s(dt, z):
+    """The large-M GEMM's dequant: ``(q - z) * s`` rounded once to the dot dtype (what cuBLAS gets from
+    the dequantize path), for scales of every magnitude."""
+    text = _ptx._ASM_INT_BF16_S if dt == torch.bfloat16 else _ptx._ASM_INT_FP16_S
+    m0 = 128.0 if dt == torch.bfloat16 else 1024.0
+    zz = _pack(torch.tensor([-(m0 + z)] * 2, dtype=torch.float64), dt)
+    rng = np.random.default_rng(int(z) + 7)
+    for s in (0.0123, 3.7e-4, 1.9, 2.0 ** -10):
+        sv = torch.tensor(s, dtype=dt).double()
+        ss = _pack(torch.tensor([s, s], dtype=torch.float64), dt)
+        for w in _words(rng, 32):
+            got = run_ptx(text, {8: w, 9: zz, 10: ss})
+            vals = torch.tensor(got, dtype=torch.int32).to(torch.int16).view(dt)
+            want = (torch.tensor([((w >> (4 * i)) & 15) - z for i in range(8)], dtype=torch.float64) * sv).to(dt)
+            assert torch.equal(vals, want), (hex(w), s, vals, want)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_lut_asm_with_scale_looks_up_and_scales(dt):
+    g = torch.Generator().manual_seed(3)
+    lut = (torch.randn(2, 16, generator=g) * 3).to(torch.float16)
+    planes = _ptx.lut_planes(lut, dt)
+    text = _ptx._ASM_LUT_BF16_S if dt == torch.bfloat16 else _ptx._ASM_LUT_FP16_S
+    rng = np.random.default_rng(5)
+    for r in range(2):
+        for s in (0.0071, 0.55):
+            sv = torch.tensor(s, dtype=dt).double()
+            args = {9 + j: int(planes[r, j]) & M32 for j in range(8)}
+            args[17] = _pack(torch.tensor([s, s], dtype=torch.float64), dt)
+            for w in _words(rng, 24):
+                args[8] = w
+                vals = torch.tensor(run_ptx(text, args), dtype=torch.int32).to(torch.int16).view(dt)
+                want = (lut[r, [(w >> (4 * i)) & 15 for i in range(8)]].to(dt).double() * sv).to(dt)
+                assert torch.equal(vals, want), (r, s, hex(w))

@@ -1,22 +1,18 @@
-"""The "k" W4A16 kernels (kernels/src/_kmajor.py: the checkpoint's own K-major layout) on CPU through
-Triton's interpreter, against the float64 reference of tests/test_kernels.py (docs/FORMAT.md
+"""The default W4A16 kernels (kernels/src/w4a16.py: the checkpoint's own K-major layout) on CPU through
+Triton's interpreter, against the float64 references of tests/kernel_ref.py (docs/FORMAT.md
 formulas, not the kernels' code). Odd sizes, outputs poisoned with NaN, fresh inputs per check.
 QUANTKIT_TEST_CUDA=1 runs the compiled kernels on a GPU instead.
 """
 
 from __future__ import annotations
 
-import os
-
-if os.environ.get("QUANTKIT_TEST_CUDA") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_ref import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut, run_poisoned  # noqa: I001
+# (first: it selects Triton's interpreter before Triton is imported)
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-
-from test_kernels import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut
 
 from quantkit.formats.base import format_from_spec
 
@@ -35,6 +31,10 @@ KCFG = {
     "swapa1": {"path": "mma", "BM": 16, "BN": 64, "BKW": 16, "warps": 4, "split": 1, "swap": True, "asm": True},
     "swapu": {"path": "mma", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "split": 2, "swap": True, "asm": True,
               "unroll": 4},  # 4 chunks per iteration, the last partly past the program's range
+    # large M: the scale inside the dequantized tile, one accumulator (inline PTX on a GPU)
+    "gemm": {"path": "gemm", "BM": 16, "BN": 32, "BKW": 4, "warps": 4, "stages": 2, "split": 2},
+    "gemm1": {"path": "gemm", "BM": 32, "BN": 16, "BKW": 8, "warps": 4, "stages": 3, "split": 1, "group_m": 2},
+    "gemms": {"path": "gemm", "BM": 16, "BN": 32, "BKW": 8, "warps": 4, "stages": 2, "split": 3, "swap": True},
 }
 
 
@@ -47,22 +47,7 @@ def kbuild(spec, p, shape):
 
 
 def krun(kern, path, x):
-    m = x.shape[0]
-    kern.plans.clear()
-    kern.plan(m, x.dtype, KCFG[path])
-    real_empty = torch.empty
-
-    def poisoned(*a, **kw):
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.element_size() > 1 else t
-    outs = []
-    torch.empty = poisoned
-    try:
-        for _ in range(2 if DEV.type == "cuda" else 1):
-            outs.append(kern(x.to(DEV)).cpu())
-    finally:
-        torch.empty = real_empty
-    return outs
+    return run_poisoned(kern, KCFG[path], x)
 
 
 @pytest.mark.parametrize("path,m,bits,g,sym,act,k,dtype", [
@@ -85,6 +70,11 @@ def krun(kern, path, x):
     ("swapa1", 9, 4, 128, False, False, 1032, torch.bfloat16),  # asm: the tuned tile shape, odd K
     ("swapu", 3, 4, 32, False, False, 520, torch.bfloat16),   # unrolled chunks (65 words: 17 chunks, split 2)
     ("swapu", 1, 4, 128, True, False, 264, torch.float16),
+    ("gemm", 37, 4, 128, True, False, 264, torch.bfloat16),    # gemm: sym, split-K, partial group
+    ("gemm1", 70, 4, 32, False, False, 200, torch.float16),    # gemm: g32 (the chunk narrowed to 32 columns), asym
+    ("gemms", 21, 4, 64, False, False, 520, torch.bfloat16),   # gemm, W xT, 3-way split
+    ("gemm", 19, 4, None, False, False, 136, torch.bfloat16),  # gemm: per channel, asym
+    ("gemm1", 40, 3, 64, True, True, 200, torch.bfloat16),     # gemm: int3 repacked, act-order
 ])
 def test_k_int(path, m, bits, g, sym, act, k, dtype):
     n = 40
@@ -111,6 +101,10 @@ def test_k_int(path, m, bits, g, sym, act, k, dtype):
     ("mmaa", 20, 4, 64, "nf4", torch.bfloat16),   # asm: one shared table
     ("swapa", 2, 3, 32, None, torch.bfloat16),    # asm: any3 (8 entries) repacked
     ("swapu", 5, 4, 128, None, torch.bfloat16),   # unrolled chunks
+    ("gemm", 33, 4, 128, None, torch.bfloat16),   # gemm: any4 + group scales
+    ("gemm1", 45, 4, None, None, torch.float16),  # gemm: any4 rows, no scales
+    ("gemms", 18, 4, 32, "nf4", torch.bfloat16),  # gemm: one shared table, g32 (chunk narrowed)
+    ("gemm1", 23, 3, 24, None, torch.bfloat16),   # gemm: g24 (no power-of-two chunk inside a group: dq)
 ])
 def test_k_lut(path, m, bits, g, fixed, dtype):
     n, k = 24, 200
@@ -140,7 +134,7 @@ def test_k_asm_is_used_on_cuda():
     spec, p, _ = make_int(64, 256, 4, 128, True)
     kern = kbuild(spec, p, (64, 256))
     assert kern.asm_ok(16, torch.bfloat16) and kern.asm_ok(16, torch.float16)
-    assert kern.default_config(16)["asm"] and not kern.asm_ok(16, torch.float32)
+    assert kern.default_config(16, torch.bfloat16)["asm"] and not kern.asm_ok(16, torch.float32)
 
 
 @cuda_only
@@ -153,7 +147,7 @@ def test_k_quantlinear_all_m(monkeypatch):
     n, k = 96, 520
     spec, p, gidx = make_int(n, k, 4, 64, False, seed=5)
     layer = QuantLinear(k, n, {"format": spec}, {kk: v.to(DEV) for kk, v in p.items()}).to(DEV)
-    for m in (1, 2, 3, 4, 7, 16, 40, 64, 130, 700):
+    for m in (1, 2, 3, 4, 7, 16, 40, 64, 100, 130, 700):  # 100: the default large-M GEMM (M bucket 128)
         x = rand_x(m, k, torch.bfloat16, m).to(DEV)
         y = layer(x.view(1, m, k))
         assert layer._kernel is not None and layer._kernel.impl == "k"
@@ -168,10 +162,44 @@ def test_k_config_falls_back_to_the_reference_format_of_the_shape():
     spec, p = make_lut(24, 256, 4, 64, "nf4", seed=1)
     kern = kbuild(spec, p, (24, 256))
     kern.N, kern.K = 4096, 4096  # a tuned Llama shape (config() only reads the shape)
-    ref = tuned()["lut4rg128s.k:4096x4096:bf16:m16"]
+    ref = tuned(kern.device)["lut4rg128s.k:4096x4096:bf16:m16"]
     got = kern.config(16, torch.bfloat16)
     assert got["path"] == ref["path"] and got.get("BN") == ref.get("BN")
     if ref["path"] == "mma":
         assert got["BKW"] == 8  # g64: 64-column chunks
     kern.N = 4104
-    assert kern.config(16, torch.bfloat16) == kern.default_config(16)
+    assert kern.config(16, torch.bfloat16) == kern.default_config(16, torch.bfloat16)
+
+
+def test_tuned_configs_of_the_own_gpu_first_then_the_nearest(tmp_path, monkeypatch):
+    """Each GPU's tuned file wins for that GPU; keys it lacks come from the nearest GPU's file (same
+    compute capability before others); another GPU never sees a file's entries over its own."""
+    import json
+
+    from quantkit.kernels import _launch
+
+    files = {"tuned_h100_80gb_hbm3.json": {"_gpu": "NVIDIA H100 80GB HBM3", "_cc": [9, 0], "a": 1, "b": 1},
+             "tuned_h200.json": {"_gpu": "NVIDIA H200", "_cc": [9, 0], "a": 2},
+             "tuned_a100_sxm4_80gb.json": {"_gpu": "NVIDIA A100-SXM4-80GB", "_cc": [8, 0], "a": 3, "b": 3, "c": 3}}
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(d))
+    monkeypatch.setattr(_launch, "_TUNED_DIR", tmp_path)
+    monkeypatch.setattr(_launch, "_TUNED", {})
+    for gpu, cc, want in (("NVIDIA H200", (9, 0), (2, 1, 3)), ("NVIDIA H100 80GB HBM3", (9, 0), (1, 1, 3)),
+                          ("NVIDIA H20", (9, 0), None), ("NVIDIA A100-SXM4-80GB", (8, 0), (3, 3, 3))):
+        monkeypatch.setattr(_launch, "_device_id", lambda device, gpu=gpu, cc=cc: (gpu, cc))
+        t = _launch.tuned("cuda")
+        got = (t["a"], t["b"], t["c"])
+        if want is None:  # an unknown Hopper: both Hopper files over the A100's, in file order
+            assert got[1] == 1 and got[2] == 3 and got[0] in (1, 2)
+        else:
+            assert got == want, (gpu, got)
+    assert _launch.tuned_file("NVIDIA H100 80GB HBM3").name == "tuned_h100_80gb_hbm3.json"
+
+
+def test_unknown_implementation_is_one_clear_error():
+    from quantkit.kernels import lowbit
+
+    spec, p, _ = make_int(16, 256, 4, 128, True)
+    with pytest.raises(ValueError, match="QUANTKIT_LOWBIT"):
+        lowbit.build_int(format_from_spec(spec), p, (16, 256), DEV, impl="v2")

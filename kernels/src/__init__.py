@@ -5,12 +5,14 @@ None when no kernel serves this format/device (the layer then falls back to plai
 Each kernel module registers a builder with :func:`register_kernel`; modules are imported lazily
 so that CPU-only installs never import Triton.
 
-Modules: ``lowbit`` (int2-int4 and lut formats: split-K GEMV, tensor-core GEMM, dequantize+cuBLAS;
-its builders pick ``_kmajor``, the "k" kernels on the checkpoint's own layout, by default, with the
-inline-PTX dequant of ``_ptx``),
+Modules: ``lowbit`` registers the int2-int4 and lut builders; they pick ``w4a16`` (the default: the
+checkpoint's own layout, split-K GEMV, tensor-core GEMM, dequantize+cuBLAS; Triton code in
+``w4a16_jit``, inline-PTX dequant in ``_ptx``) or ``w4a16_repacked`` (a block-interleaved repack).
 ``fp8`` (W8A8 with a fused activation-quant kernel + ``torch._scaled_mm`` or a Triton FP8 dot;
-W8A16). Builders repack once; the returned callable picks a plan per power-of-two M bucket from
-``tuned_hopper.json`` (bench/kernels.py --tune) or a heuristic. See docs/PERFORMANCE.md.
+W8A16). Every layer kernel follows ``base.LayerKernel`` (key, config, plan per M bucket, call): it
+picks a plan per power-of-two M bucket from the tuned configs of its GPU (``tuned_<gpu>.json``,
+written by bench/kernels.py --tune; the nearest GPU's where its own has none) or a heuristic.
+See docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

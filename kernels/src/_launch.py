@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -54,10 +55,12 @@ class Launcher:
 
     __slots__ = ("fn", "consts", "opts", "ck", "tail", "dev")
 
-    def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None):
+    def __init__(self, fn, consts: dict, num_warps: int = 4, num_stages: int = 2, device=None, maxnreg=None):
         self.fn = fn
         self.consts = dict(consts)
         self.opts = {"num_warps": num_warps, "num_stages": num_stages}
+        if maxnreg and not INTERPRET:  # a register cap (more programs per SM), compiled CUDA only
+            self.opts["maxnreg"] = int(maxnreg)
         self.ck = None
         self.tail = tuple(self.consts.values())
         self.dev = 0 if device is None or device.index is None else device.index
@@ -138,22 +141,65 @@ def dequant_then_mm(lau, grid, before: tuple, after: tuple, N: int, K: int, dtyp
 
 
 # ---- tuned configs --------------------------------------------------------------------------------
-_TUNED_FILE = Path(__file__).with_name("tuned_hopper.json")
-_TUNED: dict | None = None
+# One file per GPU, ``tuned_<gpu>.json`` beside this module (bench/kernels.py --tune writes the one of
+# the GPU it runs on): key -> config, plus ``_gpu`` (the device name it was measured on), ``_cc`` (its
+# compute capability) and ``_device*`` notes. A layer looks its key up in the file of its own GPU
+# first, then in the nearest others: same compute capability, then any.
+_TUNED_DIR = Path(__file__).parent
+_TUNED: dict = {}
 
 
-def tuned() -> dict:
-    """Configs measured by ``bench/kernels.py --tune`` (key -> config dict; the file's ``_device``
-    entry says on which GPU), plus the file named by $QUANTKIT_KERNEL_TUNED if set."""
-    global _TUNED
-    if _TUNED is None:
-        _TUNED = {}
-        for p in (_TUNED_FILE, Path(os.environ.get("QUANTKIT_KERNEL_TUNED", "/nonexistent"))):
-            try:
-                _TUNED.update(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                pass
-    return _TUNED
+def gpu_slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100_80gb_hbm3`` (the tuned file's name part)."""
+    s = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return s[len("nvidia_"):] if s.startswith("nvidia_") else s
+
+
+def tuned_file(name: str) -> Path:
+    return _TUNED_DIR / f"tuned_{gpu_slug(name)}.json"
+
+
+def _device_id(device) -> tuple[str, tuple[int, int] | None]:
+    try:
+        if device is not None and getattr(device, "type", "cuda") == "cuda" and torch.cuda.is_available():
+            return torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+    except Exception:  # noqa: BLE001
+        pass
+    return "", None
+
+
+def _nearness(data: dict, path: Path, name: str, cc) -> int:
+    if name and (data.get("_gpu") == name or path.name == tuned_file(name).name):
+        return 2
+    if cc is not None and tuple(data.get("_cc", ())) == cc:
+        return 1
+    return 0
+
+
+def tuned(device=None) -> dict:
+    """Configs measured by ``bench/kernels.py --tune`` for the GPU of ``device`` (key -> config):
+    its own file's entries over those of the nearest other GPUs, and the file named by
+    $QUANTKIT_KERNEL_TUNED over all."""
+    name, cc = _device_id(device)
+    cached = _TUNED.get(name)
+    if cached is not None:
+        return cached
+    files = []
+    for p in sorted(_TUNED_DIR.glob("tuned_*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        files.append((_nearness(data, p, name, cc), p.name, data))
+    merged: dict = {}
+    for _, _, data in sorted(files, key=lambda t: (t[0], t[1])):  # nearest last: its entries win
+        merged.update(data)
+    try:
+        merged.update(json.loads(Path(os.environ.get("QUANTKIT_KERNEL_TUNED", "/nonexistent")).read_text()))
+    except (OSError, ValueError):
+        pass
+    _TUNED[name] = merged
+    return merged
 
 
 def m_bucket(m: int) -> int:

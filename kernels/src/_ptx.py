@@ -1,5 +1,5 @@
-"""Inline-PTX dequantization for the k kernels (kernels/src/_kmajor.py): compiled GPU code only (Triton's
-interpreter cannot run inline assembly; there the kernels take their plain-Triton paths).
+"""Inline-PTX dequantization for the W4A16 kernels (kernels/src/w4a16_jit.py): compiled GPU code only
+(Triton's interpreter cannot run inline assembly; there the kernels take their plain-Triton paths).
 
 * int codes: ``_kdeq_asm`` MODE 0 — two weights per 32-bit register: ``(w >> 4i) & 0x000F000F | magic``
   is the pair {M0 + q_i, M0 + q_(i+4)} (M0 = 128 in bf16, 1024 in fp16: exact), one packed FMA subtracts
@@ -71,12 +71,37 @@ mov.b32 {$2, $3}, p1;
 mov.b32 {$4, $5}, p2;
 mov.b32 {$6, $7}, p3;
 }""")
+def _with_scale(text: str, before: str, regs: tuple[str, ...], sop: str, ty: str) -> str:
+    """The PTX ``text`` with every pair register in ``regs`` multiplied by the scale pair ``sop`` (one
+    packed FMA with -0.0 each, rounded once: the dequantized weight ``(q - z) * s`` in the dot dtype),
+    inserted before the line ``before``."""
+    lines = text.split("\n")
+    lines[1] = lines[1].rstrip(";") + ", nz;"
+    lines.insert(2, "mov.b32 nz, 0x80008000;")
+    i = lines.index(before)
+    return "\n".join(lines[:i] + [f"fma.rn.{ty} {r}, {r}, {sop}, nz;" for r in regs] + lines[i:])
+
+
+# the same dequantizations with the group scale applied (the large-M GEMM: its dot accumulates in one
+# accumulator, so the weights must carry their scale); scale pair in operand $10 (int) / $17 (lut)
+_ASM_INT_BF16_S = _with_scale(_ASM_INT_BF16, "prmt.b32 p0, a0, a1, 0x5410;", ("a0", "a1", "a2", "a3"), "$10",
+                              "bf16x2")
+_ASM_INT_FP16_S = _with_scale(_ASM_INT_FP16, "prmt.b32 p0, a0, a1, 0x5410;", ("a0", "a1", "a2", "a3"), "$10",
+                              "f16x2")
+_ASM_LUT_BF16_S = _with_scale(_ASM_LUT, "mov.b32 {$0, $1}, p0;", ("p0", "p1", "p2", "p3"), "$17", "bf16x2")
+_ASM_LUT_FP16_S = _with_scale(_ASM_LUT, "mov.b32 {$0, $1}, p0;", ("p0", "p1", "p2", "p3"), "$17", "f16x2")
 _OUT8 = "=h,=h,=h,=h,=h,=h,=h,=h,"
 _ASM_INT_BF16_C = tl.constexpr(_ASM_INT_BF16)
 _ASM_INT_FP16_C = tl.constexpr(_ASM_INT_FP16)
 _ASM_LUT_C = tl.constexpr(_ASM_LUT)
 _CONS_INT = tl.constexpr(_OUT8 + "r,r")
 _CONS_LUT = tl.constexpr(_OUT8 + "r,r,r,r,r,r,r,r,r")
+_ASM_INT_BF16_S_C = tl.constexpr(_ASM_INT_BF16_S)
+_ASM_INT_FP16_S_C = tl.constexpr(_ASM_INT_FP16_S)
+_ASM_LUT_BF16_S_C = tl.constexpr(_ASM_LUT_BF16_S)
+_ASM_LUT_FP16_S_C = tl.constexpr(_ASM_LUT_FP16_S)
+_CONS_INT_S = tl.constexpr(_OUT8 + "r,r,r")
+_CONS_LUT_S = tl.constexpr(_OUT8 + "r,r,r,r,r,r,r,r,r,r")
 
 
 @triton.jit
@@ -87,6 +112,13 @@ def _zpair(z, XDT: tl.constexpr):
     else:
         v = -(z + 1024.0)
     b = v.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _spair(s, XDT: tl.constexpr):
+    """The scale s as two packed values of the dot dtype (int32 bits)."""
+    b = s.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return b | (b << 16)
 
 
@@ -126,6 +158,34 @@ def _kdeq_asm(w, zz, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl
                 _ASM_INT_FP16_C, _CONS_INT, [w, zb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     else:
         d0, d1, d2, d3, d4, d5, d6, d7 = _lut_bits(w, t0, t1, t2, t3, t4, t5, t6, t7)
+    return _cols8(d0.to(XDT, bitcast=True), d1.to(XDT, bitcast=True), d2.to(XDT, bitcast=True),
+                  d3.to(XDT, bitcast=True), d4.to(XDT, bitcast=True), d5.to(XDT, bitcast=True),
+                  d6.to(XDT, bitcast=True), d7.to(XDT, bitcast=True))
+
+
+@triton.jit
+def _kdeq_asm_s(w, zz, ss, t0, t1, t2, t3, t4, t5, t6, t7, MODE: tl.constexpr, XDT: tl.constexpr):
+    """``_kdeq_asm`` with the scale: words w [BN, BKW] -> [BN, 8*BKW] values ``(q - z) * s`` (int) or
+    ``table[q] * s`` (lut) in XDT, column order; ss = _spair(scale) ([BN, 1] or [BN, BKW])."""
+    sb = tl.broadcast_to(ss, w.shape)
+    if MODE == 0:
+        zb = tl.broadcast_to(zz, w.shape)
+        if XDT == tl.bfloat16:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_INT_BF16_S_C, _CONS_INT_S, [w, zb, sb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_INT_FP16_S_C, _CONS_INT_S, [w, zb, sb], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    else:
+        tb = (w, tl.broadcast_to(t0, w.shape), tl.broadcast_to(t1, w.shape), tl.broadcast_to(t2, w.shape),
+              tl.broadcast_to(t3, w.shape), tl.broadcast_to(t4, w.shape), tl.broadcast_to(t5, w.shape),
+              tl.broadcast_to(t6, w.shape), tl.broadcast_to(t7, w.shape), sb)
+        if XDT == tl.bfloat16:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_LUT_BF16_S_C, _CONS_LUT_S, tb, dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                _ASM_LUT_FP16_S_C, _CONS_LUT_S, tb, dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     return _cols8(d0.to(XDT, bitcast=True), d1.to(XDT, bitcast=True), d2.to(XDT, bitcast=True),
                   d3.to(XDT, bitcast=True), d4.to(XDT, bitcast=True), d5.to(XDT, bitcast=True),
                   d6.to(XDT, bitcast=True), d7.to(XDT, bitcast=True))

@@ -1,4 +1,4 @@
-"""Triton device helpers shared by the kernel files (lowbit, _kmajor, fp8)."""
+"""Triton device helpers shared by the kernel files (w4a16_jit, w4a16_repacked, fp8)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
-from ._launch import INTERPRET, Launcher, cdiv, m_bucket, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, workspace
 from ._tl import _finish, _tile_mn
+from .base import LayerKernel
 
 _INTERP = tl.constexpr(INTERPRET)
 _FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -186,12 +187,11 @@ def _fp8_gemm(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     _finish(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
 
 
-class FP8Kernel:
+class FP8Kernel(LayerKernel):
     """``x -> x @ W^T`` for one fp8 layer."""
 
     def __init__(self, shape, device, w, ws, act: str, act_dtype, xs_static, fallback, tag: str):
-        self.N, self.K = shape
-        self.device, self.tag = device, tag
+        super().__init__(shape, device, tag, fallback)
         self.w = w                       # [N, K] fp8, as stored
         self.ws = ws                     # [N] or [1] fp32
         self.ws_row = ws.numel() > 1
@@ -202,8 +202,6 @@ class FP8Kernel:
         self.xs_static = xs_static
         # cuBLASLt has no e5m2 x e5m2 FP8 GEMM
         self.smm_ok = not (w.dtype == torch.float8_e5m2 and act_dtype == torch.float8_e5m2)
-        self.fallback = fallback
-        self.plans: dict = {}
         # K loads are unmasked whenever BK divides K (EVEN_K): a run-time K mask keeps them byte-wide
         bk = min(triton.next_power_of_2(self.K), 2048)
         mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
@@ -212,10 +210,6 @@ class FP8Kernel:
                                  num_warps=8 if bk >= 1024 else 4, num_stages=1, device=device)
         self.s_launch = Launcher(_pow2_scale, dict(BK=bk), num_warps=8 if bk >= 1024 else 4, num_stages=1,
                                  device=device)
-
-    def key(self, mb: int, dtype) -> str:
-        return (f"{self.tag}:{self.N}x{self.K}:"
-                f"{'bf16' if dtype == torch.bfloat16 else 'fp16'}:m{mb}")
 
     def default_config(self, mb: int, dtype) -> dict:
         n, k, sms = self.N, self.K, 132
@@ -236,8 +230,12 @@ class FP8Kernel:
         return {"path": "gemm", "BM": bm, "BN": bn, "BK": bk, "warps": 4 if bm <= 64 else 8, "stages": 3,
                 "split": split, "group_m": 1 if mb <= 64 else 8}
 
-    def config(self, mb: int, dtype) -> dict:
-        return tuned().get(self.key(mb, dtype)) or self.default_config(mb, dtype)
+    def check_config(self, cfg: dict, mb: int, dtype) -> dict:
+        if cfg["path"] == "gemv" and mb > self.gemv_max_m:
+            return self.default_config(64, dtype)
+        if cfg["path"] == "scaled_mm" and (dtype != torch.bfloat16 or not self.smm_ok):
+            return self.default_config(64, dtype) | {"split": 1, "BM": 128, "BN": 128, "warps": 8, "group_m": 8}
+        return cfg
 
     def make_plan(self, cfg: dict, dtype, mb: int):
         N, K = self.N, self.K
@@ -310,36 +308,6 @@ class FP8Kernel:
             g = grid if grid is not None else (cdiv(M, bm) * tiles_n, split, 1)
             lau(g, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
         return run_triton
-
-    def plan(self, M: int, dtype, cfg: dict | None = None):
-        mb = m_bucket(M)
-        if cfg is None:
-            cfg = self.config(mb, dtype)
-        if cfg["path"] == "gemv" and mb > 4:
-            cfg = self.default_config(64, dtype)
-        if cfg["path"] == "scaled_mm" and (dtype != torch.bfloat16 or not self.smm_ok):
-            cfg = self.default_config(64, dtype) | {"split": 1, "BM": 128, "BN": 128, "warps": 8, "group_m": 8}
-        p = self.make_plan(cfg, dtype, mb)
-        self.plans[(mb, dtype)] = p
-        return p
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        if dt not in (torch.bfloat16, torch.float16):
-            return self.fallback(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.K)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        if x2.data_ptr() & 15:
-            x2 = x2.clone()
-        M = x2.shape[0]
-        out = torch.empty((M, self.N), dtype=dt, device=x.device)
-        if M:
-            mb = 1 if M <= 1 else min(1 << (M - 1).bit_length(), 4096)
-            p = self.plans.get((mb, dt)) or self.plan(M, dt)
-            p(x2, out, M)
-        return out.view(*lead, self.N)
 
 
 @register_kernel("fp8")

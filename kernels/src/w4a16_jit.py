@@ -1,53 +1,20 @@
-"""W4A16 kernels on the checkpoint's own layout ("k" kernels): K-major, no repack, no second copy.
+"""Triton kernels of the default W4A16 path (kernels/src/w4a16.py) on the checkpoint's own layout.
 
-Layout. The 4-bit ``qweight`` of docs/FORMAT.md (uint8 [out, in/2], two codes per byte, even column
-in the low nibble) read as int32 is ``w [N, K/8]``: word j of row n holds the codes of columns
-8j..8j+7, column 8j+i in nibble i. The kernels read that tensor as is (a view, no copy) together
-with the checkpoint's ``scales`` [N, G], ``zeros`` [N, G] and ``lut`` [N or 1, 2^b]: nothing is
-repacked and the GPU holds the weights once. Only 2/3-bit codes, rows whose byte count is not a
-multiple of 4, and act-order (``g_idx``) need a repack (codes widened to nibbles, columns sorted
-by group); then the kernel owns that copy.
-
-Paths, by the row count M of x (measured on an H100, docs/PERFORMANCE.md):
-  * ``gemv`` (M = 1-2; ``_kq_gemv_n``): a program reads [BN, BKW] words (16-byte loads along K) and
-    dequantizes nibble by nibble: ``(w & (15 << 4p)) | 0x3F800000`` read as fp32 is
-    ``1 + q * 2^(4p-23)`` (p = i, or i-3 of ``w >> 12`` for the top three nibbles), minus
-    ``1 + z * 2^(4p-23)`` is exact, and one FMA with ``x[8*kw + i] * 2^(23-4p)`` accumulates it (LOP3,
-    FADD, FFMA per weight, no int->float convert); scale and row sums once per chunk; the next chunk's
-    words are loaded before the current one is computed (``pf``); split-K over programs. For lut
-    formats the values come from the row's table held in registers (``_lut16``: byte-permute lookups
-    in inline PTX, fp16 planes, exact; ``asm: False`` in a config falls back to L1 loads).
-  * ``mma`` (M = 2-64 by the tuned table; ``_kq_mma``): the 8 nibble tensors are interleaved
-    (``tl.interleave``, in registers) into the [BN, 8*BKW] tile in column order, ``q - z`` (or the
-    table value) in the x dtype, and go to ``tl.dot``; ``swap`` computes W·xᵀ (the weight tile is the
-    register A operand of wgmma, x the narrow side). When a chunk lies in one group the scale
-    multiplies the chunk's dot product. ``asm`` dequantizes with inline PTX (``_ptx._kdeq_asm``: packed
-    magic-number pairs for int, register-table lookups for lut; compiled GPU only, whole groups per
-    chunk); ``unroll`` handles U chunks per loop iteration.
-  * ``dq``: dequantize the weight to a scratch buffer and call cuBLAS (large M).
-Split-K partial sums go to the shared workspace; the last program of each tile (counted with an
-atomic) sums them in a fixed order (deterministic, one launch).
-
-Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
+``w4a16_gemv`` (M <= 4: FMA dot products, split-K), ``w4a16_mma`` (small and mid M: tensor cores, the
+weight tile dequantized in registers before ``tl.dot``, the scale after the dot per chunk),
+``w4a16_gemm`` (large M: the scale inside the dequantized tile, one pipelined accumulator) and
+``w4a16_dequant`` (the weight to a [N, K] buffer for cuBLAS). The layout, the dequantization
+arithmetic and the paths are described in w4a16.py. Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
 copied.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-from quantkit.formats.packing import unpack_codes
-
-from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, m_bucket, tuned, workspace
-from ._ptx import _kdeq_asm, _lut16, _planes, _zpair, lut_planes
+from ._ptx import _kdeq_asm, _kdeq_asm_s, _lut16, _planes, _spair, _zpair
 from ._tl import _cols8, _finish, _tile_mn
-
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-ASM_OFF = os.environ.get("QUANTKIT_KERNEL_ASM", "1") == "0"  # 0: never the inline-PTX dequant
 
 
 # ================================================================================================
@@ -282,7 +249,7 @@ def _gemv_chunk_lasm(w, c, rn, x_ptr, s_ptr, M, K, G, a0, a1, a2, a3, t0, t1, t2
 
 
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
-def _kq_gemv_n(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+def w4a16_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
                M, N, K, KWS, G, CPS, SPLIT,
                MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
@@ -376,7 +343,7 @@ def _mma_chunk(acc, c, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS
 
 
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
-def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+def w4a16_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
             M, N, K, KWS, G, CPS, SPLIT,
             MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
             GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
@@ -433,8 +400,103 @@ def _kq_mma(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
 
 
+@triton.jit
+def _sz_pairs(rn, c, nch, s_ptr, z_ptr, G, zz, XDT: tl.constexpr, HAS_SCALE: tl.constexpr, ZERO: tl.constexpr,
+              GS: tl.constexpr, BKW: tl.constexpr):
+    """Chunk c's scale pairs and -(M0 + zero) pairs for the inline-PTX dequant (c clamped to the last
+    chunk): [BN, 1], or [BN, BKW] when groups split a chunk; 0 / zz where the layer has none."""
+    sidx = _group_idx(rn, tl.minimum(c, nch - 1), G, GS, BKW)
+    sp = 0
+    zl = zz
+    if HAS_SCALE:
+        sp = _spair(tl.load(s_ptr + sidx), XDT)
+    if ZERO:
+        zl = _zpair(tl.load(z_ptr + sidx).to(tl.float32), XDT)
+    return sp, zl
+
+
+@triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
+def w4a16_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+               M, N, K, KWS, G, CPS, SPLIT,
+               MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+               GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLITK: tl.constexpr, EVEN: tl.constexpr,
+               SWAP: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr, ASM: tl.constexpr):
+    """Large M. Per chunk of 8*BKW columns the [BN, 8*BKW] weight tile is dequantized in registers *with
+    its group scale* (``(q - z) * s`` or ``table[q] * s`` in the x dtype, rounded once: the weight
+    cuBLAS would get from the dequantize path) and tl.dot accumulates it into one fp32 accumulator.
+    Unlike ``w4a16_mma`` there is no rescale per chunk between dots, so consecutive tensor-core
+    instructions (wgmma on Hopper) chain on the accumulator and the loads of x and of the packed words
+    are pipelined ``num_stages`` deep. ASM: inline-PTX dequant (compiled CUDA); otherwise fp32
+    dequant (any group size, the interpreter). SWAP computes W xᵀ (the weight tile is the A operand)."""
+    XDT = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_mn(pid, M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = tl.minimum(offs_n, N - 1)
+    rm = tl.minimum(offs_m, M - 1)
+    kw = tl.arange(0, BKW)
+    kk = tl.arange(0, 8 * BKW)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    nch = tl.cdiv(KWS, BKW)
+    c0 = pid_k * CPS
+    c1 = tl.minimum(c0 + CPS, nch)
+    wrow = w_ptr + rn[:, None].to(tl.int64) * KWS
+    xrow = x_ptr + rm[:, None].to(tl.int64) * K
+    zz = 0
+    t0 = 0
+    t1 = 0
+    t2 = 0
+    t3 = 0
+    t4 = 0
+    t5 = 0
+    t6 = 0
+    t7 = 0
+    sn = 0
+    zn = 0
+    if ASM:
+        zz = _zpair(tl.full([1, 1], ZC, tl.float32), XDT)
+        if MODE == 1:  # the rows' table planes (x dtype), in registers for the whole loop
+            t0, t1, t2, t3, t4, t5, t6, t7 = _planes(lut_ptr, rn, LUT_ROW)
+        # the first chunk's scale/zero pairs; in the loop the next chunk's are loaded a chunk ahead
+        # (2-byte gathers are not pipelined by Triton: loaded when used they stall every chunk)
+        sn, zn = _sz_pairs(rn, c0, nch, s_ptr, z_ptr, G, zz, XDT, HAS_SCALE, HAS_ZERO and MODE == 0, GS, BKW)
+    for c in range(c0, c1):
+        wc = c * BKW + kw
+        k = c * (8 * BKW) + kk
+        if EVEN:
+            w = tl.load(wrow + wc[None, :])
+            xt = tl.load(xrow + k[None, :])
+        else:
+            w = tl.load(wrow + wc[None, :], mask=(wc < KWS)[None, :], other=0)
+            xt = tl.load(xrow + k[None, :], mask=(k < K)[None, :], other=0.0)
+        if ASM:
+            sp = sn
+            zl = zn
+            sn, zn = _sz_pairs(rn, c + 1, nch, s_ptr, z_ptr, G, zz, XDT, HAS_SCALE, HAS_ZERO and MODE == 0, GS, BKW)
+            if HAS_SCALE:
+                d = _kdeq_asm_s(w, zl, sp, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+            else:
+                d = _kdeq_asm(w, zl, t0, t1, t2, t3, t4, t5, t6, t7, MODE, XDT)
+        else:
+            d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW,
+                      False).to(XDT)
+        if SWAP:
+            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        else:
+            acc = _dot(xt, tl.trans(d), acc, INTERP)
+    if SWAP:
+        acc = tl.trans(acc)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid, pid_k, SPLIT, BM, BN, SPLITK)
+
+
 @triton.jit(do_not_specialize=["G"])
-def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
+def w4a16_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
                 MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                 GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr,
                 BN: tl.constexpr, BKW: tl.constexpr, EVEN: tl.constexpr, LUTG: tl.constexpr,
@@ -462,285 +524,3 @@ def _kq_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, KWS, G,
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, LUTG)
     optr = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
     tl.store(optr, d.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (k < K)[None, :])
-
-
-# ================================================================================================
-# Layer kernel
-# ================================================================================================
-class _Plans(dict):
-    """Plans per (M bucket, dtype); clearing them also forgets the per-shape call cache."""
-
-    def __init__(self, calls: dict):
-        super().__init__()
-        self.calls = calls
-
-    def clear(self):
-        super().clear()
-        self.calls.clear()
-
-
-class KLowbitKernel:
-    """``x -> x @ W^T`` for one int/lut layer on the checkpoint layout; built once, called per forward.
-
-    Per call it does the least Python it can: one dict lookup for the plan of the row count, one
-    output allocation, one launch through the cached launcher (``_launch.Launcher``)."""
-
-    impl = "k"
-
-    def __init__(self, mode, shape, device, w, s, z, lut, lut_row, ls, perm, G, GS, zc, fallback, tag,
-                 owns_codes: bool):
-        self.mode, self.device, self.tag = mode, device, tag
-        self.N, self.K = shape
-        self.w, self.s, self.z, self.lut, self.perm = w, s, z, lut, perm
-        self.gmap = None
-        self.G, self.GS, self.zc, self.lut_row, self.LS = G, GS, zc, lut_row, ls
-        self.KWS = w.shape[1]
-        self.fallback = fallback
-        self.owns_codes = owns_codes  # True when w is a repacked copy (2/3-bit, odd rows, act-order)
-        self._calls: dict = {}
-        self.plans: dict = _Plans(self._calls)
-        self._ptrs = tuple(t if t is not None else w for t in (w, s, z, lut))
-        self._planes: dict = {}  # dtype -> lut_planes (the asm lookup's table), built on first use
-
-    # ---- configs ---------------------------------------------------------------------------
-    def key(self, mb: int, dtype) -> str:
-        return f"{self.tag}.k:{self.N}x{self.K}:{_DT.get(dtype, 'fp16')}:m{mb}"
-
-    def default_config(self, mb: int) -> dict:
-        """Heuristic Hopper config when no tuned one is stored."""
-        n, sms = self.N, 132
-        if mb <= 2:  # at M = 3-4 the BM=16 tensor-core tile below was faster on all 7 Llama shapes (H100)
-            bn, bkw = 64, 32
-            nch = cdiv(self.KWS, bkw)
-            split = max(1, min(nch // 2 or 1, cdiv(4 * sms, cdiv(n, bn))))
-            return {"path": "gemv", "BN": bn, "BKW": bkw, "warps": 4, "split": split}
-        if mb <= 64:
-            bm = max(16, mb)
-            bn, bkw = 64, 16
-            if self.GS < (1 << 30) and self.GS % 128:
-                bkw = max(4, min(16, self.GS // 8))  # whole groups per chunk: the scale after the dot
-            nch = cdiv(self.KWS, bkw)
-            split = max(1, min(nch // 2 or 1, cdiv(2 * sms, cdiv(n, bn) * cdiv(mb, bm))))
-            return {"path": "mma", "BM": bm, "BN": bn, "BKW": bkw, "warps": 4, "stages": 2, "split": split,
-                    "swap": mb <= 16, "asm": True}
-        return {"path": "dq"}
-
-    def asm_ok(self, bkw: int, dtype, gemv: bool = False) -> bool:
-        """Whether the inline-PTX dequant (``_kdeq_asm``) serves this layer at chunk width bkw: compiled
-        CUDA (not the interpreter), a 16-bit dot dtype, whole groups per chunk, <= 16 table entries."""
-        if INTERPRET or dtype not in _DT or self.device.type != "cuda" or ASM_OFF:
-            return False
-        if self.s is not None and self.GS % (8 * bkw) != 0 and not gemv:
-            return False
-        return self.mode == 0 or self.LS <= 16
-
-    def planes(self, dtype) -> torch.Tensor:
-        p = self._planes.get(dtype)
-        if p is None:
-            p = self._planes[dtype] = lut_planes(self.lut, dtype)
-        return p
-
-    def config(self, mb: int, dtype) -> dict:
-        t = tuned()
-        c = t.get(self.key(mb, dtype))
-        if c is None:  # no entry for this format: the tuned config of the same shape's reference format
-            ref = "int4g128" if self.mode == 0 else "lut4rg128s"
-            c = t.get(f"{ref}.k:{self.N}x{self.K}:{_DT.get(dtype, 'fp16')}:m{mb}")
-            if c is not None and c.get("path") == "mma" and self.GS < 8 * int(c["BKW"]):
-                c = dict(c, BKW=max(4, self.GS // 8))  # whole groups per chunk (the scale after the dot)
-        return c or self.default_config(mb)
-
-    def _common(self):
-        return dict(MODE=self.mode, HAS_SCALE=self.s is not None, HAS_ZERO=self.z is not None,
-                    ZC=float(self.zc), GS=self.GS, LS=self.LS, LUT_ROW=self.lut_row)
-
-    def make_plan(self, cfg: dict, dtype, mb: int):
-        """A closure ``(x2d, out, M) -> None`` running one config for rows M <= mb."""
-        N, K, KWS, G = self.N, self.K, self.KWS, self.G
-        path = cfg["path"]
-        wp, sp, zp, lp = self._ptrs
-        common = self._common()
-        if path == "dq":
-            bn, bkw = int(cfg.get("BN", 32)), int(cfg.get("BKW", 16))
-            even = KWS % bkw == 0 and K == KWS * 8
-            dasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype)
-            if dasm:
-                lp = self.planes(torch.float16)
-            lau = Launcher(_kq_dequant, dict(common, BN=bn, BKW=bkw, EVEN=even, LUTG=False, ASM=dasm), num_warps=4,
-                           num_stages=1, device=self.device)
-            grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
-            return dequant_then_mm(lau, grid, (wp, sp, zp, lp), (N, K, KWS, G), N, K, dtype, self.device)
-        bn, bkw = int(cfg["BN"]), int(cfg["BKW"])
-        nch = cdiv(KWS, bkw)
-        split = max(1, min(int(cfg.get("split", 1)), nch))
-        cps = cdiv(nch, split)
-        split = cdiv(nch, cps)
-        splitk = split > 1
-        even = KWS % bkw == 0 and K == KWS * 8
-        lutg = bool(cfg.get("lutg", False)) and self.mode == 1
-        tiles_n = cdiv(N, bn)
-        if path == "gemv":
-            bm = 1 if mb <= 1 else (2 if mb <= 2 else 4)
-            # lut formats: table lookups in registers (inline PTX, fp16 planes: exact) unless disabled
-            gasm = self.mode == 1 and bool(cfg.get("asm", True)) and self.asm_ok(bkw, dtype, gemv=True)
-            ptrs = (wp, sp, zp, self.planes(torch.float16)) if gasm else None
-            lau = Launcher(_kq_gemv_n, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
-                                            PF=bool(cfg.get("pf", True)), LUTG=lutg and not gasm, ASM=gasm),
-                           num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 1)), device=self.device)
-            grid = (tiles_n, split, 1)
-            ws, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
-            return self._fast(lau, grid, ws, cnt, cps, split, ptrs)
-        bm = int(cfg["BM"])
-        asm = bool(cfg.get("asm", False)) and self.asm_ok(bkw, dtype)
-        ptrs = self._ptrs
-        if asm and self.mode == 1:
-            lp = self.planes(dtype)
-            ptrs = (wp, sp, zp, lp)
-        lau = Launcher(_kq_mma, dict(common, BM=bm, BN=bn, BKW=bkw, SPLITK=splitk, EVEN=even,
-                                     SWAP=bool(cfg.get("swap", False)), GROUP_M=int(cfg.get("group_m", 1)),
-                                     INTERP=INTERPRET, LUTG=lutg and not asm, ASM=asm,
-                                     U=int(cfg.get("unroll", 1))),
-                       num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
-        tiles_m = cdiv(mb, bm)
-        ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
-        if tiles_m == 1:
-            return self._fast(lau, (tiles_n, split, 1), ws, cnt, cps, split, ptrs)
-
-        def run_mma(x, out, M):
-            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-        return run_mma
-
-    def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
-        """The launch closure of a fixed grid. After the first (compiling) call it calls the compiled
-        kernel's launcher directly with every pointer as a plain int: Triton's launcher then skips
-        the per-pointer ``data_ptr()`` call and driver query (cuPointerGetAttribute) it does for
-        tensors."""
-        N, K, KWS, G = self.N, self.K, self.KWS, self.G
-        wp, sp, zp, lp = ptrs or self._ptrs
-        fixed = (wp.data_ptr(), sp.data_ptr(), zp.data_ptr(), lp.data_ptr())
-        wsi, cnti = ws.data_ptr(), cnt.data_ptr()
-        gx, gy, gz = grid
-        stream = torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None
-        dev = lau.dev
-        fast = []
-
-        def run(x, out, M):
-            if fast:
-                f, fn, meta, tail = fast
-                f(gx, gy, gz, stream(dev), fn, meta, None, None, None, x.data_ptr(), *fixed, out.data_ptr(), wsi,
-                  cnti, M, N, K, KWS, G, cps, split, *tail)
-                return
-            lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
-            ck = lau.ck
-            if ck is not None:
-                fast.extend((ck.run, ck.function, ck.packed_metadata, lau.tail))
-        return run
-
-    def plan(self, M: int, dtype, cfg: dict | None = None):
-        mb = m_bucket(M)
-        if cfg is None:
-            cfg = self.config(mb, dtype)
-        if cfg["path"] == "gemv" and mb > 4:
-            cfg = self.default_config(mb)
-        p = self.make_plan(cfg, dtype, mb)
-        self.plans[(mb, dtype)] = p
-        self._calls.clear()
-        return p
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # fast path: contiguous, 16-byte aligned x of a row count seen before -> one dict lookup, one
-        # allocation, one launch (no reshape/view objects: the kernel only needs the pointer and M)
-        if self.perm is None and x.is_contiguous() and not x.data_ptr() & 15:
-            hit = self._calls.get((x.shape, x.dtype))
-            if hit is not None:
-                p, M, oshape = hit
-                out = x.new_empty(oshape)
-                p(x, out, M)
-                return out
-        return self._call_slow(x)
-
-    def _call_slow(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.K)
-        dt = x2.dtype
-        if dt not in _DT:
-            return self.fallback(x)
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
-        elif not x2.is_contiguous() or x2.data_ptr() & 15:
-            x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
-        M = x2.shape[0]
-        if M == 0:
-            return x.new_empty((*lead, self.N))
-        mb = m_bucket(M)
-        p = self.plans.get((mb, dt)) or self.plan(M, dt)
-        if len(self._calls) < 4096:
-            self._calls[(x.shape, dt)] = (p, M, (*lead, self.N))
-        out = torch.empty((M, self.N), dtype=dt, device=x2.device)
-        p(x2, out, M)
-        return out.view(*lead, self.N)
-
-
-# ================================================================================================
-# Builder
-# ================================================================================================
-def _nibble_words(codes: torch.Tensor) -> torch.Tensor:
-    """codes [n, k] (values < 16) -> int32 words [n, ceil(k/8)], column 8j+i in nibble i of word j."""
-    n, k = codes.shape
-    kp = cdiv(k, 8) * 8
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k)).view(n, kp // 8, 8)
-    word = torch.zeros(n, kp // 8, dtype=torch.int64, device=codes.device)
-    for i in range(8):
-        word |= c[:, :, i] << (4 * i)
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
-
-
-def build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc: float, lut, lut_row: bool,
-          tag: str, chunk: int = 4096):
-    N, K = shape
-    if bits > 4 or N == 0 or K == 0:
-        return None
-    gsz = fmt.group_size
-    s = packed.get("scales")
-    z = packed.get("zeros") if has_zero else None
-    g_idx = packed.get("g_idx")
-    G = s.shape[1] if s is not None else 1
-    perm = None
-    gs = gsz if gsz else (1 << 30)
-    qw = packed["qweight"]
-    if g_idx is not None:
-        gi = g_idx.to(device=device, dtype=torch.long)
-        perm = torch.argsort(gi, stable=True)
-        gs_ = gsz if gsz else K
-        # after sorting, column j must lie in group j // gs (GPTQ act-order: every group full but the last)
-        if not bool((gi[perm] == torch.arange(K, device=device) // gs_).all()):
-            return None
-        perm = perm.contiguous()
-    if gs % 8 and gs < K:
-        return None  # groups must hold whole words
-    owns = False
-    same_dev = qw.device.type == device.type and (device.index is None or qw.device.index == device.index)
-    if bits == 4 and perm is None and qw.shape[1] % 4 == 0 and qw.is_contiguous() \
-            and qw.data_ptr() % 16 == 0 and same_dev:
-        w = qw.view(torch.int32)  # the checkpoint's own bytes, no copy
-    else:
-        qw = qw.to(device)
-        parts = []
-        for r0 in range(0, N, chunk):
-            c = unpack_codes(qw[r0:r0 + chunk], bits, K)
-            if perm is not None:
-                c = c[:, perm]
-            parts.append(_nibble_words(c))
-        w = torch.cat(parts, 0).contiguous()
-        owns = True
-    st = s.to(device).contiguous() if s is not None else None
-    zt = z.to(device).contiguous() if z is not None else None
-    ls = 1 << bits
-    if lut is not None:
-        lut = lut.to(device=device, dtype=torch.float16).contiguous()
-        ls = lut.shape[1]
-
-    def fallback(x, _fmt=fmt, _p=packed, _shape=shape):
-        return _fmt.linear(x, _p, _shape)
-
-    return KLowbitKernel(mode, shape, device, w, st, zt, lut, lut_row, ls, perm, G, gs, zc, fallback, tag, owns)
