@@ -94,7 +94,7 @@ class QuantizedModel:
         d = current()
         if d is not None and not d.is_main:
             return os.path.abspath(path)
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        with atomic_output_dir(path, overwrite=overwrite, protect=(self.source_dir,)) as tmp:
             lay.save(self.model, tmp, self.meta)
             if self.source_dir:
                 copy_source_files(self.source_dir, tmp)
@@ -154,7 +154,13 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
              resume_dir: str | None = None, **pipeline_kwargs) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
-    The model is quantized in place block by block; only the current block is moved to ``device``.
+    **In place**: a transformers model passed in is modified (its linears are replaced by quantized
+    ones) and returned inside the QuantizedModel, so its float weights are gone afterwards; keep a float
+    copy (``copy.deepcopy(model)``, or pass the name/folder and reload the float model) to compare with.
+    An already quantized model is refused (quantize a fresh float one). Blocks are worked on one at a
+    time; only the current block is moved to ``device``. Everything that can be checked without the
+    data (recipe, calibration options, targets, positions, memory, token ids) is checked before any
+    calibration starts (quantkit.checks).
     With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume).
     Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
     by all ranks (quantkit.distributed); every rank returns the same model.
@@ -179,14 +185,14 @@ def _prepare(model_or_name, recipe, calibration, tokenizer, device, samples=None
     (under torchrun) and this rank's device, the model, the calibration ids."""
     from .distributed import setup
 
-    recipe = load_recipe(recipe)
-    over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
-            if v is not None}
-    if over:
-        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    from .checks import check_model, check_token_ids, with_calibration
+
+    recipe = with_calibration(load_recipe(recipe), samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     dist, device = setup(device)
     lm = _as_loaded(model_or_name, tokenizer)
+    check_model(lm.model, recipe, calibration, device or default_device())  # before any calibration (checks.py)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
+    check_token_ids(ids, lm.model)
     return recipe, dist, torch.device(device or default_device()), lm, ids, calib_info
 
 
@@ -235,6 +241,10 @@ def load(path: str) -> QuantizedModel:
 
     cfg = read_config(path)
     qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{path}/config.json: quantization_config must be a mapping with a quant_method, got "
+                              f"{type(qc).__name__} {str(qc)[:60]!r}; restore the config.json the checkpoint was "
+                              f"written with")
     if not isinstance(qc, dict) or "quant_method" not in qc:
         raise CheckpointError(f"{path}/config.json has no quantization_config.quant_method: not a quantized "
                               f"checkpoint (evaluate it as a float model instead)")

@@ -43,6 +43,7 @@ from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..models.discovery import is_linear, set_module
 from ..nn import QuantLinear
 from ..registry import register
+from .caps import LayoutCaps, any_config
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "compressed-tensors"
@@ -376,6 +377,14 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         "transform_config": {},
         "version": CT_VERSION,
     }
+    if any(s["format"] == "pack-quantized" and not s["weights"]["symmetric"] for s, _ in groups.values()):
+        # transformers + compressed-tensors (0.20.0) build the compressed layers for loading with an
+        # *unpacked* zero point [out, n_groups] (the meta-device branch of the pack-quantized compressor
+        # does not pack it), so the packed zero point written here (as llm-compressor and vLLM store it)
+        # fails with a size mismatch (llm-compressor issue #1618). ``dequantize`` is transformers' load
+        # option for this config: it decompresses each layer while loading, through compressed-tensors'
+        # own decompressor, which reads the packed zero point. vLLM and compressed-tensors ignore the key.
+        qc["dequantize"] = True
     return qc, per_layer
 
 
@@ -671,11 +680,24 @@ def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
     return finish_load(model, tensors, path)
 
 
+def _ct_fp8(fmt) -> str | None:
+    c = fmt.cfg
+    if c.dtype != "e4m3" or (c.activations != "none" and c.act_kind != "e4m3"):
+        return (f"compressed-tensors holds FP8 E4M3 only (got {c.dtype} weights, {c.act_kind} activations); use "
+                f"dtype: e4m3")
+    return None
+
+
 @register("layout", "compressed-tensors")
 class CompressedTensorsLayout:
     """``QuantizedModel.save(path, layout="compressed-tensors")``; ``quantkit.load`` reads it back."""
 
     QUANT_METHOD = QUANT_METHOD
+    CAPS = LayoutCaps(
+        formats={"int": (any_config, "yes (2-8 bit, sym/asym, groups or channel)"),
+                 "int8a8": (any_config, "yes"),
+                 "fp8": (_ct_fp8, "E4M3 only")},
+        act_order_g_idx=False, conv1d=False, options={"partial_groups": ("expand", "error")})
 
     @staticmethod
     def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from ..errors import CheckpointError, QuantkitError
 from ..models.discovery import set_module
 from ..nn import QuantLinear
 from ..registry import register
+from .caps import LayoutCaps
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "quantkit"
@@ -39,6 +40,7 @@ def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @register("layout", "native")
 class NativeLayout:
     QUANT_METHOD = QUANT_METHOD
+    CAPS = LayoutCaps(formats=None, transforms=True, kv_cache=True)  # holds whatever quantkit makes
 
     @staticmethod
     def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:
