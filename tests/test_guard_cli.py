@@ -242,10 +242,13 @@ def test_gptq_zero_point_advice_is_a_cli_option(recipes, tmp_path):
     fails_with(p, r"'checkpoint_format' does not apply to the native layout")
 
 
-def test_unknown_task_fails_before_perplexity(checkpoint):
-    p = cli("eval", checkpoint, "--tasks", "nosuchtask", "--windows", 1, "--eval-seq-len", 32)
+@pytest.mark.parametrize("command", ["eval", "run"])
+def test_unknown_task_fails_before_perplexity(checkpoint, model, recipes, tmp_path, command):
+    args = [checkpoint] if command == "eval" else [model, "-r", recipes["rtn32"], "-o", tmp_path / "run"]
+    p = cli(command, *args, "--tasks", "nosuchtask", "--windows", 1, "--eval-seq-len", 32)
     fails_with(p, r"unknown task 'nosuchtask'")
     no_work_started(p)
+    assert not (tmp_path / "run").exists()
 
 
 def test_usage_errors_are_one_line():

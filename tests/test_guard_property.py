@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import quantkit
@@ -69,6 +69,9 @@ def cli_setup(tmp_path_factory):
 @needs_data
 @settings(max_examples=30, **SETTINGS)
 @given(st.fixed_dictionaries(OPTIONS))
+@example({"--samples": None, "--seq-len": None, "--batch-size": None, "--seed": None})
+@example({"--samples": 2, "--seq-len": 8, "--batch-size": 10 ** 9, "--seed": 2 ** 63 - 1})
+@example({"--samples": 1, "--seq-len": 512, "--batch-size": 1, "--seed": 0})
 def test_cli_numeric_options_never_crash(cli_setup, opts):
     model, recipe, root = cli_setup
     out = tempfile.mkdtemp(dir=root)
@@ -80,6 +83,7 @@ def test_cli_numeric_options_never_crash(cli_setup, opts):
     rc, stdout, stderr = run_cli(argv)
     assert "Traceback" not in stderr
     ok = all(_valid(k, v) for k, v in opts.items())
+    event("valid options: quantized" if ok else "invalid options: one error line")
     if ok:
         assert rc == 0, (argv, stderr[-2000:])
         assert "saved " in stdout and os.path.exists(os.path.join(out, "model.safetensors"))
@@ -131,8 +135,23 @@ def tensors(draw):
     return t.to(dt)
 
 
+@st.composite
+def id_tensors(draw):  # [N, L] integer ids: valid, or broken in exactly one way
+    n, L = draw(st.integers(1, 4)), draw(st.sampled_from([1, 8, 16, POSITIONS]))
+    broken = draw(st.sampled_from([None, "no windows", "empty windows", "too long", "id = vocab", "negative id",
+                                   "int16"]))
+    n = 0 if broken == "no windows" else n
+    L = 0 if broken == "empty windows" else POSITIONS + 1 if broken == "too long" else L
+    t = torch.randint(0, VOCAB, (n, L), generator=torch.Generator().manual_seed(draw(st.integers(0, 9))))
+    if t.numel() and broken in ("id = vocab", "negative id"):
+        t[-1, -1] = VOCAB if broken == "id = vocab" else -1
+    return t.to(torch.int16 if broken == "int16" else draw(st.sampled_from([torch.int64, torch.int32])))
+
+
 CALIBRATIONS = st.one_of(
+    id_tensors(),
     tensors(),
+    id_tensors(),
     st.lists(st.text(max_size=60), max_size=5),
     st.lists(st.one_of(st.text(max_size=5), st.integers()), min_size=1, max_size=3),
     st.integers(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
@@ -153,13 +172,20 @@ def _should_work(c) -> bool:
 
 @settings(max_examples=60, **SETTINGS)
 @given(CALIBRATIONS)
+@example(torch.randint(0, 256, (3, 16)))
+@example(torch.full((2, 8), VOCAB))
+@example(torch.full((2, 8), -1))
+@example(torch.zeros((0, 64), dtype=torch.long))
+@example(["The quick brown fox jumps over the lazy dog."])
 def test_api_calibration_argument_never_crashes(calibration):
     try:
         qm = quantkit.quantize(_model(), RECIPE, calibration=calibration, tokenizer=TOK, device="cpu",
                                progress=False)
     except QuantkitError as e:
+        event(f"refused: {type(calibration).__name__}")
         assert str(e) and "\n" not in str(e)
         assert not _should_work(calibration), f"refused valid calibration: {e}"
         return
+    event(f"quantized: {type(calibration).__name__}")
     assert _should_work(calibration), f"accepted {calibration!r}"
     assert qm.quantized_layers() and qm.report.calibration_tokens > 0
