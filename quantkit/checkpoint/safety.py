@@ -30,7 +30,8 @@ OWNER_FILE = ".quantkit-owner.json"
 # files quantkit writes into a checkpoint folder (any layout); anything else means it is not only ours
 _CHECKPOINT_FILES = {"config.json", "model.safetensors", "quantize_config.json", "quantkit_source.json",
                      "quantkit_run.json", "generation_config.json", "special_tokens_map.json", "vocab.json",
-                     "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json"}
+                     "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json", "spiece.model",
+                     "sentencepiece.bpe.model"}
 _TEMP = re.compile(r"^\.(?P<base>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
 
 
