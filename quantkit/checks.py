@@ -128,9 +128,23 @@ def _available(device) -> int | None:
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        avail = int(psutil.virtual_memory().available)
     except Exception:  # noqa: BLE001
         return None
+    # a container's memory limit (cgroup v2, then v1) can be far below what the host has free
+    for limit_f, used_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_f) as f:
+                limit = f.read().strip()
+            with open(used_f) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            avail = min(avail, max(int(limit) - used, 0))
+        break
+    return avail
 
 
 def check_fits(model: nn.Module, recipe: Recipe, n: int, seq_len: int, device, *, with_ids: bool = True,
