@@ -274,12 +274,13 @@ def test_export_doc_table_is_the_declared_capabilities():
 
 
 # ---- the default asymmetric recipe exported as compressed-tensors loads in transformers ------------------
-def test_asymmetric_compressed_tensors_loads_in_transformers(tmp_path):
+@pytest.mark.parametrize("group_size", [32, 128, None])  # 128: 64-column layers in one group, 160 in 128 + 32
+def test_asymmetric_compressed_tensors_loads_in_transformers(tmp_path, group_size):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     m = tiny_model("llama")
-    qm = quantkit.quantize(m, {"quantizer": "rtn", "format": {"type": "int", "bits": 4, "group_size": 32,
+    qm = quantkit.quantize(m, {"quantizer": "rtn", "format": {"type": "int", "bits": 4, "group_size": group_size,
                                                                "sym": False}},
                            calibration=ids(), device="cpu", progress=False)
     out = str(tmp_path / "ct")
@@ -309,3 +310,22 @@ def test_no_extra_files_written(tmp_path):
         qm.save(str(tmp_path / lay), layout=lay)
         assert ".quantkit-owner.json" not in os.listdir(tmp_path / lay)
     shutil.rmtree(tmp_path)
+
+
+def test_asymmetric_mixed_precision_fails_loudly_in_transformers(tmp_path):
+    """Documented limitation (docs/EXPORT.md): several schemes, one asymmetric -> transformers refuses to load
+    (no `dequantize` key, which would decode every layer with the first scheme); quantkit reads it exactly."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    qm = quantkit.quantize(tiny_model("llama"), "mixed-w8-down-w4", calibration=ids(4, 32), device="cpu",
+                           progress=False)
+    out = str(tmp_path / "ct")
+    qm.save(out, layout="compressed-tensors")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert len(qc["config_groups"]) == 2 and "dequantize" not in qc
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(out)
+    back = quantkit.load(out)
+    for n, ql in qm.quantized_layers().items():
+        assert torch.equal(back.quantized_layers()[n].dequantized_weight(), ql.dequantized_weight())

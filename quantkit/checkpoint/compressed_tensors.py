@@ -235,7 +235,8 @@ def expect_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, path: str) -
 # ================================================================================================
 # export
 # ================================================================================================
-def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _int_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg, packed = int_layer_parts(name, ql, "compressed-tensors")
     out, inn = ql.shape
     b = cfg.bits
@@ -247,7 +248,13 @@ def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
     scales = packed["scales"]
     zeros = None if cfg.sym else packed["zeros"]
     ng = scales.shape[1]
-    if ng == 1:
+    if common is not None:  # every layer in groups of ``common`` columns (one scheme: see _common_group)
+        idx = (torch.arange(inn // common) * common) // (cfg.group_size if ng > 1 else inn)
+        scales = scales[:, idx]
+        zeros = None if zeros is None else zeros[:, idx]
+        args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": common,
+                "dynamic": False}
+    elif ng == 1:
         args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "channel", "group_size": None,
                 "dynamic": False}
     else:
@@ -275,6 +282,27 @@ def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
     if zeros is not None:
         t["weight_zero_point"] = pack_words(zeros.t().contiguous().to(torch.int32), b).t().contiguous()
     return {"weights": args, "input_activations": None, "format": "pack-quantized"}, t
+
+
+def _common_group(layers: dict[str, QuantLinear], partial_groups: str) -> int | None:
+    """One group size for every layer of an all-``int`` asymmetric model, or None.
+
+    transformers loads an asymmetric pack-quantized checkpoint only with ``dequantize`` (see ct_config),
+    and that path decompresses every layer with the *first* config group's scheme. So such a checkpoint
+    must have a single scheme: each layer's groups (and a one-group layer's row) are split into groups of
+    the gcd of all of them, repeating scales and zero points (exact, as for a shorter last group)."""
+    if partial_groups != "expand" or not layers:
+        return None
+    cfgs = [ql.fmt.cfg for ql in layers.values()]
+    if any(ql.spec["format"].get("type") != "int" or "g_idx" in ql.packed for ql in layers.values()):
+        return None
+    if len({(c.bits, c.sym) for c in cfgs}) != 1 or cfgs[0].sym:
+        return None
+    sizes = [math.gcd(c.group_size, ql.in_features) if ql.packed["scales"].shape[1] > 1 else ql.in_features
+             for c, ql in zip(cfgs, layers.values())]
+    if all(ql.packed["scales"].shape[1] == 1 for ql in layers.values()):
+        return None  # all per channel: one scheme already
+    return math.gcd(*sizes)
 
 
 def _act_args(act: str, type_: str) -> dict | None:
@@ -342,10 +370,11 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         raise CheckpointError("the model has no quantized layers; nothing to export")
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     groups: dict[str, tuple[dict, list[str]]] = {}
+    common = _common_group(layers, partial_groups)
     for name, ql in layers.items():
         ftype = ql.spec["format"].get("type")
         if ftype == "int":
-            scheme, t = _int_scheme(name, ql, partial_groups)
+            scheme, t = _int_scheme(name, ql, partial_groups, common)
         elif ftype == "fp8":
             scheme, t = _fp8_scheme(name, ql)
         elif ftype == "int8a8":
@@ -377,13 +406,16 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         "transform_config": {},
         "version": CT_VERSION,
     }
-    if any(s["format"] == "pack-quantized" and not s["weights"]["symmetric"] for s, _ in groups.values()):
+    if len(groups) == 1 and any(s["format"] == "pack-quantized" and not s["weights"]["symmetric"]
+                                for s, _ in groups.values()):
         # transformers + compressed-tensors (0.20.0) build the compressed layers for loading with an
         # *unpacked* zero point [out, n_groups] (the meta-device branch of the pack-quantized compressor
         # does not pack it), so the packed zero point written here (as llm-compressor and vLLM store it)
         # fails with a size mismatch (llm-compressor issue #1618). ``dequantize`` is transformers' load
         # option for this config: it decompresses each layer while loading, through compressed-tensors'
         # own decompressor, which reads the packed zero point. vLLM and compressed-tensors ignore the key.
+        # That path applies the first config group's scheme to every layer, hence one group only
+        # (_common_group); asymmetric mixed precision keeps several groups and does not load in transformers.
         qc["dequantize"] = True
     return qc, per_layer
 
