@@ -10,7 +10,7 @@ with a wrong result) fails at once with one clear error instead of after the wor
   layout's declared capabilities, quantkit/checkpoint/caps.py);
 * :func:`preflight` — all of the above from a model name or folder alone (a meta-device skeleton
   built from config.json: no weights are read), what ``quantkit quantize`` / ``quantkit run`` call first;
-* :func:`check_tasks`, :func:`check_results` — task names and results files.
+* :func:`check_results` — a results file of ``quantkit run``.
 """
 
 from __future__ import annotations
@@ -93,10 +93,11 @@ def check_targets(model: nn.Module, recipe: Recipe) -> list[str]:
     hit = [n for n in lin if recipe.scheme_for(n) is not None]
     if not hit:
         some = ", ".join(list(lin)[:4]) or "(none)"
+        skips = ", rules that skip" if any(r.skip for r in recipe.rules) else ""
         raise RecipeError(
             f"{recipe.source}: the recipe quantizes none of the model's {len(lin)} linear layers (targets "
-            f"{recipe.targets}, ignore {recipe.ignore}{', rules that skip' if any(r.skip for r in recipe.rules) else ''}"
-            f"); the result would be the float model. Layers look like: {some}. Fix targets/ignore")
+            f"{recipe.targets}, ignore {recipe.ignore}{skips}); the result would be the float model. Layers look "
+            f"like: {some}. Fix targets/ignore")
     return hit
 
 
@@ -132,8 +133,9 @@ def _available(device) -> int | None:
     except Exception:  # noqa: BLE001
         return None
     # a container's memory limit (cgroup v2, then v1) can be far below what the host has free
+    v1 = "/sys/fs/cgroup/memory/memory."
     for limit_f, used_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                            (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
         try:
             with open(limit_f) as f:
                 limit = f.read().strip()
@@ -283,19 +285,7 @@ def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: st
     return recipe
 
 
-# ---- tasks and results files ---------------------------------------------------------------------------
-def check_tasks(tasks) -> list[str]:
-    """Task names (``quick``, ``all``, ``none`` or a comma-separated list) resolved, unknown ones refused."""
-    from .eval.tasks import parse_tasks
-
-    try:
-        return parse_tasks(tasks)
-    except QuantkitError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the task module's own error type
-        raise QuantkitError(f"--tasks: {e}") from None
-
-
+# ---- results files -------------------------------------------------------------------------------------
 def check_results(obj: Any, path: str) -> None:
     """A results.json written by ``quantkit run``: an object with a list of runs, each with a name and a
     perplexity record."""

@@ -86,7 +86,8 @@ class Recipe(BaseModel):
     # ---- resolution ------------------------------------------------------------------------
     def validate_plugins(self) -> None:
         """Build every quantizer/format/transform once so that a bad key fails before any work."""
-        for where, f in [("format", self.format)] + [(f"rules[{i}].format", r.format) for i, r in enumerate(self.rules)]:
+        formats = [("format", self.format)] + [(f"rules[{i}].format", r.format) for i, r in enumerate(self.rules)]
+        for where, f in formats:
             g = f.get("group_size") if isinstance(f, dict) else None
             if isinstance(g, bool) or (isinstance(g, int) and g < 1):
                 raise RecipeError(f"{self.source}: {where}.group_size: must be a positive number of input columns, or "

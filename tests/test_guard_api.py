@@ -16,12 +16,13 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantkit
-from conftest import ARCHS, tiny_model
 from quantkit.checkpoint.safety import check_replaceable, clean_stale_temps
 from quantkit.checks import check_layout, float_bits, preflight
 from quantkit.errors import CheckpointError, ModelSourceError, QuantkitError, RecipeError
 from quantkit.models import load_float_model
 from quantkit.recipe import load_recipe
+
+from conftest import ARCHS, tiny_model
 
 GPTQ = {"quantizer": "gptq", "format": {"type": "int", "bits": 4, "group_size": 16},
         "calibration": {"samples": 2, "seq_len": 16, "batch_size": 2}}

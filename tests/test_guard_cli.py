@@ -13,8 +13,7 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from _guards import (CALIB, RTN32, cli, edit_config, fails_with, fingerprint, make_tiny_smol,
-                     needs_data, no_work_started)
+from _guards import CALIB, RTN32, cli, edit_config, fails_with, fingerprint, make_tiny_smol, needs_data, no_work_started
 
 pytestmark = needs_data
 

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import quantkit
-from _guards import CALIB, make_tiny_smol, needs_data
 from quantkit.errors import QuantkitError
+
+from _guards import CALIB, make_tiny_smol, needs_data
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 

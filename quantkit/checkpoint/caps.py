@@ -9,8 +9,9 @@ checked when the layout writes. docs/EXPORT.md's capability table is :func:`mark
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # (predicate on the format object -> reason it cannot be stored, or None; what the predicate allows, in words)
 FormatRule = tuple[Callable[[Any], "str | None"], str]

@@ -36,10 +36,10 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats.packing import packed_row_bytes, unpack_codes
 from ..registry import register
+from .caps import LayoutCaps
 from .compressed_tensors import (bytes_from_words, build_skeleton, check_no_conv1d, expect_shape, finish_load,
                                  int_layer_parts, int_quantlinear, linear_shape, pack_words,
                                  quant_layers, tensor_of, unpack_words, words_from_bytes, write_export)
-from .caps import LayoutCaps
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "gptq"

@@ -33,9 +33,9 @@ def run(args) -> int:
     from .. import api
 
     if args.tasks != "none":  # unknown task names fail before any perplexity run
-        from ..checks import check_tasks
+        from ..eval.tasks import parse_tasks
 
-        check_tasks(args.tasks)
+        parse_tasks(args.tasks)
     targets = ([args.float_model] if args.float_model else []) + list(args.model)
     rows = []
     for i, t in enumerate(targets):

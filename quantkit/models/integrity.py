@@ -24,7 +24,8 @@ import fnmatch
 import json
 import os
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from ..errors import CheckpointError, ModelSourceError
 
