@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint.io import atomic_output_dir, read_config, write_json
+from .checks import check_model, check_token_ids, with_calibration
 from .data import calibration_batch
 from .distributed import DistributedSolver, current, exit_now, setup
 from .errors import CheckpointError, QuantkitError
@@ -111,7 +112,7 @@ class QuantizedModel:
         lay = _get("layout", layout)
         if not self.is_main_process:
             return os.path.abspath(path)
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        with atomic_output_dir(path, overwrite=overwrite, protect=(self.source_dir,)) as tmp:
             lay.save(self.model, tmp, self.meta)
             if self.source_dir:
                 copy_source_files(self.source_dir, tmp)
@@ -172,7 +173,13 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
              resume_dir: str | None = None) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
-    The model is quantized in place block by block; only the current block is moved to ``device``.
+    **In place**: a transformers model passed in is modified (its linears are replaced by quantized
+    ones) and returned inside the QuantizedModel, so its float weights are gone afterwards; keep a float
+    copy (``copy.deepcopy(model)``, or pass the name/folder and reload the float model) to compare with.
+    An already quantized model is refused (quantize a fresh float one). Blocks are worked on one at a
+    time; only the current block is moved to ``device``. Everything that can be checked without the
+    data (recipe, calibration options, targets, positions, memory, token ids) is checked before any
+    calibration starts (quantkit.checks).
     With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume;
     ``meta["resume"]`` says whether and from where, or why it started afresh).
     Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
@@ -180,15 +187,13 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     """
     if resume_dir is not None and not resume_dir:
         raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
-    recipe = load_recipe(recipe)
-    over = {k: v for k, v in {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}.items()
-            if v is not None}
-    if over:
-        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=over)})
+    recipe = with_calibration(load_recipe(recipe), samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     dist, device = setup(device)  # under torchrun: join the group; this rank's device
     device = torch.device(device or default_device())
     lm = _as_loaded(model_or_name, tokenizer)
+    check_model(lm.model, recipe, calibration, device or default_device())  # before any calibration (checks.py)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
+    check_token_ids(ids, lm.model)
     t0 = time.time()
     solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
     observer, extra_meta = None, {}
@@ -260,6 +265,10 @@ def load(path: str) -> QuantizedModel:
 
     cfg = read_config(path)
     qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{path}/config.json: quantization_config must be a mapping with a quant_method, got "
+                              f"{type(qc).__name__} {str(qc)[:60]!r}; restore the config.json the checkpoint was "
+                              f"written with")
     if not isinstance(qc, dict) or "quant_method" not in qc:
         raise CheckpointError(f"{path}/config.json has no quantization_config.quant_method: not a quantized "
                               f"checkpoint (evaluate it as a float model instead)")

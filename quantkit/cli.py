@@ -15,10 +15,18 @@ import sys
 from .errors import QuantkitError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same one ``quantkit: error:`` line (exit 2) as every other error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"quantkit: error: {sub}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, commands
 
-    p = argparse.ArgumentParser(prog="quantkit", description="Post-training quantization for Hugging Face causal LMs.")
+    p = _Parser(prog="quantkit", description="Post-training quantization for Hugging Face causal LMs.")
     p.add_argument("--version", action="version", version=f"quantkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -33,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        from .models.integrity import allow_missing
+
+        with allow_missing(getattr(args, "allow_missing", None)):  # --allow-missing PATTERN (quantize/run/eval)
+            return int(args.func(args) or 0)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr)
         from .api import exit_if_distributed

@@ -39,7 +39,7 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2 ** 63)
     corpus: str = "enwiki"
     batch_size: int = Field(8, ge=1)
     # dtype of the XᵀX / Σx² sums: float64 adds each batch's float32 partial sum exactly, so the
@@ -84,6 +84,12 @@ class Recipe(BaseModel):
     # ---- resolution ------------------------------------------------------------------------
     def validate_plugins(self) -> None:
         """Build every quantizer/format/transform once so that a bad key fails before any work."""
+        formats = [("format", self.format)] + [(f"rules[{i}].format", r.format) for i, r in enumerate(self.rules)]
+        for where, f in formats:
+            g = f.get("group_size") if isinstance(f, dict) else None
+            if isinstance(g, bool) or (isinstance(g, int) and g < 1):
+                raise RecipeError(f"{self.source}: {where}.group_size: must be a positive number of input columns, or "
+                                  f"null for one group per output row (got {g!r})")
         self.scheme_for("__validate__")
         for i, r in enumerate(self.rules):
             if r.format is not None:
@@ -194,6 +200,8 @@ def load_recipe(name_or_path: str | dict | Recipe) -> Recipe:
         builtins = builtin_recipes()
         if name_or_path in builtins:
             path = builtins[name_or_path]
+        elif os.path.isdir(name_or_path):
+            raise RecipeError(f"recipe {name_or_path!r} is a folder; pass a recipe YAML file or a built-in name")
         elif os.path.exists(name_or_path):
             path = name_or_path
         else:
@@ -206,8 +214,14 @@ def load_recipe(name_or_path: str | dict | Recipe) -> Recipe:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: cannot read the recipe ({e})") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"{source}: key {bad[0]!r} is not a name; recipe keys are names such as quantizer, format, "
+                          f"ignore, calibration")
     try:
         r = Recipe(**data)
     except ValidationError as e:

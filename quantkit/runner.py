@@ -21,6 +21,7 @@ from typing import Any
 
 from . import api
 from .checkpoint.io import write_json
+from .checks import float_bits
 from .recipe import load_recipe
 
 RESULTS_FILE = "results.json"
@@ -65,8 +66,15 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     if limit is None:
         limit = QUICK_LIMIT
     s = settings or _settings(eval_kwargs, device, tasks, limit or None, corpora, kl_windows, generations)
-    for r in recipes:  # fail on a bad recipe name or missing task data before any work
-        load_recipe(r)
+    from .checkpoint.safety import check_replaceable
+    from .checks import preflight
+    from .models.sources import resolve_model_dir
+
+    replacing = {}
+    for r in recipes:  # fail on a bad recipe, model, option, output folder or missing task data before any work
+        rec = preflight(model, r, device=device, **calib_overrides)
+        ck = os.path.join(out_dir, rec.name)
+        replacing[rec.name] = check_replaceable(ck, overwrite, protect=(resolve_model_dir(model),))
     norm = s.normalized()
     if norm["tasks"] or "lambada" in norm["corpora"]:
         from .eval.tasks import data_root
@@ -89,7 +97,7 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     if g:
         f["generations"] = g
     primary = s.normalized()["corpora"][0]
-    results["runs"].append({"name": "float", "recipe": None, "bits_per_weight": 16.0,
+    results["runs"].append({"name": "float", "recipe": None, "bits_per_weight": float_bits(ref.model),
                             "size_bytes": _dir_size(ref.source_dir) if ref.source_dir else None,
                             "quantize_seconds": 0.0, "eval": f["perplexity"].get(primary), **f})
     pe = f["perplexity"].get(primary) or {}
@@ -100,7 +108,8 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     for r in recipes:
         recipe = load_recipe(r)
         ck = os.path.join(out_dir, recipe.name)
-        log(f"[{recipe.name}] quantizing {model}")
+        log(f"[{recipe.name}] quantizing {model}" + (f" (will replace {replacing[recipe.name]} at {ck})"
+                                                     if replacing.get(recipe.name) else ""))
         qm = api.quantize(model, recipe, device=device, progress=progress, **calib_overrides)
         qm.save(ck, overwrite=overwrite)
         del qm

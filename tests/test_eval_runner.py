@@ -50,7 +50,7 @@ def test_run_writes_results_and_report(tmp_path, monkeypatch):
     assert saved["schema"] == 2 and [r["name"] for r in saved["runs"]] == ["float", "w4a16-rtn"]
     f, q = saved["runs"]
     # schema-1 keys are still there
-    assert f["eval"]["ppl"] > 1 and saved["eval_settings"]["windows"] == 2 and f["bits_per_weight"] == 16.0
+    assert f["eval"]["ppl"] > 1 and saved["eval_settings"]["windows"] == 2 and f["bits_per_weight"] == 32.0  # float32
     assert runner.summary_rows(saved)[1]["scheme"] == "w4a16-rtn"
     # new keys
     assert f["fidelity"]["kl"] == 0.0 and f["fidelity"]["top1_agree"] == 1.0

@@ -155,11 +155,21 @@ def test_partial_group_expands_to_gcd_and_config(tmp_path):
     out = str(tmp_path / "ct")
     qm.save(out, layout="compressed-tensors")
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    # asymmetric: one scheme for every layer (transformers' dequantize path applies the first group's scheme to
+    # all layers), in groups of gcd(128, 192) = 64 = gcd(64 columns of q_proj, one group)
+    (g,) = qc["config_groups"].values()
+    assert g["targets"] == ["Linear"] and qc["dequantize"] is True
+    assert g["weights"]["strategy"] == "group" and g["weights"]["group_size"] == 64
+    assert g["weights"]["symmetric"] is False and g["weights"]["num_bits"] == 4
+    # symmetric layers keep a scheme per shape (their compressed path in transformers matches the targets)
+    qs = quantize({**CASES["int4-asym-g128"], "sym": True})
+    qs.save(str(tmp_path / "sym"), layout="compressed-tensors")
+    qc = json.load(open(tmp_path / "sym" / "config.json"))["quantization_config"]
     by_layer = {n: g["weights"] for g in qc["config_groups"].values() for n in g["targets"]}
     assert by_layer["model.layers.0.mlp.down_proj"]["group_size"] == 64  # gcd(128, 192)
     assert by_layer["model.layers.0.mlp.down_proj"]["strategy"] == "group"
     assert by_layer["model.layers.0.self_attn.q_proj"]["strategy"] == "channel"  # 64 columns: one group
-    assert all(w["symmetric"] is False and w["num_bits"] == 4 for w in by_layer.values())
+    assert "dequantize" not in qc
     t = load_file(os.path.join(out, "model.safetensors"))
     z = t["model.layers.1.mlp.down_proj.weight_zero_point"]
     assert z.dtype == torch.int32 and tuple(z.shape) == (64 * 4 // 32, 3)

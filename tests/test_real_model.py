@@ -53,7 +53,13 @@ def test_real_model_gptq_two_blocks_roundtrip(smol, tmp_path):
     f = perplexity(smol.model, ev, seq_len=256, max_windows=2, progress=False)
     recipe = {"name": "t", "quantizer": "gptq", "format": {"type": "int", "bits": 4, "group_size": 128},
               "targets": ["re:model\\.layers\\.[01]\\..*"]}
-    qm = quantkit.quantize(smol, recipe, calibration=ids, device="cpu", progress=False)
+    import copy
+    import dataclasses
+
+    # quantize() works in place: on a copy, so that the module's other tests get the float model (they used to
+    # get this one with two blocks already quantized; re-quantizing it is now refused)
+    qm = quantkit.quantize(dataclasses.replace(smol, model=copy.deepcopy(smol.model)), recipe, calibration=ids,
+                           device="cpu", progress=False)
     assert len(qm.quantized_layers()) == 14
     # 576 input columns with group 128: 4 full groups and a last one of 64
     assert qm.quantized_layers()["model.layers.0.self_attn.q_proj"].scales.shape == (576, 5)

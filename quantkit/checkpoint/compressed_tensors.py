@@ -60,6 +60,7 @@ from .hf import (
     write_export,
 )
 from .io import safe_load_tensors
+from .caps import LayoutCaps, any_config
 
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified against
@@ -68,7 +69,8 @@ CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified
 # ================================================================================================
 # export
 # ================================================================================================
-def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _int_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg, packed = int_layer_parts(name, ql, "compressed-tensors")
     out, inn = ql.shape
     b = cfg.bits
@@ -80,7 +82,13 @@ def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
     scales = packed["scales"]
     zeros = None if cfg.sym else packed["zeros"]
     ng = scales.shape[1]
-    if ng == 1:
+    if common is not None:  # every layer in groups of ``common`` columns (one scheme: see _common_group)
+        idx = (torch.arange(inn // common) * common) // (cfg.group_size if ng > 1 else inn)
+        scales = scales[:, idx]
+        zeros = None if zeros is None else zeros[:, idx]
+        args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": common,
+                "dynamic": False}
+    elif ng == 1:
         args = {"num_bits": b, "type": "int", "symmetric": cfg.sym, "strategy": "channel", "group_size": None,
                 "dynamic": False}
     else:
@@ -110,6 +118,27 @@ def _int_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
     return {"weights": args, "input_activations": None, "format": "pack-quantized"}, t
 
 
+def _common_group(layers: dict[str, QuantLinear], partial_groups: str) -> int | None:
+    """One group size for every layer of an all-``int`` asymmetric model, or None.
+
+    transformers loads an asymmetric pack-quantized checkpoint only with ``dequantize`` (see ct_config),
+    and that path decompresses every layer with the *first* config group's scheme. So such a checkpoint
+    must have a single scheme: each layer's groups (and a one-group layer's row) are split into groups of
+    the gcd of all of them, repeating scales and zero points (exact, as for a shorter last group)."""
+    if partial_groups != "expand" or not layers:
+        return None
+    cfgs = [ql.fmt.cfg for ql in layers.values()]
+    if any(ql.spec["format"].get("type") != "int" or "g_idx" in ql.packed for ql in layers.values()):
+        return None
+    if len({(c.bits, c.sym) for c in cfgs}) != 1 or cfgs[0].sym:
+        return None
+    sizes = [math.gcd(c.group_size, ql.in_features) if ql.packed["scales"].shape[1] > 1 else ql.in_features
+             for c, ql in zip(cfgs, layers.values())]
+    if all(ql.packed["scales"].shape[1] == 1 for ql in layers.values()):
+        return None  # all per channel: one scheme already
+    return math.gcd(*sizes)
+
+
 def _act_args(act: str, type_: str) -> dict | None:
     """compressed-tensors input_activations for quantkit's ``activations`` (none / dynamic / static)."""
     if act == "none":
@@ -132,7 +161,7 @@ def _check_plain(name: str, ql: QuantLinear, keys: set[str]) -> dict[str, torch.
     return packed
 
 
-def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``fp8`` -> ``float-quantized`` (W8A8) or ``naive-quantized`` (W8A16): weight, weight_scale,
     input_scale (static activations only)."""
     cfg = ql.fmt.cfg
@@ -153,7 +182,7 @@ def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, 
             "format": "naive-quantized" if act is None else "float-quantized"}, t
 
 
-def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``int8a8`` -> ``int-quantized``: weight int8 = q - 128, weight_scale [out, 1], input_scale."""
     cfg = ql.fmt.cfg
     packed = _check_plain(name, ql, {"qweight", "scales", "input_scale"})
@@ -166,7 +195,8 @@ def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str) -> tuple[dic
     return {"weights": args, "input_activations": _act_args(cfg.activations, "int"), "format": "int-quantized"}, t
 
 
-# quantkit format (registry name) -> its exporter: (layer name, layer, partial_groups) -> (scheme, tensors)
+# quantkit format (registry name) -> its exporter:
+# (layer name, layer, partial_groups, common group size or None) -> (scheme, tensors)
 EXPORTERS = {"int": _int_scheme, "fp8": _fp8_scheme, "int8a8": _int8a8_scheme}
 
 
@@ -179,13 +209,14 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         raise CheckpointError("the model has no quantized layers; nothing to export")
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     groups: dict[str, tuple[dict, list[str]]] = {}
+    common = _common_group(layers, partial_groups)
     for name, ql in layers.items():
         export = EXPORTERS.get(ql.spec["format"].get("type"))
         if export is None:
             raise CheckpointError(f"layer {name!r} uses format {ql.fmt.describe()!r}, which compressed-tensors "
                                   f"cannot hold (it holds {', '.join(sorted(EXPORTERS))}; fp8 as e4m3); save it "
                                   f"with layout='native'")
-        scheme, t = export(name, ql, partial_groups)
+        scheme, t = export(name, ql, partial_groups, common)
         per_layer[name] = t
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, (scheme, []))[1].append(name)
@@ -210,6 +241,17 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         "transform_config": {},
         "version": CT_VERSION,
     }
+    if len(groups) == 1 and any(s["format"] == "pack-quantized" and not s["weights"]["symmetric"]
+                                for s, _ in groups.values()):
+        # transformers + compressed-tensors (0.20.0) build the compressed layers for loading with an
+        # *unpacked* zero point [out, n_groups] (the meta-device branch of the pack-quantized compressor
+        # does not pack it), so the packed zero point written here (as llm-compressor and vLLM store it)
+        # fails with a size mismatch (llm-compressor issue #1618). ``dequantize`` is transformers' load
+        # option for this config: it decompresses each layer while loading, through compressed-tensors'
+        # own decompressor, which reads the packed zero point. vLLM and compressed-tensors ignore the key.
+        # That path applies the first config group's scheme to every layer, hence one group only
+        # (_common_group); asymmetric mixed precision keeps several groups and does not load in transformers.
+        qc["dequantize"] = True
     return qc, per_layer
 
 
@@ -482,11 +524,24 @@ def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
     return finish_load(model, tensors, path)
 
 
+def _ct_fp8(fmt) -> str | None:
+    c = fmt.cfg
+    if c.dtype != "e4m3" or (c.activations != "none" and c.act_kind != "e4m3"):
+        return (f"compressed-tensors holds FP8 E4M3 only (got {c.dtype} weights, {c.act_kind} activations); use "
+                f"dtype: e4m3")
+    return None
+
+
 @register("layout", "compressed-tensors")
 class CompressedTensorsLayout:
     """``QuantizedModel.save(path, layout="compressed-tensors")``; ``quantkit.load`` reads it back."""
 
     QUANT_METHOD = QUANT_METHOD
+    CAPS = LayoutCaps(
+        formats={"int": (any_config, "yes (2-8 bit, sym/asym, groups or channel)"),
+                 "int8a8": (any_config, "yes"),
+                 "fp8": (_ct_fp8, "E4M3 only")},
+        act_order_g_idx=False, conv1d=False, options={"partial_groups": ("expand", "error")})
 
     @staticmethod
     def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from .hf import (
     words_from_bytes,
     write_export,
 )
+from .caps import LayoutCaps
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "gptq"
@@ -97,7 +98,8 @@ def _layer_tensors(name: str, ql, checkpoint_format: str) -> tuple[dict[str, tor
                 rows = sorted({int(r) for r in torch.nonzero((zeros == 0), as_tuple=True)[0][:3]})
                 raise CheckpointError(
                     f"layer {name!r}: zero point 0 with code {maxq} in the same group (rows {rows}); GPTQ v1 stores "
-                    f"zero - 1 and cannot hold it. Export with checkpoint_format='gptq_v2' or use sym: true")
+                    f"zero - 1 and cannot hold it. Export with checkpoint_format='gptq_v2' (CLI: --checkpoint-format "
+                    f"gptq_v2) or use sym: true")
             codes = codes + bump.to(torch.int32)
             zeros = zeros + (zeros == 0).to(torch.int32)
             from ..formats.packing import pack_codes
@@ -249,11 +251,31 @@ def load_gptq(path: str, cfg: dict[str, Any]) -> nn.Module:
     return finish_load(model, tensors, path)
 
 
+def _gptq_int(fmt) -> str | None:
+    c = fmt.cfg
+    if c.bits not in BITS:
+        return f"GPTQ holds {', '.join(map(str, BITS))}-bit weights, not {c.bits}-bit"
+    if c.scale_dtype == "float32":
+        return "GPTQ stores float16 scales; float32 scales would be rounded: use scale_dtype: float16"
+    return None
+
+
+def _gptq_shape(fmt, shape: tuple[int, int]) -> str | None:
+    b = getattr(fmt.cfg, "bits", None)
+    if b and ((shape[1] * b) % 32 or (shape[0] * b) % 32):
+        return f"GPTQ packs whole 32-bit words: in*bits and out*bits must be multiples of 32 ({b}-bit)"
+    return None
+
+
 @register("layout", "gptq")
 class GPTQLayout:
     """``QuantizedModel.save(path, layout="gptq")``; ``quantkit.load`` reads GPTQ checkpoints."""
 
     QUANT_METHOD = QUANT_METHOD
+    CAPS = LayoutCaps(formats={"int": (_gptq_int, "2, 3, 4, 8 bit; float16/bfloat16 scales")},
+                      one_scheme=True, float_block_linears=False, outside_blocks=False, conv1d=False,
+                      shape=_gptq_shape, shape_rule="in·bits and out·bits multiples of 32",
+                      options={"checkpoint_format": FORMATS})
 
     @staticmethod
     def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:

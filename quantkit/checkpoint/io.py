@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -16,27 +15,34 @@ from ..errors import CheckpointError
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_output_dir(path: str, overwrite: bool = False, protect: tuple = ()) -> Iterator[str]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` in one rename.
 
     On any error the temporary folder is removed and ``path`` is left exactly as it was. An
-    existing ``path`` is only replaced with ``overwrite=True`` (moved aside first, deleted after).
+    existing ``path`` is only replaced with ``overwrite=True``, and only if it is an empty folder or
+    a quantkit checkpoint (never one of the ``protect`` folders; see checkpoint/safety.py). Stale
+    temporary folders of dead processes writing the same ``path`` are removed first.
     """
+    from .safety import check_replaceable, clean_stale_temps, temp_prefix, write_failure, write_owner
+
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path} already exists; choose another output folder or pass --overwrite")
+    check_replaceable(path, overwrite, protect)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    clean_stale_temps(path)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(path), dir=parent)
     try:
+        write_owner(tmp)
         yield tmp
+        os.remove(os.path.join(tmp, ".quantkit-owner.json"))
         for fn in os.listdir(tmp):  # flush file data before the rename makes it visible
             fp = os.path.join(tmp, fn)
             if os.path.isfile(fp):
                 with open(fp, "rb") as f:
                     os.fsync(f.fileno())
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=parent)
+            write_owner(old)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -44,11 +50,9 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             os.rename(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-            why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-            raise CheckpointError(f"writing {path} failed: {why} ({e}); nothing was changed at {path} (an "
-                                  f"existing checkpoint there is intact); free space or fix the folder and retry"
-                                  ) from e
+        err = write_failure(e, path)
+        if err is not None:
+            raise err from e
         raise
 
 

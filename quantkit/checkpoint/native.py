@@ -17,6 +17,7 @@ from ..errors import CheckpointError
 from ..models.discovery import set_module
 from ..nn import QuantLinear, make_quantlinear
 from ..registry import register
+from .caps import LayoutCaps
 from .hf import build_skeleton, dedupe_tied, load_float_tensors
 from .io import safe_load_tensors, write_json
 
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1
 @register("layout", "native")
 class NativeLayout:
     QUANT_METHOD = QUANT_METHOD
+    CAPS = LayoutCaps(formats=None, transforms=True, kv_cache=True)  # holds whatever quantkit makes
 
     @staticmethod
     def save(model: nn.Module, out_dir: str, meta: dict[str, Any]) -> None:

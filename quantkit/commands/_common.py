@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 
+def _int_at_least(lo: int, what: str):
+    def parse(s: str) -> int:
+        import argparse
+
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+count_int = _int_at_least(0, "an integer >= 0")
+seed_int = _int_at_least(0, "an integer seed >= 0")
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--allow-missing", action="append", metavar="PATTERN", default=None,
+                   help="accept float model tensors matching PATTERN (glob on the tensor name, repeatable) that are "
+                        "missing from, or unexpected in, the model folder; without it any such tensor is an error")
+
+
 def add_calibration_args(p) -> None:
     g = p.add_argument_group("calibration (override the recipe)")
-    g.add_argument("--samples", type=int, help="number of calibration sequences")
-    g.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    g.add_argument("--seed", type=int, help="seed for drawing calibration windows")
-    g.add_argument("--batch-size", type=int, help="calibration sequences per forward")
+    g.add_argument("--samples", type=positive_int, help="number of calibration sequences")
+    g.add_argument("--seq-len", type=positive_int, help="tokens per calibration sequence (at least the recipe's "
+                                                        "minimum, at most the model's positions)")
+    g.add_argument("--seed", type=seed_int, help="seed for drawing calibration windows")
+    g.add_argument("--batch-size", type=positive_int, help="calibration sequences per forward")
+    add_model_args(p)
 
 
 def add_eval_args(p) -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
-    g.add_argument("--stride", type=int, default=None, help="window stride (default: = seq len, disjoint windows)")
-    g.add_argument("--windows", type=int, default=40, help="number of windows scored (default 40; 0 = all)")
+    g.add_argument("--eval-seq-len", type=positive_int, default=512, help="tokens per perplexity window (default 512)")
+    g.add_argument("--stride", type=positive_int, default=None,
+                   help="window stride (default: = seq len, disjoint windows)")
+    g.add_argument("--windows", type=count_int, default=40, help="number of windows scored (default 40; 0 = all)")
     g.add_argument("--corpus", default="enwiki", help="evaluation corpus (default enwiki)")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_eval_args, eval_kwargs, format_table
+from ._common import add_eval_args, add_model_args, count_int, eval_kwargs, format_table, positive_int
 
 
 def register(sub) -> None:
@@ -18,11 +18,12 @@ def register(sub) -> None:
                    help="evaluate with a quantized KV cache in the attention path: k4v2 (key/value bits, 16 = "
                         "float), k4v2-r64-gk32-gv32 (residual, key/value groups), 'float' or an allocation JSON; "
                         "the windows are fed in chunks of --kv-chunk tokens so attention reads the cache")
-    p.add_argument("--kv-chunk", type=int, default=64, help="prefill chunk for --kv-bits (default 64)")
+    p.add_argument("--kv-chunk", type=positive_int, default=64, help="prefill chunk for --kv-bits (default 64)")
     add_eval_args(p)
+    add_model_args(p)
     p.add_argument("--tasks", default="none",
                    help="also score zero-shot tasks: comma-separated names, 'quick' or 'all' (default none)")
-    p.add_argument("--limit", type=int, default=None, help="documents per task, the first N (default all)")
+    p.add_argument("--limit", type=count_int, default=None, help="documents per task, the first N (default all)")
     p.set_defaults(func=run)
 
 
@@ -31,6 +32,10 @@ def run(args) -> int:
 
     from .. import api
 
+    if args.tasks != "none":  # unknown task names fail before any perplexity run
+        from ..eval.tasks import parse_tasks
+
+        parse_tasks(args.tasks)
     targets = ([args.float_model] if args.float_model else []) + list(args.model)
     rows = []
     for i, t in enumerate(targets):

@@ -13,10 +13,17 @@ def register(sub) -> None:
     p.add_argument("-r", "--recipe", default="w4a16-gptq",
                    help="built-in recipe name or YAML path (default w4a16-gptq)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (atomically) if it is a quantkit checkpoint or empty; "
+                        "never the input model's folder")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--layout", default="native", help="checkpoint layout: native, compressed-tensors, gptq "
-                                                     "(default native)")
+                                                     "(default native); docs/EXPORT.md says what each holds")
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default=None,
+                   help="--layout gptq: gptq (v1, stores zero - 1; default) or gptq_v2 (stores the zero point)")
+    p.add_argument("--partial-groups", choices=("expand", "error"), default=None,
+                   help="--layout compressed-tensors: a shorter last group is exported exactly as smaller groups "
+                        "(expand, default) or refused (error)")
     p.add_argument("--resume-dir", default=None, metavar="DIR",
                    help="commit progress to DIR after every decoder block; run the same command again after a "
                         "crash to resume (same model, data and recipe); DIR's resume files are removed after "
@@ -29,16 +36,23 @@ def run(args) -> int:
     import os
 
     from .. import api
-    from ..checkpoint.io import CheckpointError
+    from ..checkpoint.safety import check_replaceable
+    from ..checks import preflight
+    from ..models.sources import resolve_model_dir
 
-    if os.path.exists(args.output) and not args.overwrite:
-        raise CheckpointError(f"{args.output} already exists; choose another output folder or pass --overwrite")
-    qm = api.quantize(args.model, args.recipe, device=args.device, samples=args.samples, seq_len=args.seq_len,
-                      seed=args.seed, batch_size=args.batch_size, resume_dir=args.resume_dir)
+    options = {k: v for k, v in (("checkpoint_format", args.checkpoint_format),
+                                 ("partial_groups", args.partial_groups)) if v is not None}
+    # everything that can fail without the weights or the data fails here, before any calibration
+    recipe = preflight(args.model, args.recipe, layout=args.layout, export_options=options, device=args.device,
+                       samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size)
+    replaced = check_replaceable(os.path.abspath(args.output), args.overwrite, protect=(resolve_model_dir(args.model),))
+    qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir)
+    if options:
+        qm.meta["export_options"] = options
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
     if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
     qm.clear_resume_state()
     print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
-          f"{qm.meta['seconds']:.1f} s)")
+          f"{qm.meta['seconds']:.1f} s)" + (f"; replaced {replaced} that was there" if replaced else ""))
     return 0

@@ -20,8 +20,12 @@ def run(args) -> int:
     from ..eval.report import load_results, write_report
 
     results, sources = [], []
+    from ..checks import check_results
+
     for r in args.runs:
-        results.append(load_results(r))
+        res = load_results(r)
+        check_results(res, r)
+        results.append(res)
         sources.append(os.path.join(r, "results.json") if os.path.isdir(r) else r)
     first = args.runs[0]
     out = args.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))

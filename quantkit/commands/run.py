@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_calibration_args, add_eval_args, eval_kwargs, format_table
+from ._common import add_calibration_args, add_eval_args, count_int, eval_kwargs, format_table
 
 
 def register(sub) -> None:
@@ -23,13 +23,13 @@ def register(sub) -> None:
     g.add_argument("--tasks", default=None,
                    help="zero-shot tasks: comma-separated names, 'quick' (default: hellaswag,piqa,arc_easy,"
                         "winogrande), 'all' or 'none'; see docs/quality/tasks.md")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=count_int, default=None,
                    help="documents per task, the first N in file order (default 100; 0 = every document)")
     g.add_argument("--corpora", default=None,
                    help="perplexity corpora besides --corpus: 'lambada', 'all' (enwiki,lambada) or 'none'")
-    g.add_argument("--kl-windows", type=int, default=8,
+    g.add_argument("--kl-windows", type=count_int, default=8,
                    help="windows of --eval-seq-len tokens for KL / top-1 agreement with the float model (0 = skip)")
-    g.add_argument("--generations", type=int, default=2, help="greedy generations shown side by side (0 = skip)")
+    g.add_argument("--generations", type=count_int, default=2, help="greedy generations shown side by side (0 = skip)")
     g.add_argument("--no-report", action="store_true", help="write results.json only")
     p.set_defaults(func=run)
 

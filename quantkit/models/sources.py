@@ -185,16 +185,25 @@ def load_tokenizer(path: str):
         return None
 
 
-def load_float_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_float_model(name_or_path: str, dtype: torch.dtype = torch.float32, *,
+                     allow_missing: list[str] | None = None) -> LoadedModel:
+    """A float model from a bundled name or an HF folder. Every weight must be stored in the folder
+    (quantkit.models.integrity): a missing, unexpected or mis-shaped tensor is an error naming it,
+    unless ``allow_missing`` (glob patterns on tensor names) allows it."""
     from transformers import AutoModelForCausalLM
+
+    from .integrity import check_config, check_loaded
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_dir(name_or_path)
+    check_config(path)
     try:
         # safetensors only: never fall back to torch.load of pytorch_model.bin (pickle)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelSourceError(f"cannot load the model in {path}: {e}") from None
+    check_loaded(model, path, info, allow_missing)
     model.eval()
     tok = load_tokenizer(path)
     return LoadedModel(model, tok, path, read_source(path, tok))
