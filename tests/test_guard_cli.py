@@ -11,9 +11,8 @@ import signal
 import time
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from _guards import CALIB, RTN32, cli, edit_config, fails_with, fingerprint, make_tiny_smol, needs_data, no_work_started
+from safetensors.torch import load_file, save_file
 
 pytestmark = needs_data
 

@@ -13,13 +13,12 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from _guards import CALIB, make_tiny_smol, needs_data
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import quantkit
 from quantkit.errors import QuantkitError
-
-from _guards import CALIB, make_tiny_smol, needs_data
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 

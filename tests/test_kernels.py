@@ -9,15 +9,23 @@ On a GPU machine the same tests run the compiled kernels (QUANTKIT_TEST_CUDA=1).
 
 from __future__ import annotations
 
-from kernel_ref import (DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut, rel_err,  # noqa: F401, I001
-                        run_poisoned)  # first: it selects Triton's interpreter before Triton is imported
-
 import pytest
 import torch
+from kernel_ref import (  # noqa: F401, I001
+    DEV,
+    check,
+    make_int,
+    make_lut,
+    rand_x,
+    ref_int,
+    ref_lut,
+    rel_err,
+    run_poisoned,  # first: it selects Triton's interpreter before Triton is imported
+)
 
 triton = pytest.importorskip("triton")
 
-from quantkit.formats.base import format_from_spec
+from quantkit.formats.base import format_from_spec  # noqa: E402 - after the interpreter is selected
 
 
 def build(spec, p, shape):

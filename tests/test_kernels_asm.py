@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.kernels import w4a16
-from quantkit.kernels import _ptx
+from quantkit.kernels import _ptx, w4a16
 
 M32 = 0xFFFFFFFF
 

@@ -1,3 +1,4 @@
+# ruff: noqa: I001 - kernel_ref must be imported first: it selects Triton's interpreter before Triton loads
 """The default W4A16 kernels (kernels/src/w4a16.py: the checkpoint's own K-major layout) on CPU through
 Triton's interpreter, against the float64 references of tests/kernel_ref.py (docs/FORMAT.md
 formulas, not the kernels' code). Odd sizes, outputs poisoned with NaN, fresh inputs per check.

@@ -42,6 +42,7 @@ from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..models.discovery import is_linear, set_module
 from ..nn import QuantLinear, make_quantlinear
 from ..registry import register
+from .caps import LayoutCaps, any_config
 from .hf import (
     SCALE_DTYPES,
     build_skeleton,
@@ -60,7 +61,6 @@ from .hf import (
     write_export,
 )
 from .io import safe_load_tensors
-from .caps import LayoutCaps, any_config
 
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified against
@@ -161,7 +161,8 @@ def _check_plain(name: str, ql: QuantLinear, keys: set[str]) -> dict[str, torch.
     return packed
 
 
-def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``fp8`` -> ``float-quantized`` (W8A8) or ``naive-quantized`` (W8A16): weight, weight_scale,
     input_scale (static activations only)."""
     cfg = ql.fmt.cfg
@@ -182,7 +183,8 @@ def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | N
             "format": "naive-quantized" if act is None else "float-quantized"}, t
 
 
-def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``int8a8`` -> ``int-quantized``: weight int8 = q - 128, weight_scale [out, 1], input_scale."""
     cfg = ql.fmt.cfg
     packed = _check_plain(name, ql, {"qweight", "scales", "input_scale"})

@@ -37,6 +37,7 @@ from ..errors import CheckpointError
 from ..formats.base import column_groups
 from ..formats.packing import packed_row_bytes, unpack_codes
 from ..registry import register
+from .caps import LayoutCaps
 from .hf import (
     build_skeleton,
     bytes_from_words,
@@ -53,7 +54,6 @@ from .hf import (
     words_from_bytes,
     write_export,
 )
-from .caps import LayoutCaps
 from .io import safe_load_tensors, write_json
 
 QUANT_METHOD = "gptq"
