@@ -191,7 +191,6 @@ def host_overhead_us(f, n=300) -> tuple[float, float]:
 def layer_host_us(spec, packed, n, k, x) -> float:
     """Host µs per call of the whole quantkit.nn.QuantLinear (forward + kernel launch) at M = 1."""
     from quantkit.kernels import lowbit
-
     from quantkit.nn import QuantLinear
 
     old = lowbit.IMPL
@@ -472,7 +471,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--tune", action="store_true", help="time candidate configs first and store the best")
     ap.add_argument("--tune-kinds", default=None, help="with --tune: tune only these kinds (default: all)")
-    ap.add_argument("--tuned-out", default=None, help="where to write tuned configs (default kernels/src/tuned_<gpu>.json)")
+    ap.add_argument("--tuned-out", default=None, 
+                    help="where to write tuned configs (default kernels/src/tuned_<gpu>.json)")
     ap.add_argument("--rep", type=float, default=60.0, help="ms of timed repetitions per measurement")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/PERFORMANCE.md)")
@@ -487,6 +487,7 @@ def main(argv=None) -> int:
         print("bench kernels: needs a CUDA GPU")
         return 2
     import triton
+
     from quantkit.kernels import _launch
 
     dev = torch.device("cpu" if args.smoke_cpu else "cuda")
@@ -496,7 +497,8 @@ def main(argv=None) -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     dt = torch.bfloat16
     bw = copy_bandwidth(dev)
-    info = {"device": "cpu-smoke" if args.smoke_cpu else torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+    info = {"device": "cpu-smoke" if args.smoke_cpu else torch.cuda.get_device_name(),
+            "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "copy_bw_GBs": bw / 1e9, "rep_ms": args.rep}
     print(json.dumps(info), flush=True)
@@ -534,7 +536,7 @@ def main(argv=None) -> int:
                            "bw_frac": (N * K * 2 + M * K * 2 + M * N * 2) / (g * 1e-6) / bw}
             del ref_bf
             if M == 1:
-                h, wall = host_overhead_us(lambda: lin(x, W))
+                h, wall = host_overhead_us(lambda W=W: lin(x, W))
                 row["bf16"].update(host_us=h, wall_us=wall)
             if tg is not None and M <= 2048:
                 wp, sz = tg
@@ -634,9 +636,8 @@ def _smoke_patches():
     kernels._scan()
 
     def bk(spec, packed, n, k, dev):
-        from quantkit.kernels import lowbit
-
         from quantkit.formats.base import format_from_spec
+        from quantkit.kernels import lowbit
 
         fmt = format_from_spec(fmt_spec(spec))
         if spec["type"] in ("int", "lut"):

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from ._tl import _cols8
 
-
 _ASM_INT_BF16 = """{
 .reg .b32 t1, t2, t3, a0, a1, a2, a3, p0, p1, p2, p3, one;
 mov.b32 one, 0x3F803F80;

@@ -4,7 +4,8 @@
 weight tile dequantized in registers before ``tl.dot``, the scale after the dot per chunk),
 ``w4a16_gemm`` (large M: the scale inside the dequantized tile, one pipelined accumulator) and
 ``w4a16_dequant`` (the weight to a [N, K] buffer for cuBLAS). The layout, the dequantization
-arithmetic and the paths are described in w4a16.py. Own code. Ideas from Marlin and gemlite (Apache-2.0): magic-number dequant, split-K GEMV; nothing
+arithmetic and the paths are described in w4a16.py. Own code. Ideas from Marlin and gemlite (Apache-2.0):
+magic-number dequant, split-K GEMV; nothing
 copied.
 """
 

@@ -100,7 +100,8 @@ def _group_of(b, j, gmap_ptr, G, GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: 
 @triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
 def repacked_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
-             MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+             MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+             ZC: tl.constexpr,
              GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr):
     """GEMV: one [16, BN] nibble tile at a time, M <= 4."""
@@ -161,7 +162,8 @@ def repacked_gemv(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr
 @triton.jit(do_not_specialize=["M", "G", "NB", "BPS", "SPLIT"])
 def repacked_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr, cnt_ptr,
              M, N, K, G, NB, BPS, SPLIT,
-             MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+             MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+             ZC: tl.constexpr,
              GS: tl.constexpr, GPT: tl.constexpr, HAS_GMAP: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, SPLITK: tl.constexpr,
              PRE: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr, MV: tl.constexpr):
@@ -241,7 +243,8 @@ def repacked_gemm(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, ws_ptr
 
 @triton.jit(do_not_specialize=["G"])
 def repacked_dequant(w_ptr, s_ptr, z_ptr, lut_ptr, gmap_ptr, out_ptr, N, K, G,
-                MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+                MODE: tl.constexpr, LUT_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                ZC: tl.constexpr,
                 GS: tl.constexpr, HAS_GMAP: tl.constexpr, BN: tl.constexpr):
     """Write the dequantized weight [N, K] (row-major, x dtype) for one 128-column block."""
     b = tl.program_id(0)
