@@ -14,7 +14,8 @@ some float sums differently even with one thread, and that moves a few near-tie 
 digit of a trained norm weight or a k-means table, and the last digits of the report's errors. CI
 found exactly that with bit-exact hashes. So the comparison is exact where it can be (tensor names,
 dtypes, shapes, layer specs other than their float figures) and within measured tolerances elsewhere:
-the tolerances below are ~10x what two machine behaviours differ by (measured by
+the tolerances below are far above what two machine behaviours differ by (here: no code, floats
+<= 6e-5, figures <= 2e-5; another CPU family may flip a near-tie code, so codes get 2%) (measured by
 ``python tests/_codes.py --spread``, which re-runs every recipe under ATEN_CPU_CAPABILITY=default /
 avx2 / avx512 and 1 / 2 threads), and far below what a change of the algorithm does (the test checks
 that a solve seed moved by one and a damping changed from 0.01 to 0.02 are both caught).
@@ -41,9 +42,9 @@ REF_DIR = Path(__file__).with_name("codes_reference")
 FIGURES = REF_DIR / "figures.json"
 
 # tolerances (see the module docstring for how they were chosen)
-CODE_FRAC = 0.01  # at most this fraction of the bytes of an integer tensor (packed codes) may differ
-FLOAT_REL = 2e-3  # ||a - b|| / ||b|| of a float tensor (scales, tables, trained norm weights)
-FIGURE_REL = 1e-3  # relative difference of a report figure (layer / block errors)
+CODE_FRAC = 0.02  # at most this fraction of the bytes of an integer tensor (packed codes) may differ
+FLOAT_REL = 5e-3  # ||a - b|| / ||b|| of a float tensor (scales, tables, trained norm weights)
+FIGURE_REL = 1e-2  # relative difference of a report figure (layer / block errors)
 
 
 def _recipe(name: str, **override) -> dict:
@@ -187,7 +188,8 @@ def spread() -> None:
     for cap, threads in settings:
         code = (f"import sys, json, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _codes; "
                 f"torch.set_num_threads({threads}); _codes.torch.set_num_threads = lambda n: None; "
-                "print(json.dumps({r: _codes._worst(*_codes.recorded(r), *_codes.outputs(r)) for r in _codes.RECIPES}))")
+                "print(json.dumps({r: _codes._worst(*_codes.recorded(r), *_codes.outputs(r)) "
+                "for r in _codes.RECIPES}))")
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if res.returncode:

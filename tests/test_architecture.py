@@ -8,7 +8,6 @@ inside functions included: a local import only defers a cycle, it does not remov
 from __future__ import annotations
 
 import ast
-import json
 import os
 from pathlib import Path
 
