@@ -54,6 +54,7 @@ from .hf import (
     int_quantlinear,
     linear_shape,
     pack_words,
+    plain_parts,
     quant_layers,
     tensor_of,
     unpack_words,
@@ -148,19 +149,6 @@ def _act_args(act: str, type_: str) -> dict | None:
             "dynamic": dynamic, "group_size": None}
 
 
-def _check_plain(name: str, ql: QuantLinear, keys: set[str]) -> dict[str, torch.Tensor]:
-    if ql.spec.get("transforms"):
-        kinds = ", ".join(t.get("type", "?") for t in ql.spec["transforms"])
-        raise CheckpointError(f"layer {name!r} has run-time transforms ({kinds}) that the compressed-tensors "
-                              f"layout cannot express; save it with layout='native'")
-    packed = ql.packed
-    extra = set(packed) - keys
-    if extra:
-        raise CheckpointError(f"layer {name!r} holds tensors {sorted(extra)} the compressed-tensors layout cannot "
-                              f"express; save it with layout='native'")
-    return packed
-
-
 def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | None = None
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``fp8`` -> ``float-quantized`` (W8A8) or ``naive-quantized`` (W8A16): weight, weight_scale,
@@ -169,7 +157,7 @@ def _fp8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int | N
     if cfg.dtype != "e4m3" or cfg.act_kind != "e4m3":
         raise CheckpointError(f"layer {name!r} uses FP8 {cfg.dtype}/{cfg.act_kind}; compressed-tensors holds "
                               f"E4M3 only; re-quantize with dtype: e4m3 or save with layout='native'")
-    packed = _check_plain(name, ql, {"weight", "weight_scale", "input_scale"})
+    packed = plain_parts(name, ql, {"weight", "weight_scale", "input_scale"}, QUANT_METHOD)
     strategy = cfg.weight_scale  # "channel" [out, 1] or "tensor" [1]
     args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "group_size": None,
             "dynamic": False}
@@ -187,7 +175,7 @@ def _int8a8_scheme(name: str, ql: QuantLinear, partial_groups: str, common: int 
                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """quantkit ``int8a8`` -> ``int-quantized``: weight int8 = q - 128, weight_scale [out, 1], input_scale."""
     cfg = ql.fmt.cfg
-    packed = _check_plain(name, ql, {"qweight", "scales", "input_scale"})
+    packed = plain_parts(name, ql, {"qweight", "scales", "input_scale"}, QUANT_METHOD)
     codes = unpack_codes(packed["qweight"], 8, ql.in_features)
     t = {"weight": (codes - 128).to(torch.int8).contiguous(), "weight_scale": packed["scales"].contiguous()}
     if cfg.activations == "static":

@@ -151,24 +151,30 @@ def int_quantlinear(name: str, path: str, shape: tuple[int, int], bits: int, gro
     return make_quantlinear(shape, spec, packed, bias, checkpoint=path, name=name)
 
 
-def int_layer_parts(name: str, ql: QuantLinear, layout: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(IntConfig, packed) of a QuantLinear exported by an external layout; refuses what it cannot hold."""
+def plain_parts(name: str, ql: QuantLinear, keys: set[str], layout: str) -> dict[str, torch.Tensor]:
+    """The packed tensors of a QuantLinear that an external layout exports; refuses run-time transforms
+    and any tensor outside ``keys``, which the layout cannot express."""
     spec = ql.spec
-    if spec["format"].get("type") != "int":
-        raise CheckpointError(
-            f"layer {name!r} uses format {ql.fmt.describe()!r}; the {layout} layout holds only the 'int' format "
-            f"here; save it with layout='native'")
     if spec.get("transforms"):
         kinds = ", ".join(t.get("type", "?") for t in spec["transforms"])
         raise CheckpointError(
             f"layer {name!r} has run-time transforms ({kinds}) that the {layout} layout cannot express; save it "
             f"with layout='native' or quantize without transforms")
     packed = ql.packed
-    extra = set(packed) - _INT_KEYS
+    extra = set(packed) - keys
     if extra:
         raise CheckpointError(f"layer {name!r} holds tensors {sorted(extra)} the {layout} layout cannot express; "
                               f"save it with layout='native'")
-    return ql.fmt.cfg, packed
+    return packed
+
+
+def int_layer_parts(name: str, ql: QuantLinear, layout: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(IntConfig, packed) of a QuantLinear exported by an external layout; refuses what it cannot hold."""
+    if ql.spec["format"].get("type") != "int":
+        raise CheckpointError(
+            f"layer {name!r} uses format {ql.fmt.describe()!r}; the {layout} layout holds only the 'int' format "
+            f"here; save it with layout='native'")
+    return ql.fmt.cfg, plain_parts(name, ql, _INT_KEYS, layout)
 
 
 def check_no_conv1d(model: nn.Module, layout: str) -> None:
