@@ -33,7 +33,7 @@ src = open(p).read()
 old = re.compile(r'"\{\\n"\s*"\s*\.reg \.b64 p;\\n"\s*"\s*createpolicy\.fractional\.L2::evict_first\.b64 p, 1\.0;"\s*'
                  r'"\s*cp\.async\.cg\.shared\.global\.L2::cache_hint \[%0\], \[%1\], %2, p;\\n"\s*"\}\\n"')
 new = '"cp.async.cg.shared.global [%0], [%1], %2;\\n"'
-src2, n = old.subn(new, src)
+src2, n = old.subn(lambda m: new, src)
 if n != 1:
     sys.exit(f"peers_prep: the cp_async4_stream patch matched {n} times in {p} (expected 1): the "
              "Marlin source changed; patch it by hand (see /work/shared/ANCHORS.md)")
