@@ -13,7 +13,9 @@ is timed. ``--tune`` first times a few configs per (kernel, shape, M bucket) and
 in kernels/src/tuned_<gpu>.json (or --tuned-out), which the kernels of that GPU read.
 
 Random weights, packed following docs/FORMAT.md. Peers measured in the same run: torch's tinygemm
-int4 (``_weight_int4pack_mm``, asym g128 in its own convention).
+int4 (``_weight_int4pack_mm``, asym g128 in its own convention), its weights rotating through copies
+like the others (before 2026-12-05 it was timed on one copy, which L2 could serve under graphs on
+the smaller shapes). Marlin and gemlite: bench/peers.py.
 """
 
 from __future__ import annotations
@@ -526,6 +528,9 @@ def main(argv=None) -> int:
                 wd = None  # the reference comes from fmt.linear (shares the v1 kind's memory budget)
             kern_sets[kind] = (fmt, packed, kern, wd)
         tg = None if args.no_peers else tinygemm_pack(N, K, dev)
+        if tg is not None:  # rotate through copies like every other method (one copy stayed in L2)
+            tg = [tg] + [(tg[0].clone(), tg[1].clone())
+                         for _ in range(ncp(sum(t.numel() * t.element_size() for t in tg)) - 1)]
         for M in ms:
             xs = [torch.randn(M, K, device=dev, dtype=dt) for _ in range(2)]
             x = xs[0]
@@ -539,11 +544,10 @@ def main(argv=None) -> int:
                 h, wall = host_overhead_us(lambda W=W: lin(x, W))
                 row["bf16"].update(host_us=h, wall_us=wall)
             if tg is not None and M <= 2048:
-                wp, sz = tg
                 try:
-                    fn = lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, 128, sz)
-                    fn(x)
-                    e, g = time_both(rotated([fn], xs), args.rep)
+                    fns = [lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, 128, sz) for wp, sz in tg]
+                    fns[0](x)
+                    e, g = time_both(rotated(fns, xs), args.rep)
                     row["tinygemm"] = {"eager_us": e, "graph_us": g}
                 except Exception as ex:  # noqa: BLE001
                     row["tinygemm"] = {"error": repr(ex)[:120]}
