@@ -5,6 +5,10 @@
 #   bench:ARGS                bench/kernels.py ARGS (commas in ARGS kept; ~ separates arguments)
 #   decode:ARGS               bench/decode.py ARGS (same convention)
 #   sweep:ARGS                bench/kernel_sweep.py ARGS (same convention): kernel variants, checked and timed
+#   peers:ARGS                Marlin built from .peers/marlin, gemlite from .whl, then bench/peers.py ARGS:
+#                             bf16, quantkit int4, tinygemm, Marlin, gemlite in one process (peers.md/.json
+#                             in $OUT). First, on the CPU machine: bash bench/peers_prep.sh; carry
+#                             [".whl", ".peers"]. A peer that fails to build or import is reported, not fatal.
 # Outputs (json, tuned configs) go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +28,17 @@ for step in "$@"; do
     bench) python3 -u bench/kernels.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
     decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
     sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
+    peers)
+      if [ -f .peers/marlin/setup.py ]; then
+        ( cd .peers/marlin && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace \
+            >"$OUT/marlin_build.log" 2>&1 ) && echo "## marlin built ($(( $(date +%s) - t0 )) s)" \
+          || { echo "## marlin build FAILED (reported by peers.py as unavailable):"; tail -5 "$OUT/marlin_build.log"; }
+      else
+        echo "## no .peers/marlin: run bash bench/peers_prep.sh on the CPU machine and carry .peers"
+      fi
+      python3 -c "import gemlite; print('## gemlite', gemlite.__version__)" 2>&1 | tail -1
+      python3 -u bench/peers.py --out "$OUT" --marlin-dir .peers/marlin $args 2>&1 \
+        | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
   esac
   echo "## step $name: $(( $(date +%s) - t0 )) s"
 done

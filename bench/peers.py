@@ -170,8 +170,8 @@ def peer_import(name: str, marlin_dir: str | None) -> str | None:
     """None when the peer's package imports, else the reason (one line)."""
     try:
         if name == "marlin":
-            if marlin_dir and marlin_dir not in sys.path:
-                sys.path.insert(0, marlin_dir)
+            if marlin_dir and os.path.abspath(marlin_dir) not in sys.path:
+                sys.path.insert(0, os.path.abspath(marlin_dir))
             import marlin  # noqa: F401
         elif name == "gemlite":
             import gemlite
@@ -186,19 +186,26 @@ def peer_import(name: str, marlin_dir: str | None) -> str | None:
     return None
 
 
-def probe(name: str, marlin_dir: str | None, timeout: int = 240) -> str | None:
+def probe_start(name: str, marlin_dir: str | None) -> subprocess.Popen:
     """Run the peer once on a small layer in a child process (a CUDA trap there, e.g. Marlin's
-    illegal instruction, must not kill this run). None when it ran and was correct."""
+    illegal instruction, must not kill this run); probe_wait gives its verdict."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", name]
     if marlin_dir:
         cmd += ["--marlin-dir", marlin_dir]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def probe_wait(name: str, p: subprocess.Popen, timeout: float = 240) -> str | None:
+    """None when the probe ran and its output matched the reference, else the reason (one line)."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"{name}: probe timed out after {timeout} s"
-    if p.returncode == 0 and "PROBE OK" in p.stdout:
+        p.kill()
+        p.communicate()
+        return f"{name}: probe timed out after {timeout:g} s"
+    if p.returncode == 0 and "PROBE OK" in out:
         return None
-    tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
+    tail = out.strip().splitlines()[-3:]
     return f"{name}: probe failed (rc {p.returncode}): {' | '.join(tail)[:300]}"
 
 
@@ -209,13 +216,15 @@ def run_probe(name: str, marlin_dir: str | None) -> int:
         return 1
     dev = torch.device("cuda")
     b = SETUPS[name](1024, 512, dev)
+    ok = True
     for M in (1, 16, 128):
         x = torch.randn(M, 1024, device=dev, dtype=b.x_dtype)
         e = kb.rel_err(b.fns[0](x), torch.nn.functional.linear(x.to(torch.bfloat16), b.wref))
         torch.cuda.synchronize()
+        ok = ok and e < TOL
         print(f"{name} M={M} rel err {e:.2e}")
-    print("PROBE OK")
-    return 0
+    print("PROBE OK" if ok else f"output off its reference (rel err > {TOL:g})")
+    return 0 if ok else 1
 
 
 # ---- timing ----------------------------------------------------------------------------------------
@@ -358,7 +367,7 @@ def save(out: Path | None, info, rows, methods) -> str:
 
 # ---- main ------------------------------------------------------------------------------------------
 def measure(args, methods, shapes, ms, dev, info, out) -> list:
-    t_start = time.perf_counter()
+    t_start = args.t0
     rows: list = []
     dead = None
     for sname in shapes:
@@ -435,8 +444,8 @@ def main(argv=None) -> int:
                     help="time eagerly only up to this M (above, every method is GPU-bound: eager = graph)")
     ap.add_argument("--tinygemm-max-m", type=int, default=2048,
                     help="tinygemm only up to this M (at 2048 it is ~0.04x bf16: 8192 would take seconds)")
-    ap.add_argument("--budget-s", type=float, default=330.0,
-                    help="stop timing (cells marked skipped) after this many seconds of measuring")
+    ap.add_argument("--budget-s", type=float, default=360.0,
+                    help="stop timing (cells left are marked skipped) this many seconds after the start")
     ap.add_argument("--precompile", type=int, default=14, metavar="N",
                     help="compile quantkit's picked configs first in N processes (0: off)")
     ap.add_argument("--marlin-dir", default=".peers/marlin", help="where Marlin was built (--inplace)")
@@ -446,6 +455,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shape, wall-clock timing")
     args = ap.parse_args(argv)
     args.timer = time_cell
+    args.t0 = time.perf_counter()
     if args.probe:
         return run_probe(args.probe, args.marlin_dir)
     methods = ["bf16"] + [m for m in args.methods.split(",") if m and m != "bf16"]
@@ -475,16 +485,22 @@ def main(argv=None) -> int:
                 f"tinygemm timed only up to M = {args.tinygemm_max_m} (~0.04x bf16 there)"]}
     out = Path(args.out) if args.out else None
     torch.manual_seed(0)
+    probes = {}
     for m in methods[1:]:
         if m in ("marlin", "gemlite"):
             err = peer_import(m, args.marlin_dir)
             if err is None and not args.smoke and not args.no_probe:
-                err = probe(m, args.marlin_dir)
-            if err:
+                probes[m] = probe_start(m, args.marlin_dir)  # runs while quantkit precompiles
+            elif err:
                 info["status"][m] = err
-            print(f"{m}: {err or 'ok'}", flush=True)
     if "quantkit" in methods and args.precompile and not args.smoke:
         kb.precompile(["int4"], shapes, ms, args.precompile, tune=False)
+    for m, p in probes.items():
+        err = probe_wait(m, p)
+        if err:
+            info["status"][m] = err
+    for m in methods[1:]:
+        print(f"{m}: {info['status'].get(m) or 'ok'}", flush=True)
     print(json.dumps(info), flush=True)
     rows = measure(args, methods, shapes, ms, dev, info, out)
     print(save(out, info, rows, methods))
