@@ -379,6 +379,9 @@ def measure(args, methods, shapes, ms, dev, info, out) -> list:
         for m in methods:
             if m != "bf16" and info["status"].get(m):
                 continue
+            if dead or time.perf_counter() - t_start > args.budget_s:
+                built[m] = Built([], None)  # not set up: every cell of this shape is marked skipped below
+                continue
             try:
                 built[m] = SETUPS[m](K, N, dev)
                 info["notes"].setdefault(m, built[m].note)
