@@ -122,10 +122,12 @@ def test_missing_and_failing_peers_are_reported_not_fatal(P, monkeypatch):
 
 def test_time_budget_skips_the_rest(P, monkeypatch):
     times = {"bf16": {"t1": 10.0, "t2": 30.0}, "quantkit": {"t1": 5.0, "t2": 15.0}}
-    info, rows = run_measure(P, monkeypatch, ["quantkit"], times, budget=-1.0)
-    assert all("skipped" in r["quantkit"] and "skipped" in r["bf16"] for r in rows)
-    md = P.report_md(info, rows, ["bf16", "quantkit"])
-    assert "| 1 | – | – | – |" in md
+    P.NAMES.setdefault("broken", "broken")
+    info, rows = run_measure(P, monkeypatch, ["quantkit", "broken"], times, budget=-1.0)
+    # nothing set up once the budget is spent (the broken setup would have left an error)
+    assert all("skipped" in r[m] for r in rows for m in ("bf16", "quantkit", "broken"))
+    md = P.report_md(info, rows, ["bf16", "quantkit", "broken"])
+    assert "| 1 | – | – | – | – | – |" in md
 
 
 def test_save_writes_md_and_json_atomically(P, monkeypatch, tmp_path):
