@@ -150,6 +150,7 @@ def setup_gemlite(K, N, dev):
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev)
     s = (torch.rand(N, K // G, device=dev) * 0.01 + 1e-3).to(torch.bfloat16)
     z = torch.randint(6, 10, (N, K // G), device=dev).to(torch.bfloat16)
+
     def make():  # copies are packed anew (the module holds bound methods and meta state)
         lay = GemLiteLinear(4, group_size=G, in_features=K, out_features=N,
                             input_dtype=DType.BF16, output_dtype=DType.BF16)
