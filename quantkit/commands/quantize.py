@@ -53,6 +53,6 @@ def run(args) -> int:
     if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
     qm.clear_resume_state()
-    print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
-          f"{qm.meta['seconds']:.1f} s)" + (f"; replaced {replaced} that was there" if replaced else ""))
+    print(f"saved {path}  ({qm.meta['seconds']:.1f} s)" + (f"; replaced {replaced} that was there" if replaced else ""))
+    print(f"  {qm.accounting().line()}")
     return 0

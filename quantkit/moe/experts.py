@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantkitError
-
-ROUTER_FLAG = "_quantkit_router"
+from ..models.discovery import ROUTER_FLAG
 
 
 class ExpertMLP(nn.Module):
@@ -196,14 +195,16 @@ def _verify(name: str, orig: nn.Module, ex: Experts) -> None:
 
 
 def flag_routers(model: nn.Module) -> list[str]:
-    """Flag the linears beside each expert container with E or 1 outputs as routers (kept float)."""
+    """Flag the modules beside each expert container whose weight has E or 1 rows (transformers 5's
+    ``...TopKRouter``, an ``nn.Linear`` gate, Qwen2-MoE's ``shared_expert_gate``) as routers: kept float."""
     out = []
     for pname, parent in model.named_modules():
         ex = [c for c in parent.children() if isinstance(c, Experts)]
         if not ex:
             continue
         for cname, c in parent.named_children():
-            if isinstance(c, nn.Linear) and c.out_features in (ex[0].num_experts, 1):
+            w = c._parameters.get("weight")
+            if not isinstance(c, Experts) and w is not None and w.dim() == 2 and w.shape[0] in (ex[0].num_experts, 1):
                 setattr(c, ROUTER_FLAG, True)
                 out.append(f"{pname}.{cname}" if pname else cname)
     return out
@@ -236,3 +237,10 @@ def unfuse_experts(model: nn.Module, verify: bool = True, skip=None) -> list[str
 
 def expert_containers(model: nn.Module) -> dict[str, Experts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
+
+
+def prepare(model: nn.Module, ignore: list[str]) -> list[str]:
+    """Before quantizing: split every expert container the recipe's ``ignore`` does not name."""
+    from ..recipe import matches
+
+    return unfuse_experts(model, skip=lambda n: matches(ignore, n))
