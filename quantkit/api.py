@@ -18,7 +18,6 @@ from .checks import check_model, check_token_ids, with_calibration
 from .data import calibration_batch
 from .distributed import DistributedSolver, current, exit_now, setup
 from .errors import CheckpointError, QuantkitError
-from .moe import prepare as prepare_moe
 from .models.sources import (
     LoadedModel,
     copy_source_files,
@@ -26,6 +25,7 @@ from .models.sources import (
     load_tokenizer,
     read_source,
 )
+from .moe import prepare as prepare_moe
 from .nn import QuantLinear, cached_dequant
 from .pipeline import PipelineReport, is_data_free, quantize_model
 from .recipe import Recipe, load_recipe

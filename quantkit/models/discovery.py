@@ -13,7 +13,6 @@ from torch import nn
 from ..errors import ModelSourceError
 from ..nn import QuantLinear
 
-
 ROUTER_FLAG = "_quantkit_router"  # set by quantkit.moe on a MoE block's routers: they stay float
 
 
