@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accounting import Accounting, account
 from .checkpoint.io import atomic_output_dir, read_config, write_json
 from .checks import check_model, check_token_ids, with_calibration
 from .data import calibration_batch
@@ -24,6 +25,7 @@ from .models.sources import (
     load_tokenizer,
     read_source,
 )
+from .moe import prepare as prepare_moe
 from .nn import QuantLinear, cached_dequant
 from .pipeline import PipelineReport, is_data_free, quantize_model
 from .recipe import Recipe, load_recipe
@@ -76,12 +78,15 @@ class QuantizedModel:
     def quantized_layers(self) -> dict[str, QuantLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, QuantLinear)}
 
+    def accounting(self) -> Accounting:
+        """Every parameter, by group (decoder blocks, embeddings, lm_head, other): quantkit.accounting."""
+        return account(self.model)
+
     def bits_per_weight(self) -> float:
-        """Storage bits per weight over the quantized linears (codes + scales + zeros + tables)."""
-        layers = self.quantized_layers().values()
-        bits = sum(m.bits_per_weight() * m.in_features * m.out_features for m in layers)
-        n = sum(m.in_features * m.out_features for m in layers)
-        return bits / n if n else 16.0
+        """Storage bits per weight over *every* parameter of the decoder blocks: quantized linears at their
+        packed bits (codes + scales + zeros + tables), everything else (float experts, routers, norms,
+        biases) at its dtype's bits. Embeddings and lm_head are counted apart (:meth:`accounting`)."""
+        return self.accounting().blocks.bits_per_weight
 
     def size_bytes(self) -> int:
         seen, total = set(), 0
@@ -170,7 +175,7 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,
              tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
-             resume_dir: str | None = None) -> QuantizedModel:
+             resume_dir: str | None = None, allow_unquantized: bool = False) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     **In place**: a transformers model passed in is modified (its linears are replaced by quantized
@@ -182,6 +187,10 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     calibration starts (quantkit.checks).
     With ``resume_dir`` every finished block is committed there and a rerun resumes (quantkit.resume;
     ``meta["resume"]`` says whether and from where, or why it started afresh).
+    Mixture-of-experts models: each expert container becomes per-expert linears, quantized like any other
+    (docs/MOE.md). A decoder-block tensor above 1% of its block that no rule quantizes and no ``ignore``
+    names is an error (``allow_unquantized=True``: a warning); ``bits_per_weight()`` counts every block
+    parameter.
     Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
     by all ranks (quantkit.distributed); every rank returns the same model.
     """
@@ -191,12 +200,14 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     dist, device = setup(device)  # under torchrun: join the group; this rank's device
     device = torch.device(device or default_device())
     lm = _as_loaded(model_or_name, tokenizer)
-    check_model(lm.model, recipe, calibration, device or default_device())  # before any calibration (checks.py)
+    moe_found = prepare_moe(lm.model, recipe.ignore)  # MoE: fused expert containers -> per-expert linears
+    # before any calibration (checks.py); a large block tensor no rule quantizes is an error unless allowed
+    check_model(lm.model, recipe, calibration, device or default_device(), allow_unquantized)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
     check_token_ids(ids, lm.model)
     t0 = time.time()
     solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
-    observer, extra_meta = None, {}
+    observer, extra_meta = None, ({"moe_experts": moe_found} if moe_found else {})
     if resume_dir is not None:
         if is_data_free(lm.model, recipe):
             extra_meta["resume"] = {"work_dir": os.path.abspath(resume_dir), "resumed_from_block": None,
@@ -237,6 +248,7 @@ def _finish(lm: LoadedModel, recipe: Recipe, report: PipelineReport, calib_info:
         "torch": torch.__version__,
         **(extra_meta or {}),
     }
+    meta["accounting"] = account(lm.model).summary()
     if dist is not None:
         meta["distributed"] = {"world_size": dist.world, "backend": dist.backend}
     qm = QuantizedModel(lm.model, lm.tokenizer, lm.source, lm.path if os.path.isdir(lm.path or "") else None,

@@ -177,10 +177,13 @@ def check_fits(model: nn.Module, recipe: Recipe, n: int, seq_len: int, device, *
                 f"(samples= / seq_len=)")
 
 
-def check_model(model: nn.Module, recipe: Recipe, calibration, device) -> None:
+def check_model(model: nn.Module, recipe: Recipe, calibration, device, allow_unquantized: bool = False) -> None:
     """Everything about the model that must hold before calibration (see the module docstring)."""
+    from .accounting import check_coverage
+
     check_float(model)
     check_targets(model, recipe)
+    check_coverage(model, recipe, allow_unquantized)  # no large block tensor silently left float
     from .pipeline import is_data_free
 
     if is_data_free(model, recipe):
@@ -264,7 +267,8 @@ def skeleton(name_or_path: str) -> nn.Module:
 
 
 def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: str | None = None,
-              export_options: dict[str, Any] | None = None, device: str | None = None, **calibration: Any) -> Recipe:
+              export_options: dict[str, Any] | None = None, device: str | None = None,
+              allow_unquantized: bool = False, **calibration: Any) -> Recipe:
     """Every check that needs no weights and no data, for the CLI to call before it starts; returns the
     recipe with the calibration overrides applied."""
     recipe = with_calibration(load_recipe(recipe), **calibration)
@@ -272,9 +276,14 @@ def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: st
         from .registry import get
 
         get("layout", layout)  # an unknown layout name fails first
+    from .accounting import check_coverage
+    from .moe import prepare
+
     m = skeleton(model) if isinstance(model, str) else model
     check_float(m)
+    prepare(m, recipe.ignore)  # MoE: expert containers become per-expert linears (quantize does the same)
     check_targets(m, recipe)
+    check_coverage(m, recipe, allow_unquantized)
     from .pipeline import is_data_free
 
     if not is_data_free(m, recipe):

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import NumericalError, QuantkitError
 from .models.discovery import find_blocks, find_linears, linear_weight, set_module
+from .moe.calibration import expert_calibration, fallback_schemes
 from .nn import QuantLinear
 from .quantizers.base import LayerStats
 from .recipe import Recipe, Scheme
@@ -53,6 +54,7 @@ class PipelineReport:
     device: str = "cpu"
     world_size: int = 1  # ranks that shared the calibration (quantkit.distributed)
     capture_seconds: float = 0.0  # running the model up to the first block
+    experts: dict[str, list[int]] = field(default_factory=dict)  # MoE: container -> routed tokens per expert
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineReport:
@@ -437,13 +439,19 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         # plugins train on every float output; otherwise only the first REF_BATCHES are kept, for the
         # block error estimate (keeping all would hold a second copy of the activations)
         n_ref = len(inputs) if plugins else min(len(inputs), REF_BATCHES)
-        stats, float_outs, t_reduce = calibrate(block, schemes, inputs, kwargs_list, device, acc, n_ref, solver)
+        # MoE: routed-token counts per expert; all-expert statistics unless the recipe turns them off
+        with expert_calibration(module, prefix, recipe.moe.calibrate_all_experts) as counts:
+            stats, float_outs, t_reduce = calibrate(block, schemes, inputs, kwargs_list, device, acc, n_ref, solver)
+        counts = {c: [int(v) for v in solver.reduce_sums([float(x) for x in t.tolist()], f"{c} routed tokens")]
+                  for c, t in counts.items()}
+        schemes, moe_notes = fallback_schemes(schemes, stats, counts, recipe.moe)  # MoE: few-token experts
+        report.experts.update(counts)
         t_solve = _clock(device)
         solved = solver.solve(block, schemes, stats)
         errs = []
         for n, (ql, info) in solved.items():
             set_module(model, n, ql.to(device))
-            report.layers[n] = info
+            report.layers[n] = {**info, **moe_notes.get(n, {})}
             errs.append(info.get("rel_err", 0.0))
         del stats, solved
         binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": _clock(device) - t_solve,

@@ -47,6 +47,16 @@ class CalibrationConfig(BaseModel):
     accumulate: Literal["float32", "float64"] = "float32"
 
 
+class MoEConfig(BaseModel):
+    """Mixture-of-experts calibration (quantkit.moe; docs/MOE.md)."""
+    model_config = ConfigDict(extra="forbid")
+    # every token through every expert while gathering statistics (the block's output keeps the real routing)
+    calibrate_all_experts: bool = True
+    # an expert matrix whose statistics come from fewer tokens is rounded by the fallback instead
+    min_tokens: int = Field(16, ge=0)
+    fallback: Literal["rtn-mse"] = "rtn-mse"  # RTN; an int format's range by MSE search (clip: mse)
+
+
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     match: list[str]
@@ -74,6 +84,9 @@ class Recipe(BaseModel):
     block_plugins: list[dict[str, Any]] = Field(default_factory=list)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     kv_cache: dict[str, Any] | None = None
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    # large decoder-block tensors that no rule quantizes and no ignore names: a warning instead of an error
+    allow_unquantized: bool = False
     source: str = Field("<memory>", exclude=True)
 
     @field_validator("targets", "ignore", mode="before")

@@ -120,6 +120,7 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
         results["runs"].append({
             "name": recipe.name, "recipe": recipe.model_dump(), "description": recipe.description,
             "checkpoint": os.path.abspath(ck), "bits_per_weight": loaded.bits_per_weight(),
+            "accounting": loaded.accounting().summary(),
             "size_bytes": _dir_size(ck), "quantize_seconds": loaded.meta.get("seconds"),
             "calibration": loaded.meta.get("calibration"),
             "calibration_tokens": run_rep.get("calibration_tokens"), "eval": e["perplexity"].get(primary),

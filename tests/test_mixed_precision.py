@@ -66,7 +66,10 @@ def test_mixed_w8_down_w4_recipe(tmp_path):
     assert down.bits_per_weight() == pytest.approx(8 + 16 / 160)
     assert q.bits_per_weight() == pytest.approx(4 + 24 / 64)
     n = {k: v.in_features * v.out_features for k, v in ql.items()}
-    expect = sum(ql[k].bits_per_weight() * n[k] for k in ql) / sum(n.values())
+    # every decoder-block parameter counts (quantkit.accounting): the float norms at their dtype's bits
+    fl = [p for name, p in lm.model.named_parameters() if name.startswith("model.layers.")]
+    expect = (sum(ql[k].bits_per_weight() * n[k] for k in ql) + sum(p.numel() * p.element_size() * 8 for p in fl)) \
+        / (sum(n.values()) + sum(p.numel() for p in fl))
     assert lm.bits_per_weight() == pytest.approx(expect)
     assert 4 < lm.bits_per_weight() < 8
 

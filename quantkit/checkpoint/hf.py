@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
+from ..moe.experts import unfuse_experts
 from ..nn import QuantLinear, make_quantlinear
 from .io import safetensors_files, write_json
 
@@ -82,10 +83,22 @@ def build_skeleton(path: str, cfg: dict[str, Any]) -> nn.Module:
     try:
         hf_cfg = AutoConfig.for_model(mt, **base)
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(hf_cfg)
+            model = AutoModelForCausalLM.from_config(hf_cfg)
     except Exception as e:  # noqa: BLE001 - whatever a bad config makes transformers raise
         raise CheckpointError(f"{path}/config.json: cannot build a {mt!r} model from this config "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
+    # MoE: fused expert containers become per-expert linears, as quantize() made them, unless the
+    # checkpoint stores one fused (kept float by the recipe's ignore)
+    keys = _stored_keys(path)
+    unfuse_experts(model, verify=False, skip=lambda n: f"{n}.down_proj" in keys)
+    return model
+
+
+def _stored_keys(path: str) -> set[str]:
+    keys: set[str] = set()
+    for fp in safetensors_files(path):
+        keys.update(_header(fp))
+    return keys
 
 
 def _check_layer_count(path: str, cfg: dict[str, Any]) -> None:
@@ -101,6 +114,11 @@ def _check_layer_count(path: str, cfg: dict[str, Any]) -> None:
 
 
 def _header_tensor_count(fp: str) -> int:
+    return len(_header(fp))
+
+
+def _header(fp: str) -> list[str]:
+    """The tensor names of a safetensors file's header."""
     import struct
 
     try:
@@ -116,7 +134,7 @@ def _header_tensor_count(fp: str) -> int:
         raise CheckpointError(f"{fp}: corrupt safetensors header ({e}); re-create the checkpoint") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{fp}: corrupt safetensors header (not a JSON object)")
-    return sum(1 for k in header if k != "__metadata__")
+    return [k for k in header if k != "__metadata__"]
 
 
 def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:

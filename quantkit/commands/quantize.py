@@ -28,6 +28,9 @@ def register(sub) -> None:
                    help="commit progress to DIR after every decoder block; run the same command again after a "
                         "crash to resume (same model, data and recipe); DIR's resume files are removed after "
                         "a successful save")
+    p.add_argument("--allow-unquantized", action="store_true",
+                   help="go on with a warning when a large decoder-block tensor would stay float although no "
+                        "rule quantizes it and no ignore names it (default: an error)")
     add_calibration_args(p)
     p.set_defaults(func=run)
 
@@ -44,15 +47,17 @@ def run(args) -> int:
                                  ("partial_groups", args.partial_groups)) if v is not None}
     # everything that can fail without the weights or the data fails here, before any calibration
     recipe = preflight(args.model, args.recipe, layout=args.layout, export_options=options, device=args.device,
-                       samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size)
+                       samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+                       allow_unquantized=args.allow_unquantized)
     replaced = check_replaceable(os.path.abspath(args.output), args.overwrite, protect=(resolve_model_dir(args.model),))
-    qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir)
+    qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir,
+                      allow_unquantized=args.allow_unquantized)
     if options:
         qm.meta["export_options"] = options
     path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
     if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
     qm.clear_resume_state()
-    print(f"saved {path}  ({qm.bits_per_weight():.3f} bits/weight over quantized linears, "
-          f"{qm.meta['seconds']:.1f} s)" + (f"; replaced {replaced} that was there" if replaced else ""))
+    print(f"saved {path}  ({qm.meta['seconds']:.1f} s)" + (f"; replaced {replaced} that was there" if replaced else ""))
+    print(f"  {qm.accounting().line()}")
     return 0

@@ -13,9 +13,14 @@ from torch import nn
 from ..errors import ModelSourceError
 from ..nn import QuantLinear
 
+ROUTER_FLAG = "_quantkit_router"  # set by quantkit.moe on a MoE block's routers: they stay float
+
 
 def is_linear(m: nn.Module) -> bool:
-    """A float linear layer (nn.Linear or GPT-2's Conv1D)."""
+    """A float linear layer (nn.Linear or GPT-2's Conv1D); a MoE router (flagged by quantkit.moe) is not
+    one: it stays float."""
+    if getattr(m, ROUTER_FLAG, False):  # MoE: flagged by quantkit.moe
+        return False
     if isinstance(m, nn.Linear):
         return True
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
@@ -27,14 +32,20 @@ def linear_weight(m: nn.Module) -> torch.Tensor:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest candidate list that is not inside another candidate (a MoE block's list of
+    per-expert MLPs is never taken for the decoder blocks, however many experts it holds)."""
     best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
+    taken: list[str] = []
+    for name, mod in model.named_modules():  # parents come before their children
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if len({type(b) for b in mod}) != 1:
             continue
         if not any(is_linear(x) or isinstance(x, QuantLinear) for x in mod[0].modules()):
             continue
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        taken.append(name)
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)
     if best is None:
