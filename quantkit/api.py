@@ -62,6 +62,7 @@ class QuantizedModel:
         self.report = report
         self.resume_dir = resume_dir  # where quantize(resume_dir=...) committed its blocks
         self.streamed_to: str | None = None  # quantize(save_to=...) wrote it while quantizing; blocks released
+        self.saved_to: str | None = None  # where quantize(save_to=...) saved it (streamed or at the end)
 
     # ---- conveniences ------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -246,9 +247,9 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         qm = _finish(lm, recipe, report, calib_info, device, dist, t0, progress, extra_meta)
         qm.resume_dir = resume_dir
         if writer is not None:
-            qm.streamed_to = writer.finish(qm.meta, qm._write_extras)
+            qm.streamed_to = qm.saved_to = writer.finish(qm.meta, qm._write_extras)
     if save_to is not None and writer is None:
-        qm.save(save_to, overwrite=overwrite)
+        qm.saved_to = qm.save(save_to, overwrite=overwrite)
     return qm
 
 
