@@ -102,7 +102,8 @@ def child(args) -> None:
                            load=args.load, dtype=getattr(torch, args.dtype), save_to=args.out, overwrite=True,
                            progress=False, batch_size=args.batch_size)
     print(json.dumps({"seconds": round(time.time() - t, 1), "quantized_layers": len(qm.report.layers),
-                      "load": qm.meta["load"]["load"], "streamed_save": qm.streamed_to is not None}))
+                      "loaded": qm.meta["load"]["load"], "why_not_streamed": qm.meta["load"].get("why_not_streamed"),
+                      "streamed_save": qm.streamed_to is not None}))
 
 
 def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> dict:
@@ -179,7 +180,8 @@ def main() -> None:
     print("| recipe | load | blocks quantized | wall s | peak RSS GiB |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['load']} | {r['blocks']} | {r['wall_s']} | {r['peak_rss_gib']} |")
+        print(f"| {r['kind']} | {r['load']} (done: {r['loaded']}{', save streamed' if r['streamed_save'] else ''}) | "
+              f"{r['blocks']} | {r['wall_s']} | {r['peak_rss_gib']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "checkpoint": info, "block_bytes": block_bytes, "rows": rows}, f, indent=1)

@@ -119,6 +119,8 @@ class StreamSource:
             raise CheckpointError(f"{path}/config.json: cannot build the model ({type(e).__name__}: "
                                   f"{str(e)[:300]})") from None
         model.eval()
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # from_config under init_empty_weights leaves them untied
         self.model = model
         self.blocks_name, self.blocks = find_blocks(model)
         self._index = {id(b): i for i, b in enumerate(self.blocks)}
@@ -134,11 +136,14 @@ class StreamSource:
 
     def _check_names(self) -> None:
         sd = self.model.state_dict()
-        groups: dict[int, set[str]] = {}
-        for k, t in sd.items():
+        groups: dict[int, set[str]] = {}  # tied weights: one parameter under several names
+        named = list(self.model.named_parameters(remove_duplicate=False)) + list(
+            self.model.named_buffers(remove_duplicate=False))
+        for k, t in named:
             groups.setdefault(id(t), set()).add(k)
+        owner = {k: id(t) for k, t in named}
         stored = set(self.key_file)
-        missing = [k for k, t in sd.items() if not (groups[id(t)] & stored)]
+        missing = [k for k in sd if not (groups.get(owner.get(k), {k}) & stored)]
         unexpected = [k for k in stored - set(sd) if not _IGNORABLE.search(k)]
         if missing or unexpected:
             raise StreamUnsupported(f"stored tensor names differ from the model's (missing {missing[:3]}, "

@@ -76,7 +76,7 @@ def test_sharded_fixture_has_lm_head_apart(sharded):
 def test_streamed_equals_whole(sharded, tmp_path, recipe):
     qs = _run(sharded, recipe, tmp_path / "s", "stream")
     qw = _run(sharded, recipe, tmp_path / "w", "whole")
-    assert qs.meta["load"]["load"] == "stream" and qw.meta["load"]["load"] == "whole"
+    assert qs.meta["load"] == {"load": "stream", "dtype": "float32"} and qw.meta["load"]["load"] == "whole"
     assert qs.streamed_to == str(tmp_path / "s") and qw.streamed_to is None
     assert os.path.exists(tmp_path / "s" / stream.INDEX_FILE)
     assert all(p.device.type == "meta" for p in qs.model.model.layers.parameters())  # blocks released
@@ -103,7 +103,9 @@ def test_streamed_without_save_to_matches_float_reference(sharded, tmp_path):
 
 
 def test_tied_embeddings(tied, tmp_path):
-    _run(tied, RTN_MSE, tmp_path / "s", "stream")
+    q = _run(tied, RTN_MSE, tmp_path / "s", "stream")
+    assert q.meta["load"] == {"load": "stream", "dtype": "float32"}  # streamed, not fallen back to whole
+    assert "lm_head.weight" not in stream.stored_key_files(tied)
     _run(tied, RTN_MSE, tmp_path / "w", "whole")
     same_output(tmp_path / "s", tmp_path / "w")
     back = quantkit.load(str(tmp_path / "s"))
@@ -111,7 +113,7 @@ def test_tied_embeddings(tied, tmp_path):
 
 
 def test_single_file(single, tmp_path):
-    _run(single, GPTQ, tmp_path / "s", "stream")
+    assert _run(single, GPTQ, tmp_path / "s", "stream").meta["load"]["load"] == "stream"
     _run(single, GPTQ, tmp_path / "w", "whole")
     same_output(tmp_path / "s", tmp_path / "w")
 
@@ -135,7 +137,7 @@ def test_resumed_streamed_run_matches(sharded, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".out")]  # its temp folder is gone
     monkeypatch.setattr(resume, "_before_commit", None)
     q = _run(sharded, GPTQ, out, "stream", resume_dir=work)
-    assert q.meta["resume"]["resumed_from_block"] == 2
+    assert q.meta["resume"]["resumed_from_block"] == 2 and q.meta["load"]["load"] == "stream"
     # the output's block shards are the resume dir's block files (one copy on disk)
     shard0 = os.path.join(out, "model-00001-of-00005.safetensors")
     assert os.stat(shard0).st_ino == os.stat(os.path.join(work, "block-00000.safetensors")).st_ino
@@ -148,3 +150,15 @@ def test_resumed_streamed_run_matches(sharded, tmp_path, monkeypatch):
 def test_bad_load_value(sharded):
     with pytest.raises(QuantkitError, match="load='sideways'"):
         quantkit.quantize(sharded, RTN, calibration=_ids(), device="cpu", progress=False, load="sideways")
+
+
+def test_renamed_or_missing_tensors_fall_back_to_whole(tmp_path):
+    d = _save(tmp_path / "m", tie=False, shard=None)
+    from safetensors.torch import load_file, save_file
+
+    fp = os.path.join(d, "model.safetensors")
+    t = load_file(fp)
+    t["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(t, fp, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="extra"):  # the whole load's integrity check names it
+        quantkit.quantize(d, RTN, calibration=_ids(), device="cpu", progress=False)
