@@ -40,7 +40,7 @@ SHAPES = {  # Llama-3.2 shapes (tied embeddings), and a tiny one
 GIB = 1 << 30
 
 
-def write_checkpoint(d: str, shape: dict, dtype=torch.bfloat16, seed: int = 0) -> dict:
+def write_checkpoint(d: str, shape: dict, dtype=torch.bfloat16, seed: int = 0, gen_device: str = "cpu") -> dict:
     """A random Llama checkpoint in ``d``, one shard per block (+ one for the rest), written block by
     block (peak memory: one block). Returns {params, bytes, blocks}."""
     from accelerate import init_empty_weights
@@ -60,14 +60,15 @@ def write_checkpoint(d: str, shape: dict, dtype=torch.bfloat16, seed: int = 0) -
         elif not (cfg.tie_word_embeddings and k == "lm_head.weight"):
             groups[n].append(k)
     os.makedirs(d, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=gen_device).manual_seed(seed)
     wmap, total, params = {}, 0, 0
     for i, keys in enumerate(groups):
         fn = f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors"
         tensors = {}
         for k in keys:
             shp = tuple(sd[k].shape)
-            t = torch.ones(shp, dtype=dtype) if len(shp) == 1 else (torch.randn(shp, generator=g) * 0.02).to(dtype)
+            t = torch.ones(shp, dtype=dtype) if len(shp) == 1 else (
+                torch.randn(shp, generator=g, device=gen_device) * 0.02).to(dtype).cpu()
             tensors[k] = t
             wmap[k] = fn
             total += t.numel() * t.element_size()
@@ -101,7 +102,11 @@ def child(args) -> None:
     qm = quantkit.quantize(args.ckpt, recipe_for(args.kind, args.blocks), calibration=ids, device=args.device,
                            load=args.load, dtype=getattr(torch, args.dtype), save_to=args.out, overwrite=True,
                            progress=False, batch_size=args.batch_size)
-    print(json.dumps({"seconds": round(time.time() - t, 1), "quantized_layers": len(qm.report.layers),
+    gpu = {}
+    if args.device.startswith("cuda"):
+        gpu = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+               "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
+    print(json.dumps({**gpu, "seconds": round(time.time() - t, 1), "quantized_layers": len(qm.report.layers),
                       "loaded": qm.meta["load"]["load"], "why_not_streamed": qm.meta["load"].get("why_not_streamed"),
                       "streamed_save": qm.streamed_to is not None}))
 
@@ -127,7 +132,7 @@ def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> di
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
     ap.add_argument("--dir", default=None, help="where the checkpoint is written (default /work/tmp/stream-<shape>)")
@@ -148,14 +153,15 @@ def main() -> None:
     ap.add_argument("--kind", help=argparse.SUPPRESS)
     ap.add_argument("--load", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         return child(args)
     if args.smoke:
         args.shape, args.dtype = "tiny", "float32"
     args.dir = args.dir or os.path.join("/work/tmp" if os.path.isdir("/work") else "/tmp", f"stream-{args.shape}")
     t = time.time()
-    info = write_checkpoint(args.dir, SHAPES[args.shape])
+    info = write_checkpoint(args.dir, SHAPES[args.shape], getattr(torch, args.dtype),
+                            gen_device="cuda" if args.device.startswith("cuda") else "cpu")
     block_bytes = (info["bytes"] - _rest_bytes(args.dir)) / info["blocks"]
     print(f"checkpoint {args.dir}: {info['params'] / 1e9:.2f} B params, {info['bytes'] / GIB:.2f} GiB on disk, "
           f"{info['blocks']} blocks of {block_bytes / GIB:.3f} GiB, rest {_rest_bytes(args.dir) / GIB:.2f} GiB; "
@@ -177,11 +183,13 @@ def main() -> None:
             shutil.rmtree(args.dir, ignore_errors=True)
     print(f"\n{args.shape}: {info['params'] / 1e9:.2f} B params, {info['bytes'] / GIB:.2f} GiB ({args.dtype}); one "
           f"block {block_bytes / GIB:.3f} GiB; calibration {args.samples} x {args.seq_len} tokens\n")
-    print("| recipe | load | blocks quantized | wall s | peak RSS GiB |")
-    print("|---|---|---|---|---|")
+    gpu = any("peak_gpu_gib" in r for r in rows)
+    print("| recipe | load | blocks quantized | quantize s | wall s | peak RSS GiB |" + (" peak GPU GiB |" if gpu else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
         print(f"| {r['kind']} | {r['load']} (done: {r['loaded']}{', save streamed' if r['streamed_save'] else ''}) | "
-              f"{r['blocks']} | {r['wall_s']} | {r['peak_rss_gib']} |")
+              f"{r['blocks']} | {r['seconds']} | {r['wall_s']} | {r['peak_rss_gib']} |"
+              + (f" {r.get('peak_gpu_gib')} |" if gpu else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "checkpoint": info, "block_bytes": block_bytes, "rows": rows}, f, indent=1)
