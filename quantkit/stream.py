@@ -110,7 +110,6 @@ class StreamSource:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path, self.dtype = path, dtype
-        fix_mmap_threshold()
         self.key_file = stored_key_files(path)
         try:
             cfg = AutoConfig.from_pretrained(path)
@@ -219,24 +218,6 @@ def _libc():
         return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-
-
-def fix_mmap_threshold() -> None:
-    """glibc raises its mmap threshold each time a large buffer is freed, after which block-sized
-    buffers come from the heap arenas and stay there when freed: the RSS of a streamed 1B run measured
-    2.47 GiB with the default and 1.01 GiB with a fixed 1 MiB threshold (docs/PERFORMANCE.md,
-    "Streaming"). This fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, the same as the
-    ``MALLOC_MMAP_THRESHOLD_`` environment variable) for the process; ``QUANTKIT_MMAP_THRESHOLD=0``
-    leaves the allocator alone, another value sets the threshold in bytes. Nothing outside glibc."""
-    v = os.environ.get("QUANTKIT_MMAP_THRESHOLD", str(1 << 20))
-    try:
-        n = int(v)
-    except ValueError:
-        raise QuantkitError(f"QUANTKIT_MMAP_THRESHOLD={v!r}: expected a number of bytes (0: leave the "
-                            f"allocator alone)") from None
-    libc = _libc() if n > 0 and "MALLOC_MMAP_THRESHOLD_" not in os.environ else None
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, n)  # M_MMAP_THRESHOLD
 
 
 def release_freed_memory() -> None:

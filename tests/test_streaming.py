@@ -162,3 +162,22 @@ def test_renamed_or_missing_tensors_fall_back_to_whole(tmp_path):
     save_file(t, fp, metadata={"format": "pt"})
     with pytest.raises(Exception, match="extra"):  # the whole load's integrity check names it
         quantkit.quantize(d, RTN, calibration=_ids(), device="cpu", progress=False)
+
+
+def test_failure_mid_stream_keeps_the_old_output(sharded, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    _run(sharded, RTN, out, "stream")
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    calls, orig = [0], stream._save_shard
+
+    def disk_full(fp, tensors):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(28, "No space left on device")
+        orig(fp, tensors)
+
+    monkeypatch.setattr(stream, "_save_shard", disk_full)
+    with pytest.raises(Exception, match="No space left|space"):
+        _run(sharded, GPTQ, out, "stream", overwrite=True)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["o"]  # no temporary folder left
