@@ -63,6 +63,8 @@ class QuantizedModel:
         self.meta = meta or {}
         self.report = report
         self.resume_dir = resume_dir  # where quantize(resume_dir=...) committed its blocks
+        self.streamed_to: str | None = None  # quantize(save_to=...) wrote it while quantizing; blocks released
+        self.saved_to: str | None = None  # where quantize(save_to=...) saved it (streamed or at the end)
 
     # ---- conveniences ------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -115,18 +117,28 @@ class QuantizedModel:
 
         Under torch.distributed only rank 0 writes (every rank holds the same quantized model)."""
         lay = _get("layout", layout)
+        if self.streamed_to is not None:
+            if os.path.abspath(path) == self.streamed_to and layout == "native":
+                return self.streamed_to
+            raise QuantkitError(f"this model was written to {self.streamed_to} while it was quantized (streamed) and "
+                                f"its blocks are no longer in memory; copy that folder, or quantize with "
+                                f"load='whole' / without save_to to save it elsewhere or in another layout")
         if not self.is_main_process:
             return os.path.abspath(path)
         with atomic_output_dir(path, overwrite=overwrite, protect=(self.source_dir,)) as tmp:
             lay.save(self.model, tmp, self.meta)
-            if self.source_dir:
-                copy_source_files(self.source_dir, tmp)
-            elif self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            write_json(os.path.join(tmp, "quantkit_source.json"), self.source)
-            if self.report is not None:
-                write_json(os.path.join(tmp, RUN_FILE), {"meta": self.meta, "report": asdict(self.report)})
+            self._write_extras(tmp)
         return os.path.abspath(path)
+
+    def _write_extras(self, tmp: str) -> None:
+        """Tokenizer and source files, the source record and the run record, next to the weights."""
+        if self.source_dir:
+            copy_source_files(self.source_dir, tmp)
+        elif self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "quantkit_source.json"), self.source)
+        if self.report is not None:
+            write_json(os.path.join(tmp, RUN_FILE), {"meta": self.meta, "report": asdict(self.report)})
 
 
 def _as_loaded(model_or_name, tokenizer=None) -> LoadedModel:
@@ -175,7 +187,8 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,
              tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
-             resume_dir: str | None = None, allow_unquantized: bool = False) -> QuantizedModel:
+             resume_dir: str | None = None, allow_unquantized: bool = False, load: str | None = None,
+             dtype: torch.dtype | None = None, save_to: str | None = None, overwrite: bool = False) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     **In place**: a transformers model passed in is modified (its linears are replaced by quantized
@@ -193,13 +206,25 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     parameter.
     Started by torchrun (or inside an initialised torch.distributed group) the calibration is shared
     by all ranks (quantkit.distributed); every rank returns the same model.
+    A model folder is **streamed** by default (quantkit.stream): each decoder block's weights are read
+    from the shards when the pipeline reaches it (``load="whole"`` loads the model first; a bundled name
+    loads whole unless ``load="stream"``); ``dtype`` is the float dtype weights are read in (default
+    float32). ``save_to`` writes the native checkpoint there (``overwrite`` as in ``save``); streamed,
+    each finished block is written at once and leaves memory, and the returned model's blocks stay
+    released (``qm.streamed_to`` names the folder; ``qm.save`` to another place is refused).
     """
     if resume_dir is not None and not resume_dir:
         raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
     recipe = with_calibration(load_recipe(recipe), samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     dist, device = setup(device)  # under torchrun: join the group; this rank's device
     device = torch.device(device or default_device())
-    lm = _as_loaded(model_or_name, tokenizer)
+    source, load_info = None, None
+    if isinstance(model_or_name, str):
+        from .stream import open_model
+
+        lm, source, load_info = open_model(model_or_name, load, dtype)
+    else:
+        lm = _as_loaded(model_or_name, tokenizer)
     moe_found = prepare_moe(lm.model, recipe.ignore)  # MoE: fused expert containers -> per-expert linears
     # before any calibration (checks.py); a large block tensor no rule quantizes is an error unless allowed
     check_model(lm.model, recipe, calibration, device or default_device(), allow_unquantized)
@@ -208,19 +233,36 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     t0 = time.time()
     solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
     observer, extra_meta = None, ({"moe_experts": moe_found} if moe_found else {})
+    if load_info:
+        extra_meta["load"] = load_info
     if resume_dir is not None:
         if is_data_free(lm.model, recipe):
             extra_meta["resume"] = {"work_dir": os.path.abspath(resume_dir), "resumed_from_block": None,
                                     "restart_reason": "data-free recipe: no blocks to resume, ran directly"}
         else:
-            observer = ResumeObserver(resume_dir, lm.model, recipe, ids, device, dist)
-    with observer if observer is not None else contextlib.nullcontext():
+            observer = ResumeObserver(resume_dir, lm.model, recipe, ids, device, dist,
+                                      model_fp=source.fingerprint() if source is not None else None)
+    writer = None
+    if save_to is not None and source is not None and recipe.kv_cache is None:  # the KV allocation runs the model
+        from .stream import Observers, StreamWriter
+
+        writer = StreamWriter(save_to, lm.model, overwrite=overwrite, protect=(lm.path,),
+                              resume_dir=resume_dir if observer is not None else None,
+                              main=dist is None or dist.is_main)
+    with writer if writer is not None else contextlib.nullcontext(), \
+            observer if observer is not None else contextlib.nullcontext():
         report = quantize_model(lm.model, recipe, ids, device=device, batch_size=recipe.calibration.batch_size,
-                                progress=progress, solver=solver, observer=observer)
-    if observer is not None:
-        extra_meta["resume"] = observer.info
-    qm = _finish(lm, recipe, report, calib_info, device, dist, t0, progress, extra_meta)
-    qm.resume_dir = resume_dir
+                                progress=progress, solver=solver,
+                                observer=Observers(observer, writer) if writer is not None else observer,
+                                source=source)
+        if observer is not None:
+            extra_meta["resume"] = observer.info
+        qm = _finish(lm, recipe, report, calib_info, device, dist, t0, progress, extra_meta)
+        qm.resume_dir = resume_dir
+        if writer is not None:
+            qm.streamed_to = qm.saved_to = writer.finish(qm.meta, qm._write_extras)
+    if save_to is not None and writer is None:
+        qm.saved_to = qm.save(save_to, overwrite=overwrite)
     return qm
 
 

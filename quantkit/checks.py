@@ -267,10 +267,11 @@ def skeleton(name_or_path: str) -> nn.Module:
 
 
 def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: str | None = None,
-              export_options: dict[str, Any] | None = None, device: str | None = None,
+              export_options: dict[str, Any] | None = None, device: str | None = None, streamed: bool = False,
               allow_unquantized: bool = False, **calibration: Any) -> Recipe:
     """Every check that needs no weights and no data, for the CLI to call before it starts; returns the
-    recipe with the calibration overrides applied."""
+    recipe with the calibration overrides applied. ``streamed``: the weights are read one block at a time
+    (quantkit.stream), so the whole model's weights do not count against the memory."""
     recipe = with_calibration(load_recipe(recipe), **calibration)
     if layout is not None:
         from .registry import get
@@ -288,7 +289,7 @@ def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: st
 
     if not is_data_free(m, recipe):
         c = recipe.calibration
-        check_fits(m, recipe, c.samples, c.seq_len, device, loaded=isinstance(model, nn.Module))
+        check_fits(m, recipe, c.samples, c.seq_len, device, loaded=isinstance(model, nn.Module) or streamed)
     if layout is not None:
         check_layout(m, recipe, layout, export_options)
     return recipe

@@ -286,20 +286,35 @@ def is_data_free(model: nn.Module, recipe: Recipe) -> bool:
 
 
 def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport, device, progress: bool,
-                       t0: float) -> PipelineReport:
-    """No scheme needs activations (e.g. RTN into INT): quantize every targeted linear directly."""
+                       t0: float, source=None, observer: BlockObserver | None = None) -> PipelineReport:
+    """No scheme needs activations (e.g. RTN into INT): quantize every targeted linear directly.
+    With a block ``source`` (quantkit.stream) it goes block by block: read, quantize, tell ``observer``."""
     report.calibration_tokens = 0
+    if source is not None:
+        blocks_name, blocks = find_blocks(model)
+        for bi in tqdm(range(len(blocks)), desc="quantize (data-free)", unit="block", disable=not progress):
+            module = blocks[bi]
+            source.fetch(module)
+            prefix = f"{blocks_name}.{bi}."
+            for n, mod in find_linears(module, prefix).items():
+                if (scheme := recipe.scheme_for(n)) is not None:
+                    report.layers[n] = _data_free_layer(model, n, mod, scheme, device)
+            if observer is not None:
+                observer.on_block_done(Block(bi, module, prefix, {}), report, [])
     linears = {n: m for n, m in find_linears(model).items() if recipe.scheme_for(n) is not None}
-    for n in tqdm(linears, desc="quantize (data-free)", unit="layer", disable=not progress):
-        mod = linears[n]
-        w_dev = linear_weight(mod).device
-        mod.to(device)
-        ql, info = quantize_linear(n, mod, recipe.scheme_for(n), LayerStats())
-        ql.dense_weight = None
-        set_module(model, n, ql.to(w_dev))
-        report.layers[n] = info
+    for n in tqdm(linears, desc="quantize (data-free)", unit="layer", disable=not progress or source is not None):
+        report.layers[n] = _data_free_layer(model, n, linears[n], recipe.scheme_for(n), device)
     report.seconds = time.time() - t0
     return report
+
+
+def _data_free_layer(model: nn.Module, n: str, mod: nn.Module, scheme: Scheme, device) -> dict[str, Any]:
+    w_dev = linear_weight(mod).device
+    mod.to(device)
+    ql, info = quantize_linear(n, mod, scheme, LayerStats())
+    ql.dense_weight = None
+    set_module(model, n, ql.to(w_dev))
+    return info
 
 
 class _Prefetch:
@@ -307,8 +322,9 @@ class _Prefetch:
     (pageable) CPU memory overlaps the previous block's work; wait() hands it to the main stream.
     offload() moves a finished block back the same way (pageable device-to-host copies are slow)."""
 
-    def __init__(self, device: torch.device, first: nn.Module):
+    def __init__(self, device: torch.device, first: nn.Module, fetch=None):
         self.device = device
+        self.fetch = fetch  # reads a streamed block's weights from disk first (quantkit.stream)
         self.stream = torch.cuda.Stream(device)
         self.out_stream = torch.cuda.Stream(device)
         self.out_thread = None
@@ -320,6 +336,8 @@ class _Prefetch:
 
     def _copy(self, module: nn.Module) -> None:
         try:
+            if self.fetch is not None:
+                self.fetch(module)
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                 module.to(self.device, non_blocking=True)
         except BaseException as e:  # noqa: BLE001 - re-raised by wait()
@@ -362,6 +380,8 @@ class _Prefetch:
 
     def wait(self, module: nn.Module) -> None:
         if self.module is not module:  # not the one prefetched: plain copy
+            if self.fetch is not None:
+                self.fetch(module)
             module.to(self.device)
             return
         self.thread.join()
@@ -384,14 +404,15 @@ def _clock(device: torch.device) -> float:
 
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, *,
                    device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True,
-                   solver=None, observer: BlockObserver | None = None) -> PipelineReport:
+                   solver=None, observer: BlockObserver | None = None, source=None) -> PipelineReport:
     """Quantize ``model`` in place with ``recipe``, calibrated on token ids ``calibration`` [N, L].
 
     Block by block: :func:`capture` (once), then :func:`calibrate` -> ``solver.solve`` -> :func:`propagate`.
     ``solver`` (default :class:`quantkit.solve.LocalSolver`) decides which calibration batches this
     process runs, how statistics are combined and where each linear is solved; a
     ``quantkit.distributed.DistributedSolver`` shares the work among the ranks of a group. ``observer``
-    (e.g. quantkit.resume's) may restore finished blocks and is told after every block.
+    (e.g. quantkit.resume's) may restore finished blocks and is told after every block. ``source``
+    (quantkit.stream.StreamSource) reads each block's weights when it is reached (``source.fetch(module)``).
     """
     t0 = time.time()
     device = torch.device(device)
@@ -402,7 +423,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     report.device, report.calibration_tokens, report.world_size = str(device), int(calibration.numel()), solver.world
     blocks_name, blocks = find_blocks(model)
     if is_data_free(model, recipe):
-        return quantize_data_free(model, recipe, report, device, progress, t0)
+        return quantize_data_free(model, recipe, report, device, progress, t0, source, observer)
     if recipe.block_plugins and solver.world > 1:
         kinds = ", ".join(str(p.get("type", p)) for p in recipe.block_plugins)
         raise QuantkitError(f"{recipe.source}: block_plugins ({kinds}) "
@@ -422,7 +443,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
 
     prefetch = None
     if device.type == "cuda" and start < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
-        prefetch = _Prefetch(device, blocks[start])
+        prefetch = _Prefetch(device, blocks[start], source.fetch if source is not None else None)
     bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress)
     for bi in bar:
         t_block = _clock(device)
@@ -432,6 +453,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             if bi + 1 < len(blocks):  # the next block's weights travel while this one is worked on
                 prefetch.start(blocks[bi + 1])
         else:
+            if source is not None:
+                source.fetch(module)
             module.to(device)
         prefix = f"{blocks_name}.{bi}."
         block = Block(bi, module, prefix, find_linears(module, prefix))

@@ -44,6 +44,7 @@ from .nn import QuantLinear, make_quantlinear
 from .pipeline import BlockObserver, PipelineReport, Restored
 from .recipe import Recipe
 from .solve import Block
+from .stream import native_block_tensors
 from .version import __version__
 
 STATE_FILE = "state.json"
@@ -91,9 +92,10 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def run_fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def run_fingerprint(model: nn.Module, recipe: Recipe, ids: torch.Tensor, device: torch.device,
+                    model_fp: str | None = None) -> dict[str, Any]:
     parts = {
-        "model": model_fingerprint(model),
+        "model": model_fp or model_fingerprint(model),
         "data": data_fingerprint(ids),
         "recipe": recipe_fingerprint(recipe),
         "options": hashlib.sha256(json.dumps({"device": device.type, "quantkit": __version__,
@@ -251,7 +253,8 @@ def _restore_block(model: nn.Module, path: str, specs: dict[str, Any], prefix: s
         bias = tensors.pop(p + "bias", None)
         set_module(model, name, make_quantlinear(tuple(spec["shape"]), {k: v for k, v in spec.items() if k != "shape"},
                                                  packed, bias, checkpoint=path, name=name))
-    res = model.load_state_dict(tensors, strict=False)
+    meta = any(t.device.type == "meta" for t in model.get_submodule(prefix.rstrip(".")).state_dict().values())
+    res = model.load_state_dict(tensors, strict=False, assign=meta)  # a streamed block is still on meta
     if res.unexpected_keys:
         raise CheckpointError(f"{path}: tensors {res.unexpected_keys[:3]} do not belong to this model")
 
@@ -266,12 +269,12 @@ class ResumeObserver(BlockObserver):
     ``log`` gets the messages (default: stderr)."""
 
     def __init__(self, work_dir: str, model: nn.Module, recipe: Recipe, ids: torch.Tensor, device: torch.device,
-                 dist=None, log: Callable[[str], None] | None = None):
+                 dist=None, log: Callable[[str], None] | None = None, model_fp: str | None = None):
         if not work_dir:
             raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
         self.work_dir, self.model, self.dist, self.log = work_dir, model, dist, log or _stderr
         self.main = dist is None or dist.is_main
-        self.fp = run_fingerprint(model, recipe, ids, device)
+        self.fp = run_fingerprint(model, recipe, ids, device, model_fp)  # model_fp: a streamed model's
         self.blocks_name, blocks = find_blocks(model)
         self.n_blocks = len(blocks)
         n_batches = len(ids.split(recipe.calibration.batch_size))
@@ -352,8 +355,8 @@ class ResumeObserver(BlockObserver):
         err = None
         try:
             if self.main:
-                _save_tensors(os.path.join(work_dir, bfile),
-                              {block.prefix + k: v for k, v in block.module.state_dict().items()})
+                # native layout names: a streamed save links this file as the block's shard (quantkit.stream)
+                _save_tensors(os.path.join(work_dir, bfile), native_block_tensors(block.module, block.prefix))
             _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in zip(self.mine, inputs)})
         except Exception as e:  # noqa: BLE001 - shared with the other ranks first
             err = e

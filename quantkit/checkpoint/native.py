@@ -25,6 +25,18 @@ QUANT_METHOD = "quantkit"
 FORMAT_VERSION = 1
 
 
+def native_config(model: nn.Module, meta: dict[str, Any], layers: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a native checkpoint (also written by quantkit.stream's streaming save)."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        **{k: v for k, v in meta.items() if k != "layers"},
+        "layers": layers,
+    }
+    return cfg
+
+
 @register("layout", "native")
 class NativeLayout:
     QUANT_METHOD = QUANT_METHOD
@@ -43,14 +55,7 @@ class NativeLayout:
             sd[f"{mod}.{leaf.replace('__', '.')}" if mod in layers else k] = v
         sd = dedupe_tied(sd)
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt", "quantkit": "1"})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            **{k: v for k, v in meta.items() if k != "layers"},
-            "layers": layers,
-        }
-        write_json(os.path.join(out_dir, "config.json"), cfg)
+        write_json(os.path.join(out_dir, "config.json"), native_config(model, meta, layers))
 
     @staticmethod
     def load(path: str, cfg: dict[str, Any]) -> nn.Module:

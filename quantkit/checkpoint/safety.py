@@ -31,7 +31,9 @@ OWNER_FILE = ".quantkit-owner.json"
 _CHECKPOINT_FILES = {"config.json", "model.safetensors", "quantize_config.json", "quantkit_source.json",
                      "quantkit_run.json", "generation_config.json", "special_tokens_map.json", "vocab.json",
                      "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json", "spiece.model",
-                     "sentencepiece.bpe.model"}
+                     "sentencepiece.bpe.model", "model.safetensors.index.json"}
+# a streamed save's shards (quantkit.stream): model-00001-of-00029.safetensors
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TEMP = re.compile(r"^\.(?P<base>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
 
 
@@ -94,7 +96,7 @@ def check_replaceable(path: str, overwrite: bool, protect: list[str | None] | tu
             f"{path} is not a quantkit checkpoint (no config.json with a quantkit-written quantization_config and "
             f"quantkit_source.json); --overwrite only replaces quantkit checkpoints or empty folders. Remove it "
             f"yourself if you mean it, or choose another output folder")
-    foreign = [e for e in entries if not (e in _CHECKPOINT_FILES or _is_tokenizer_file(e))
+    foreign = [e for e in entries if not (e in _CHECKPOINT_FILES or _is_tokenizer_file(e) or _SHARD.match(e))
                or not os.path.isfile(os.path.join(path, e))]
     if foreign:
         raise CheckpointError(

@@ -31,6 +31,12 @@ def register(sub) -> None:
     p.add_argument("--allow-unquantized", action="store_true",
                    help="go on with a warning when a large decoder-block tensor would stay float although no "
                         "rule quantizes it and no ignore names it (default: an error)")
+    p.add_argument("--load", choices=("stream", "whole"), default=None,
+                   help="stream (default for a model folder): read each decoder block from the checkpoint's shards "
+                        "when it is reached and, with --layout native, write each quantized block out at once, so "
+                        "memory holds about one block; whole (default for a bundled name): load the model first")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="float dtype the weights are read and calibrated in (default float32)")
     add_calibration_args(p)
     p.set_defaults(func=run)
 
@@ -46,15 +52,25 @@ def run(args) -> int:
     options = {k: v for k, v in (("checkpoint_format", args.checkpoint_format),
                                  ("partial_groups", args.partial_groups)) if v is not None}
     # everything that can fail without the weights or the data fails here, before any calibration
+    streamed = args.load == "stream" or (args.load is None and os.path.isdir(args.model))
     recipe = preflight(args.model, args.recipe, layout=args.layout, export_options=options, device=args.device,
                        samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-                       allow_unquantized=args.allow_unquantized)
+                       streamed=streamed, allow_unquantized=args.allow_unquantized)
     replaced = check_replaceable(os.path.abspath(args.output), args.overwrite, protect=(resolve_model_dir(args.model),))
-    qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir,
-                      allow_unquantized=args.allow_unquantized)
-    if options:
-        qm.meta["export_options"] = options
-    path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.layout == "native":  # streamed: each finished block is written at once (quantkit.stream)
+        qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
+                          dtype=dtype, allow_unquantized=args.allow_unquantized, save_to=args.output,
+                          overwrite=args.overwrite)
+        path = qm.saved_to
+    else:
+        qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
+                          dtype=dtype, allow_unquantized=args.allow_unquantized)
+        if options:
+            qm.meta["export_options"] = options
+        path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
     if not qm.is_main_process:  # under torchrun rank 0 writes and reports
         return 0
     qm.clear_resume_state()

@@ -1,6 +1,16 @@
 """Mixture-of-experts support: expert containers found by pattern and split into per-expert linears
 (:mod:`quantkit.moe.experts`). See docs/MOE.md."""
 
-from .experts import ROUTER_FLAG, ExpertMLP, Experts, expert_containers, flag_routers, prepare, unfuse_experts
+from .experts import (
+    ROUTER_FLAG,
+    ExpertMLP,
+    Experts,
+    expert_containers,
+    flag_routers,
+    is_fused_container,
+    prepare,
+    unfuse_experts,
+)
 
-__all__ = ["ROUTER_FLAG", "ExpertMLP", "Experts", "expert_containers", "flag_routers", "prepare", "unfuse_experts"]
+__all__ = ["ROUTER_FLAG", "ExpertMLP", "Experts", "expert_containers", "flag_routers", "is_fused_container",
+           "prepare", "unfuse_experts"]

@@ -235,6 +235,14 @@ def unfuse_experts(model: nn.Module, verify: bool = True, skip=None) -> list[str
     return found
 
 
+def is_fused_container(mod: nn.Module) -> bool:
+    """Whether ``mod`` holds E experts as fused 3-D parameters (before :func:`unfuse_experts`)."""
+    try:
+        return _fused_layout(mod) is not None
+    except QuantkitError:  # a layout we refuse is still a fused container
+        return True
+
+
 def expert_containers(model: nn.Module) -> dict[str, Experts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
 

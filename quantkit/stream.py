@@ -1,0 +1,406 @@
+"""Models larger than memory (issue 17): read each decoder block from the checkpoint's shards when the
+pipeline reaches it, and write each quantized block to the output as soon as it is done.
+
+* :class:`StreamSource` — the model skeleton on the meta device; the tensors outside the decoder blocks
+  (embeddings, final norm, ``lm_head`` — tied or in another shard) read at once; each block's tensors
+  read by :meth:`StreamSource.fetch` (``safe_open``, only that block's keys, in the requested dtype) when
+  the pipeline reaches it. Sharded folders (``model.safetensors.index.json``) and single files both work.
+* :class:`StreamWriter` — a block observer (quantkit.pipeline.BlockObserver) that writes every finished
+  block's tensors (native layout names) into its own shard of a temporary output folder and then
+  releases the block (its tensors go to the meta device); :meth:`StreamWriter.finish` writes the other
+  tensors, ``config.json`` and ``model.safetensors.index.json`` and renames the folder into place
+  (checkpoint.io.atomic_output_dir). With a resume dir, a block's shard is a hard link of the block file
+  the resume observer committed (one copy on disk; a copy only across file systems).
+
+Peak CPU memory: the float tensors outside the blocks + one float block (two while the next one is
+prefetched to a GPU) + the calibration activations (+ the packed blocks so far when the output is not
+streamed). docs/PERFORMANCE.md ("Streaming") has the measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, QuantkitError
+from .models.discovery import find_blocks
+from .moe import is_fused_container as fused_experts
+from .nn import QuantLinear
+from .pipeline import BlockObserver, PipelineReport, Restored
+from .solve import Block
+
+INDEX_FILE = "model.safetensors.index.json"
+_IGNORABLE = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias|position_ids)$")
+
+
+def stored_key_files(path: str) -> dict[str, str]:
+    """Every stored tensor name -> the safetensors file holding it (the index when there is one, else
+    the headers of every ``*.safetensors`` file in the folder)."""
+    from safetensors import safe_open
+
+    idx = os.path.join(path, INDEX_FILE)
+    if os.path.exists(idx):
+        try:
+            with open(idx) as f:
+                wm = json.load(f)["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError("weight_map is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{idx}: unreadable shard index ({e}); re-export the model or pass "
+                                  f"load='whole' (--load whole)") from None
+        out = {}
+        for k, fn in wm.items():
+            fp = os.path.join(path, fn)
+            if not isinstance(fn, str) or os.path.dirname(fn) or not os.path.exists(fp):
+                raise CheckpointError(f"{idx}: tensor {k!r} is in shard {fn!r}, which is not a file in {path}")
+            out[k] = fp
+        return out
+    out = {}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors file (pickle files are never loaded)")
+    for fn in files:
+        fp = os.path.join(path, fn)
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for k in f.keys():
+                    if k in out:
+                        raise CheckpointError(f"{fp}: tensor {k!r} appears in two files")
+                    out[k] = fp
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e}); re-create it") from None
+    return out
+
+
+def read_tensors(files: dict[str, list[str]], dtype: torch.dtype, strip: str = "") -> dict[str, torch.Tensor]:
+    """The named tensors of each file (``{file: [keys]}``), float ones cast to ``dtype``."""
+    from safetensors import safe_open
+
+    out = {}
+    for fp, keys in files.items():
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k[len(strip):]] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{fp}: cannot read tensors ({e}); the checkpoint is corrupt") from None
+    return out
+
+
+def _meta_names(module: nn.Module) -> list[str]:
+    return [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.device.type == "meta"]
+
+
+class StreamSource:
+    """A float model folder opened for streaming: ``model`` is the skeleton with every tensor outside the
+    decoder blocks loaded and the blocks on the meta device until :meth:`fetch`.
+
+    Raises :class:`StreamUnsupported` (the caller then loads the model whole) when the stored tensor names
+    are not exactly the model's own (transformers would rename or initialise some)."""
+
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.path, self.dtype = path, dtype
+        self.key_file = stored_key_files(path)
+        try:
+            cfg = AutoConfig.from_pretrained(path)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - whatever a bad config makes transformers raise
+            raise CheckpointError(f"{path}/config.json: cannot build the model ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
+        model.eval()
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # from_config under init_empty_weights leaves them untied
+        self.model = model
+        self.blocks_name, self.blocks = find_blocks(model)
+        self._index = {id(b): i for i, b in enumerate(self.blocks)}
+        self._check_names()
+        rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
+        tensors = read_tensors(self._by_file(rest), dtype)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        left = [n for n in _meta_names(model) if not n.startswith(self.blocks_name + ".")]
+        if left:
+            raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(left[:5])}")
+
+    def _check_names(self) -> None:
+        sd = self.model.state_dict()
+        groups: dict[int, set[str]] = {}  # tied weights: one parameter under several names
+        named = list(self.model.named_parameters(remove_duplicate=False)) + list(
+            self.model.named_buffers(remove_duplicate=False))
+        for k, t in named:
+            groups.setdefault(id(t), set()).add(k)
+        owner = {k: id(t) for k, t in named}
+        stored = set(self.key_file)
+        missing = [k for k in sd if not (groups.get(owner.get(k), {k}) & stored)]
+        unexpected = [k for k in stored - set(sd) if not _IGNORABLE.search(k)]
+        if missing or unexpected:
+            raise StreamUnsupported(f"stored tensor names differ from the model's (missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]})")
+        self._wanted = set(sd)
+
+    def _by_file(self, keys) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for k in keys:
+            out.setdefault(self.key_file[k], []).append(k)
+        return out
+
+    def fetch(self, module: nn.Module) -> None:
+        """Read decoder block ``module``'s tensors from the shards (nothing if it holds none on meta)."""
+        if not _meta_names(module):
+            return
+        bi = self._index.get(id(module))
+        if bi is None:
+            raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
+        prefix = f"{self.blocks_name}.{bi}."
+        keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
+        module.load_state_dict(read_tensors(self._by_file(keys), self.dtype, prefix), strict=False, assign=True)
+        left = _meta_names(module)
+        if left:
+            raise CheckpointError(f"{self.path}: tensors missing from the checkpoint: "
+                                  f"{', '.join(prefix + n for n in left[:5])}")
+
+    def fingerprint(self) -> str:
+        """The resume fingerprint of the model: config.json, and every shard's header, size and mtime
+        (hashing 100+ GB of weights at every start would cost minutes; a rewritten shard changes its mtime)."""
+        import struct
+
+        h = hashlib.sha256()
+        with open(os.path.join(self.path, "config.json"), "rb") as f:
+            cfg = json.loads(f.read())
+        h.update(json.dumps({k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")},
+                            sort_keys=True).encode())
+        h.update(str(self.dtype).encode())
+        for fp in sorted(set(self.key_file.values())):
+            st = os.stat(fp)
+            with open(fp, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                h.update(f.read(min(n, 100_000_000)))
+            h.update(f"{os.path.basename(fp)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return "stream-" + h.hexdigest()[:20]
+
+
+class StreamUnsupported(Exception):
+    """This folder cannot be streamed (the reason is the message); it is loaded whole instead."""
+
+
+def native_block_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A module's state as the native layout names it (a QuantLinear buffer's ``__`` back to ``.``)."""
+    ql = {n for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    for k, v in module.state_dict().items():
+        mod, _, leaf = k.rpartition(".")
+        out[prefix + (f"{mod}.{leaf.replace('__', '.')}" if mod in ql else k)] = v.detach().contiguous().cpu()
+    return out
+
+
+def _save_shard(fp: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, fp, metadata={"format": "pt", "quantkit": "1"})
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS after a block (glibc ``malloc_trim``; nothing elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class StreamWriter(BlockObserver):
+    """Writes the native layout while the pipeline runs (see the module docstring). A context manager:
+    entering opens the temporary output folder (checks ``overwrite``/``protect`` first); leaving with an
+    error removes it and leaves ``path`` as it was; :meth:`finish` completes and renames it into place.
+    ``resume_dir``: the resume observer's committed block files are linked instead of written again."""
+
+    def __init__(self, path: str, model: nn.Module, *, overwrite: bool = False, protect: tuple = (),
+                 resume_dir: str | None = None, main: bool = True):
+        self.path, self.model, self.overwrite, self.protect = os.path.abspath(path), model, overwrite, protect
+        self.resume_dir, self.main = resume_dir, main
+        self.blocks_name, blocks = find_blocks(model)
+        self.n_blocks = len(blocks)
+        self.n_files = self.n_blocks + 1
+        self.weight_map: dict[str, str] = {}
+        self.layers: dict[str, Any] = {}
+        self.total = 0
+        self._cm = None
+        self.tmp: str | None = None
+
+    def __enter__(self) -> StreamWriter:
+        if self.main:
+            from .checkpoint.io import atomic_output_dir
+
+            self._cm = atomic_output_dir(self.path, overwrite=self.overwrite, protect=self.protect)
+            self.tmp = self._cm.__enter__()
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        if self._cm is not None and et is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(et, ev, tb)
+
+    def _file(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_files:05d}.safetensors"
+
+    def _record(self, fn: str, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.weight_map[k] = fn
+            self.total += v.numel() * v.element_size()
+
+    def _specs(self, module: nn.Module, prefix: str) -> None:
+        for n, m in module.named_modules():
+            if isinstance(m, QuantLinear):
+                self.layers[prefix + n] = {**m.spec, "shape": list(m.shape)}
+
+    def restored(self, restored: Restored | None) -> None:
+        """Blocks an earlier run committed to the resume dir: linked into the output, released here."""
+        if restored is None:
+            return
+        blocks = find_blocks(self.model)[1]
+        for bi in range(restored.start_block):
+            self._add_block(Block(bi, blocks[bi], f"{self.blocks_name}.{bi}.", {}))
+
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+        self._add_block(block)
+
+    def _add_block(self, block: Block) -> None:
+        self._specs(block.module, block.prefix)
+        if self.main:
+            tensors = native_block_tensors(block.module, block.prefix)
+            fn = self._file(block.index)
+            dst = os.path.join(self.tmp, fn)
+            src = os.path.join(self.resume_dir, f"block-{block.index:05d}.safetensors") if self.resume_dir else None
+            if src is not None and os.path.exists(src) and _same_keys(src, tensors):
+                try:
+                    os.link(src, dst)  # the resume dir's committed block file is the shard: one copy on disk
+                except OSError:
+                    shutil.copyfile(src, dst)
+            else:
+                _save_shard(dst, tensors)
+            self._record(fn, {k: v for k, v in tensors.items()})
+            del tensors
+        block.module.to("meta")  # the block leaves memory
+        release_freed_memory()
+
+
+    def finish(self, meta: dict[str, Any], write_extra) -> str:
+        """Write the tensors outside the blocks, config.json and the index; ``write_extra(tmp)`` adds the
+        tokenizer and run records; then the folder is renamed into place. Returns the output path."""
+        from .checkpoint.hf import dedupe_tied
+        from .checkpoint.native import native_config
+
+        model = self.model
+        rest_mods = {n: m for n, m in model.named_modules() if not (n + ".").startswith(self.blocks_name + ".")}
+        for n, m in rest_mods.items():
+            if isinstance(m, QuantLinear):
+                self.layers[n] = {**m.spec, "shape": list(m.shape)}
+        if self.main:
+            sd = {}
+            for k, v in model.state_dict().items():
+                if k.startswith(self.blocks_name + "."):
+                    continue
+                mod, _, leaf = k.rpartition(".")
+                sd[f"{mod}.{leaf.replace('__', '.')}" if mod in self.layers else k] = v
+            sd = dedupe_tied(sd)
+            fn = self._file(self.n_blocks)
+            _save_shard(os.path.join(self.tmp, fn), sd)
+            self._record(fn, sd)
+            from .checkpoint.io import write_json
+
+            write_json(os.path.join(self.tmp, INDEX_FILE),
+                       {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))})
+            write_json(os.path.join(self.tmp, "config.json"), native_config(model, meta, self.layers))
+            write_extra(self.tmp)
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+        return self.path
+
+
+def _same_keys(fp: str, tensors: dict[str, torch.Tensor]) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(fp, framework="pt") as f:
+            return set(f.keys()) == set(tensors)
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+class Observers(BlockObserver):
+    """Several observers in order; where to start comes from the first (the resume observer); the
+    stream writer is told about restored blocks."""
+
+    def __init__(self, first: BlockObserver | None, writer: StreamWriter):
+        self.first, self.writer = first, writer
+
+    def restored(self) -> Restored | None:
+        r = self.first.restored() if self.first is not None else None
+        self.writer.restored(r)
+        return r
+
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+        if self.first is not None:
+            self.first.on_block_done(block, report, inputs)
+        self.writer.on_block_done(block, report, inputs)
+
+
+LOADS = ("stream", "whole")
+
+
+def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None):
+    """(LoadedModel, StreamSource or None, what was done) for a bundled name or a model folder.
+
+    ``load``: ``"stream"`` (the default for a folder), ``"whole"`` (the default for a bundled name:
+    ``from_pretrained`` of everything). A folder whose stored names are not the model's own (transformers
+    renames them) or that misses tensors is loaded whole, and the reason recorded."""
+    from .models.integrity import _ALLOWED, check_config
+    from .models.sources import LoadedModel, load_float_model, load_tokenizer, read_source, resolve_model_dir
+
+    if load is not None and load not in LOADS:
+        raise QuantkitError(f"load={load!r}: use 'stream' (read each block when it is reached) or 'whole' "
+                            f"(load the model first); --load stream|whole")
+    dtype = dtype or torch.float32
+    is_dir = os.path.isdir(name_or_path)
+    load = load or ("stream" if is_dir else "whole")
+    info: dict[str, Any] = {"load": load, "dtype": str(dtype).replace("torch.", "")}
+    if load == "stream":
+        path = resolve_model_dir(name_or_path)
+        check_config(path)
+        if _ALLOWED.get():
+            info.update(load="whole", why_not_streamed="--allow-missing given: missing tensors are initialised by "
+                                                       "transformers, which needs the whole load")
+        else:
+            try:
+                src = StreamSource(path, dtype)
+            except StreamUnsupported as e:
+                info.update(load="whole", why_not_streamed=str(e))
+            else:
+                fused = [n for n, m in src.model.named_modules() if fused_experts(m)]
+                if fused:  # the skeleton's experts are split before the blocks are read: not wired yet
+                    info.update(load="whole", why_not_streamed=f"mixture-of-experts ({fused[0]} and "
+                                f"{len(fused) - 1} more): fused expert containers are loaded whole for now")
+                    return load_float_model(name_or_path, dtype), None, info
+                tok = load_tokenizer(path)
+                return LoadedModel(src.model, tok, path, read_source(path, tok)), src, info
+    return load_float_model(name_or_path, dtype), None, info
