@@ -438,6 +438,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         # block error estimate (keeping all would hold a second copy of the activations)
         n_ref = len(inputs) if plugins else min(len(inputs), REF_BATCHES)
         stats, float_outs, t_reduce = calibrate(block, schemes, inputs, kwargs_list, device, acc, n_ref, solver)
+        for p in plugins:  # e.g. reconstruction keeps the float weights the solve replaces
+            p.before_solve(module, {n: linear_weight(block.linears[n]) for n in schemes}, prefix)
         t_solve = _clock(device)
         solved = solver.solve(block, schemes, stats)
         errs = []
