@@ -358,7 +358,7 @@ class Recon(BlockPlugin):
                 ref = f.float()
                 loss = (out.float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
                 grads = torch.autograd.grad(loss, params)
-            lv = float(loss)
+            lv = float(loss.detach())
             if not torch.isfinite(loss):
                 raise NumericalError(f"block {self._prefix!r}: recon loss is {lv} at step {it}; lower lr")
             steps += 1
