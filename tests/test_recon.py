@@ -35,7 +35,8 @@ def _run(recipe):
 @pytest.mark.parametrize("quantizer,quip", [("rtn", False), ("gptq", False), ("gptq", True)])
 def test_recon_lowers_block_error(quantizer, quip):
     """The first block sees the same inputs with and without recon: its output error against the float
-    block (the pipeline's block_rel_err, computed apart from recon) must drop, and recon's own before/after must agree with it."""
+    block (the pipeline's block_rel_err, computed apart from recon) must drop, and recon's own
+    before/after must agree with it."""
     base = _run(_recipe(quantizer, quip=quip, iters=0)).report.blocks  # iters 0: the quantizer's result
     rec = _run(_recipe(quantizer, quip=quip)).report.blocks
     b0, r0 = base[0]["block_rel_err"], rec[0]
