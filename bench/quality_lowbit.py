@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--md", default=DEFAULT_MD)
     p.add_argument("--recon-iters", type=int, default=None, help="recon steps per block (rows with recon)")
+    p.add_argument("--recon-batch", type=int, default=None, help="recon sequences per step")
     p.add_argument("--force", action="store_true", help="redo rows already in the JSON file")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--kernels", action="store_true",
@@ -237,6 +238,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.recon_iters is not None:
         RECON["iters"] = args.recon_iters
+    if args.recon_batch is not None:
+        RECON["batch_size"] = args.recon_batch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     extra = {}
