@@ -74,12 +74,14 @@ def test_recon_deterministic():
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_recon_save_reload(tmp_path):
+@pytest.mark.parametrize("layout", ["native", "compressed-tensors"])
+def test_recon_save_reload(tmp_path, layout):
+    """recon writes through the format's pack: every layout saves it (logits equal after reload)."""
     qm = _run(_recipe("rtn", bits=4, sym=True, init="rtn"))
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         y = qm.model(x).logits
-    q2 = quantkit.load(qm.save(str(tmp_path / "ck")))
+    q2 = quantkit.load(qm.save(str(tmp_path / "ck"), layout=layout))
     with torch.no_grad():
         assert torch.equal(q2.model(x).logits, y)
 
