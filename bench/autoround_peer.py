@@ -73,8 +73,8 @@ def main(argv=None) -> int:
 
     def score(model, name, secs, bpw, note=""):
         qm = QuantizedModel(model, lm.tokenizer, lm.source, lm.path, {"float": True})
-        ev = quantkit.evaluate(qm, seq_len=args.seq_len, max_windows=args.max_windows)
-        ppl = ev["perplexity"] if isinstance(ev, dict) else ev.perplexity
+        ev = quantkit.evaluate(qm, seq_len=args.seq_len, max_windows=args.max_windows, device="cpu", progress=False)
+        ppl = ev["ppl"]
         rows.append({"method": name, "ppl": float(ppl), "seconds": round(secs, 1), "bits_per_weight": bpw,
                      "note": note})
         print(rows[-1], flush=True)
