@@ -38,6 +38,8 @@ QUIP = {"type": "quip", "seed": 0}  # both sides: W' = U W Vᵀ
 QUIP_IN = {"type": "quip", "seed": 0, "rotate_out": False}  # input side only: W' = W Vᵀ
 NORM_TWEAK = {"type": "norm_tweak", "lrs": [1e-3, 3e-3], "epochs": 2, "micro_batch": 1, "loss": "mse"}
 NORM_TWEAK_DIST = {**NORM_TWEAK, "loss": "dist"}  # the paper's channel-wise distribution loss
+# block-output reconstruction (transforms/recon.py); iterations set by --recon-iters (default below)
+RECON = {"type": "recon", "iters": 100, "batch_size": 4}
 METHODS = {
     "rtn": lambda b: {"quantizer": "rtn", "format": _fmt(b)},
     "gptq": lambda b: {"quantizer": GPTQ, "format": _fmt(b)},
@@ -51,12 +53,18 @@ METHODS = {
                                  "block_plugins": [NORM_TWEAK]},
     "gptq+quip+nt-dist": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP],
                                     "block_plugins": [NORM_TWEAK_DIST]},
+    "rtn+recon": lambda b: {"quantizer": "rtn", "format": _fmt(b), "block_plugins": [RECON]},
+    "gptq+recon": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "block_plugins": [RECON]},
+    "gptq+quipin+recon": lambda b: {"quantizer": GPTQ, "format": _fmt(b), "transforms": [QUIP_IN],
+                                    "block_plugins": [RECON]},
 }
 LABELS = {"float": "float (fp32)", "rtn": "RTN", "gptq": "GPTQ", "gptq+nt": "GPTQ + norm-tweak",
           "rtn+quip": "RTN + QuIP", "gptq+quip": "GPTQ + QuIP", "gptq+quip+nt": "GPTQ + QuIP + norm-tweak",
           "gptq+quipin": "GPTQ + QuIP (input side only)",
           "gptq+quipin+nt": "GPTQ + QuIP (input side only) + norm-tweak",
-          "gptq+quip+nt-dist": "GPTQ + QuIP + norm-tweak (paper's dist loss)"}
+          "gptq+quip+nt-dist": "GPTQ + QuIP + norm-tweak (paper's dist loss)",
+          "rtn+recon": "RTN + recon", "gptq+recon": "GPTQ + recon",
+          "gptq+quipin+recon": "GPTQ + QuIP (input side only) + recon"}
 DEFAULT_ROWS = ["float"] + [f"{b}:{m}" for b in (4, 3, 2) for m in ("rtn", "gptq", "gptq+quip", "gptq+quip+nt")]
 
 # /work/shared/ANCHORS.md: llm-compressor 0.14 GPTQ int3 sym g128 on SmolLM2-135M, a different harness
@@ -214,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--md", default=DEFAULT_MD)
+    p.add_argument("--recon-iters", type=int, default=None, help="recon steps per block (rows with recon)")
+    p.add_argument("--recon-batch", type=int, default=None, help="recon sequences per step")
     p.add_argument("--force", action="store_true", help="redo rows already in the JSON file")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--kernels", action="store_true",
@@ -226,6 +236,10 @@ def main(argv=None) -> int:
         QuantLinear._get_kernel = lambda self, device: None
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recon_iters is not None:
+        RECON["iters"] = args.recon_iters
+    if args.recon_batch is not None:
+        RECON["batch_size"] = args.recon_batch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     extra = {}

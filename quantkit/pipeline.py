@@ -469,6 +469,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
                   for c, t in counts.items()}
         schemes, moe_notes = fallback_schemes(schemes, stats, counts, recipe.moe)  # MoE: few-token experts
         report.experts.update(counts)
+        for p in plugins:  # e.g. reconstruction keeps the float weights the solve replaces
+            p.before_solve(module, {n: linear_weight(block.linears[n]) for n in schemes}, prefix)
         t_solve = _clock(device)
         solved = solver.solve(block, schemes, stats)
         errs = []

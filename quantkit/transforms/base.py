@@ -7,7 +7,8 @@ run-time step the quantized layer must apply (``ctx.runtime.append(spec)``). At 
 the matmul and to its output after it (before the bias). Registered as ``("transform", name)``.
 
 A **BlockPlugin** runs after a decoder block's linears are quantized, with the block's inputs
-and its float outputs on those inputs (e.g. norm tweaking). Registered as ``("block_plugin", name)``.
+and its float outputs on those inputs (e.g. norm tweaking, reconstruction); ``before_solve`` sees the
+float weights before they are replaced. Registered as ``("block_plugin", name)``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class BlockPlugin(ABC):
 
     def spec(self) -> dict[str, Any]:
         return {"type": self.registry_name, **self.cfg.model_dump()}
+
+    def before_solve(self, block: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        """Called before the block's linears are quantized, with their float weights [out, in] by full
+        name (``prefix`` is the block's); e.g. reconstruction keeps them. Default: nothing."""
 
     def after_block(self, block: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                     float_outputs: list[torch.Tensor], forward: Callable) -> dict[str, float]:

@@ -1,0 +1,387 @@
+"""Block-output reconstruction: learned rounding offsets and clipping, as a block plugin.
+
+After a decoder block's linears are quantized (by RTN or GPTQ, into an affine ``int`` grid), every
+weight gets a rounding offset ``v`` in [-0.5, 0.5] and every group two clipping factors ``a``
+(on the grid's low end) and ``b`` (its high end; one factor for symmetric grids), in
+``clip_range``. They are trained together so that the quantized block's output matches the float
+block's output on the calibration inputs (mean squared error over the whole block, every linear at
+once), by signed gradient descent as in SignRound (Cheng et al., 2023, "Optimize Weight Rounding
+via Signed Gradient Descent for the Quantization of LLMs"; written here from the paper):
+
+    lo = a · lo0,  hi = b · hi0          (lo0 = -z0·s0, hi0 = (maxq - z0)·s0: the quantizer's grid)
+    s = (hi - lo) / maxq,  z = round(-lo / s)        (symmetric: s = a · s0, z = z0)
+    q = clamp(round(w / s + v0 + v) + z, 0, maxq),   ŵ = (q - z) · s
+
+``v0`` puts the start on the quantizer's codes (``init: quantizer``; for RTN it is the rounding
+itself, for GPTQ its error-compensated choices) or on plain rounding (``init: rtn``, v0 = 0).
+Rounding passes gradients straight through; each step moves every parameter by ``lr_t · sign(grad)``
+with ``lr_t`` decaying linearly from ``lr`` (default ``1 / iters``) to 0, on ``batch_size``
+calibration sequences drawn from a generator seeded by ``seed`` and the block's name (deterministic).
+The iterate of lowest batch loss is kept (as SignRound), and at the end the start, that iterate and
+the last one are compared on all calibration sequences, exactly as stored (scales rounded to the
+format's scale dtype): the best of the three is written, so the block never gets worse on its
+calibration data. ``patience`` stops early when the smoothed loss has not improved for that many
+steps. On CUDA the forward runs under bf16 autocast (``autocast: auto``).
+
+Weights rotated by a transform (QuIP) are handled in the rotated space: the float weight is mapped
+through the layer's run-time steps (``pre``/``post``, linear maps), so the grid that is learned is
+the one stored. The result is written back through the format's own ``pack`` into the layer's
+buffers: every layout saves it as it saves the quantizer's result. Layers whose format is not an
+affine weight-only grid (LUT, FP8, W8A8) are left as the quantizer made them (``recon_skipped``).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..errors import NumericalError
+from ..formats.base import WeightFormat, group_index
+from ..formats.packing import unpack_codes
+from ..registry import register
+from .base import BlockPlugin, PluginConfig
+
+_FORMAT_KEYS = ("qweight", "scales", "zeros", "g_idx")
+_KEPT = {"quantizer": 0.0, "rtn": 1.0, "best": 2.0, "last": 3.0}  # recon_kept in the block report
+
+
+class ReconConfig(PluginConfig):
+    iters: int = Field(200, ge=0, description="signed-gradient steps per block (0: no training)")
+    lr: float | None = Field(None, gt=0, description="start learning rate; default 1 / iters")
+    batch_size: int = Field(8, ge=1, description="calibration sequences per step")
+    init: Literal["quantizer", "rtn"] = "quantizer"
+    learn_clip: bool = True
+    clip_range: tuple[float, float] = (0.5, 1.0)
+    patience: int | None = Field(None, ge=1, description="early stop: steps without a smoothed-loss gain")
+    seed: int = 0
+    autocast: Literal["auto", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.clip_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"clip_range must be two factors 0 < low <= high, got {list(self.clip_range)}")
+        return self
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _linear_map(fns: list[Callable], n: int, device) -> torch.Tensor | None:
+    """The matrix M of a chain of linear run-time steps (x -> x M), or None when there is none."""
+    if not fns:
+        return None
+    m = torch.eye(n, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        for f in fns:
+            m = f(m)
+    return m.double()
+
+
+class _Layer:
+    """One quantized linear's learnable rounding: offsets [R, C], clipping factors [R, G]."""
+
+    def __init__(self, name: str, ql, w_float: torch.Tensor, init: str, learn_clip: bool):
+        fmt: WeightFormat = ql.fmt
+        self.name, self.ql, self.fmt = name, ql, fmt
+        self.maxq = fmt.affine_maxq()
+        self.sym = bool(getattr(fmt.cfg, "sym", False))
+        self.bits = int(fmt.cfg.bits)
+        rows, cols = ql.shape
+        packed = ql.packed
+        dev = packed["qweight"].device
+        self.w = self._rotated(ql, w_float.to(dev).float())
+        self.gi = group_index(fmt.cfg, cols, packed.get("g_idx"), dev)
+        self.g_idx = packed.get("g_idx")
+        self.s0 = packed["scales"].float()
+        self.sdt = packed["scales"].dtype
+        if self.sym:
+            self.z0 = torch.full_like(self.s0, float(1 << (self.bits - 1)))
+        else:
+            self.z0 = packed["zeros"].float()
+        q0 = unpack_codes(packed["qweight"], self.bits, cols).float()
+        if init == "quantizer":
+            self.v0 = (q0 - self.z0[:, self.gi]) - self.w / self.s0[:, self.gi]
+        else:
+            self.v0 = torch.zeros_like(self.w)
+        self.v = torch.zeros_like(self.w, requires_grad=True)
+        self.a = torch.ones_like(self.s0, requires_grad=learn_clip)
+        self.b = torch.ones_like(self.s0, requires_grad=learn_clip and not self.sym)
+        self.dense_dtype = ql.dense_weight.dtype if ql.dense_weight is not None else torch.float32
+        self.start = {k: t.clone() for k, t in packed.items() if k in _FORMAT_KEYS}
+
+    @staticmethod
+    def _rotated(ql, w: torch.Tensor) -> torch.Tensor:
+        """The float weight in the space the grid lives in: y = post(pre(x) Wrᵀ) = x Wᵀ gives
+        Wr = Q⁻ᵀ W P⁻ᵀ with x P = pre(x), y Q = post(y)."""
+        p = _linear_map(ql._pre, ql.in_features, w.device)
+        q = _linear_map(ql._post, ql.out_features, w.device)
+        if p is None and q is None:
+            return w
+        wr = w.double()
+        if p is not None:
+            wr = torch.linalg.solve(p, wr.t()).t()  # W P⁻ᵀ = (P⁻¹ Wᵀ)ᵀ
+        if q is not None:
+            wr = torch.linalg.solve(q.t(), wr)  # Q⁻ᵀ (W P⁻ᵀ)
+        return wr.float()
+
+    def params(self) -> list[torch.Tensor]:
+        return [t for t in (self.v, self.a, self.b) if t.requires_grad]
+
+    def clamp_(self, clip_range: tuple[float, float]) -> None:
+        with torch.no_grad():
+            self.v.clamp_(-0.5, 0.5)
+            self.a.clamp_(*clip_range)
+            self.b.clamp_(*clip_range)
+
+    def grid(self, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group scales and zero points [R, G] for the current clipping factors (STE rounding)."""
+        if self.sym:
+            s = self.s0 * self.a
+            if round_scale:
+                s = s.to(self.sdt).float()
+            return s, self.z0
+        lo = -self.z0 * self.s0 * self.a
+        hi = (self.maxq - self.z0) * self.s0 * self.b
+        s = ((hi - lo) / self.maxq).clamp_min(1e-12)
+        if round_scale:
+            s = s.to(self.sdt).float()
+            s = torch.where(torch.isfinite(s) & (s > 0), s, self.s0)
+        z = torch.clamp(_round_ste(-lo / s), 0, self.maxq)
+        return s, z
+
+    def dequant(self) -> torch.Tensor:
+        s, z = self.grid()
+        sc, zc = s[:, self.gi], z[:, self.gi]
+        q = torch.clamp(_round_ste(self.w / sc + self.v0 + self.v) + zc, 0, self.maxq)
+        return (q - zc) * sc
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.v.detach().clone(), self.a.detach().clone(), self.b.detach().clone()]
+
+    def load(self, st: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, s in zip((self.v, self.a, self.b), st):
+                t.copy_(s)
+
+    def write(self) -> None:
+        """Pack the current offsets and clipping as stored (scales in their dtype) into the layer."""
+        with torch.no_grad():
+            s, z = self.grid(round_scale=True)
+            sc, zc = s[:, self.gi], z[:, self.gi]
+            q = torch.clamp(torch.round(self.w / sc + self.v0 + self.v) + zc, 0, self.maxq)
+            groups = [{"scale": s[:, g:g + 1], "zero": z[:, g:g + 1]} for g in range(s.shape[1])]
+            self._copy_in(self.fmt.pack(q.to(torch.int32), {}, groups, self.g_idx))
+
+    def restore(self) -> None:
+        self._copy_in(self.start)
+
+    def _copy_in(self, packed: dict[str, torch.Tensor]) -> None:
+        ql = self.ql
+        with torch.no_grad():
+            for k, t in packed.items():
+                buf = getattr(ql, k.replace(".", "__"))
+                if buf.shape != t.shape or buf.dtype != t.dtype:
+                    raise NumericalError(f"{self.name}: recon packed {k} as {tuple(t.shape)} {t.dtype}, "
+                                         f"the layer holds {tuple(buf.shape)} {buf.dtype}")
+                buf.copy_(t)
+            ql.dense_weight = ql.dequantized_weight().to(self.dense_dtype)
+
+
+def _is_affine(ql) -> bool:
+    fmt = getattr(ql, "fmt", None)
+    return (fmt is not None and fmt.affine_maxq() is not None and type(fmt).linear is WeightFormat.linear
+            and "qweight" in ql.packed and "scales" in ql.packed)
+
+
+def _batch_dependent(obj: Any, b: int) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return b > 1 and obj.dim() > 0 and obj.shape[0] == b
+    if isinstance(obj, (tuple, list)):
+        return any(_batch_dependent(o, b) for o in obj)
+    if isinstance(obj, dict):
+        return any(_batch_dependent(o, b) for o in obj.values())
+    return False
+
+
+def _take(obj: Any, idx: torch.Tensor, b: int) -> Any:
+    """Rows ``idx`` of every tensor whose first axis is the batch axis (size ``b``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, idx.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == b else obj
+    if isinstance(obj, tuple):
+        return tuple(_take(o, idx, b) for o in obj)
+    if isinstance(obj, list):
+        return [_take(o, idx, b) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take(v, idx, b) for k, v in obj.items()}
+    return obj
+
+
+class _Sampler:
+    """``batch_size`` calibration sequences per step, drawn with a seeded generator. Sequences of
+    different batches are mixed unless the block's keyword arguments hold per-sequence tensors
+    (then a step draws from one batch)."""
+
+    def __init__(self, inputs, kwargs, targets, batch_size: int, seed: int):
+        self.inputs, self.kwargs, self.targets = inputs, kwargs, targets
+        self.rows = [h.shape[0] for h in inputs]
+        self.per_batch = any(_batch_dependent(kw, b) for kw, b in zip(kwargs, self.rows))
+        self.bs = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.index = [(j, r) for j, b in enumerate(self.rows) for r in range(b)]
+
+    def draw(self, device):
+        if self.per_batch:
+            j = int(torch.randint(len(self.inputs), (1,), generator=self.gen))
+            b = self.rows[j]
+            idx = torch.randperm(b, generator=self.gen)[:min(self.bs, b)].sort().values
+            return (self.inputs[j].index_select(0, idx.to(self.inputs[j].device)).to(device),
+                    _take(self.kwargs[j], idx, b),
+                    self.targets[j].index_select(0, idx.to(self.targets[j].device)).to(device))
+        n = len(self.index)
+        picks = torch.randperm(n, generator=self.gen)[:min(self.bs, n)].sort().values.tolist()
+        h = torch.cat([self.inputs[j][r:r + 1] for j, r in (self.index[i] for i in picks)]).to(device)
+        f = torch.cat([self.targets[j][r:r + 1] for j, r in (self.index[i] for i in picks)]).to(device)
+        return h, self.kwargs[0], f
+
+
+@register("block_plugin", "recon")
+class Recon(BlockPlugin):
+    Config = ReconConfig
+    cfg: ReconConfig
+
+    def __init__(self, cfg: ReconConfig):
+        super().__init__(cfg)
+        self._float: dict[str, torch.Tensor] = {}
+        self._prefix = ""
+
+    def before_solve(self, block: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        """Keep the block's float weights [out, in] (by name inside the block) before the solver
+        replaces its linears."""
+        self._prefix = prefix
+        self._float = {n[len(prefix):] if n.startswith(prefix) else n: w.detach().float().clone()
+                       for n, w in weights.items()}
+
+    @staticmethod
+    def _block_error(block, inputs, kwargs, targets, forward, device) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for h, kw, f in zip(inputs, kwargs, targets):
+                out = forward(block, h.to(device), kw).float()
+                ref = f.to(device).float()
+                num += float((out - ref).pow(2).sum())
+                den += float(ref.pow(2).sum())
+        return num / max(den, 1e-30)
+
+    def after_block(self, block: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                    float_outputs: list[torch.Tensor], forward: Callable) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        floats, self._float = self._float, {}
+        mods = dict(block.named_modules())
+        layers, skipped = [], 0
+        for n, w in floats.items():
+            ql = mods.get(n)
+            if ql is None or not hasattr(ql, "packed") or not _is_affine(ql):
+                skipped += 1
+                continue
+            layers.append(_Layer(n, ql, w, cfg.init, cfg.learn_clip))
+        del floats
+        if not layers or not inputs:
+            return {"recon_layers": 0.0, "recon_skipped": float(skipped)}
+        device = layers[0].w.device
+        flags = {id(p): p.requires_grad for p in block.parameters()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        err = lambda: self._block_error(block, inputs, kwargs, float_outputs, forward, device)  # noqa: E731
+        try:
+            before = err()  # the quantizer's result, as the pipeline built it
+            init_state = [L.state() for L in layers]
+            if cfg.init == "rtn":
+                self._set(layers, init_state)
+            best_state, last_state, steps, best_loss = self._train(block, layers, inputs, kwargs, float_outputs,
+                                                                  forward, device)
+            chosen, chosen_err, pick = "quantizer", before, None
+            cands = [("rtn", init_state if cfg.init == "rtn" else None), ("best", best_state), ("last", last_state)]
+            for tag, st in cands:
+                if st is None:
+                    continue
+                self._set(layers, st)
+                e = err()
+                if e < chosen_err:
+                    chosen, chosen_err, pick = tag, e, st
+            if pick is None:
+                for L in layers:
+                    L.restore()
+            else:
+                self._set(layers, pick)
+        finally:
+            for L in layers:
+                L.ql.dense_weight = L.ql.dequantized_weight().to(L.dense_dtype)
+            for p in block.parameters():
+                p.requires_grad_(flags.get(id(p), False))
+        return {"recon_err_before": before, "recon_err_after": chosen_err, "recon_steps": float(steps),
+                "recon_best_batch_loss": best_loss, "recon_kept": _KEPT[chosen],
+                "recon_layers": float(len(layers)), "recon_skipped": float(skipped),
+                "recon_s": time.perf_counter() - t0}
+
+    @staticmethod
+    def _set(layers: list[_Layer], state: list[list[torch.Tensor]] | None) -> None:
+        for i, L in enumerate(layers):
+            if state is not None:
+                L.load(state[i])
+            L.write()
+
+    def _train(self, block, layers: list[_Layer], inputs, kwargs, targets, forward, device):
+        cfg = self.cfg
+        seed = (cfg.seed * 1_000_003 + zlib.crc32(self._prefix.encode())) % (2 ** 63)
+        sampler = _Sampler(inputs, kwargs, targets, cfg.batch_size, seed)
+        params = [p for L in layers for p in L.params()]
+        lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+        use_amp = cfg.autocast == "auto" and device.type == "cuda"
+        best_loss, best_state = float("inf"), None
+        ema, best_ema, since = None, float("inf"), 0
+        steps = 0
+        for it in range(cfg.iters):
+            h, kw, f = sampler.draw(device)
+            with torch.enable_grad():
+                for L in layers:
+                    L.ql.dense_weight = L.dequant()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    out = forward(block, h, kw)
+                ref = f.float()
+                loss = (out.float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
+                grads = torch.autograd.grad(loss, params)
+            lv = float(loss.detach())
+            if not torch.isfinite(loss):
+                raise NumericalError(f"block {self._prefix!r}: recon loss is {lv} at step {it}; lower lr")
+            steps += 1
+            if lv < best_loss:
+                best_loss, best_state = lv, [L.state() for L in layers]
+            lr = lr0 * (1.0 - it / cfg.iters)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(lr * torch.sign(g))
+            for L in layers:
+                L.clamp_(cfg.clip_range)
+            if cfg.patience is not None:
+                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+                if ema < best_ema * (1 - 1e-3):
+                    best_ema, since = ema, 0
+                else:
+                    since += 1
+                    if since >= cfg.patience:
+                        break
+        for L in layers:
+            L.ql.dense_weight = None
+        last_state = [L.state() for L in layers] if steps else None
+        return best_state, last_state, steps, best_loss
+
+
+__all__ = ["Recon", "ReconConfig"]

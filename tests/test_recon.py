@@ -1,0 +1,95 @@
+"""Block-output reconstruction (transforms/recon.py): lowers the block error against the float block,
+is deterministic, saves and reloads, and refuses bad keys by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantkit
+from quantkit.errors import RecipeError
+from quantkit.models.discovery import find_blocks, find_linears, linear_weight
+from quantkit.nn import QuantLinear
+from quantkit.recipe import load_recipe
+from quantkit.transforms.base import block_plugin_from_spec
+from quantkit.transforms.recon import _Layer
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _recipe(quantizer="rtn", recon=True, bits=3, sym=False, quip=False, **kw):
+    r = {"quantizer": quantizer, "format": {"type": "int", "bits": bits, "group_size": 32, "sym": sym},
+         "calibration": {"samples": 16, "seq_len": 32},
+         "block_plugins": [{"type": "recon", "iters": 40, "batch_size": 4, **kw}] if recon else []}
+    if quip:
+        r["transforms"] = [{"type": "quip", "seed": 0, "rotate_in": True, "rotate_out": True}]
+    return r
+
+
+def _run(recipe):
+    return quantkit.quantize(tiny_model("llama"), recipe, calibration=IDS, progress=False)
+
+
+@pytest.mark.parametrize("quantizer,quip", [("rtn", False), ("gptq", False), ("gptq", True)])
+def test_recon_lowers_block_error(quantizer, quip):
+    """The first block sees the same inputs with and without recon: its output error against the float
+    block (the pipeline's block_rel_err, computed apart from recon) must drop, and recon's own
+    before/after must agree with it."""
+    base = _run(_recipe(quantizer, quip=quip, iters=0)).report.blocks  # iters 0: the quantizer's result
+    rec = _run(_recipe(quantizer, quip=quip)).report.blocks
+    b0, r0 = base[0]["block_rel_err"], rec[0]
+    assert r0["recon_err_before"] == pytest.approx(b0, rel=1e-4)
+    assert r0["block_rel_err"] == pytest.approx(r0["recon_err_after"], rel=1e-4)
+    assert r0["block_rel_err"] < 0.95 * b0, (b0, r0)
+    assert r0["recon_layers"] == 7 and r0["recon_skipped"] == 0
+    for b in rec:
+        assert b["recon_err_after"] <= b["recon_err_before"]
+
+
+def test_recon_start_reproduces_quantizer():
+    """With zero offsets and unit clipping the learned grid is the quantizer's (QuIP-rotated too)."""
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    floats = {n: linear_weight(m).detach().float().clone() for n, m in find_linears(blocks[0]).items()}
+    qm = quantkit.quantize(model, _recipe("gptq", recon=False, quip=True, bits=4, sym=True), calibration=IDS,
+                           progress=False)
+    _, blocks = find_blocks(qm.model)
+    for n, w in floats.items():
+        ql = dict(blocks[0].named_modules())[n]
+        assert isinstance(ql, QuantLinear) and ql._pre and ql._post
+        L = _Layer(n, ql, w, "quantizer", True)
+        with torch.no_grad():
+            torch.testing.assert_close(L.dequant(), ql.dequantized_weight(), rtol=0, atol=1e-5)
+            # the rotated float weight is close to its quantized version (not, e.g., the unrotated one)
+            assert float((L.w - ql.dequantized_weight()).norm() / L.w.norm()) < 0.2
+
+
+def test_recon_deterministic():
+    a, b = _run(_recipe("gptq")), _run(_recipe("gptq"))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("layout", ["native", "compressed-tensors"])
+def test_recon_save_reload(tmp_path, layout):
+    """recon writes through the format's pack: every layout saves it (logits equal after reload)."""
+    qm = _run(_recipe("rtn", bits=4, sym=True, init="rtn"))
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        y = qm.model(x).logits
+    q2 = quantkit.load(qm.save(str(tmp_path / "ck"), layout=layout))
+    with torch.no_grad():
+        assert torch.equal(q2.model(x).logits, y)
+
+
+@pytest.mark.parametrize("key,value", [("iters", -1), ("lr", 0), ("batch_size", 0), ("init", "adam"),
+                                       ("clip_range", [1.0, 0.5]), ("itters", 5)])
+def test_recon_bad_keys(key, value):
+    with pytest.raises(RecipeError, match=key if key != "clip_range" else "clip_range"):
+        load_recipe(_recipe(**{key: value}))
+    with pytest.raises(RecipeError, match="block_plugins"):
+        block_plugin_from_spec({"type": "recon", key: value}, "recipes/x.yaml: block_plugins[0]")
