@@ -84,9 +84,32 @@ LABELS = {"float": "float (fp32)", "w4-rtn": "INT4 RTN", "w4-gptq-all": "INT4 GP
           "w3-gptq-all": "INT3 GPTQ, all-expert calibration", "w3-gptq-routed": "INT3 GPTQ, routed tokens only",
           "fp8-rtn": "FP8 E4M3 W8A8 (RTN, per-channel)"}
 
-SMOKE = dict(hidden=64, layers=2, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
+SMOKE = dict(hidden=64, layers=1, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
              train_steps=12, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, eval_seq_len=64,
-             eval_windows=4, group_size=32)
+             eval_windows=2, group_size=32)
+
+
+class MemoTokenizer:
+    """The tokenizer, remembering its answers: quantkit.data.calibration_batch and quantkit.evaluate tokenize
+    the whole split on every call (~300k tokens, seconds each on a busy CPU); every row here asks for the same
+    text, so it is tokenized once. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tok):
+        self._tok, self._memo = tok, {}
+
+    def __call__(self, text, **kw):
+        if not isinstance(text, str):
+            return self._tok(text, **kw)
+        key = (hashlib.sha256(text.encode()).hexdigest(), tuple(sorted(kw.items())))
+        if key not in self._memo:
+            self._memo[key] = self._tok(text, **kw)
+        return self._memo[key]
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
 
 
 # ---- the tiny model --------------------------------------------------------------------------------
@@ -95,7 +118,7 @@ def model_config(args, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                  max_position_embeddings=max(args.train_seq_len, args.calib_seq_len, args.eval_seq_len),
+                  max_position_embeddings=2048,
                   tie_word_embeddings=False, num_experts_per_tok=args.top_k, router_aux_loss_coef=args.aux_loss,
                   output_router_logits=False)
     if args.family == "mixtral":
@@ -167,10 +190,10 @@ def build_trained_model(args, tokenizer, log) -> tuple[str, dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        curve.append(round(float(loss), 4))
+        curve.append(round(loss.item(), 4))
         if step % max(1, args.train_steps // 10) == 0 or step == args.train_steps - 1:
-            log(f"  step {step + 1}/{args.train_steps}: loss {float(loss):.3f} (ppl {math.exp(float(loss)):.0f}), "
-                f"aux {float(out.aux_loss or 0):.3f}, {time.time() - t0:.0f} s")
+            log(f"  step {step + 1}/{args.train_steps}: loss {loss.item():.3f} (ppl {math.exp(loss.item()):.0f}), "
+                f"aux {float(out.aux_loss.detach()) if out.aux_loss is not None else 0:.3f}, {time.time() - t0:.0f} s")
     train_s = time.time() - t0
     model.eval()
 
@@ -210,7 +233,7 @@ def build_trained_model(args, tokenizer, log) -> tuple[str, dict]:
     tmp = dest + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     full.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    tokenizer._tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "moe_quality_train.json"), "w") as f:
         json.dump(record, f, indent=1)
     shutil.rmtree(dest, ignore_errors=True)
@@ -237,7 +260,7 @@ def expert_summary(qm) -> dict:
     return out
 
 
-def run_row(row: str, recipe: dict | None, folder: str, args) -> dict:
+def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer) -> dict:
     import quantkit
     from quantkit.data import calibration_batch
 
@@ -249,15 +272,14 @@ def run_row(row: str, recipe: dict | None, folder: str, args) -> dict:
     else:
         recipe = {**recipe, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": 0,
                                             "corpus": "enwiki", "batch_size": 8}}
-        from quantkit.models.sources import load_tokenizer
-
-        ids = calibration_batch(load_tokenizer(folder), args.calib_samples, args.calib_seq_len, 0, "enwiki", None)
+        ids = calibration_batch(tokenizer, args.calib_samples, args.calib_seq_len, 0, "enwiki", None)
         tq = time.time()
         qm = quantkit.quantize(folder, recipe, calibration=ids, device="cpu", progress=False)
         out["quantize_seconds"] = round(time.time() - tq, 1)
         out["bits_per_weight"] = round(qm.bits_per_weight(), 4)
         out["quantized_layers"] = len(qm.quantized_layers())
         out["experts"] = expert_summary(qm)
+    qm.tokenizer = tokenizer  # the folder's tokenizer is this one (saved with the model), with the memo
     te = time.time()
     ev = quantkit.evaluate(qm, seq_len=args.eval_seq_len, max_windows=args.eval_windows, device="cpu",
                            progress=False)
@@ -341,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss coefficient")
     for k, v in dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=4, kv_heads=2,
-                     train_vocab=8192, train_steps=200, train_batch=8, train_seq_len=256, calib_samples=64,
+                     train_vocab=8192, train_steps=150, train_batch=8, train_seq_len=128, calib_samples=64,
                      calib_seq_len=256, eval_seq_len=256, eval_windows=60, group_size=128).items():
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} (smoke {SMOKE[k]})"
                        if k in SMOKE else f"default {v}")
@@ -373,7 +395,7 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
-    tokenizer = load_tokenizer(resolve_model_dir(TOKENIZER_MODEL))
+    tokenizer = MemoTokenizer(load_tokenizer(resolve_model_dir(TOKENIZER_MODEL)))
     folder, train = build_trained_model(args, tokenizer, log)
     recipes = row_recipes(args.group_size)
     rows = list(recipes) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -390,7 +412,7 @@ def main(argv=None) -> int:
         if row in results and not args.force:
             log(f"{row}: done before (ppl {results[row]['ppl']:.3f}); --force redoes it")
             continue
-        results[row] = r = run_row(row, recipes[row], folder, args)
+        results[row] = r = run_row(row, recipes[row], folder, args, tokenizer)
         ex = r.get("experts", {})
         log(f"{row}: ppl {r['ppl']:.3f}  bpw {r['bits_per_weight']}  routed min/median {ex.get('routed_min')}/"
             f"{ex.get('routed_median')}  fallback {ex.get('expert_linears_fallback')}  {r['seconds']} s")
