@@ -73,6 +73,11 @@ def row_recipes(group: int) -> dict[str, dict | None]:
             r[f"w{bits}-gptq-{tag}"] = {"quantizer": GPTQ, "format": _int(bits, group),
                                         "moe": {"calibrate_all_experts": flag}}
     r["fp8-rtn"] = {"quantizer": "rtn", "format": FP8}
+    # few calibration tokens (``--few-calib``): the regime where routed-only statistics starve rare experts
+    for bits in (4, 3):
+        for flag, tag in ((True, "all"), (False, "routed")):
+            r[f"w{bits}-gptq-{tag}-few"] = {"quantizer": GPTQ, "format": _int(bits, group),
+                                            "moe": {"calibrate_all_experts": flag}, "_few": True}
     for name, rec in r.items():
         if rec is not None:
             rec["name"] = f"moe-{name}"
@@ -82,11 +87,15 @@ def row_recipes(group: int) -> dict[str, dict | None]:
 LABELS = {"float": "float (fp32)", "w4-rtn": "INT4 RTN", "w4-gptq-all": "INT4 GPTQ, all-expert calibration",
           "w4-gptq-routed": "INT4 GPTQ, routed tokens only", "w3-rtn": "INT3 RTN",
           "w3-gptq-all": "INT3 GPTQ, all-expert calibration", "w3-gptq-routed": "INT3 GPTQ, routed tokens only",
-          "fp8-rtn": "FP8 E4M3 W8A8 (RTN, per-channel)"}
+          "fp8-rtn": "FP8 E4M3 W8A8 (RTN, per-channel)",
+          "w4-gptq-all-few": "INT4 GPTQ, all-expert, few calibration tokens",
+          "w4-gptq-routed-few": "INT4 GPTQ, routed only, few calibration tokens",
+          "w3-gptq-all-few": "INT3 GPTQ, all-expert, few calibration tokens",
+          "w3-gptq-routed-few": "INT3 GPTQ, routed only, few calibration tokens"}
 
 SMOKE = dict(hidden=64, layers=1, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
-             train_steps=12, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, eval_seq_len=64,
-             eval_windows=2, group_size=32)
+             train_steps=8, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, few_calib=1,
+             few_calib_seq_len=32, eval_seq_len=64, eval_windows=2, group_size=32)
 
 
 class MemoTokenizer:
@@ -265,14 +274,18 @@ def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer) -> dict
     from quantkit.data import calibration_batch
 
     t0 = time.time()
+    recipe = None if recipe is None else dict(recipe)
     out: dict = {"row": row, "recipe": recipe}
     if recipe is None:
         qm = quantkit.load_any(folder)
         out["bits_per_weight"] = 32.0
     else:
-        recipe = {**recipe, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": 0,
-                                            "corpus": "enwiki", "batch_size": 8}}
-        ids = calibration_batch(tokenizer, args.calib_samples, args.calib_seq_len, 0, "enwiki", None)
+        few = recipe.pop("_few", False)
+        n, L = (args.few_calib, args.few_calib_seq_len) if few else (args.calib_samples, args.calib_seq_len)
+        out["calibration"] = {"samples": n, "seq_len": L, "tokens": n * L}
+        recipe = {**recipe, "calibration": {"samples": n, "seq_len": L, "seed": 0, "corpus": "enwiki",
+                                            "batch_size": 8}}
+        ids = calibration_batch(tokenizer, n, L, 0, "enwiki", None)
         tq = time.time()
         qm = quantkit.quantize(folder, recipe, calibration=ids, device="cpu", progress=False)
         out["quantize_seconds"] = round(time.time() - tq, 1)
@@ -311,7 +324,9 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         f"({train['train_tokens']:,} tokens, {train['train_seconds']:.0f} s on CPU) of the enwiki even-numbered "
         f"articles; final training loss {train['loss_last10_mean']:.2f} (mean of the last 10 steps). "
         f"INT asymmetric, group size {args.group_size}; lm_head and embeddings float; routers float. "
-        f"Calibration {args.calib_samples} x {args.calib_seq_len} tokens (enwiki even articles, seed 0). "
+        f"Calibration {args.calib_samples} x {args.calib_seq_len} tokens (enwiki even articles, seed 0); rows with "
+        f"*few calibration tokens*: {args.few_calib} x {args.few_calib_seq_len}. Experts with statistics from fewer "
+        f"than `moe.min_tokens` = 16 tokens fall back to RTN with an MSE range search (counted per expert matrix). "
         f"Perplexity: `quantkit.evaluate(qm, seq_len={args.eval_seq_len}, max_windows={args.eval_windows})` "
         f"(enwiki odd-numbered articles, never trained or calibrated on), fp32, CPU.",
         "",
@@ -337,8 +352,8 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
 
 
 def write_outputs(results: dict, train: dict, args) -> None:
-    settings = {k: getattr(args, k) for k in ("group_size", "calib_samples", "calib_seq_len", "eval_seq_len",
-                                              "eval_windows", "smoke")}
+    settings = {k: getattr(args, k) for k in ("group_size", "calib_samples", "calib_seq_len", "few_calib",
+                                              "few_calib_seq_len", "eval_seq_len", "eval_windows", "smoke")}
     _atomic_write(args.json, json.dumps({"settings": settings, "model": train, "rows": results}, indent=1) + "\n")
     table = BEGIN + "\n" + "\n".join(table_lines(results, train, args)) + "\n" + END
     old = open(args.md).read() if os.path.exists(args.md) else ""
@@ -364,14 +379,15 @@ def parse_args(argv=None):
     p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss coefficient")
     for k, v in dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=4, kv_heads=2,
                      train_vocab=8192, train_steps=150, train_batch=8, train_seq_len=128, calib_samples=64,
-                     calib_seq_len=256, eval_seq_len=256, eval_windows=60, group_size=128).items():
+                     calib_seq_len=256, few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=60,
+                     group_size=128).items():
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} (smoke {SMOKE[k]})"
                        if k in SMOKE else f"default {v}")
         p.set_defaults(**{f"_default_{k}": v})
     args = p.parse_args(argv)
     for k in ("hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "train_vocab",
-              "train_steps", "train_batch", "train_seq_len", "calib_samples", "calib_seq_len", "eval_seq_len",
-              "eval_windows", "group_size"):
+              "train_steps", "train_batch", "train_seq_len", "calib_samples", "calib_seq_len", "few_calib",
+              "few_calib_seq_len", "eval_seq_len", "eval_windows", "group_size"):
         if getattr(args, k) is None:
             setattr(args, k, SMOKE[k] if args.smoke and k in SMOKE else getattr(args, f"_default_{k}"))
     if args.out is None:

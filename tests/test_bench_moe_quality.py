@@ -10,18 +10,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["float", "w4-rtn", "w4-gptq-all", "w4-gptq-routed", "w3-rtn", "w3-gptq-all", "w3-gptq-routed", "fp8-rtn"]
+ROWS = ["float", "w4-rtn", "w4-gptq-all", "w4-gptq-routed", "w3-rtn", "w3-gptq-all", "w3-gptq-routed", "fp8-rtn",
+        "w4-gptq-all-few", "w4-gptq-routed-few", "w3-gptq-all-few", "w3-gptq-routed-few"]
 LABELS = ["float (fp32)", "INT4 RTN", "INT4 GPTQ, all-expert calibration", "INT4 GPTQ, routed tokens only",
           "INT3 RTN", "INT3 GPTQ, all-expert calibration", "INT3 GPTQ, routed tokens only",
-          "FP8 E4M3 W8A8 (RTN, per-channel)"]
+          "FP8 E4M3 W8A8 (RTN, per-channel)", "INT4 GPTQ, all-expert, few calibration tokens",
+          "INT4 GPTQ, routed only, few calibration tokens", "INT3 GPTQ, all-expert, few calibration tokens",
+          "INT3 GPTQ, routed only, few calibration tokens"]
 # the smoke sizes (bench/moe_quality.py SMOKE): 1 layer, 4 experts top-2, vocabulary of SmolLM2's tokenizer
-LAYERS, EXPERTS, TOP_K, CALIB_TOKENS, VOCAB = 1, 4, 2, 4 * 64, 49152
+LAYERS, EXPERTS, TOP_K, CALIB_TOKENS, FEW_TOKENS, VOCAB, MIN_TOKENS = 1, 4, 2, 4 * 64, 1 * 32, 49152, 16
 
 
 def test_smoke_table_has_every_row_and_finite_figures(tmp_path):
     out = tmp_path / "m"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_quality.py"), "--smoke", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "moe.json").read_text())
     rows = res["rows"]
@@ -45,13 +48,17 @@ def test_smoke_table_has_every_row_and_finite_figures(tmp_path):
         ex = r["experts"]
         assert ex["expert_linears_quantized"] == LAYERS * EXPERTS * 3, (name, ex)
         if "gptq" in name:
+            tokens = FEW_TOKENS if name.endswith("-few") else CALIB_TOKENS
+            assert r["calibration"]["tokens"] == tokens
             counts = ex["routed_per_container"]
-            assert len(counts) == LAYERS and all(sum(c) == CALIB_TOKENS * TOP_K for c in counts.values())
+            assert len(counts) == LAYERS and all(sum(c) == tokens * TOP_K for c in counts.values())
             assert ex["routed_min"] <= ex["routed_median"] <= ex["routed_max"]
-            if name.endswith("-all"):  # every token through every expert
-                assert ex["stat_tokens_min"] == CALIB_TOKENS and ex["expert_linears_fallback"] == 0
-            else:  # statistics from the routed tokens only
+            if "-all" in name:  # every token through every expert
+                assert ex["stat_tokens_min"] == tokens and ex["expert_linears_fallback"] == 0
+            else:  # statistics from the routed tokens only; a starved expert's 3 matrices fall back
                 assert ex["stat_tokens_min"] == ex["routed_min"]
+                starved = sum(1 for c in counts.values() for n in c if n < MIN_TOKENS)
+                assert ex["expert_linears_fallback"] == 3 * starved, (name, counts, ex)
     assert rows["w3-rtn"]["ppl"] != fl and rows["w4-gptq-all"]["ppl"] != fl  # quantized for real
 
     md = (out / "moe.md").read_text()
