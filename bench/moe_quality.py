@@ -74,7 +74,7 @@ def row_recipes(group: int) -> dict[str, dict | None]:
                                         "moe": {"calibrate_all_experts": flag}}
     r["fp8-rtn"] = {"quantizer": "rtn", "format": FP8}
     # few calibration tokens (``--few-calib``): the regime where routed-only statistics starve rare experts
-    for bits in (4, 3):
+    for bits in (3,):
         for flag, tag in ((True, "all"), (False, "routed")):
             r[f"w{bits}-gptq-{tag}-few"] = {"quantizer": GPTQ, "format": _int(bits, group),
                                             "moe": {"calibrate_all_experts": flag}, "_few": True}
@@ -88,14 +88,22 @@ LABELS = {"float": "float (fp32)", "w4-rtn": "INT4 RTN", "w4-gptq-all": "INT4 GP
           "w4-gptq-routed": "INT4 GPTQ, routed tokens only", "w3-rtn": "INT3 RTN",
           "w3-gptq-all": "INT3 GPTQ, all-expert calibration", "w3-gptq-routed": "INT3 GPTQ, routed tokens only",
           "fp8-rtn": "FP8 E4M3 W8A8 (RTN, per-channel)",
-          "w4-gptq-all-few": "INT4 GPTQ, all-expert, few calibration tokens",
-          "w4-gptq-routed-few": "INT4 GPTQ, routed only, few calibration tokens",
           "w3-gptq-all-few": "INT3 GPTQ, all-expert, few calibration tokens",
           "w3-gptq-routed-few": "INT3 GPTQ, routed only, few calibration tokens"}
 
-SMOKE = dict(hidden=64, layers=1, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
-             train_steps=8, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, few_calib=1,
-             few_calib_seq_len=32, eval_seq_len=64, eval_windows=2, group_size=32)
+PRESETS = {
+    # ~15 min on 2 busy CPU cores (training ~5 min, GPTQ's per-column loop the rest)
+    "cpu": dict(hidden=128, layers=4, experts=8, top_k=2, intermediate=256, heads=4, kv_heads=2, train_vocab=4096,
+                train_steps=250, train_batch=8, train_seq_len=128, calib_samples=32, calib_seq_len=256,
+                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=40, group_size=128),
+    # the issue's suggested shape, trained ~5 passes over the 346k training tokens (GPU: a few minutes)
+    "gpu": dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=4, kv_heads=2, train_vocab=16384,
+                train_steps=400, train_batch=16, train_seq_len=256, calib_samples=128, calib_seq_len=256,
+                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=100, group_size=128),
+    "smoke": dict(hidden=64, layers=1, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
+                  train_steps=8, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, few_calib=1,
+                  few_calib_seq_len=32, eval_seq_len=64, eval_windows=2, group_size=32),
+}
 
 
 class MemoTokenizer:
@@ -139,7 +147,7 @@ def model_config(args, vocab_size: int):
 
 
 def train_settings(args) -> dict:
-    keys = ("family", "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "train_vocab",
+    keys = ("family", "device", "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "train_vocab",
             "train_steps", "train_batch", "train_seq_len", "lr", "aux_loss", "seed")
     return {k: getattr(args, k) for k in keys}
 
@@ -171,7 +179,8 @@ def build_trained_model(args, tokenizer, log) -> tuple[str, dict]:
         f"{K - 1} own output rows cover {float((small < K - 1).float().mean()):.1%} of them")
 
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(model_config(args, K)).train()
+    dev = torch.device(args.device)
+    model = AutoModelForCausalLM.from_config(model_config(args, K)).to(dev).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
@@ -185,7 +194,7 @@ def build_trained_model(args, tokenizer, log) -> tuple[str, dict]:
     curve, t0 = [], time.time()
     for step in range(args.train_steps):
         starts = torch.randint(0, small.numel() - L - 1, (B,), generator=g)
-        x = torch.stack([small[s:s + L + 1] for s in starts.tolist()])
+        x = torch.stack([small[s:s + L + 1] for s in starts.tolist()]).to(dev)
         out = model(input_ids=x[:, :-1], output_router_logits=True)
         own = out.logits[..., :K - 1].float()  # the rare-token class K-1: log-sum-exp of n_rare zero logits
         logits = torch.cat([own, torch.full_like(own[..., :1], log_rare)], dim=-1)
@@ -204,7 +213,7 @@ def build_trained_model(args, tokenizer, log) -> tuple[str, dict]:
             log(f"  step {step + 1}/{args.train_steps}: loss {loss.item():.3f} (ppl {math.exp(loss.item()):.0f}), "
                 f"aux {float(out.aux_loss.detach()) if out.aux_loss is not None else 0:.3f}, {time.time() - t0:.0f} s")
     train_s = time.time() - t0
-    model.eval()
+    model = model.cpu().eval()
 
     # expand into the full-vocabulary model, exactly
     full = AutoModelForCausalLM.from_config(model_config(args, V)).eval()
@@ -287,22 +296,28 @@ def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer) -> dict
                                             "batch_size": 8}}
         ids = calibration_batch(tokenizer, n, L, 0, "enwiki", None)
         tq = time.time()
-        qm = quantkit.quantize(folder, recipe, calibration=ids, device="cpu", progress=False)
+        qm = quantkit.quantize(folder, recipe, calibration=ids, device=args.device, progress=False)
         out["quantize_seconds"] = round(time.time() - tq, 1)
         out["bits_per_weight"] = round(qm.bits_per_weight(), 4)
         out["quantized_layers"] = len(qm.quantized_layers())
         out["experts"] = expert_summary(qm)
     qm.tokenizer = tokenizer  # the folder's tokenizer is this one (saved with the model), with the memo
     te = time.time()
-    ev = quantkit.evaluate(qm, seq_len=args.eval_seq_len, max_windows=args.eval_windows, device="cpu",
+    ev = quantkit.evaluate(qm, seq_len=args.eval_seq_len, max_windows=args.eval_windows, device=args.device,
                            progress=False)
     out["eval_seconds"] = round(time.time() - te, 1)
     out["ppl"] = ev["ppl"]
     out["eval"] = {k: ev[k] for k in ("tokens_scored", "windows", "seq_len", "bos", "text_sha256", "split") if k in ev}
     out["seconds"] = round(time.time() - t0, 1)
-    out["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    out["device"] = _device_name(args.device)
     out["date"] = datetime.date.today().isoformat()
     return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 # ---- output -----------------------------------------------------------------------------------------
@@ -321,14 +336,15 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         f"Model: a {s['family']} MoE trained here ({train['params'] / 1e6:.1f} M parameters: hidden {s['hidden']}, "
         f"{s['layers']} layers, {s['experts']} experts top-{s['top_k']}, expert MLP {s['intermediate']}; SmolLM2's "
         f"tokenizer, 49,152 tokens) for {s['train_steps']} steps x {s['train_batch']} x {s['train_seq_len']} tokens "
-        f"({train['train_tokens']:,} tokens, {train['train_seconds']:.0f} s on CPU) of the enwiki even-numbered "
+        f"({train['train_tokens']:,} tokens, {train['train_seconds']:.0f} s on {s['device']}) of the enwiki even-numbered "
         f"articles; final training loss {train['loss_last10_mean']:.2f} (mean of the last 10 steps). "
         f"INT asymmetric, group size {args.group_size}; lm_head and embeddings float; routers float. "
         f"Calibration {args.calib_samples} x {args.calib_seq_len} tokens (enwiki even articles, seed 0); rows with "
         f"*few calibration tokens*: {args.few_calib} x {args.few_calib_seq_len}. Experts with statistics from fewer "
         f"than `moe.min_tokens` = 16 tokens fall back to RTN with an MSE range search (counted per expert matrix). "
         f"Perplexity: `quantkit.evaluate(qm, seq_len={args.eval_seq_len}, max_windows={args.eval_windows})` "
-        f"(enwiki odd-numbered articles, never trained or calibrated on), fp32, CPU.",
+        f"(enwiki odd-numbered articles, never trained or calibrated on), fp32. "
+        f"Device: {', '.join(sorted({r.get('device', '') for r in results.values()}))}.",
         "",
         "| row | ppl | gap to float | bits/weight (blocks) | routed tokens per expert min / median / max "
         "| stat tokens per expert min | expert matrices fallen back | quantize s |",
@@ -366,7 +382,8 @@ def write_outputs(results: dict, train: dict, args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, < 60 s; outputs under --out unless given")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (--preset smoke), < 60 s; outputs under --out "
+                   "unless given")
     p.add_argument("--out", default=None, help=f"work folder: trained-model cache (default {DEFAULT_OUT})")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
@@ -377,19 +394,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss coefficient")
-    for k, v in dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=4, kv_heads=2,
-                     train_vocab=8192, train_steps=150, train_batch=8, train_seq_len=128, calib_samples=64,
-                     calib_seq_len=256, few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=60,
-                     group_size=128).items():
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} (smoke {SMOKE[k]})"
-                       if k in SMOKE else f"default {v}")
-        p.set_defaults(**{f"_default_{k}": v})
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="sizes: cpu (default, ~15 min on 2 busy cores), gpu (a larger model trained longer: "
+                        "use with --device cuda), smoke (= --smoke); any size option below overrides it")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: training, quantization and evaluation")
+    p.add_argument("--kernels", action="store_true", help="on CUDA, let QuantLinear use the Triton kernels "
+                   "(default: the plain dequantize path, the same arithmetic as on CPU)")
+    p.add_argument("--tokenizer", default=None, help="a folder holding SmolLM2's tokenizer files (default: the "
+                   "bundled smollm2-135m, converted by quantkit)")
+    for k in PRESETS["cpu"]:
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None,
+                       help="default: " + ", ".join(f"{n} {v[k]}" for n, v in PRESETS.items()))
     args = p.parse_args(argv)
-    for k in ("hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "train_vocab",
-              "train_steps", "train_batch", "train_seq_len", "calib_samples", "calib_seq_len", "few_calib",
-              "few_calib_seq_len", "eval_seq_len", "eval_windows", "group_size"):
+    if args.smoke:
+        args.preset = "smoke"
+    args.smoke = args.preset == "smoke"
+    for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
-            setattr(args, k, SMOKE[k] if args.smoke and k in SMOKE else getattr(args, f"_default_{k}"))
+            setattr(args, k, v)
     if args.out is None:
         args.out = DEFAULT_OUT if not args.smoke else os.path.join(DEFAULT_OUT, "smoke")
     if args.json is None:
@@ -411,7 +433,14 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
-    tokenizer = MemoTokenizer(load_tokenizer(resolve_model_dir(TOKENIZER_MODEL)))
+    if not args.kernels:  # the plain dequantize path on every device: the same arithmetic as on CPU
+        from quantkit.nn import QuantLinear
+
+        QuantLinear._get_kernel = lambda self, device: None
+    tok = load_tokenizer(args.tokenizer or resolve_model_dir(TOKENIZER_MODEL))
+    if tok is None:
+        raise SystemExit(f"no tokenizer could be loaded from {args.tokenizer or TOKENIZER_MODEL}")
+    tokenizer = MemoTokenizer(tok)
     folder, train = build_trained_model(args, tokenizer, log)
     recipes = row_recipes(args.group_size)
     rows = list(recipes) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -11,13 +11,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["float", "w4-rtn", "w4-gptq-all", "w4-gptq-routed", "w3-rtn", "w3-gptq-all", "w3-gptq-routed", "fp8-rtn",
-        "w4-gptq-all-few", "w4-gptq-routed-few", "w3-gptq-all-few", "w3-gptq-routed-few"]
+        "w3-gptq-all-few", "w3-gptq-routed-few"]
 LABELS = ["float (fp32)", "INT4 RTN", "INT4 GPTQ, all-expert calibration", "INT4 GPTQ, routed tokens only",
           "INT3 RTN", "INT3 GPTQ, all-expert calibration", "INT3 GPTQ, routed tokens only",
-          "FP8 E4M3 W8A8 (RTN, per-channel)", "INT4 GPTQ, all-expert, few calibration tokens",
-          "INT4 GPTQ, routed only, few calibration tokens", "INT3 GPTQ, all-expert, few calibration tokens",
+          "FP8 E4M3 W8A8 (RTN, per-channel)", "INT3 GPTQ, all-expert, few calibration tokens",
           "INT3 GPTQ, routed only, few calibration tokens"]
-# the smoke sizes (bench/moe_quality.py SMOKE): 1 layer, 4 experts top-2, vocabulary of SmolLM2's tokenizer
+# the smoke sizes (bench/moe_quality.py PRESETS['smoke']): 1 layer, 4 experts top-2, vocabulary of SmolLM2's tokenizer
 LAYERS, EXPERTS, TOP_K, CALIB_TOKENS, FEW_TOKENS, VOCAB, MIN_TOKENS = 1, 4, 2, 4 * 64, 1 * 32, 49152, 16
 
 
