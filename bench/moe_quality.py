@@ -53,7 +53,14 @@ if ROOT not in sys.path:
 DEFAULT_OUT = os.path.join(ROOT, "runs", "moe_quality")
 DEFAULT_JSON = os.path.join(ROOT, "docs", "quality", "moe.json")
 DEFAULT_MD = os.path.join(ROOT, "docs", "quality", "moe.md")
-BEGIN, END = "<!-- table:begin (bench/moe_quality.py) -->", "<!-- table:end -->"
+
+
+def markers(preset: str) -> tuple[str, str]:
+    """The generated table's region in the Markdown file: one per preset, so the cpu and gpu tables coexist."""
+    what = "bench/moe_quality.py" + ("" if preset == "cpu" else f" --preset {preset}")
+    return f"<!-- table:begin ({what}) -->", f"<!-- table:end ({what}) -->"
+
+
 TOKENIZER_MODEL = "smollm2-135m"
 
 GPTQ = {"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True, "block_size": 128}
@@ -338,7 +345,7 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         f"tokenizer, 49,152 tokens) for {s['train_steps']} steps x {s['train_batch']} x {s['train_seq_len']} tokens "
         f"({train['train_tokens']:,} tokens, {train['train_seconds']:.0f} s on {s['device']}) of the enwiki even-numbered "
         f"articles; final training loss {train['loss_last10_mean']:.2f} (mean of the last 10 steps). "
-        f"INT asymmetric, group size {args.group_size}; lm_head and embeddings float; routers float. "
+        f"Preset `{args.preset}`. INT asymmetric, group size {args.group_size}; lm_head and embeddings float; routers float. "
         f"Calibration {args.calib_samples} x {args.calib_seq_len} tokens (enwiki even articles, seed 0); rows with "
         f"*few calibration tokens*: {args.few_calib} x {args.few_calib_seq_len}. Experts with statistics from fewer "
         f"than `moe.min_tokens` = 16 tokens fall back to RTN with an MSE range search (counted per expert matrix). "
@@ -368,13 +375,17 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
 
 
 def write_outputs(results: dict, train: dict, args) -> None:
-    settings = {k: getattr(args, k) for k in ("group_size", "calib_samples", "calib_seq_len", "few_calib",
-                                              "few_calib_seq_len", "eval_seq_len", "eval_windows", "smoke")}
+    keys = ("preset", "device", "group_size", "calib_samples", "calib_seq_len", "few_calib", "few_calib_seq_len",
+            "eval_seq_len", "eval_windows", "smoke")
+    settings = {k: getattr(args, k) for k in keys}
     _atomic_write(args.json, json.dumps({"settings": settings, "model": train, "rows": results}, indent=1) + "\n")
-    table = BEGIN + "\n" + "\n".join(table_lines(results, train, args)) + "\n" + END
+    begin, end = markers(args.preset)
+    table = begin + "\n" + "\n".join(table_lines(results, train, args)) + "\n" + end
     old = open(args.md).read() if os.path.exists(args.md) else ""
-    if BEGIN in old and END in old:  # replace the generated region, keep the prose around it
-        text = old[:old.index(BEGIN)] + table + old[old.index(END) + len(END):]
+    if begin in old and end in old[old.index(begin):]:  # replace the generated region, keep the prose around it
+        a = old.index(begin)
+        b = old.index(end, a) + len(end)
+        text = old[:a] + table + old[b:]
     else:
         text = (old.rstrip() + "\n\n" if old.strip() else "") + table + "\n"
     _atomic_write(args.md, text)
@@ -415,7 +426,8 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = DEFAULT_OUT if not args.smoke else os.path.join(DEFAULT_OUT, "smoke")
     if args.json is None:
-        args.json = DEFAULT_JSON if not args.smoke else os.path.join(args.out, "moe.json")
+        args.json = {"cpu": DEFAULT_JSON, "gpu": DEFAULT_JSON.replace("moe.json", "moe_gpu.json")}.get(
+            args.preset, os.path.join(args.out, "moe.json"))
     if args.md is None:
         args.md = DEFAULT_MD if not args.smoke else os.path.join(args.out, "moe.md")
     return args
