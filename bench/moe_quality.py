@@ -102,14 +102,14 @@ PRESETS = {
     # ~15 min on 2 busy CPU cores (training ~5 min, GPTQ's per-column loop the rest)
     "cpu": dict(hidden=128, layers=4, experts=8, top_k=2, intermediate=256, heads=4, kv_heads=2, train_vocab=4096,
                 train_steps=250, train_batch=8, train_seq_len=128, calib_samples=32, calib_seq_len=256,
-                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=40, group_size=128),
+                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=40, kl_windows=16, group_size=128),
     # the issue's suggested shape, trained ~5 passes over the 346k training tokens (GPU: a few minutes)
     "gpu": dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=4, kv_heads=2, train_vocab=16384,
                 train_steps=400, train_batch=16, train_seq_len=256, calib_samples=128, calib_seq_len=256,
-                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=100, group_size=128),
+                few_calib=4, few_calib_seq_len=64, eval_seq_len=256, eval_windows=100, kl_windows=32, group_size=128),
     "smoke": dict(hidden=64, layers=1, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, train_vocab=512,
                   train_steps=8, train_batch=4, train_seq_len=64, calib_samples=4, calib_seq_len=64, few_calib=1,
-                  few_calib_seq_len=32, eval_seq_len=64, eval_windows=2, group_size=32),
+                  few_calib_seq_len=32, eval_seq_len=64, eval_windows=2, kl_windows=2, group_size=32),
 }
 
 
@@ -285,7 +285,7 @@ def expert_summary(qm) -> dict:
     return out
 
 
-def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer) -> dict:
+def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer, ref) -> dict:
     import quantkit
     from quantkit.data import calibration_batch
 
@@ -308,6 +308,9 @@ def run_row(row: str, recipe: dict | None, folder: str, args, tokenizer) -> dict
         out["bits_per_weight"] = round(qm.bits_per_weight(), 4)
         out["quantized_layers"] = len(qm.quantized_layers())
         out["experts"] = expert_summary(qm)
+        errs = [b["block_rel_err"] for b in qm.report.blocks if b.get("block_rel_err") is not None]
+        out["block_rel_err_mean"] = sum(errs) / len(errs) if errs else None
+        out["kl_to_float"] = kl_to_float(ref, qm, tokenizer, args)
     qm.tokenizer = tokenizer  # the folder's tokenizer is this one (saved with the model), with the memo
     te = time.time()
     ev = quantkit.evaluate(qm, seq_len=args.eval_seq_len, max_windows=args.eval_windows, device=args.device,
@@ -325,6 +328,19 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def kl_to_float(ref, qm, tokenizer, args) -> dict:
+    """Mean KL(float || quantized) per next-token position on the first ``--kl-windows`` evaluation windows
+    (quantkit.eval.fidelity): far less noisy than a perplexity difference for small quantization errors."""
+    from quantkit.eval.corpora import evaluation_split
+    from quantkit.eval.fidelity import kl_divergence
+
+    ids = evaluation_split(tokenizer, "enwiki").ids
+    qm.model.to(args.device)
+    r = kl_divergence(ref.model.to(args.device), qm.model, ids, seq_len=args.eval_seq_len, windows=args.kl_windows,
+                      device=args.device, progress=False)
+    return {k: r[k] for k in ("kl", "kl_max", "top1_agree", "positions")}
 
 
 # ---- output -----------------------------------------------------------------------------------------
@@ -353,9 +369,14 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         f"(enwiki odd-numbered articles, never trained or calibrated on), fp32. "
         f"Device: {', '.join(sorted({r.get('device', '') for r in results.values()}))}.",
         "",
-        "| row | ppl | gap to float | bits/weight (blocks) | routed tokens per expert min / median / max "
-        "| stat tokens per expert min | expert matrices fallen back | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"KL: mean KL(float || quantized) per position over the first {args.kl_windows} evaluation windows, in "
+        f"nats (quantkit.eval.fidelity); block err: mean over blocks of the block output's relative error on "
+        f"calibration inputs (quantkit's report).",
+        "",
+        "| row | ppl | gap to float | KL to float | top-1 agree | block err | bits/weight (blocks) "
+        "| routed tokens per expert min / median / max | stat tokens per expert min | expert matrices fallen back "
+        "| quantize s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in row_recipes(args.group_size):
         r = results.get(row)
@@ -369,14 +390,18 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         fb = (f"{ex.get('expert_linears_fallback', 0)} of {ex.get('expert_linears_quantized', 0)}"
               if row != "float" else "")
         bpw = "32" if row == "float" else f"{r['bits_per_weight']:.3f}"
-        lines.append(f"| {LABELS.get(row, row)} | {r['ppl']:.2f} | {gap} | {bpw} | {routed} | {stat} | {fb} | "
-                     f"{r.get('quantize_seconds', '')} |")
+        kl = r.get("kl_to_float") or {}
+        kls = f"{kl['kl']:.5f}" if kl else ""
+        agree = f"{kl['top1_agree']:.3f}" if kl else ""
+        be = f"{r['block_rel_err_mean']:.4f}" if r.get("block_rel_err_mean") is not None else ""
+        lines.append(f"| {LABELS.get(row, row)} | {r['ppl']:.2f} | {gap} | {kls} | {agree} | {be} | {bpw} | {routed} | "
+                     f"{stat} | {fb} | {r.get('quantize_seconds', '')} |")
     return lines
 
 
 def write_outputs(results: dict, train: dict, args) -> None:
     keys = ("preset", "device", "group_size", "calib_samples", "calib_seq_len", "few_calib", "few_calib_seq_len",
-            "eval_seq_len", "eval_windows", "smoke")
+            "eval_seq_len", "eval_windows", "kl_windows", "smoke")
     settings = {k: getattr(args, k) for k in keys}
     _atomic_write(args.json, json.dumps({"settings": settings, "model": train, "rows": results}, indent=1) + "\n")
     begin, end = markers(args.preset)
@@ -465,11 +490,14 @@ def main(argv=None) -> int:
             old = json.load(f)
         if old.get("model", {}).get("settings") == train["settings"]:  # rows of this very model only
             results = old.get("rows", {})
+    import quantkit
+
+    ref = quantkit.load_any(folder)  # the float model, for KL
     for row in rows:
         if row in results and not args.force:
             log(f"{row}: done before (ppl {results[row]['ppl']:.3f}); --force redoes it")
             continue
-        results[row] = r = run_row(row, recipes[row], folder, args, tokenizer)
+        results[row] = r = run_row(row, recipes[row], folder, args, tokenizer, ref)
         ex = r.get("experts", {})
         log(f"{row}: ppl {r['ppl']:.3f}  bpw {r['bits_per_weight']}  routed min/median {ex.get('routed_min')}/"
             f"{ex.get('routed_median')}  fallback {ex.get('expert_linears_fallback')}  {r['seconds']} s")

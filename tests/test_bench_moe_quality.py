@@ -41,6 +41,8 @@ def test_smoke_table_has_every_row_and_finite_figures(tmp_path):
         r = rows[name]
         assert math.isfinite(r["ppl"]) and 0.5 * fl < r["ppl"] < 2 * fl, (name, r["ppl"], fl)
         assert r["eval"]["tokens_scored"] > 0 and r["quantize_seconds"] >= 0
+        kl = r["kl_to_float"]
+        assert 0 < kl["kl"] < 1 and 0.5 < kl["top1_agree"] <= 1 and kl["positions"] > 0, (name, kl)
         bpw = r["bits_per_weight"]
         lo, hi = {"w4": (4, 6), "w3": (3, 5), "fp8": (8, 10)}[name.split("-")[0]]
         assert lo < bpw < hi, (name, bpw)  # every expert is quantized: float experts would push it past 25
