@@ -393,7 +393,7 @@ def table_lines(results: dict, train: dict, args) -> list[str]:
         kl = r.get("kl_to_float") or {}
         kls = f"{kl['kl']:.5f}" if kl else ""
         agree = f"{kl['top1_agree']:.3f}" if kl else ""
-        be = f"{r['block_rel_err_mean']:.4f}" if r.get("block_rel_err_mean") is not None else ""
+        be = f"{r['block_rel_err_mean']:.3g}" if r.get("block_rel_err_mean") is not None else ""
         lines.append(f"| {LABELS.get(row, row)} | {r['ppl']:.2f} | {gap} | {kls} | {agree} | {be} | {bpw} | {routed} | "
                      f"{stat} | {fb} | {r.get('quantize_seconds', '')} |")
     return lines
