@@ -222,10 +222,11 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     if isinstance(model_or_name, str):
         from .stream import open_model
 
-        lm, source, load_info = open_model(model_or_name, load, dtype)
+        lm, source, load_info = open_model(model_or_name, load, dtype, recipe.ignore)
     else:
         lm = _as_loaded(model_or_name, tokenizer)
     moe_found = prepare_moe(lm.model, recipe.ignore)  # MoE: fused expert containers -> per-expert linears
+    moe_found = moe_found or (source.moe_found if source is not None else [])  # streamed: split on meta
     # before any calibration (checks.py); a large block tensor no rule quantizes is an error unless allowed
     check_model(lm.model, recipe, calibration, device or default_device(), allow_unquantized)
     ids, calib_info = _calibration_ids(lm, recipe, calibration)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import CheckpointError, QuantkitError
 from .models.discovery import find_blocks
-from .moe import is_fused_container as fused_experts
+from .moe import Experts, load_fused, unfuse_experts
 from .nn import QuantLinear
 from .pipeline import BlockObserver, PipelineReport, Restored
 from .solve import Block
@@ -104,9 +104,14 @@ class StreamSource:
     decoder blocks loaded and the blocks on the meta device until :meth:`fetch`.
 
     Raises :class:`StreamUnsupported` (the caller then loads the model whole) when the stored tensor names
-    are not exactly the model's own (transformers would rename or initialise some)."""
+    are not exactly the model's own (transformers would rename or initialise some).
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+    Mixture-of-experts: the skeleton's fused expert containers (those ``ignore`` does not name) are split
+    into per-expert linears on the meta device first (``moe_found``). A checkpoint that stores the experts
+    one by one under those names (Qwen2/3-MoE, OLMoE, DeepSeek-V3) is read directly; one that stores them
+    fused, as the model holds them (gpt-oss), is read fused and split as each block is fetched."""
+
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, ignore: list[str] | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -125,7 +130,22 @@ class StreamSource:
         self.model = model
         self.blocks_name, self.blocks = find_blocks(model)
         self._index = {id(b): i for i, b in enumerate(self.blocks)}
-        self._check_names()
+        self.moe_found: list[str] = []
+        self._fused_on_disk = False
+        try:
+            self._check_names()  # the names as transformers builds the model (fused experts, if any)
+            fused_ok = True
+        except StreamUnsupported as e:
+            fused_ok, why = False, e
+        from .recipe import matches
+
+        self.moe_found = unfuse_experts(model, skip=lambda n: matches(ignore or [], n))  # MoE: split on meta
+        if self.moe_found and fused_ok:
+            self._fused_on_disk = True  # _wanted: the fused names as stored, split in fetch
+        elif self.moe_found:
+            self._check_names()  # experts stored one by one under the split names
+        elif not fused_ok:
+            raise why
         rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
         tensors = read_tensors(self._by_file(rest), dtype)
         model.load_state_dict(tensors, strict=False, assign=True)
@@ -166,7 +186,13 @@ class StreamSource:
             raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
         prefix = f"{self.blocks_name}.{bi}."
         keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
-        module.load_state_dict(read_tensors(self._by_file(keys), self.dtype, prefix), strict=False, assign=True)
+        tensors = read_tensors(self._by_file(keys), self.dtype, prefix)
+        module.load_state_dict(tensors, strict=False, assign=True)
+        if self._fused_on_disk:  # MoE: each split container filled from its fused tensors as stored
+            for name, ex in module.named_modules():
+                if isinstance(ex, Experts) and _meta_names(ex):
+                    load_fused(ex, {k[len(name) + 1:]: t for k, t in tensors.items()
+                                    if k.startswith(name + ".") and "." not in k[len(name) + 1:]}, prefix + name)
         left = _meta_names(module)
         if left:
             raise CheckpointError(f"{self.path}: tensors missing from the checkpoint: "
@@ -368,7 +394,7 @@ class Observers(BlockObserver):
 LOADS = ("stream", "whole")
 
 
-def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None):
+def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None, ignore: list[str] | None = None):
     """(LoadedModel, StreamSource or None, what was done) for a bundled name or a model folder.
 
     ``load``: ``"stream"`` (the default for a folder), ``"whole"`` (the default for a bundled name:
@@ -392,15 +418,10 @@ def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None):
                                                        "transformers, which needs the whole load")
         else:
             try:
-                src = StreamSource(path, dtype)
+                src = StreamSource(path, dtype, ignore)
             except StreamUnsupported as e:
                 info.update(load="whole", why_not_streamed=str(e))
             else:
-                fused = [n for n, m in src.model.named_modules() if fused_experts(m)]
-                if fused:  # the skeleton's experts are split before the blocks are read: not wired yet
-                    info.update(load="whole", why_not_streamed=f"mixture-of-experts ({fused[0]} and "
-                                f"{len(fused) - 1} more): fused expert containers are loaded whole for now")
-                    return load_float_model(name_or_path, dtype), None, info
                 tok = load_tokenizer(path)
                 return LoadedModel(src.model, tok, path, read_source(path, tok)), src, info
     return load_float_model(name_or_path, dtype), None, info

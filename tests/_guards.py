@@ -99,3 +99,20 @@ def edit_config(path: str, fn) -> None:
     fn(cfg)
     with open(p, "w") as f:
         json.dump(cfg, f)
+
+
+def load_tensors(folder) -> dict:
+    """Every tensor of a safetensors checkpoint folder: one ``model.safetensors`` or the shards its
+    ``model.safetensors.index.json`` names (a streamed run writes one shard per block)."""
+    from safetensors.torch import load_file
+
+    folder = str(folder)
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    out: dict = {}
+    for fn in files:
+        out.update(load_file(os.path.join(folder, fn)))
+    return out

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from _guards import load_tensors
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,7 +84,7 @@ def by_hand(model_dir, out, rec, n=2, env=None):
 
 
 def codes_and_stats(out):
-    return load_file(os.path.join(out, "model.safetensors")), load_file(str(out) + ".stats.safetensors")
+    return load_tensors(out), load_file(str(out) + ".stats.safetensors")
 
 
 def as_bytes(t):
@@ -190,8 +191,8 @@ def test_resume_a_killed_two_rank_run_in_one_process(model_dir, tmp_path):
     st = json.load(open(tmp_path / "w" / "state.json"))
     assert st["next_block"] == 1 and len(st["acts"]) == 2  # block 0 committed, one activation file per rank
     single(model_dir, tmp_path / "out", rec, resume=tmp_path / "w")
-    ta = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    tb = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ta = load_tensors(tmp_path / "ref")
+    tb = load_tensors(tmp_path / "out")
     for k in ta:
         assert torch.equal(as_bytes(ta[k]), as_bytes(tb[k])), k
 
@@ -248,8 +249,8 @@ def test_cli_quantize_under_torchrun_matches_one_process(tmp_path):
                          capture_output=True, text=True, env=_env(QUANTKIT_SPLIT_ROWS="always"), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved ") == 1  # one writer
-    ta = load_file(str(tmp_path / "one" / "model.safetensors"))
-    tb = load_file(str(tmp_path / "two" / "model.safetensors"))
+    ta = load_tensors(tmp_path / "one")
+    tb = load_tensors(tmp_path / "two")
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert torch.equal(as_bytes(ta[k]), as_bytes(tb[k])), k

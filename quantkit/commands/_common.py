@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 
-def _int_at_least(lo: int, what: str):
+def _int_at_least(lo: int, what: str, hi: int | None = None):
     def parse(s: str) -> int:
         import argparse
 
         try:
+            if s.strip() != s:
+                raise ValueError
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < lo:
+        if v < lo or (hi is not None and v >= hi):
             raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
         return v
     parse.__name__ = what  # argparse names the type in its messages
@@ -20,7 +22,7 @@ def _int_at_least(lo: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 count_int = _int_at_least(0, "an integer >= 0")
-seed_int = _int_at_least(0, "an integer seed >= 0")
+seed_int = _int_at_least(0, "an integer seed >= 0 and < 2**63", hi=2 ** 63)
 
 
 def add_model_args(p) -> None:

@@ -27,25 +27,38 @@ def weighted_sse(x: torch.Tensor, sw: torch.Tensor, centers: torch.Tensor) -> to
 
 
 def _lloyd(x: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd's iterations on 1-D data. The values are sorted once, so a cluster is a run of the sorted
+    row and its sums are differences of float64 prefix sums: the same result on every device and run
+    (``scatter_add`` on a GPU adds in whatever order its atomics land), and no per-element pass."""
     R, k = c.shape
+    xs, order = x.sort(1)
+    ws = sw.gather(1, order)
+    zero = torch.zeros(R, 1, dtype=torch.float64, device=x.device)
+    cw = torch.cat([zero, ws.double().cumsum(1)], 1)  # [R, N + 1]
+    cs = torch.cat([zero, (ws.double() * xs.double()).cumsum(1)], 1)
     prev = None
     for _ in range(iters):
         c = c.sort(1).values
-        a = nearest_index(x, c)
-        num = torch.zeros(R, k, dtype=x.dtype, device=x.device).scatter_add_(1, a, sw * x)
-        den = torch.zeros(R, k, dtype=x.dtype, device=x.device).scatter_add_(1, a, sw)
-        newc = torch.where(den > 0, num / den.clamp_min(1e-300), c)
+        # elements <= the midpoint after center j belong to clusters 0..j (a midpoint goes to the lower)
+        bounds = ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous()
+        ends = torch.searchsorted(xs, bounds, right=True)
+        ends = torch.cat([ends, torch.full((R, 1), xs.shape[1], dtype=ends.dtype, device=x.device)], 1)
+        starts = torch.cat([torch.zeros(R, 1, dtype=ends.dtype, device=x.device), ends[:, :-1]], 1)
+        den = cw.gather(1, ends) - cw.gather(1, starts)
+        num = cs.gather(1, ends) - cs.gather(1, starts)
+        newc = torch.where(den > 0, num / den.clamp_min(1e-300), c.double()).float()
         empty = den == 0
         if empty.any():
             # re-seed one empty cluster per row at the point with the largest weighted error
-            err = sw * (x - c.gather(1, a)).pow(2)
-            far = x.gather(1, err.argmax(1, keepdim=True)).squeeze(1)
+            a = nearest_index(xs, c)
+            err = ws * (xs - c.gather(1, a)).pow(2)
+            far = xs.gather(1, err.argmax(1, keepdim=True)).squeeze(1)
             rows = empty.any(1).nonzero().squeeze(1)
             first = empty.to(torch.int8).argmax(1)
             newc[rows, first[rows]] = far[rows]
-        elif prev is not None and torch.equal(a, prev):
+        elif prev is not None and torch.equal(ends, prev):
             return newc.sort(1).values
-        prev = a
+        prev = ends
         c = newc
     return c.sort(1).values
 

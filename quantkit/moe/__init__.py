@@ -8,9 +8,10 @@ from .experts import (
     expert_containers,
     flag_routers,
     is_fused_container,
+    load_fused,
     prepare,
     unfuse_experts,
 )
 
 __all__ = ["ROUTER_FLAG", "ExpertMLP", "Experts", "expert_containers", "flag_routers", "is_fused_container",
-           "prepare", "unfuse_experts"]
+           "load_fused", "prepare", "unfuse_experts"]

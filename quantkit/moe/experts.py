@@ -235,6 +235,25 @@ def unfuse_experts(model: nn.Module, verify: bool = True, skip=None) -> list[str
     return found
 
 
+def load_fused(ex: Experts, fused: dict[str, torch.Tensor], where: str) -> None:
+    """Fill ``ex`` (split on the meta device) from its container's fused tensors as the checkpoint stores
+    them (``{"gate_up_proj": [E, ...], "down_proj": ..., biases}``): streamed loading."""
+    host = ex._host
+    for k, t in fused.items():
+        host._parameters[k] = nn.Parameter(t, requires_grad=False)
+    try:
+        lay = _fused_layout(host)
+        if lay is None or lay["E"] != ex.num_experts or lay["H"] != ex.hidden or lay["I"] != ex.inter:
+            raise QuantkitError(f"{where}: the stored expert tensors {sorted(fused)} do not have the layout of "
+                                f"{ex.num_experts} experts of {ex.hidden} x {ex.inter}; the checkpoint does not "
+                                "match its config.json")
+        built = _build(host, lay)
+    finally:
+        for k in fused:
+            host._parameters.pop(k, None)
+    ex.load_state_dict(built.state_dict(), strict=True, assign=True)
+
+
 def is_fused_container(mod: nn.Module) -> bool:
     """Whether ``mod`` holds E experts as fused 3-D parameters (before :func:`unfuse_experts`)."""
     try:
