@@ -5,9 +5,11 @@ searched), so this trains one on CPU for a few minutes, seeded, so that its rout
 than random, and measures perplexity with quantkit's own public API for: float; RTN W4A16; GPTQ W4A16
 with ``moe.calibrate_all_experts`` on and off; the same at 3 bits; FP8 E4M3 W8A8 (RTN, data-free).
 
-The model: a transformers 5 Mixtral (``AutoConfig.for_model`` + ``from_config``; default hidden 256,
-4 layers, 8 experts top-2, expert MLP 512, untied embeddings) with SmolLM2-135M's tokenizer (quantkit's
-bundled model; its full 49,152-token vocabulary). Training text: the enwiki excerpt's even-numbered
+The model: a transformers 5 Mixtral (``AutoConfig.for_model`` + ``from_config``; untied embeddings; sizes by
+``--preset``: cpu = hidden 128, 4 layers, 8 experts top-2, expert MLP 256, 250 steps; gpu = hidden 256, expert
+MLP 512, 400 larger steps) with SmolLM2-135M's tokenizer (quantkit's bundled model; its full 49,152-token
+vocabulary). Besides perplexity each row reports KL(float || quantized) per token and the mean block output
+error, which separate the methods where the perplexity differences are within noise. Training text: the enwiki excerpt's even-numbered
 articles (quantkit.data's "calibration" split, the one quantkit calibrates on); never the odd-numbered
 evaluation articles.
 

@@ -7,7 +7,7 @@
 #       bench/peers_prep.sh's .whl/ (docs/PERFORMANCE.md).
 #   on the GPU machine:  bash bench/moe_quality_gpu.sh      (carry [".whl", "runs/moe_gpu"])
 #       writes $OUT/moe_gpu.json and $OUT/moe.md (docs/quality/moe.md with the gpu table added): copy
-#       both into docs/quality/. Expected: training 1-3 min, the 11 rows 2-4 min.
+#       both into docs/quality/. Expected: training 1-3 min, the 10 rows 2-4 min (estimates: not run on a GPU yet).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prep ]; then
