@@ -179,10 +179,16 @@ def read_source(path: str, tokenizer) -> dict[str, Any]:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - a model folder without tokenizer is allowed
-        return None
+    except Exception as e:  # noqa: BLE001 - a model folder without tokenizer is allowed; a broken one is not
+        found = [f for f in files if os.path.exists(os.path.join(path, f))]
+        if not found:
+            return None
+        raise ModelSourceError(f"{path}: its tokenizer ({', '.join(found)}) does not load: {type(e).__name__}: "
+                            f"{str(e)[:300]}; repair or remove the tokenizer files (token ids can then be "
+                            "passed as calibration)") from None
 
 
 def load_float_model(name_or_path: str, dtype: torch.dtype = torch.float32, *,
