@@ -1,5 +1,5 @@
 """GPU: GPTQ W4A16 of an 8B-shaped random checkpoint, streamed (quantkit.stream) against loaded whole:
-wall time, peak CPU RSS (each run a fresh child, ``os.wait4``) and peak GPU memory (the child's
+wall time, peak CPU RSS (each run a fresh child, its own VmHWM) and peak GPU memory (the child's
 ``torch.cuda.max_memory_allocated``). The checkpoint (bf16, ~15 GiB, one shard per block) is written to
 local disk first (random values generated on the GPU), and deleted at the end.
 

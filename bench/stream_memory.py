@@ -5,7 +5,9 @@ model.safetensors.index.json; written block by block, so writing it needs no mor
 memory), then quantizes it in a fresh subprocess per run: RTN (data-free, every block) and GPTQ
 (calibrated; ``--blocks N`` limits the GPTQ work to the first N blocks, the others still run their
 float forward), each ``--load stream`` (written out block by block too) and ``--load whole``. The
-peak RSS of each child is its own ``ru_maxrss`` (``os.wait4``). Prints a Markdown table; ``--json``
+peak RSS of each child is its own ``VmHWM`` (/proc/self/status, read by the child at its end): not
+``ru_maxrss`` from ``os.wait4``, which on Linux also holds the *parent's* high-water mark (a child started by
+vfork + exec inherits it: this parent writes the checkpoint and peaks at several GiB). Prints a Markdown table; ``--json``
 writes the rows. The checkpoint is deleted at the end unless ``--keep``.
 
     nice -n 10 python bench/stream_memory.py --shape 3b --dir /work/tmp/stream-bench
@@ -106,13 +108,24 @@ def child(args) -> None:
     if args.device.startswith("cuda"):
         gpu = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
                "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
-    print(json.dumps({**gpu, "seconds": round(time.time() - t, 1), "quantized_layers": len(qm.report.layers),
+    print(json.dumps({**gpu, "vmhwm_gib": own_peak_gib(), "seconds": round(time.time() - t, 1), "quantized_layers": len(qm.report.layers),
                       "loaded": qm.meta["load"]["load"], "why_not_streamed": qm.meta["load"].get("why_not_streamed"),
                       "streamed_save": qm.streamed_to is not None}))
 
 
+def own_peak_gib() -> float | None:
+    """This process's own peak RSS (``VmHWM``, its address space only), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return round(kib / (1 << 20), 3)
+
+
 def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> dict:
-    """One child; its own peak RSS from os.wait4 (not mixed with other children)."""
+    """One child; its own peak RSS (VmHWM; ru_maxrss from os.wait4, which includes the parent's high-water
+    mark inherited at vfork, kept beside it as ``ru_maxrss_gib``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--ckpt", args.dir, "--kind", kind, "--load", load,
            "--out", out, "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
            "--device", args.device, "--batch-size", str(args.batch_size)]
@@ -128,7 +141,9 @@ def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> di
     if p.returncode != 0:
         raise SystemExit(f"child {kind}/{load} failed ({p.returncode}):\n{text[-3000:]}")
     res = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-    res.update(wall_s=round(time.time() - t, 1), peak_rss_gib=round(ru.ru_maxrss * 1024 / GIB, 2))
+    ru_gib = round(ru.ru_maxrss * 1024 / GIB, 2)
+    res.update(wall_s=round(time.time() - t, 1), ru_maxrss_gib=ru_gib,
+               peak_rss_gib=res["vmhwm_gib"] if res.get("vmhwm_gib") is not None else ru_gib)
     return res
 
 
