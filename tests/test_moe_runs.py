@@ -41,19 +41,24 @@ def quip_recipe(name="w3-quip-normtweak", **kw):
     return {**r, **kw}
 
 
-def test_quip_rotates_every_expert_and_reloads(tmp_path):
-    """w3-quip-normtweak on a Qwen3-MoE: every expert matrix is rotated (QuIP's sign vectors stored with
-    it, the rotation undone at run time), GPTQ (LDLQ) rounds it, norm tweaking trains the block's norms;
+@pytest.mark.parametrize("name", ["w3-quip-normtweak", "w2a16-quip-recon"])
+def test_quip_rotates_every_expert_and_reloads(name, tmp_path):
+    """QuIP recipes on a Qwen3-MoE: every expert matrix is rotated (QuIP's sign vectors stored with it, the
+    rotation undone at run time) and rounded by GPTQ (LDLQ); the block plugin runs on the MoE block (norm
+    tweaking trains its norms; reconstruction learns the rounding of every linear, the experts' included);
     the native checkpoint reloads to identical logits."""
     m = tiny_moe("qwen3_moe")
     ref = copy.deepcopy(m)
-    qm = quantkit.quantize(m, quip_recipe(), calibration=ids(), progress=False, device="cpu")
+    qm = quantkit.quantize(m, quip_recipe(name), calibration=ids(), progress=False, device="cpu")
     experts = {n: ql for n, ql in qm.quantized_layers().items() if ".experts." in n}
     assert len(experts) == 2 * E * 3
     for n, ql in experts.items():
         assert [t["type"] for t in ql.spec["transforms"]] == ["quip"], n
         assert qm.report.layers[n]["quantizer"]["type"] == "gptq" and "fallback" not in qm.report.layers[n]
-    assert any("norm_tweak" in k for b in qm.report.blocks for k in b)  # the block plugin ran on MoE blocks
+    if name.endswith("recon"):  # 4 attention projections + every expert matrix of the block
+        assert all(b["recon_layers"] == 4 + 3 * E and b["recon_skipped"] == 0 for b in qm.report.blocks)
+    else:
+        assert all(any(k.startswith("norm_tweak") for k in b) for b in qm.report.blocks), qm.report.blocks[0]
     x = ids(2, 16, seed=5)
     with torch.no_grad():
         q, f = qm.model(x).logits, ref(x).logits
