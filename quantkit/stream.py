@@ -32,6 +32,7 @@ from torch import nn
 from .errors import CheckpointError, QuantkitError
 from .models.discovery import find_blocks
 from .moe import Experts, load_fused, unfuse_experts
+from .moe.names import from_checkpoint
 from .nn import QuantLinear
 from .pipeline import BlockObserver, PipelineReport, Restored
 from .solve import Block
@@ -109,14 +110,16 @@ class StreamSource:
     Mixture-of-experts: the skeleton's fused expert containers (those ``ignore`` does not name) are split
     into per-expert linears on the meta device first (``moe_found``). A checkpoint that stores the experts
     one by one under those names (Qwen2/3-MoE, OLMoE, DeepSeek-V3) is read directly; one that stores them
-    fused, as the model holds them (gpt-oss), is read fused and split as each block is fetched."""
+    fused, as the model holds them (gpt-oss), is read fused and split as each block is fetched. Stored names
+    that are the hub's, not the modules' (Mixtral's ``block_sparse_moe.experts.{i}.w1``), are mapped to the
+    module names by quantkit.moe.names (``key_file`` is keyed on module names, ``stored`` maps them back)."""
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, ignore: list[str] | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path, self.dtype = path, dtype
-        self.key_file = stored_key_files(path)
+        files = stored_key_files(path)
         try:
             cfg = AutoConfig.from_pretrained(path)
             with init_empty_weights(include_buffers=False):
@@ -127,6 +130,11 @@ class StreamSource:
         model.eval()
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves them untied
+        mt = getattr(cfg, "model_type", None)
+        self.stored = {from_checkpoint(k, mt): k for k in files}  # module name -> stored name
+        if len(self.stored) != len(files):
+            raise StreamUnsupported("two stored tensor names map to one module name")
+        self.key_file = {k: files[v] for k, v in self.stored.items()}
         self.model = model
         self.blocks_name, self.blocks = find_blocks(model)
         self._index = {id(b): i for i, b in enumerate(self.blocks)}
@@ -147,7 +155,7 @@ class StreamSource:
         elif not fused_ok:
             raise why
         rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
-        tensors = read_tensors(self._by_file(rest), dtype)
+        tensors = self._read(rest)
         model.load_state_dict(tensors, strict=False, assign=True)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -171,11 +179,13 @@ class StreamSource:
                                     f"unexpected {unexpected[:3]})")
         self._wanted = set(sd)
 
-    def _by_file(self, keys) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
+    def _read(self, keys, strip: str = "") -> dict[str, torch.Tensor]:
+        """The tensors of module names ``keys`` (read under their stored names), ``strip`` cut off."""
+        by_file: dict[str, list[str]] = {}
         for k in keys:
-            out.setdefault(self.key_file[k], []).append(k)
-        return out
+            by_file.setdefault(self.key_file[k], []).append(self.stored[k])
+        back = {self.stored[k]: k for k in keys}
+        return {back[k][len(strip):]: t for k, t in read_tensors(by_file, self.dtype).items()}
 
     def fetch(self, module: nn.Module) -> None:
         """Read decoder block ``module``'s tensors from the shards (nothing if it holds none on meta)."""
@@ -186,7 +196,7 @@ class StreamSource:
             raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
         prefix = f"{self.blocks_name}.{bi}."
         keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
-        tensors = read_tensors(self._by_file(keys), self.dtype, prefix)
+        tensors = self._read(keys, prefix)
         module.load_state_dict(tensors, strict=False, assign=True)
         if self._fused_on_disk:  # MoE: each split container filled from its fused tensors as stored
             for name, ex in module.named_modules():

@@ -156,36 +156,100 @@ def test_all_expert_statistics_differ_from_routed():
     assert not torch.equal(a, b)
 
 
-def test_compressed_tensors_export_per_expert_names(tmp_path):
-    """Per-expert names as vLLM reads them (``...mlp.experts.{i}.gate_proj.weight_packed``), every expert
-    matrix decompressed by the compressed-tensors package equal to ours; reload gives equal logits."""
+def vllm_mixtral_expert_param(key: str) -> str | None:
+    """What vLLM's Mixtral loader (vllm/model_executor/models/mixtral.py, ``load_weights``) makes of a checkpoint
+    key: ``FusedMoE.make_expert_params_mapping(ckpt_gate_proj_name="w1", ckpt_down_proj_name="w2",
+    ckpt_up_proj_name="w3")`` maps ``experts.{i}.w1.`` / ``w3.`` to ``experts.w13_`` and ``experts.{i}.w2.`` to
+    ``experts.w2_`` (expert i, shard w1/w3/w2). None: the key is not an expert tensor."""
+    for i in range(E):
+        for ckpt in ("w1", "w2", "w3"):
+            wn = f"experts.{i}.{ckpt}."
+            if wn in key:
+                return key.replace(wn, "experts.w13_" if ckpt in ("w1", "w3") else "experts.w2_")
+    return None
+
+
+def test_checkpoint_names_are_what_transformers_saves():
+    """quantkit.moe.names (the rename table) reproduces the names transformers 5's own save_pretrained writes for
+    the split experts of every family that stores them one by one (Mixtral's hub names; the others: as is)."""
+    import tempfile
+
+    from safetensors import safe_open
+
+    from quantkit.moe.names import to_checkpoint
+
+    for mt in ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"):
+        m = tiny_moe(mt)
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            with safe_open(f"{d}/model.safetensors", "pt") as f:
+                saved = set(f.keys())
+        unfuse_experts(m)
+        ours = {to_checkpoint(k, mt) for k in m.state_dict()}
+        assert ours == saved, (mt, sorted(ours ^ saved)[:6])
+
+
+@pytest.mark.parametrize("mt", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_compressed_tensors_export_per_expert_names(mt, tmp_path):
+    """Per-expert names as vLLM reads them: ``...mlp.experts.{i}.gate_proj.weight_packed`` (Qwen3-MoE: vLLM's
+    ``make_expert_params_mapping(ckpt_gate_proj_name="gate_proj", ...)``), Mixtral's hub names
+    ``...block_sparse_moe.experts.{i}.w1/w3/w2.weight_packed`` and ``block_sparse_moe.gate.weight``; every expert
+    matrix decompressed by the compressed-tensors package equal to ours; quantkit's reload gives identical
+    logits, transformers' from_pretrained (experts dequantized while loading) the same up to float rounding.
+    gpt-oss: exported per expert with a warning (transformers and vLLM do not map its per-expert experts)."""
+    import json
+    import os
+    import warnings
+
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
     from safetensors.torch import load_file
 
-    r = {**recipe(), "format": {"type": "int", "bits": 4, "group_size": 32, "sym": True}}
-    qm = quantkit.quantize(tiny_moe("qwen3_moe"), r, calibration=ids(), progress=False, device="cpu")
-    path = qm.save(str(tmp_path / "ct"), layout="compressed-tensors")
-    import json
-    import os
+    from quantkit.moe.names import to_checkpoint
 
+    r = {**recipe(), "format": {"type": "int", "bits": 4, "group_size": 32, "sym": True}}
+    qm = quantkit.quantize(tiny_moe(mt), r, calibration=ids(), progress=False, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = qm.save(str(tmp_path / "ct"), layout="compressed-tensors")
+    warned = [w for w in caught if "stored one by one" in str(w.message)]
+    assert bool(warned) == (mt == "gpt_oss"), [str(w.message) for w in caught]
     cfg = json.load(open(os.path.join(path, "config.json")))
     qcfg = QuantizationConfig.model_validate(cfg["quantization_config"])
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    skeleton = tiny_moe("qwen3_moe")
+    if mt == "mixtral":
+        assert not any(".mlp." in k for k in tensors), sorted(k for k in tensors if ".mlp." in k)[:3]
+        for layer in range(2):
+            assert f"model.layers.{layer}.block_sparse_moe.gate.weight" in tensors  # the router, float
+            mapped = {vllm_mixtral_expert_param(k) for k in tensors if k.startswith(f"model.layers.{layer}.")}
+            mapped.discard(None)
+            p = f"model.layers.{layer}.block_sparse_moe.experts."
+            assert mapped == {p + f"{w}_{s}" for w in ("w13", "w2") for s in ("weight_packed", "weight_scale",
+                                                                                  "weight_shape")}
+        n_expert_keys = sum(vllm_mixtral_expert_param(k) is not None for k in tensors)
+        assert n_expert_keys == 2 * E * 3 * 3  # layers x experts x w1/w2/w3 x packed/scale/shape
+        gp = qm.save(str(tmp_path / "gptq"), layout="gptq")  # the GPTQ export writes the same names
+        gt = load_file(os.path.join(gp, "model.safetensors"))
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in gt and not any(".mlp." in k for k in gt)
+        with torch.no_grad():
+            assert torch.equal(quantkit.load(gp).model(ids(2, 16, seed=5)).logits, qm.model(ids(2, 16, seed=5)).logits)
+    else:
+        for i in range(E):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.1.mlp.experts.{i}.{p}.weight_packed" in tensors
+    skeleton = tiny_moe(mt)
     unfuse_experts(skeleton)
     ours = qm.quantized_layers()
-    for i in range(E):
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            assert f"model.layers.1.mlp.experts.{i}.{p}.weight_packed" in tensors
     checked = 0
     for name, ql in ours.items():
         mod = skeleton.get_submodule(name)
-        scheme = [s for s in qcfg.config_groups.values() if is_match(name, mod, s.targets, qcfg.ignore)][0]
+        stored = to_checkpoint(name, mt)
+        scheme = [s for s in qcfg.config_groups.values() if is_match(stored, mod, s.targets, qcfg.ignore)][0]
         comp = BaseCompressor.get_value_from_registry(scheme.format or qcfg.format)
-        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        sd = {k[len(stored) + 1:]: v for k, v in tensors.items() if k.rpartition(".")[0] == stored and
+              not k.endswith(".bias")}
         sd["weight_scale"] = sd["weight_scale"].float()
         w = comp.decompress(sd, scheme)["weight"]
         assert torch.equal(w, ql.dequantized_weight()), name
@@ -194,14 +258,24 @@ def test_compressed_tensors_export_per_expert_names(tmp_path):
     back = quantkit.load(path)
     x = ids(2, 16, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(back.model(x).logits, qm.model(x).logits)
+        ref = qm.model(x).logits
+        assert torch.equal(back.model(x).logits, ref)
+    if mt == "gpt_oss":
+        return
+    from transformers import AutoModelForCausalLM
+
+    hf, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(x).logits, ref, rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize("mt", ["qwen3_moe", "gpt_oss", "mixtral"])
 def test_streamed_moe_equals_whole(mt, tmp_path):
     """A MoE folder streams block by block (issue 17 with issue 16): experts stored one by one under the
-    split names (Qwen3-MoE) or fused (gpt-oss) give the same checkpoint as the whole load; Mixtral's
-    stored names (w1/w2/w3) are transformers' renames: loaded whole, the reason recorded."""
+    split names (Qwen3-MoE), fused (gpt-oss) or under the hub names transformers' save_pretrained writes
+    (Mixtral: ``block_sparse_moe.experts.{i}.w1/w2/w3``, mapped by quantkit.moe.names) give the same
+    checkpoint as the whole load, bit for bit."""
     from _guards import load_tensors
 
     src = tmp_path / "src"
@@ -212,11 +286,13 @@ def test_streamed_moe_equals_whole(mt, tmp_path):
     qw = quantkit.quantize(str(src), r, calibration=ids(), progress=False, device="cpu", load="whole",
                            save_to=str(tmp_path / "w"))
     assert qw.meta["load"]["load"] == "whole"
-    if mt == "mixtral":
-        assert qs.meta["load"]["load"] == "whole" and "names differ" in qs.meta["load"]["why_not_streamed"]
-    else:
-        assert qs.meta["load"]["load"] == "stream" and len(qs.meta["moe_experts"]) == 2
-        assert all(p.device.type == "meta" for p in qs.model.model.layers.parameters())  # blocks released
+    if mt == "mixtral":  # the folder really holds the hub names
+        from _guards import load_tensors as stored
+
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in stored(src)
+    assert qs.meta["load"]["load"] == "stream" and "why_not_streamed" not in qs.meta["load"]
+    assert len(qs.meta["moe_experts"]) == 2
+    assert all(p.device.type == "meta" for p in qs.model.model.layers.parameters())  # blocks released
     ta, tb = load_tensors(tmp_path / "s"), load_tensors(tmp_path / "w")
     assert set(ta) == set(tb) and sum(".experts.3.down_proj." in k for k in ta) >= 2
     for k in ta:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from ..errors import CheckpointError
 from ..formats.base import column_groups
 from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..models.discovery import is_linear, set_module
+from ..moe.names import to_checkpoint, transformers_reads_split
 from ..nn import QuantLinear, make_quantlinear
 from ..registry import register
 from .caps import LayoutCaps, any_config
@@ -49,6 +51,7 @@ from .hf import (
     bytes_from_words,
     check_no_conv1d,
     expect_shape,
+    export_tensors,
     finish_load,
     int_layer_parts,
     int_quantlinear,
@@ -61,7 +64,6 @@ from .hf import (
     words_from_bytes,
     write_export,
 )
-from .io import safe_load_tensors
 
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was verified against
@@ -194,6 +196,7 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
               ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """(quantization_config, per-layer tensors) of a quantized model in compressed-tensors terms."""
     check_no_conv1d(model, "compressed-tensors")
+    mt = getattr(model.config, "model_type", None)  # names as the checkpoint stores them (MoE: moe.names)
     layers = quant_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; nothing to export")
@@ -210,12 +213,13 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         per_layer[name] = t
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, (scheme, []))[1].append(name)
-    ignore = sorted(n for n, m in model.named_modules() if is_linear(m) and n)
+    _warn_split_experts(layers, mt)
+    ignore = sorted(to_checkpoint(n, mt) for n, m in model.named_modules() if is_linear(m) and n)
     single = len(groups) == 1
     config_groups = {}
     for i, (scheme, names) in enumerate(groups.values()):
         config_groups[f"group_{i}"] = {
-            "targets": ["Linear"] if single else sorted(names),
+            "targets": ["Linear"] if single else sorted(to_checkpoint(n, mt) for n in names),
             "weights": scheme["weights"], "input_activations": scheme["input_activations"],
             "output_activations": None, "format": scheme["format"]}
     formats = {s["format"] for s, _ in groups.values()}
@@ -243,6 +247,16 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         # (_common_group); asymmetric mixed precision keeps several groups and does not load in transformers.
         qc["dequantize"] = True
     return qc, per_layer
+
+
+def _warn_split_experts(layers: dict[str, QuantLinear], mt: str | None) -> None:
+    """Per-expert tensors of a family whose transformers model reads its experts fused only (gpt-oss): say so."""
+    if any(re.search(r"\.experts\.\d+\.", n) for n in layers) and transformers_reads_split(mt) is False:
+        warnings.warn(
+            f"compressed-tensors export of {mt!r}: the experts are stored one by one (experts.{{i}}.gate_proj, ...); "
+            f"quantkit.load reads them back, but transformers has no per-expert mapping for {mt!r} (from_pretrained "
+            f"leaves its fused experts uninitialised) and vLLM's gpt-oss loader does not map them either "
+            f"(docs/MOE.md)", stacklevel=3)
 
 
 def save_compressed_tensors(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None,
@@ -474,15 +488,17 @@ def load_compressed_tensors(path: str, cfg: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"{path}/config.json: kv_cache_scheme is not supported by quantkit's loader")
 
     model = build_skeleton(path, cfg)
-    tensors = safe_load_tensors(path)
+    tensors = export_tensors(path, cfg)  # under the module names
+    mt = cfg.get("model_type")
     prefixes = sorted({k.rpartition(".")[0] for k in tensors
                        if k.endswith((".weight_packed", ".weight_scale"))})
     for name in prefixes:
         out, inn, has_bias = linear_shape(model, name, path)
         module = model.get_submodule(name)
+        names = (name, to_checkpoint(name, mt))  # targets may name either (MoE hub names: moe.names)
         hit = None
-        if not _match(name, module, ignore):
-            hit = next((p for p in parsed if _match(name, module, p[1])), None)
+        if not any(_match(n, module, ignore) for n in names):
+            hit = next((p for p in parsed if any(_match(n, module, p[1]) for n in names)), None)
         if hit is None:
             raise CheckpointError(f"{path}: layer {name!r} holds quantized tensors but no config group targets it "
                                   f"(or it is in ignore): config and tensors do not match")

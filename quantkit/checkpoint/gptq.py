@@ -43,6 +43,7 @@ from .hf import (
     bytes_from_words,
     check_no_conv1d,
     expect_shape,
+    export_tensors,
     finish_load,
     int_layer_parts,
     int_quantlinear,
@@ -54,7 +55,7 @@ from .hf import (
     words_from_bytes,
     write_export,
 )
-from .io import safe_load_tensors, write_json
+from .io import write_json
 
 QUANT_METHOD = "gptq"
 BITS = (2, 3, 4, 8)
@@ -194,7 +195,7 @@ def load_gptq(path: str, cfg: dict[str, Any]) -> nn.Module:
     maxq = (1 << b) - 1
 
     model = build_skeleton(path, cfg)
-    tensors = safe_load_tensors(path)
+    tensors = export_tensors(path, cfg)  # under the module names (MoE hub names: quantkit.moe.names)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not names:
         raise CheckpointError(f"{path}: no '.qweight' tensors: not a GPTQ checkpoint")

@@ -20,8 +20,9 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..moe.experts import unfuse_experts
+from ..moe.names import from_checkpoint, to_checkpoint
 from ..nn import QuantLinear, make_quantlinear
-from .io import safetensors_files, write_json
+from .io import safe_load_tensors, safetensors_files, write_json
 
 SCALE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _INT_KEYS = {"qweight", "scales", "zeros", "g_idx"}
@@ -89,9 +90,16 @@ def build_skeleton(path: str, cfg: dict[str, Any]) -> nn.Module:
                               f"({type(e).__name__}: {str(e)[:300]})") from None
     # MoE: fused expert containers become per-expert linears, as quantize() made them, unless the
     # checkpoint stores one fused (kept float by the recipe's ignore)
-    keys = _stored_keys(path)
+    keys = {from_checkpoint(k, mt) for k in _stored_keys(path)}
     unfuse_experts(model, verify=False, skip=lambda n: f"{n}.down_proj" in keys)
     return model
+
+
+def export_tensors(path: str, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of an export layout's checkpoint under the model's module names (MoE experts are stored
+    under their hub names for some families: quantkit.moe.names)."""
+    mt = cfg.get("model_type")
+    return {from_checkpoint(k, mt): v for k, v in safe_load_tensors(path).items()}
 
 
 def _stored_keys(path: str) -> set[str]:
@@ -257,7 +265,8 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path:
 
 def write_export(model: nn.Module, out_dir: str, qc: dict[str, Any], per_layer: dict[str, dict]) -> None:
     """Write ``model.safetensors`` (float tensors + each quantized layer's exported tensors and bias)
-    and ``config.json`` with ``qc`` as its quantization_config. Shared by the export layouts."""
+    and ``config.json`` with ``qc`` as its quantization_config. Shared by the export layouts. Tensor names are
+    the checkpoint names of the model type (MoE experts: quantkit.moe.names; ``qc`` is the caller's to name)."""
     from safetensors.torch import save_file
 
     sd = float_state_dict(model, set(per_layer))
@@ -266,6 +275,8 @@ def write_export(model: nn.Module, out_dir: str, qc: dict[str, Any], per_layer: 
             sd[f"{name}.{k}"] = v
         if ql.bias is not None:
             sd[f"{name}.bias"] = ql.bias.detach().contiguous().cpu()
+    mt = getattr(model.config, "model_type", None)
+    sd = {to_checkpoint(k, mt): v for k, v in sd.items()}
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qc

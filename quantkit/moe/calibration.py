@@ -51,18 +51,24 @@ def expert_of(counts: dict[str, Any], name: str) -> tuple[str, int] | None:
     return None
 
 
-def fallback_scheme(scheme: Scheme) -> Scheme:
-    """RTN into the same format; an int format picks its ranges by MSE search."""
+def fallback_scheme(scheme: Scheme) -> tuple[Scheme, list[str]]:
+    """RTN into the same format (an int format picks its ranges by MSE search), keeping the transforms that
+    need no statistics (QuIP's rotation: RTN then rounds in the rotated basis). Returns the scheme and the
+    transforms it had to drop (those that need calibration statistics, e.g. SmoothQuant)."""
     spec = scheme.fmt.spec()
     if spec.get("type") == "int":
         spec = {**spec, "clip": "mse"}
-    return Scheme(quantizer_from_spec("rtn", where="moe.fallback"), format_from_spec(spec, where="moe.fallback"), [])
+    kept = [t for t in scheme.transforms if not t.needs_calibration]
+    dropped = [t.spec().get("type", type(t).__name__) for t in scheme.transforms if t.needs_calibration]
+    return Scheme(quantizer_from_spec("rtn", where="moe.fallback"), format_from_spec(spec, where="moe.fallback"),
+                  kept), dropped
 
 
 def fallback_schemes(schemes: dict[str, Scheme], stats, counts: dict[str, list[int]], cfg: MoEConfig
                      ) -> tuple[dict[str, Scheme], dict[str, dict[str, Any]]]:
     """Schemes with the few-token expert matrices switched to the fallback, and every expert
-    linear's report additions (routed tokens, statistics tokens, fallback)."""
+    linear's report additions (routed tokens, statistics tokens, fallback: what changed, transforms kept
+    and dropped)."""
     out, notes = dict(schemes), {}
     for n, s in schemes.items():
         where = expert_of(counts, n)
@@ -72,8 +78,12 @@ def fallback_schemes(schemes: dict[str, Scheme], stats, counts: dict[str, list[i
         seen = int(stats.get(n).nsamples)
         note: dict[str, Any] = {"expert_routed_tokens": routed, "expert_stat_tokens": seen}
         if s.needs_calibration and seen < cfg.min_tokens:
-            out[n] = fallback_scheme(s)
+            out[n], dropped = fallback_scheme(s)
+            kept = [t.spec().get("type", type(t).__name__) for t in out[n].transforms]
             note["fallback"] = (f"{cfg.fallback}: statistics from {seen} tokens < moe.min_tokens {cfg.min_tokens} "
-                                f"(was {s.quantizer.spec().get('type')})")
+                                f"(was {s.quantizer.spec().get('type')})"
+                                + (f"; transforms kept: {', '.join(kept)}" if kept else "")
+                                + (f"; transforms DROPPED (they need statistics): {', '.join(dropped)}"
+                                   if dropped else ""))
         notes[n] = note
     return out, notes
