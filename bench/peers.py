@@ -300,12 +300,16 @@ def method_status(info: dict, rows: list, m: str) -> str:
         first = next(c["error"] for c in cells if "error" in c)
         s += f"; {n['error']} failed (first: {first[:120]})"
     if n["skipped"]:
-        s += f"; {n['skipped']} skipped"
+        why: dict[str, int] = {}
+        for c in cells:
+            if "skipped" in c:
+                why[c["skipped"]] = why.get(c["skipped"], 0) + 1
+        s += f"; {n['skipped']} skipped (" + ", ".join(f"{k}: {v}" for k, v in why.items()) + ")"
     wrong = sum(c.get("rel_err", 0) > TOL for c in cells)
     if wrong:
         s += f"; {wrong} with output off its reference (rel err > {TOL:g})"
     note = info.get("notes", {}).get(m)
-    return s + (f" ({note})" if note else "")
+    return s + (f"; note: {note}" if note else "")
 
 
 def report_md(info: dict, rows: list, methods) -> str:
