@@ -214,7 +214,10 @@ def ct_config(model: nn.Module, partial_groups: str = "expand"
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, (scheme, []))[1].append(name)
     _warn_split_experts(layers, mt)
-    ignore = sorted(to_checkpoint(n, mt) for n, m in model.named_modules() if is_linear(m) and n)
+    # kept-float linears, MoE routers included when they are nn.Linear subclasses (Llama 4's router):
+    # compressed-tensors' "Linear" target would match them
+    ignore = sorted(to_checkpoint(n, mt) for n, m in model.named_modules()
+                    if n and (is_linear(m) or isinstance(m, torch.nn.Linear)))
     single = len(groups) == 1
     config_groups = {}
     for i, (scheme, names) in enumerate(groups.values()):

@@ -12,7 +12,9 @@ The layout flags transformers' ``use_experts_implementation`` sets (``is_transpo
 of its own for calibration, the solvers and every checkpoint layout, with the names vLLM reads), and
 whose forward is the original's (the eager loop over hit experts; the original module's own
 ``_apply_gate`` and ``act_fn``). On real weights the result is checked against the original forward
-on random routing; a container whose forward differs (e.g. Llama 4's) is refused with an error.
+on random routing; a container whose forward takes the tokens already laid out per expert (Llama 4's:
+``forward(hidden_states [E*T, H])``) runs :mod:`quantkit.moe.dense`'s forward instead; any other forward
+that the per-expert form does not reproduce is refused with an error.
 
 Routers stay float: linears next to an expert container with E or 1 outputs (``gate``,
 ``shared_expert_gate``) are flagged ``_quantkit_router`` and are not quantization targets.
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..errors import QuantkitError
 from ..models.discovery import ROUTER_FLAG
+from .dense import dense_forward, random_expert_major_input, takes_expert_major_input
 
 
 class ExpertMLP(nn.Module):
@@ -60,6 +63,8 @@ class Experts(nn.Module):
         self.source_class = type(host).__name__
         self.calibrate_all = False
         self.count: torch.Tensor | None = None
+        # the host's forward takes [E*T, H] expert-major rows (Llama 4): quantkit.moe.dense
+        self.expert_major = takes_expert_major_input(host)
 
     def expert(self, i: int) -> ExpertMLP:
         return self._modules[str(i)]
@@ -79,8 +84,10 @@ class Experts(nn.Module):
         e = self.expert(i)
         return e.down_proj(self._act(e, x))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.expert_major:
+            return dense_forward(self, hidden_states)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hits = torch.bincount(top_k_index.reshape(-1).clamp(0, self.num_experts),
@@ -100,7 +107,8 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden}, intermediate={self.inter}, "
-                f"gated={self.gated}, bias={self.has_bias}, from={self.source_class}")
+                f"gated={self.gated}, bias={self.has_bias}, from={self.source_class}"
+                + (", expert_major" if self.expert_major else ""))
 
 
 def _fused_layout(mod: nn.Module) -> dict | None:
@@ -179,13 +187,16 @@ def _verify(name: str, orig: nn.Module, ex: Experts) -> None:
     x = torch.randn(T, ex.hidden, generator=g).to(p.device, p.dtype)
     idx = torch.stack([torch.randperm(ex.num_experts, generator=g)[:k] for _ in range(T)]).to(p.device)
     wts = torch.rand(T, k, generator=g).to(p.device, p.dtype)
+    args = (x, idx, wts)
+    if ex.expert_major:
+        args = (random_expert_major_input(ex.num_experts, ex.hidden, T, g).to(p.device, p.dtype),)
     try:
-        want = orig(x, idx, wts)
+        want = orig(*args)
     except Exception as e:  # noqa: BLE001 - a container with another forward signature
         raise QuantkitError(f"{name} ({type(orig).__name__}): expert container with an unsupported forward "
                             f"({type(e).__name__}: {str(e)[:120]}); add `{name}` to the recipe's ignore (it stays "
                             f"float) or open an issue for this layout") from None
-    got = ex(x, idx, wts)
+    got = ex(*args)
     tol = 1e-4 if p.dtype == torch.float32 else 3e-2
     err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
     if not torch.isfinite(err) or err > tol:

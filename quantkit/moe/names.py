@@ -76,5 +76,26 @@ def transformers_reads_split(model_type: str | None) -> bool | None:
     except ImportError:
         return None
     conv = get_checkpoint_conversion_mapping(model_type or "") or []
-    return any("experts.gate_up_proj" in t or "experts.down_proj" in t
-               for c in conv for t in (getattr(c, "_original_target_patterns", None) or []))
+    if any("experts.gate_up_proj" in t or "experts.down_proj" in t
+           for c in conv for t in (getattr(c, "_original_target_patterns", None) or [])):
+        return True
+    return _patched_for_compressed_tensors(model_type or "")
+
+
+def _patched_for_compressed_tensors(model_type: str) -> bool:
+    """transformers swaps some fused expert containers for per-expert ones when it loads a compressed-tensors
+    checkpoint (``quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``, e.g. Llama 4's): whether one of those
+    container classes lives in ``model_type``'s modeling module."""
+    import importlib
+
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as patched
+        from transformers.utils.quantization_config import QuantizationMethod
+
+        mod = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}."
+                                      f"modeling_{model_type_to_module_name(model_type)}")
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return any(hasattr(mod, cls) and QuantizationMethod.COMPRESSED_TENSORS in v.get("quantization_methods", [])
+               for cls, v in patched.items())
