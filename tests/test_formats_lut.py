@@ -296,3 +296,24 @@ def test_bad_lut_shape_is_a_checkpoint_error():
         fmt.unpack(bad, (8, 32))
     with pytest.raises(CheckpointError, match="scales"):
         fmt.unpack({**packed, "scales": torch.ones(8, 1, dtype=torch.float16)}, (8, 32))
+
+
+def test_any4_gptq_is_deterministic_across_runs_and_threads():
+    """Issue 19: any4's learned tables must not differ between two identical runs (the table comes from a
+    dynamic-programming start and Lloyd steps: no random start), nor with the number of CPU threads."""
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            qm = quantkit.quantize(_tiny_llama(), "any4-gptq", calibration=ids, progress=False, device="cpu")
+            runs.append({f"{name}.{k}": t.clone() for name, layer in qm.quantized_layers().items()
+                         for k, t in layer.packed.items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0].keys() == runs[1].keys() and any(k.endswith("lut") or "table" in k for k in runs[0]), \
+        sorted(runs[0])[:5]
+    for r in runs[1:]:
+        for k, t in runs[0].items():
+            assert torch.equal(t.view(torch.uint8), r[k].view(torch.uint8)), k
