@@ -16,8 +16,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from quantkit.moe import Experts  # noqa: E402
-from quantkit.moe import fused  # noqa: E402
+from quantkit.moe import Experts, fused  # noqa: E402
 from quantkit.nn import QuantLinear  # noqa: E402
 
 CUDA = DEV.type == "cuda"
@@ -43,12 +42,12 @@ def _packed(kind, n, k, g, seed):
     return spec, p
 
 
-def qexperts(E, H, I, kind="asym", g=32, seed=0, host=None, device=DEV):
+def qexperts(E, H, FF, kind="asym", g=32, seed=0, host=None, device=DEV):
     """E gated experts whose gate/up/down are QuantLinear of one format (random packed tensors)."""
-    ex = Experts(host or _Host(), E, H, I, gated=True, bias=False, concatenated=True, device="meta")
+    ex = Experts(host or _Host(), E, H, FF, gated=True, bias=False, concatenated=True, device="meta")
     for i in range(E):
         e = ex.expert(i)
-        for j, (name, n, k) in enumerate((("gate_proj", I, H), ("up_proj", I, H), ("down_proj", H, I))):
+        for j, (name, n, k) in enumerate((("gate_proj", FF, H), ("up_proj", FF, H), ("down_proj", H, FF))):
             spec, p = _packed(kind, n, k, g, seed * 1000 + 3 * i + j)
             setattr(e, name, QuantLinear(k, n, {"format": spec}, {a: t.to(device) for a, t in p.items()}))
     return ex
@@ -101,8 +100,8 @@ def run_fused(ex, x, idx, w, cfg=None):
     ("sym", 16, 4, 1, 16, torch.float16),      # E = 16, top-4 of one token: 12 experts without tokens
 ])
 def test_fused_matches_reference(kind, E, k, T, g, dtype):
-    H, I = 64, 48  # I = 48: the down GEMM's K is not a multiple of the 128-column chunk
-    ex = qexperts(E, H, I, kind, g, seed=T + E)
+    H, FF = 64, 48  # FF = 48: the down GEMM's K is not a multiple of the 128-column chunk
+    ex = qexperts(E, H, FF, kind, g, seed=T + E)
     idx, w = routing(T, E, k, T * 7 + E, dtype)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEV, dtype)
     y = run_fused(ex, x, idx, w)
@@ -112,8 +111,8 @@ def test_fused_matches_reference(kind, E, k, T, g, dtype):
 
 def test_fused_split_k_and_blocks():
     """Split-K (fp32 atomics into a zeroed buffer) and a larger BM give the same layer."""
-    E, H, I, T, k = 4, 64, 128, 6, 2
-    ex = qexperts(E, H, I, "asym", 32, seed=3)
+    E, H, FF, T, k = 4, 64, 128, 6, 2
+    ex = qexperts(E, H, FF, "asym", 32, seed=3)
     idx, w = routing(T, E, k, 11, torch.float16)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
     ref = reference(ex, x, idx, w)
@@ -124,8 +123,8 @@ def test_fused_split_k_and_blocks():
 
 def test_dropped_ids_and_repeats():
     """Expert ids outside [0, E) contribute nothing (as in the loop); a token may pick one expert twice."""
-    E, H, I = 4, 64, 32
-    ex = qexperts(E, H, I, "sym", 32, seed=5)
+    E, H, FF = 4, 64, 32
+    ex = qexperts(E, H, FF, "sym", 32, seed=5)
     idx = torch.tensor([[0, -1], [2, 2], [E, 1]], device=DEV)
     w = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.3, 0.7]], device=DEV, dtype=torch.float16)
     x = torch.randn(3, H, generator=torch.Generator().manual_seed(4)).to(DEV, torch.float16)
@@ -159,37 +158,37 @@ def test_align_layout():
 
 # ---- the supported set and the fallback -----------------------------------------------------------------
 def test_unsupported_specs_fall_back():
-    E, H, I = 2, 64, 32
-    ex = qexperts(E, H, I, "sym", 32)
+    E, H, FF = 2, 64, 32
+    ex = qexperts(E, H, FF, "sym", 32)
     assert fused.reason(ex) is None
     # an 8-bit expert matrix: no fused kernel
-    spec, p, _ = make_int(I, H, 8, 32, True)
-    ex.expert(1).up_proj = QuantLinear(H, I, {"format": spec}, {a: t.to(DEV) for a, t in p.items()})
+    spec, p, _ = make_int(FF, H, 8, 32, True)
+    ex.expert(1).up_proj = QuantLinear(H, FF, {"format": spec}, {a: t.to(DEV) for a, t in p.items()})
     assert "1.up_proj" in fused.reason(ex) and fused.stacked_for(ex, DEV) is None
     # mixed specs (sym and asym experts)
-    ex2 = qexperts(E, H, I, "sym", 32)
-    ex3 = qexperts(E, H, I, "asym", 32)
+    ex2 = qexperts(E, H, FF, "sym", 32)
+    ex3 = qexperts(E, H, FF, "asym", 32)
     ex2.expert(1).down_proj = ex3.expert(1).down_proj
     assert "one spec" in fused.reason(ex2)
     # float experts, a gate function of its own (gpt-oss), biases, act-order
-    assert fused.reason(Experts(_Host(), E, H, I, True, False, True, device=DEV)) is not None
-    assert "_apply_gate" in fused.reason(qexperts(E, H, I, "sym", 32, host=_GatedHost()))
-    assert "biases" in fused.reason(Experts(_Host(), E, H, I, True, True, True, device="meta"))
-    spec, p, _ = make_int(I, H, 4, 32, False, act_order=True)
-    ex4 = qexperts(E, H, I, "asym", 32)
-    ex4.expert(0).gate_proj = QuantLinear(H, I, {"format": spec}, {a: t.to(DEV) for a, t in p.items()})
+    assert fused.reason(Experts(_Host(), E, H, FF, True, False, True, device=DEV)) is not None
+    assert "_apply_gate" in fused.reason(qexperts(E, H, FF, "sym", 32, host=_GatedHost()))
+    assert "biases" in fused.reason(Experts(_Host(), E, H, FF, True, True, True, device="meta"))
+    spec, p, _ = make_int(FF, H, 4, 32, False, act_order=True)
+    ex4 = qexperts(E, H, FF, "asym", 32)
+    ex4.expert(0).gate_proj = QuantLinear(H, FF, {"format": spec}, {a: t.to(DEV) for a, t in p.items()})
     assert fused.reason(ex4) is not None
 
 
 def test_forward_falls_back_to_the_loop_exactly():
     """Unsupported experts (and CPU, calibration) run the loop: Experts.forward == forward_loop bit for bit."""
-    E, H, I, T = 4, 64, 32, 5
-    ex = qexperts(E, H, I, "sym", 32, host=_GatedHost())  # unsupported: its own gate function
+    E, H, FF, T = 4, 64, 32, 5
+    ex = qexperts(E, H, FF, "sym", 32, host=_GatedHost())  # unsupported: its own gate function
     idx, w = routing(T, E, 2, 1, torch.float16)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(0)).to(DEV, torch.float16)
     with torch.no_grad():
         assert torch.equal(ex(x, idx, w), ex.forward_loop(x, idx, w))
-    ok = qexperts(E, H, I, "sym", 32)
+    ok = qexperts(E, H, FF, "sym", 32)
     ok.count = torch.zeros(E, dtype=torch.long)
     with torch.no_grad():  # counting (calibration): the loop, and the counts are right
         assert torch.equal(ok(x, idx, w), ok.forward_loop(x, idx, w))
@@ -197,14 +196,14 @@ def test_forward_falls_back_to_the_loop_exactly():
 
 
 def test_cache_follows_weight_changes():
-    E, H, I, T = 2, 64, 32, 3
-    ex = qexperts(E, H, I, "sym", 32, seed=1)
+    E, H, FF, T = 2, 64, 32, 3
+    ex = qexperts(E, H, FF, "sym", 32, seed=1)
     a = fused.stacked_for(ex, DEV)
     assert fused.stacked_for(ex, DEV) is a  # cached
     idx, w = routing(T, E, 2, 3, torch.float16)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(DEV, torch.float16)
     y0 = run_fused(ex, x, idx, w)
-    other = qexperts(E, H, I, "sym", 32, seed=2)
+    other = qexperts(E, H, FF, "sym", 32, seed=2)
     ex.expert(1).down_proj.qweight = other.expert(1).down_proj.qweight.clone()  # a buffer replaced
     b = fused.stacked_for(ex, DEV)
     assert b is not a
@@ -240,13 +239,13 @@ def old_loop(self, hidden_states, top_k_index, top_k_weights):
 
 @pytest.mark.parametrize("quant,calib_all", [(False, False), (True, False), (False, True)])
 def test_loop_is_the_old_loop_bitwise(quant, calib_all):
-    E, H, I, T, k = 8, 64, 32, 13, 3
+    E, H, FF, T, k = 8, 64, 32, 13, 3
     if quant:
-        ex = qexperts(E, H, I, "asym", 32, seed=4, device="cpu")
+        ex = qexperts(E, H, FF, "asym", 32, seed=4, device="cpu")
         dt = torch.float32
     else:
         torch.manual_seed(0)
-        ex = Experts(_Host(), E, H, I, True, False, True, dtype=torch.float32)
+        ex = Experts(_Host(), E, H, FF, True, False, True, dtype=torch.float32)
         with torch.no_grad():
             for p in ex.parameters():
                 p.normal_(0, 0.1)
@@ -268,9 +267,9 @@ def test_loop_is_the_old_loop_bitwise(quant, calib_all):
 
 def test_loop_syncs_once(monkeypatch):
     """forward_loop reads the routing on the host once (one .tolist()), however many experts are hit."""
-    E, H, I, T = 8, 16, 8, 9
+    E, H, FF, T = 8, 16, 8, 9
     torch.manual_seed(0)
-    ex = Experts(_Host(), E, H, I, True, False, True)
+    ex = Experts(_Host(), E, H, FF, True, False, True)
     calls = []
     real = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real(self))
@@ -288,8 +287,8 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="QUANTKIT_TEST_CUDA=1 on a GPU m
 
 @cuda_only
 def test_forward_takes_the_fused_path(monkeypatch):
-    E, H, I, T = 8, 128, 64, 4
-    ex = qexperts(E, H, I, "asym", 32)
+    E, H, FF, T = 8, 128, 64, 4
+    ex = qexperts(E, H, FF, "asym", 32)
     idx, w = routing(T, E, 2, 2, torch.bfloat16)
     x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
     monkeypatch.setattr(Experts, "forward_loop", lambda *a: pytest.fail("loop taken"))
@@ -306,8 +305,8 @@ def test_forward_takes_the_fused_path(monkeypatch):
 @cuda_only
 @pytest.mark.parametrize("kind", ["sym", "lut"])
 def test_no_host_sync_and_cuda_graph(kind):
-    E, H, I, T, k = 16, 256, 128, 8, 4
-    ex = qexperts(E, H, I, kind, 64)
+    E, H, FF, T, k = 16, 256, 128, 8, 4
+    ex = qexperts(E, H, FF, kind, 64)
     idx, w = routing(T, E, k, 5, torch.bfloat16)
     x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, cdiv
+from ._launch import INTERPRET, Launcher, cdiv
 from .w4a16_jit import _dot, _kdeq
 
 
@@ -134,16 +134,22 @@ class Stacked:
         self.K, self.GS, self.zc = K, GS, zc
         self.G = s.shape[2] if s is not None else 1
         self.lut_rows = lut.shape[1] if lut is not None else 1
+        self.launchers: dict = {}  # (dtypes, constexprs) -> Launcher (the compiled kernel called directly)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.s, self.z, self.lut) if t is not None)
+
+
+_SMS: dict = {}
 
 
 def _split(nblocks: int, ntn: int, nch: int, device) -> int:
     """Split-K factor: enough programs to fill the GPU when few blocks are live (decode)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SMS.get(device.index)
+    if sms is None:
+        sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     progs = nblocks * ntn
     if progs >= sms:
         return 1
@@ -172,13 +178,22 @@ def grouped_gemm(st: Stacked, x: torch.Tensor, align_out, P: int, top_k_div: int
     z = st.z if st.z is not None else w
     lut = st.lut if st.lut is not None else w
     rw = routing if routing is not None else x
-    moe_w4a16[(nb, ntn, split)](
-        x, w, s, z, lut, out, sorted_ids, block_expert, n_pad, rw, P, st.N, st.K, st.KWS, st.G,
-        X_DIV=top_k_div, MUL_W=routing is not None, MODE=st.mode, HAS_SCALE=st.s is not None,
-        HAS_ZERO=st.z is not None, ZC=float(st.zc), GS=st.GS, LS=16, LUT_ROW=st.lut_rows > 1,
-        LUT_ROWS=st.lut_rows, BM=BM, BN=BN, BKW=BKW, SPLIT=split, INTERP=INTERPRET,
-        num_warps=int(cfg.get("warps", 4)), num_stages=int(cfg.get("stages", 2)))
+    warps, stages = int(cfg.get("warps", 4)), int(cfg.get("stages", 2))
+    key = (x.dtype, rw.dtype, top_k_div, routing is not None, BM, BN, BKW, split, warps, stages)
+    lau = st.launchers.get(key)
+    if lau is None:
+        consts = dict(X_DIV=top_k_div, MUL_W=routing is not None, MODE=st.mode, HAS_SCALE=st.s is not None,
+                      HAS_ZERO=st.z is not None, ZC=float(st.zc), GS=st.GS, LS=16, LUT_ROW=st.lut_rows > 1,
+                      LUT_ROWS=st.lut_rows, BM=BM, BN=BN, BKW=BKW, SPLIT=split, INTERP=INTERPRET)
+        lau = st.launchers[key] = Launcher(moe_w4a16, consts, num_warps=warps, num_stages=stages, device=x.device)
+    lau((nb, ntn, split), x, w, s, z, lut, out, sorted_ids, block_expert, n_pad, rw, P, st.N, st.K, st.KWS, st.G)
     return out
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the compiled kernel is specialized on its pointers' alignment)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: Stacked,
@@ -189,13 +204,15 @@ def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
     k = top_k_index.shape[1]
     P = T * k
     E = gate_up.E
-    x = x.contiguous()
+    if P == 0:
+        return torch.zeros_like(x)
+    x = _aligned(x)
     BM = int((cfg or {}).get("BM", 0)) or block_m(P)
     al = align(top_k_index, E, BM)
     live = min(cdiv(P + min(E, P) * (BM - 1), BM), min(E, P) + cdiv(P, BM))  # blocks that can hold pairs
     h = grouped_gemm(gate_up, x, al, P, k, None, BM, live, cfg).to(x.dtype)
     inter = gate_up.N // 2
-    a = (act(h[:, :inter]) * h[:, inter:]).contiguous()
-    rw = top_k_weights.reshape(-1).contiguous()
+    a = _aligned(act(h[:, :inter]) * h[:, inter:])
+    rw = _aligned(top_k_weights.reshape(-1))
     y = grouped_gemm(down, a, al, P, 1, rw, BM, live, cfg)
     return y.view(T, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
