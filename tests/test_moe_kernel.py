@@ -317,7 +317,7 @@ def test_no_host_sync_and_cuda_graph(kind):
             y1 = ex(x, idx, w)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert torch.equal(y0, y1)
+        assert rel(y1, y0.double()) < 1e-2  # (split-K sums with atomics: not bitwise)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
