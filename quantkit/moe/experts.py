@@ -122,6 +122,10 @@ class Experts(nn.Module):
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_quantkit_fused", None)  # the fused path's stacked copy (quantkit.moe.fused)
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden}, intermediate={self.inter}, "
                 f"gated={self.gated}, bias={self.has_bias}, from={self.source_class}")
