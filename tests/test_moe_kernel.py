@@ -98,9 +98,12 @@ def run_fused(ex, x, idx, w, cfg=None):
     ("nf4", 4, 2, 2, 16, torch.float16),      # fixed table
     ("asym", 4, 2, 20, None, torch.bfloat16),  # per channel; P = 40, not a multiple of BM
     ("sym", 16, 4, 1, 16, torch.float16),      # E = 16, top-4 of one token: 12 experts without tokens
+    ("asym", 4, 2, 3, 128, torch.bfloat16),   # g128: whole groups per chunk, the scale after the dot
+    ("lut", 4, 1, 2, 128, torch.float16),     # any4 g128, top-1
+    ("sym", 4, 2, 2, 24, torch.float16),      # g24: groups split the chunks (a scale per word)
 ])
 def test_fused_matches_reference(kind, E, k, T, g, dtype):
-    H, FF = 64, 48  # FF = 48: the down GEMM's K is not a multiple of the 128-column chunk
+    H, FF = (256 if g == 128 else 64), 48  # FF = 48: the down GEMM's K is not a multiple of the 128-column chunk
     ex = qexperts(E, H, FF, kind, g, seed=T + E)
     idx, w = routing(T, E, k, T * 7 + E, dtype)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEV, dtype)

@@ -65,16 +65,24 @@ def moe_w4a16(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ids_ptr, bexp_ptr, n
     cps = tl.cdiv(nch, SPLIT)
     c0 = pid_k * cps
     c1 = tl.minimum(c0 + cps, nch)
+    # chunks inside one group: the chunk's dot product times the rows' scale (int: q - z is exact in the
+    # 16-bit dot dtype); else each weight dequantized with its own scale
+    SA: tl.constexpr = HAS_SCALE and (GS % (8 * BKW) == 0)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     wrow = wb + rn[:, None].to(tl.int64) * KWS
     xrow = x_ptr + rows[:, None] * K
     for c in range(c0, c1):
         kwc = c * BKW + kw
         wt = tl.load(wrow + kwc[None, :], mask=kwc[None, :] < KWS, other=0)
-        wd = _kdeq(wt, rn, c, sb, zb, lb, G, MODE, HAS_SCALE, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, False)
+        wd = _kdeq(wt, rn, c, sb, zb, lb, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, False)
         kc = c * (8 * BKW) + kk
         xt = tl.load(xrow + kc[None, :], mask=valid[:, None] & (kc[None, :] < K), other=0.0)
-        acc = _dot(xt, tl.trans(wd.to(XDT)), acc, INTERP)
+        if SA:
+            sc = tl.load(sb + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
+            part = _dot(xt, tl.trans(wd.to(XDT)), tl.zeros([BM, BN], dtype=tl.float32), INTERP)
+            acc += part * sc[None, :]
+        else:
+            acc = _dot(xt, tl.trans(wd.to(XDT)), acc, INTERP)
     if MUL_W:
         rw = tl.load(rw_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -140,6 +148,15 @@ class Stacked:
         return sum(t.numel() * t.element_size() for t in (self.w, self.s, self.z, self.lut) if t is not None)
 
 
+def chunk_words(GS: int) -> int:
+    """Words per K chunk (8 columns each): 16 (128 columns), fewer where that keeps a chunk inside one
+    group (the scale after the dot); per-word scales where no power of two fits."""
+    bkw = 16
+    while bkw > 4 and GS % (8 * bkw):
+        bkw //= 2
+    return bkw if GS % (8 * bkw) == 0 else 16
+
+
 _SMS: dict = {}
 
 
@@ -163,7 +180,7 @@ def grouped_gemm(st: Stacked, x: torch.Tensor, align_out, P: int, top_k_div: int
     sorted_ids, block_expert, n_pad = align_out
     cfg = cfg or {}
     BN = int(cfg.get("BN", 64))
-    BKW = int(cfg.get("BKW", 16))
+    BKW = int(cfg.get("BKW", 0)) or chunk_words(st.GS)
     ntn = cdiv(st.N, BN)
     nch = cdiv(st.KWS, BKW)
     split = int(cfg.get("split", 0)) or _split(live_blocks, ntn, nch, x.device)
