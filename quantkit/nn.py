@@ -147,10 +147,13 @@ class QuantLinear(nn.Module):
     def __setattr__(self, name, value):
         if name in _WATCHED or name in self.__dict__.get("_buffers", ()):
             bump_generation()
+            if name != "dense_weight" and "_kernel_device" in self.__dict__:
+                self._kernel, self._kernel_device = None, None  # built on the replaced tensors
         super().__setattr__(name, value)
 
     def _load_from_state_dict(self, *args, **kwargs):
         bump_generation()
+        self._kernel, self._kernel_device = None, None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _register(self) -> None:
