@@ -113,15 +113,17 @@ def test_fused_matches_reference(kind, E, k, T, g, dtype):
 
 
 def test_fused_split_k_and_blocks():
-    """Split-K (fp32 atomics into a zeroed buffer) and a larger BM give the same layer."""
+    """Split-K (fp32 atomics into a zeroed buffer), a larger BM and either operand order give the same layer."""
     E, H, FF, T, k = 4, 64, 128, 6, 2
     ex = qexperts(E, H, FF, "asym", 32, seed=3)
     idx, w = routing(T, E, k, 11, torch.float16)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
     ref = reference(ex, x, idx, w)
-    y1 = run_fused(ex, x, idx, w, {"split": 1, "BKW": 4})
-    y2 = run_fused(ex, x, idx, w, {"split": 2, "BKW": 4, "BM": 32})
-    assert rel(y1, ref) < TOL[torch.float16] and rel(y2, ref) < TOL[torch.float16]
+    y1 = run_fused(ex, x, idx, w, {"split": 1, "BKW": 4, "swap": False})
+    y2 = run_fused(ex, x, idx, w, {"split": 2, "BKW": 4, "BM": 32, "swap": True})
+    y3 = run_fused(ex, x, idx, w, {"split": 3, "BKW": 8, "BM": 16, "swap": False})  # per-word scales (g32)
+    for y in (y1, y2, y3):
+        assert rel(y, ref) < TOL[torch.float16]
 
 
 def test_dropped_ids_and_repeats():

@@ -16,7 +16,8 @@ one launch computes every (token, expert) pair's product:
   the [BN, 8*BKW] weight tile of the block's expert (``_kdeq`` of the W4A16 kernels: int sym/asym
   groups, lut per-row or fixed table, with scales) and accumulates ``x @ W^T`` with ``tl.dot``; blocks
   past ``n_pad`` return at once. The output row is the pair (``[P, N]``); ``MUL_W`` multiplies the
-  routing weight in. Split-K programs add fp32 partials with atomics into a zeroed buffer.
+  routing weight in. Split-K programs add fp32 partials with atomics into a zeroed buffer. ``SWAP``
+  (default at BM = 16) computes W·xᵀ, the weight tile as the MMA's wide operand, as the dense kernels do.
 
 :func:`fused_experts` runs a gated layer: gate_up (one launch, [P, 2I]), ``act(gate) * up`` in torch,
 down (one launch, routing weights multiplied in), sum over the k slots. Own code; design after vLLM's
@@ -39,7 +40,7 @@ def moe_w4a16(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ids_ptr, bexp_ptr, n
               X_DIV: tl.constexpr, MUL_W: tl.constexpr,
               MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
               GS: tl.constexpr, LS: tl.constexpr, LUT_ROW: tl.constexpr, LUT_ROWS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
               INTERP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,7 +69,10 @@ def moe_w4a16(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ids_ptr, bexp_ptr, n
     # chunks inside one group: the chunk's dot product times the rows' scale (int: q - z is exact in the
     # 16-bit dot dtype); else each weight dequantized with its own scale
     SA: tl.constexpr = HAS_SCALE and (GS % (8 * BKW) == 0)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if SWAP:  # W·xᵀ: the weight tile is the MMA's wide side, the few token rows the narrow one
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     wrow = wb + rn[:, None].to(tl.int64) * KWS
     xrow = x_ptr + rows[:, None] * K
     for c in range(c0, c1):
@@ -77,12 +81,20 @@ def moe_w4a16(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ids_ptr, bexp_ptr, n
         wd = _kdeq(wt, rn, c, sb, zb, lb, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, False)
         kc = c * (8 * BKW) + kk
         xt = tl.load(xrow + kc[None, :], mask=valid[:, None] & (kc[None, :] < K), other=0.0)
+        d = wd.to(XDT)
         if SA:
             sc = tl.load(sb + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
-            part = _dot(xt, tl.trans(wd.to(XDT)), tl.zeros([BM, BN], dtype=tl.float32), INTERP)
-            acc += part * sc[None, :]
+            if SWAP:
+                acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
+            else:
+                acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
         else:
-            acc = _dot(xt, tl.trans(wd.to(XDT)), acc, INTERP)
+            if SWAP:
+                acc = _dot(d, tl.trans(xt), acc, INTERP)
+            else:
+                acc = _dot(xt, tl.trans(d), acc, INTERP)
+    if SWAP:
+        acc = tl.trans(acc)
     if MUL_W:
         rw = tl.load(rw_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -196,12 +208,13 @@ def grouped_gemm(st: Stacked, x: torch.Tensor, align_out, P: int, top_k_div: int
     lut = st.lut if st.lut is not None else w
     rw = routing if routing is not None else x
     warps, stages = int(cfg.get("warps", 4)), int(cfg.get("stages", 2))
-    key = (x.dtype, rw.dtype, top_k_div, routing is not None, BM, BN, BKW, split, warps, stages)
+    swap = bool(cfg.get("swap", BM <= 16))  # as the dense W4A16 kernel's default at M <= 16 (tensor cores)
+    key = (x.dtype, rw.dtype, top_k_div, routing is not None, BM, BN, BKW, split, swap, warps, stages)
     lau = st.launchers.get(key)
     if lau is None:
         consts = dict(X_DIV=top_k_div, MUL_W=routing is not None, MODE=st.mode, HAS_SCALE=st.s is not None,
                       HAS_ZERO=st.z is not None, ZC=float(st.zc), GS=st.GS, LS=16, LUT_ROW=st.lut_rows > 1,
-                      LUT_ROWS=st.lut_rows, BM=BM, BN=BN, BKW=BKW, SPLIT=split, INTERP=INTERPRET)
+                      LUT_ROWS=st.lut_rows, BM=BM, BN=BN, BKW=BKW, SPLIT=split, SWAP=swap, INTERP=INTERPRET)
         lau = st.launchers[key] = Launcher(moe_w4a16, consts, num_warps=warps, num_stages=stages, device=x.device)
     lau((nb, ntn, split), x, w, s, z, lut, out, sorted_ids, block_expert, n_pad, rw, P, st.N, st.K, st.KWS, st.G)
     return out
