@@ -101,6 +101,7 @@ def run_fused(ex, x, idx, w, cfg=None):
     ("asym", 4, 2, 3, 128, torch.bfloat16),   # g128: whole groups per chunk, the scale after the dot
     ("lut", 4, 1, 2, 128, torch.float16),     # any4 g128, top-1
     ("sym", 4, 2, 2, 24, torch.float16),      # g24: groups split the chunks (a scale per word)
+    ("lut", 4, 2, 2, None, torch.bfloat16),   # any4 without scales (the table alone)
 ])
 def test_fused_matches_reference(kind, E, k, T, g, dtype):
     H, FF = (256 if g == 128 else 64), 48  # FF = 48: the down GEMM's K is not a multiple of the 128-column chunk
