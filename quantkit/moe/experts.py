@@ -14,6 +14,9 @@ whose forward is the original's (the eager loop over hit experts; the original m
 ``_apply_gate`` and ``act_fn``). On real weights the result is checked against the original forward
 on random routing; a container whose forward differs (e.g. Llama 4's) is refused with an error.
 
+On GPU, quantized experts (int4 / 4-bit lut QuantLinears) run through ``quantkit.moe.fused``: two grouped
+W4A16 launches per layer, no host sync; everything else runs :meth:`Experts.forward_loop` (docs/MOE.md).
+
 Routers stay float: linears next to an expert container with E or 1 outputs (``gate``,
 ``shared_expert_gate``) are flagged ``_quantkit_router`` and are not quantization targets.
 """
