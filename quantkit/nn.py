@@ -29,6 +29,19 @@ from .registry import get as _get
 _LAYERS: dict[int, weakref.ref] = {}
 _HANDLES = itertools.count(1)
 
+# Bumped whenever a QuantLinear is made or its buffers, bias or dense weight are replaced or moved:
+# caches built from QuantLinear tensors (quantkit.moe.fused's stacked experts) compare it to rebuild.
+_GENERATION = [0]
+_WATCHED = frozenset({"bias", "dense_weight"})
+
+
+def generation() -> int:
+    return _GENERATION[0]
+
+
+def bump_generation() -> None:
+    _GENERATION[0] += 1
+
 
 @torch.library.custom_op("quantkit::qlinear", mutates_args=())
 def _qlinear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -129,6 +142,19 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             if all(t.device.type != "meta" for t in packed.values()):
                 self.fmt.unpack(self.packed, self.shape)
+        bump_generation()
+
+    def __setattr__(self, name, value):
+        if name in _WATCHED or name in self.__dict__.get("_buffers", ()):
+            bump_generation()
+            if name != "dense_weight" and "_kernel_device" in self.__dict__:
+                self._kernel, self._kernel_device = None, None  # built on the replaced tensors
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        bump_generation()
+        self._kernel, self._kernel_device = None, None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _register(self) -> None:
         """A handle of its own for the ``quantkit::qlinear`` operator, dropped with the layer."""
@@ -159,6 +185,7 @@ class QuantLinear(nn.Module):
         # .to()/.cuda()/.half() replace the buffers: a kernel built on the old ones is dropped
         # (it would compute from, and keep alive, a stale copy)
         self._kernel, self._kernel_device = None, None
+        bump_generation()
         return super()._apply(fn, *args, **kwargs)
 
     def _get_kernel(self, device: torch.device):

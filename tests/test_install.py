@@ -66,3 +66,17 @@ def test_builtin_recipes_found():
 
     names = builtin_recipes()
     assert "w4a16-gptq" in names and all(Path(p).is_file() for p in names.values())
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """A non-editable install ships only pyproject's ``packages``: every folder of quantkit/ with an
+    __init__.py must be listed (quantkit.moe once was not)."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    here = {"quantkit." + p.parent.relative_to(ROOT / "quantkit").as_posix().replace("/", ".")
+            for p in (ROOT / "quantkit").rglob("__init__.py") if p.parent != ROOT / "quantkit"}
+    assert here <= listed, sorted(here - listed)
+    for mapped, folder in cfg["package-dir"].items():
+        assert (ROOT / folder).is_dir() and mapped in listed, (mapped, folder)

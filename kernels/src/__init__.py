@@ -9,7 +9,9 @@ Modules: ``lowbit`` registers the int2-int4 and lut builders; they pick ``w4a16`
 checkpoint's own layout, split-K GEMV, tensor-core GEMM, dequantize+cuBLAS; Triton code in
 ``w4a16_jit``, inline-PTX dequant in ``_ptx``) or ``w4a16_repacked`` (a block-interleaved repack).
 ``fp8`` (W8A8 with a fused activation-quant kernel + ``torch._scaled_mm`` or a Triton FP8 dot;
-W8A16). Every layer kernel follows ``base.LayerKernel`` (key, config, plan per M bucket, call): it
+W8A16). ``moe_w4a16`` is not a layer kernel: the grouped W4A16 GEMM over stacked experts that
+``quantkit.moe.fused`` calls (docs/MOE.md). Every layer kernel follows ``base.LayerKernel`` (key,
+config, plan per M bucket, call): it
 picks a plan per power-of-two M bucket from the tuned configs of its GPU (``tuned_<gpu>.json``,
 written by bench/kernels.py --tune; the nearest GPU's where its own has none) or a heuristic.
 See docs/PERFORMANCE.md.

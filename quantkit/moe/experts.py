@@ -16,6 +16,9 @@ on random routing; a container whose forward takes the tokens already laid out p
 ``forward(hidden_states [E*T, H])``) runs :mod:`quantkit.moe.dense`'s forward instead; any other forward
 that the per-expert form does not reproduce is refused with an error.
 
+On GPU, quantized experts (int4 / 4-bit lut QuantLinears) run through ``quantkit.moe.fused``: two grouped
+W4A16 launches per layer, no host sync; everything else runs :meth:`Experts.forward_loop` (docs/MOE.md).
+
 Routers stay float: linears next to an expert container with E or 1 outputs (``gate``,
 ``shared_expert_gate``) are flagged ``_quantkit_router`` and are not quantization targets.
 """
@@ -86,24 +89,53 @@ class Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """On GPU with int4/lut4 QuantLinear experts: the fused path (``quantkit.moe.fused``: two grouped
+        W4A16 launches, no host sync); otherwise, and while calibrating, :meth:`forward_loop`. A container
+        whose original forward takes expert-major rows (Llama 4) runs ``quantkit.moe.dense``."""
         if self.expert_major:
             return dense_forward(self, hidden_states)
+        from . import fused
+
+        if fused.usable(self, hidden_states, top_k_index):
+            run = fused.stacked_for(self, hidden_states.device)
+            if run is not None:
+                return run(hidden_states, top_k_index, top_k_weights)
+        return self.forward_loop(hidden_states, top_k_index, top_k_weights)
+
+    def forward_loop(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                     ) -> torch.Tensor:
+        """One call per hit expert (each QuantLinear's own kernel, or float linears). The (slot, token)
+        pairs are sorted by expert once and the per-expert counts read with one host sync; each expert
+        sees its tokens in the order ``torch.where(top_k_index.t() == i)`` gives (slot-major), so the
+        output is bit-identical to the former loop of one ``torch.where`` and one sync per expert."""
         out = torch.zeros_like(hidden_states)
+        E = self.num_experts
+        T = top_k_index.shape[0]
         with torch.no_grad():
-            hits = torch.bincount(top_k_index.reshape(-1).clamp(0, self.num_experts),
-                                  minlength=self.num_experts + 1)[: self.num_experts]
-            if self.count is not None:
-                self.count += hits.to(self.count.device)
-        for i in range(self.num_experts):
+            flat = top_k_index.t().reshape(-1)  # slot-major: pair j*T + t is token t's slot j
+            if self.count is not None:  # (out-of-range ids clamp as the router counts always did)
+                self.count += torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].to(self.count.device)
+            key = torch.where((flat >= 0) & (flat < E), flat, E)
+            order = torch.argsort(key, stable=True)
+            counts = torch.bincount(key, minlength=E + 1)[:E].tolist()  # the one host sync
+            toks, poss = order % T, order // T
+        start = 0
+        for i in range(E):
+            n = counts[i]
             if self.calibrate_all:  # MoE: statistics from every token, output from the routed ones
                 y_all = self.run_expert(i, hidden_states)
-            if int(hits[i]) == 0:
+            if n == 0:
                 continue
-            pos, tok = torch.where(top_k_index.t() == i)
+            tok, pos = toks[start:start + n], poss[start:start + n]
+            start += n
             y = y_all[tok] if self.calibrate_all else self.run_expert(i, hidden_states[tok])
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_quantkit_fused", None)  # the fused path's stacked copy (quantkit.moe.fused)
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden}, intermediate={self.inter}, "
