@@ -162,6 +162,36 @@ def test_align_layout():
     assert (ids[npad:] == P).all()
 
 
+@pytest.mark.parametrize("T,k,E,BM", [(1, 2, 8, 16), (5, 2, 6, 4), (16, 8, 128, 16), (64, 4, 16, 32), (3, 1, 4, 64),
+                                      (2, 8, 256, 16), (128, 2, 8, 64)])
+def test_align_kernel_equals_torch_align(T, k, E, BM):
+    """The one-launch alignment (kernels/src/moe_align.py) gives the torch form's three outputs element for
+    element: dropped ids (outside [0, E)), experts without pairs, P up to 256 pairs, E up to 256."""
+    from quantkit.kernels.moe_align import align_kernel
+    from quantkit.kernels.moe_w4a16 import align
+
+    g = torch.Generator().manual_seed(T * 31 + E)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if T > 2:
+        idx[0, 0], idx[1, -1] = -1, E + 3
+    idx = idx.to(DEV)
+    for a, b in zip(align(idx, E, BM), align_kernel(idx, E, BM)):
+        assert torch.equal(a.to(torch.int32), b), (a.tolist()[:32], b.tolist()[:32])
+    with pytest.raises(ValueError, match="outside the kernel's range"):
+        align_kernel(idx, 5000, BM)
+
+
+def test_fused_with_the_align_kernel(monkeypatch):
+    """The fused layer through the alignment kernel (forced under the interpreter) matches the reference."""
+    from quantkit.kernels import moe_w4a16
+
+    monkeypatch.setattr(moe_w4a16, "ALIGN", "kernel")
+    ex = qexperts(8, 64, 48, "asym", 32, seed=9)
+    idx, w = routing(3, 8, 2, 5, torch.float16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).to(DEV, torch.float16)
+    assert rel(run_fused(ex, x, idx, w), reference(ex, x, idx, w)) < TOL[torch.float16]
+
+
 def test_two_launches_and_no_host_reads(monkeypatch):
     """The fused layer is exactly two kernel launches, and its torch glue (alignment, activation, top-k sum)
     never reads a tensor on the host (no .item()/.tolist()/int()/bool(): graph-capturable, no sync)."""
@@ -174,7 +204,7 @@ def test_two_launches_and_no_host_reads(monkeypatch):
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(8)).to(DEV, torch.float16)
     run(x, idx, w)  # compiled / interpreted once
     launches = []
-    monkeypatch.setattr(_launch.Launcher, "__call__", lambda self, grid, *a: launches.append(grid))
+    monkeypatch.setattr(_launch.Launcher, "__call__", lambda self, grid, *a: launches.append(self.fn.__name__))
 
     def no_host(*a):
         raise AssertionError("host read of a tensor in the fused path")
@@ -183,7 +213,9 @@ def test_two_launches_and_no_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, no_host)
     y = run(x, idx, w)
     monkeypatch.undo()
-    assert len(launches) == 2 and y.shape == x.shape
+    # two GEMM launches, plus the one-launch alignment on CUDA (torch ops under the interpreter)
+    assert launches.count("moe_w4a16") == 2 and set(launches) <= {"moe_w4a16", "moe_align_kernel"}, launches
+    assert launches.count("moe_align_kernel") == (1 if CUDA else 0) and y.shape == x.shape
 
 
 # ---- the supported set and the fallback -----------------------------------------------------------------

@@ -26,11 +26,15 @@ down (one launch, routing weights multiplied in), sum over the k slots. Own code
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import INTERPRET, Launcher, cdiv
+from .moe_align import align_kernel
+from .moe_align import supported as align_supported
 from .w4a16_jit import _dot, _kdeq
 
 
@@ -226,6 +230,17 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 16 else t
 
 
+ALIGN = os.environ.get("QUANTKIT_MOE_ALIGN", "auto")  # auto (kernel on CUDA), kernel, torch
+
+
+def _use_align_kernel(x: torch.Tensor, P: int, E: int) -> bool:
+    """One-launch alignment (:mod:`moe_align`) on CUDA; the torch ops under the interpreter (slow there) or
+    when ``QUANTKIT_MOE_ALIGN=torch``; ``=kernel`` forces it (tests)."""
+    if ALIGN == "torch" or not align_supported(P, E):
+        return False
+    return ALIGN == "kernel" or (x.is_cuda and not INTERPRET)
+
+
 def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: Stacked,
                   down: Stacked, act, cfg: dict | None = None) -> torch.Tensor:
     """A gated MoE layer: ``sum_j w_j * down_e(act(gate_e(x)) * up_e(x))`` over each token's k experts,
@@ -238,7 +253,7 @@ def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
         return torch.zeros_like(x)
     x = _aligned(x)
     BM = int((cfg or {}).get("BM", 0)) or block_m(P)
-    al = align(top_k_index, E, BM)
+    al = align_kernel(top_k_index, E, BM) if _use_align_kernel(x, P, E) else align(top_k_index, E, BM)
     live = min(cdiv(P + min(E, P) * (BM - 1), BM), min(E, P) + cdiv(P, BM))  # blocks that can hold pairs
     h = grouped_gemm(gate_up, x, al, P, k, None, BM, live, cfg).to(x.dtype)
     inter = gate_up.N // 2
