@@ -74,7 +74,7 @@ def worker(args) -> None:
         vocab = json.load(f)["vocab_size"]
     ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     t = time.time()
-    qm = quantkit.quantize(args.ckpt, sm.recipe_for(args.kind, args.blocks), calibration=ids, device="cpu",
+    qm = quantkit.quantize(args.ckpt, sm.recipe_for(args.kind, args.blocks if args.kind == "gptq" else None), calibration=ids, device="cpu",
                            dtype=getattr(torch, args.dtype), save_to=args.out, overwrite=True, progress=False,
                            batch_size=args.batch_size, dist_read=args.mode)
     seconds = time.time() - t
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each rank (default 1)")
     ap.add_argument("--kinds", default="rtn,gptq")
+    ap.add_argument("--first", choices=("all", "rank0"), default="all",
+                    help="the mode the first recipe runs first (the next recipe starts with the other one)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, a few seconds")
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for i, kind in enumerate(args.kinds.split(",")):
-            modes = ("all", "rank0") if i % 2 == 0 else ("rank0", "all")  # alternate the order: drift cancels
+            modes = ("all", "rank0") if (i % 2 == 0) == (args.first == "all") else ("rank0", "all")  # drift cancels
             for mode in modes:
                 for cache in ("cold", "warm"):
                     out = f"{args.dir}-q-{kind}-{mode}-{cache}"
