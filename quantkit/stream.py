@@ -44,8 +44,7 @@ _IGNORABLE = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bi
 
 def stored_key_files(path: str) -> dict[str, str]:
     """Every stored tensor name -> the safetensors file holding it (the index when there is one, else
-    the headers of every ``*.safetensors`` file in the folder)."""
-
+    the headers of every ``*.safetensors`` file in the folder). Every shard's header is checked here."""
     idx = os.path.join(path, INDEX_FILE)
     if os.path.exists(idx):
         try:
