@@ -12,6 +12,10 @@ pipeline reaches it, and write each quantized block to the output as soon as it 
   (checkpoint.io.atomic_output_dir). With a resume dir, a block's shard is a hard link of the block file
   the resume observer committed (one copy on disk; a copy only across file systems).
 
+Under torchrun every rank reads its own copy of each block (``dist_read="all"``, the default: the ranks
+of a host share one page cache, and safetensors pages in only what is touched) or rank 0 reads it and
+broadcasts it (``"rank0"``, :class:`RankZeroReader`); docs/perf/stream-dist-2026-12-06.md compares them.
+
 Peak CPU memory: the float tensors outside the blocks + one float block (two while the next one is
 prefetched to a GPU) + the calibration activations (+ the packed blocks so far when the output is not
 streamed). docs/PERFORMANCE.md ("Streaming") has the measurement.
