@@ -188,7 +188,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
              tokenizer=None, device: str | None = None, samples: int | None = None, seq_len: int | None = None,
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
              resume_dir: str | None = None, allow_unquantized: bool = False, load: str | None = None,
-             dtype: torch.dtype | None = None, save_to: str | None = None, overwrite: bool = False) -> QuantizedModel:
+             dtype: torch.dtype | None = None, save_to: str | None = None, overwrite: bool = False,
+             dist_read: str = "all") -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     **In place**: a transformers model passed in is modified (its linears are replaced by quantized
@@ -212,9 +213,15 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     float32). ``save_to`` writes the native checkpoint there (``overwrite`` as in ``save``); streamed,
     each finished block is written at once and leaves memory, and the returned model's blocks stay
     released (``qm.streamed_to`` names the folder; ``qm.save`` to another place is refused).
+    ``dist_read`` (streamed, under torchrun): ``"all"`` (default) every rank reads its own copy of each
+    block from the shards; ``"rank0"`` rank 0 reads it and broadcasts it (quantkit.stream.RankZeroReader).
+    In one process, or with a whole load, it changes nothing (``meta["load"]["dist_read"]`` says so).
     """
     if resume_dir is not None and not resume_dir:
         raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
+    from .stream import check_dist_read
+
+    check_dist_read(dist_read)  # before joining a group: every rank fails alike
     recipe = with_calibration(load_recipe(recipe), samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     dist, device = setup(device)  # under torchrun: join the group; this rank's device
     device = torch.device(device or default_device())
@@ -222,7 +229,7 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     if isinstance(model_or_name, str):
         from .stream import open_model
 
-        lm, source, load_info = open_model(model_or_name, load, dtype, recipe.ignore)
+        lm, source, load_info = open_model(model_or_name, load, dtype, recipe.ignore, dist=dist, dist_read=dist_read)
     else:
         lm = _as_loaded(model_or_name, tokenizer)
     moe_found = prepare_moe(lm.model, recipe.ignore)  # MoE: fused expert containers -> per-expert linears

@@ -12,6 +12,10 @@ pipeline reaches it, and write each quantized block to the output as soon as it 
   (checkpoint.io.atomic_output_dir). With a resume dir, a block's shard is a hard link of the block file
   the resume observer committed (one copy on disk; a copy only across file systems).
 
+Under torchrun every rank reads its own copy of each block (``dist_read="all"``, the default: the ranks
+of a host share one page cache, and safetensors pages in only what is touched) or rank 0 reads it and
+broadcasts it (``"rank0"``, :class:`RankZeroReader`); docs/perf/stream-dist-2026-12-06.md compares them.
+
 Peak CPU memory: the float tensors outside the blocks + one float block (two while the next one is
 prefetched to a GPU) + the calibration activations (+ the packed blocks so far when the output is not
 streamed). docs/PERFORMANCE.md ("Streaming") has the measurement.
@@ -19,6 +23,7 @@ streamed). docs/PERFORMANCE.md ("Streaming") has the measurement.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,9 +48,7 @@ _IGNORABLE = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bi
 
 def stored_key_files(path: str) -> dict[str, str]:
     """Every stored tensor name -> the safetensors file holding it (the index when there is one, else
-    the headers of every ``*.safetensors`` file in the folder)."""
-    from safetensors import safe_open
-
+    the headers of every ``*.safetensors`` file in the folder). Every shard's header is checked here."""
     idx = os.path.join(path, INDEX_FILE)
     if os.path.exists(idx):
         try:
@@ -58,10 +61,17 @@ def stored_key_files(path: str) -> dict[str, str]:
                                   f"load='whole' (--load whole)") from None
         out = {}
         for k, fn in wm.items():
-            fp = os.path.join(path, fn)
+            fp = os.path.join(path, fn) if isinstance(fn, str) else ""
             if not isinstance(fn, str) or os.path.dirname(fn) or not os.path.exists(fp):
                 raise CheckpointError(f"{idx}: tensor {k!r} is in shard {fn!r}, which is not a file in {path}")
             out[k] = fp
+        for fp in sorted(set(out.values())):  # a truncated shard fails now, not when its block is reached
+            keys = _shard_keys(fp)
+            listed = [k for k, f in out.items() if f == fp and k not in keys]
+            if listed:
+                raise CheckpointError(f"{fp}: the index {INDEX_FILE} places tensor {listed[0]!r} in this shard but the "
+                                      f"shard does not hold it; re-download or re-export the checkpoint (the index "
+                                      f"and the shards must come from the same save)")
         return out
     out = {}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -69,20 +79,35 @@ def stored_key_files(path: str) -> dict[str, str]:
         raise CheckpointError(f"{path}: no .safetensors file (pickle files are never loaded)")
     for fn in files:
         fp = os.path.join(path, fn)
-        try:
-            with safe_open(fp, framework="pt") as f:
-                for k in f.keys():
-                    if k in out:
-                        raise CheckpointError(f"{fp}: tensor {k!r} appears in two files")
-                    out[k] = fp
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e}); re-create it") from None
+        for k in _shard_keys(fp):
+            if k in out:
+                raise CheckpointError(f"{fp}: tensor {k!r} appears in two files ({out[k]} too); remove the stray "
+                                      f"file or re-export the checkpoint")
+            out[k] = fp
     return out
+
+
+def _corrupt(fp: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{fp}: corrupt or truncated safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+                           f"re-download or re-export this shard (an interrupted copy or download leaves it short: "
+                           f"compare its size with the source's)")
+
+
+def _shard_keys(fp: str) -> set[str]:
+    """The tensor names in one safetensors file (its header only; safetensors checks the header's
+    offsets against the file's size, so a truncated file fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(fp, framework="pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(fp, e) from None
 
 
 def read_tensors(files: dict[str, list[str]], dtype: torch.dtype, strip: str = "") -> dict[str, torch.Tensor]:
     """The named tensors of each file (``{file: [keys]}``), float ones cast to ``dtype``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     for fp, keys in files.items():
@@ -91,9 +116,98 @@ def read_tensors(files: dict[str, list[str]], dtype: torch.dtype, strip: str = "
                 for k in keys:
                     t = f.get_tensor(k)
                     out[k[len(strip):]] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{fp}: cannot read tensors ({e}); the checkpoint is corrupt") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _corrupt(fp, e) from None
     return out
+
+
+DIST_READS = ("all", "rank0")
+PIECE_BYTES = 256 << 20  # --dist-read rank0: a tensor is broadcast in pieces of at most this many bytes
+
+
+def check_dist_read(value) -> str:
+    """``value`` if it is one of :data:`DIST_READS`, else one clear error."""
+    if value not in DIST_READS:
+        raise QuantkitError(f"dist_read={value!r}: use 'all' (under torchrun every rank reads its own copy of each "
+                            f"block from the shards; the default) or 'rank0' (rank 0 reads each block and broadcasts "
+                            f"it to the other ranks); on the command line --dist-read all|rank0")
+    return value
+
+
+class RankZeroReader:
+    """``--dist-read rank0``: rank 0 alone opens the shards; every read is broadcast to the other ranks,
+    first the names, dtypes and shapes (or rank 0's error, which every rank then raises), then each
+    tensor's bytes in pieces of at most :data:`PIECE_BYTES`. Receiving ranks allocate each tensor from
+    the broadcast shape and receive straight into it (gloo), or through one staging buffer of at most a
+    piece on the rank's GPU (NCCL), so a huge tensor never needs a second full-size buffer. The
+    broadcasts run in a process group of their own: the GPU prefetch reads the next block from a
+    helper thread while the main thread's collectives run in the default group."""
+
+    def __init__(self, d):
+        import torch.distributed as dist
+
+        self.d = d
+        self.comm = d.comm_device
+        self.group = dist.new_group(backend=d.backend)  # every rank makes it, in the same order (open_model)
+        self.seconds = 0.0  # spent in this rank's reads and broadcasts
+        self.bytes = 0
+
+    def read(self, read_fn, what: str) -> dict[str, torch.Tensor]:
+        import time
+
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        d, tensors, err, layout = self.d, None, None, None
+        if d.is_main:
+            try:
+                tensors = read_fn()
+                layout = [(k, str(t.dtype).replace("torch.", ""), list(t.shape)) for k, t in tensors.items()]
+            except Exception as e:  # noqa: BLE001 - sent to every rank, then re-raised
+                err = e
+        obj = [(None if err is None else f"{type(err).__name__}: {err}", layout)]
+        ctx = torch.cuda.device(self.comm) if self.comm.type == "cuda" else contextlib.nullcontext()
+        with ctx, d._guard(f"reading {what} on rank 0 (--dist-read rank0)"):
+            dist.broadcast_object_list(obj, src=0, group=self.group, device=self.comm)
+        msg, layout = obj[0]
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise CheckpointError(f"rank 0 could not read {what} for every rank (--dist-read rank0): {msg}")
+        out = {}
+        with ctx, d._guard(f"broadcasting {what} from rank 0 (--dist-read rank0)"):
+            biggest = max((_nbytes(dt, sh) for _, dt, sh in layout), default=0)
+            stage = (torch.empty(min(biggest, PIECE_BYTES), dtype=torch.uint8, device=self.comm)
+                     if self.comm.type != "cpu" and biggest else None)
+            for name, dt, shape in layout:
+                t = tensors.pop(name).contiguous() if d.is_main else torch.empty(shape, dtype=_dtype(dt))
+                b = t.reshape(-1).view(torch.uint8)  # bytes of the tensor itself (no copy)
+                for off in range(0, b.numel(), PIECE_BYTES):
+                    piece = b[off:off + PIECE_BYTES]
+                    if stage is None:
+                        dist.broadcast(piece, src=0, group=self.group)
+                    else:
+                        buf = stage[:piece.numel()]
+                        if d.is_main:
+                            buf.copy_(piece)
+                        dist.broadcast(buf, src=0, group=self.group)
+                        if not d.is_main:
+                            piece.copy_(buf)
+                out[name] = t
+                self.bytes += b.numel()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _nbytes(dt: str, shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty(0, dtype=_dtype(dt)).element_size()
 
 
 def _meta_names(module: nn.Module) -> list[str]:
@@ -114,11 +228,15 @@ class StreamSource:
     that are the hub's, not the modules' (Mixtral's ``block_sparse_moe.experts.{i}.w1``), are mapped to the
     module names by quantkit.moe.names (``key_file`` is keyed on module names, ``stored`` maps them back)."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, ignore: list[str] | None = None):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, ignore: list[str] | None = None,
+                 dist=None, dist_read: str = "all"):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path, self.dtype = path, dtype
+        # --dist-read rank0 under a group of 2+ ranks: rank 0 reads, the others receive (RankZeroReader)
+        self.reader = RankZeroReader(dist) if check_dist_read(dist_read) == "rank0" and dist is not None \
+            and dist.world > 1 else None
         files = stored_key_files(path)
         try:
             cfg = AutoConfig.from_pretrained(path)
@@ -155,7 +273,7 @@ class StreamSource:
         elif not fused_ok:
             raise why
         rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
-        tensors = self._read(rest)
+        tensors = self._read(rest, what="the tensors outside the decoder blocks")
         model.load_state_dict(tensors, strict=False, assign=True)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -179,13 +297,17 @@ class StreamSource:
                                     f"unexpected {unexpected[:3]})")
         self._wanted = set(sd)
 
-    def _read(self, keys, strip: str = "") -> dict[str, torch.Tensor]:
-        """The tensors of module names ``keys`` (read under their stored names), ``strip`` cut off."""
+    def _read(self, keys, strip: str = "", what: str = "tensors") -> dict[str, torch.Tensor]:
+        """The tensors of module names ``keys`` (read under their stored names), ``strip`` cut off; with
+        ``--dist-read rank0`` read by rank 0 and broadcast to the others."""
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.key_file[k], []).append(self.stored[k])
         back = {self.stored[k]: k for k in keys}
-        return {back[k][len(strip):]: t for k, t in read_tensors(by_file, self.dtype).items()}
+
+        def read():
+            return {back[k][len(strip):]: t for k, t in read_tensors(by_file, self.dtype).items()}
+        return read() if self.reader is None else self.reader.read(read, what)
 
     def fetch(self, module: nn.Module) -> None:
         """Read decoder block ``module``'s tensors from the shards (nothing if it holds none on meta)."""
@@ -196,7 +318,7 @@ class StreamSource:
             raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
         prefix = f"{self.blocks_name}.{bi}."
         keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
-        tensors = self._read(keys, prefix)
+        tensors = self._read(keys, prefix, what=f"block {bi}")
         module.load_state_dict(tensors, strict=False, assign=True)
         if self._fused_on_disk:  # MoE: each split container filled from its fused tensors as stored
             for name, ex in module.named_modules():
@@ -404,12 +526,16 @@ class Observers(BlockObserver):
 LOADS = ("stream", "whole")
 
 
-def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None, ignore: list[str] | None = None):
+def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None, ignore: list[str] | None = None,
+               dist=None, dist_read: str = "all"):
     """(LoadedModel, StreamSource or None, what was done) for a bundled name or a model folder.
 
     ``load``: ``"stream"`` (the default for a folder), ``"whole"`` (the default for a bundled name:
     ``from_pretrained`` of everything). A folder whose stored names are not the model's own (transformers
-    renames them) or that misses tensors is loaded whole, and the reason recorded."""
+    renames them) or that misses tensors is loaded whole, and the reason recorded. ``dist`` (the group,
+    quantkit.distributed.Dist) and ``dist_read`` ("all" or "rank0": :class:`RankZeroReader`) say how a
+    streamed folder is read under torchrun; in one process, or for a whole load, ``dist_read`` changes
+    nothing (the record says so)."""
     from .models.integrity import _ALLOWED, check_config
     from .models.sources import LoadedModel, load_float_model, load_tokenizer, read_source, resolve_model_dir
 
@@ -428,10 +554,16 @@ def open_model(name_or_path: str, load: str | None, dtype: torch.dtype | None, i
                                                        "transformers, which needs the whole load")
         else:
             try:
-                src = StreamSource(path, dtype, ignore)
+                src = StreamSource(path, dtype, ignore, dist=dist, dist_read=dist_read)
             except StreamUnsupported as e:
                 info.update(load="whole", why_not_streamed=str(e))
             else:
+                if dist is not None and dist.world > 1:
+                    info["dist_read"] = dist_read
+                elif dist_read != "all":
+                    info["dist_read"] = f"{dist_read} (ignored: one process)"
                 tok = load_tokenizer(path)
                 return LoadedModel(src.model, tok, path, read_source(path, tok)), src, info
+    if dist_read != "all":
+        info["dist_read"] = f"{dist_read} (ignored: the model is loaded whole by every rank)"
     return load_float_model(name_or_path, dtype), None, info

@@ -37,6 +37,10 @@ def register(sub) -> None:
                         "memory holds about one block; whole (default for a bundled name): load the model first")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="float dtype the weights are read and calibrated in (default float32)")
+    p.add_argument("--dist-read", choices=("all", "rank0"), default="all",
+                   help="streamed under torchrun: all (default) every rank reads its own copy of each block from "
+                        "the shards; rank0: rank 0 reads it and broadcasts it to the others (one reader of the "
+                        "disk). Ignored in one process and with --load whole")
     add_calibration_args(p)
     p.set_defaults(func=run)
 
@@ -63,11 +67,11 @@ def run(args) -> int:
     if args.layout == "native":  # streamed: each finished block is written at once (quantkit.stream)
         qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
                           dtype=dtype, allow_unquantized=args.allow_unquantized, save_to=args.output,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, dist_read=args.dist_read)
         path = qm.saved_to
     else:
         qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
-                          dtype=dtype, allow_unquantized=args.allow_unquantized)
+                          dtype=dtype, allow_unquantized=args.allow_unquantized, dist_read=args.dist_read)
         if options:
             qm.meta["export_options"] = options
         path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)
