@@ -396,3 +396,24 @@ def test_no_host_sync_and_cuda_graph(kind):
         torch.cuda.synchronize()
         assert rel(yg, reference(ex, x, idx, w)) < TOL[torch.bfloat16]
         assert torch.equal(yg, ex(x, idx, w)) or rel(yg, ex(x, idx, w).double()) < 1e-2
+
+
+def test_align_kernel_failure_falls_back_once(monkeypatch):
+    """A compile failure (or mismatch) of the alignment kernel on first use warns once and keeps the torch
+    ops on that device: the fused layer still matches the reference."""
+    from quantkit.kernels import moe_w4a16
+
+    def broken(*a, **k):
+        raise RuntimeError("no histogram on this GPU")
+
+    monkeypatch.setattr(moe_w4a16, "ALIGN", "kernel")
+    monkeypatch.setattr(moe_w4a16, "align_kernel", broken)
+    monkeypatch.setattr(moe_w4a16, "_ALIGN_OK", {})
+    ex = qexperts(4, 64, 48, "sym", 32, seed=2)
+    idx, w = routing(3, 4, 2, 7, torch.float16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(DEV, torch.float16)
+    with pytest.warns(UserWarning, match="alignment kernel disabled"):
+        y = run_fused(ex, x, idx, w)
+    assert moe_w4a16._ALIGN_OK[idx.device] is False
+    assert rel(y, reference(ex, x, idx, w)) < TOL[torch.float16]
+    assert rel(run_fused(ex, x, idx, w), reference(ex, x, idx, w)) < TOL[torch.float16]  # no second warning

@@ -241,6 +241,35 @@ def _use_align_kernel(x: torch.Tensor, P: int, E: int) -> bool:
     return ALIGN == "kernel" or (x.is_cuda and not INTERPRET)
 
 
+_ALIGN_OK: dict = {}  # device -> the alignment kernel gave the torch form's outputs on its first use
+
+
+def _align_checked(top_k_index: torch.Tensor, E: int, BM: int):
+    """The alignment kernel, checked once per device against the torch form (outside graph capture): a
+    compile failure or a mismatch on some GPU/Triton warns once and keeps the torch ops there."""
+    dev = top_k_index.device
+    ok = _ALIGN_OK.get(dev)
+    if ok:
+        return align_kernel(top_k_index, E, BM)
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if ok is None and not capturing:
+        ref = align(top_k_index, E, BM)
+        try:
+            got = align_kernel(top_k_index, E, BM)
+            ok = all(torch.equal(a.to(torch.int32), b) for a, b in zip(ref, got))
+            why = "its outputs differ from the torch form's"
+        except Exception as e:  # noqa: BLE001 - any compile/launch failure: the torch ops are always correct
+            ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
+        _ALIGN_OK[dev] = ok
+        if not ok:
+            import warnings
+
+            warnings.warn(f"MoE alignment kernel disabled on {dev} ({why}); using torch ops "
+                          "(QUANTKIT_MOE_ALIGN=torch silences this)", stacklevel=3)
+        return got if ok else ref
+    return align(top_k_index, E, BM)
+
+
 def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: Stacked,
                   down: Stacked, act, cfg: dict | None = None) -> torch.Tensor:
     """A gated MoE layer: ``sum_j w_j * down_e(act(gate_e(x)) * up_e(x))`` over each token's k experts,
@@ -253,7 +282,7 @@ def fused_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
         return torch.zeros_like(x)
     x = _aligned(x)
     BM = int((cfg or {}).get("BM", 0)) or block_m(P)
-    al = align_kernel(top_k_index, E, BM) if _use_align_kernel(x, P, E) else align(top_k_index, E, BM)
+    al = _align_checked(top_k_index, E, BM) if _use_align_kernel(x, P, E) else align(top_k_index, E, BM)
     live = min(cdiv(P + min(E, P) * (BM - 1), BM), min(E, P) + cdiv(P, BM))  # blocks that can hold pairs
     h = grouped_gemm(gate_up, x, al, P, k, None, BM, live, cfg).to(x.dtype)
     inter = gate_up.N // 2
