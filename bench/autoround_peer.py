@@ -13,16 +13,28 @@ Both tools get the same calibration token ids (quantkit's ``calibration_batch``:
 algorithm (sign-SGD on rounding offsets and min/max scales, lr 1/iters, quantized block inputs) with the
 given bits / group / symmetry / iters / batch; its model is evaluated as auto-round leaves it after
 ``quantize()`` (weights fake-quantized in place: checked below by counting distinct values per group).
-quantkit runs GPTQ + recon with the same bits, group, iters and batch. One table row each, with wall
-times; JSON under $OUT (or --out). ``--smoke``: 1 step, 4 x 64 tokens, 2 windows (a plumbing check).
+quantkit runs GPTQ + recon with the same bits, group, iters and batch (and GPTQ alone as a baseline).
+One table row each, with wall time, the 1-minute load average at its start and end (the machine may be
+shared: the load says how much), date and machine; JSON under $OUT (or --out), one file per
+configuration and tool set (``--tag``). ``--threads`` sets torch's thread count for both tools;
+``--autocast on`` runs quantkit's recon forward under bf16 autocast (auto-round's default ``amp`` is
+bf16 on CPU). ``--smoke``: 1 step, 4 x 64 tokens, 2 windows (a plumbing check).
+
+The matched comparison of docs/quality/recon_vs_autoround.md ran one process per configuration and
+tool, e.g.::
+
+    nice -n -5 python -P bench/autoround_peer.py --bits 4 --group-size 128 --sym --iters 30 --batch 4 \
+        --samples 32 --seq-len 512 --threads 1 --autocast on --skip quantkit --skip gptq --skip float
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
+import platform
 import time
 
 import torch
@@ -55,13 +67,19 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
-    ap.add_argument("--skip", choices=["quantkit", "autoround"], action="append", default=[])
+    ap.add_argument("--skip", choices=["quantkit", "autoround", "gptq", "float"], action="append", default=[])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both tools")
+    ap.add_argument("--autocast", choices=["auto", "on", "off"], default="on",
+                    help="quantkit recon's autocast option (auto-round: its default amp)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.smoke:
         args.iters, args.samples, args.seq_len, args.max_windows, args.batch = 1, 4, 64, 2, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import quantkit
     from quantkit.api import QuantizedModel
     from quantkit.data import calibration_batch
@@ -71,41 +89,71 @@ def main(argv=None) -> int:
     ids = calibration_batch(lm.tokenizer, args.samples, args.seq_len, 0, "enwiki", lm.bos_token_id)
     rows = []
 
-    def score(model, name, secs, bpw, note=""):
+    sym = "sym" if args.sym else "asym"
+
+    def score(model, name, secs, bpw, load0, note="", extra=None):
+        load1 = os.getloadavg()[0]
         qm = QuantizedModel(model, lm.tokenizer, lm.source, lm.path, {"float": True})
+        t = time.time()
         ev = quantkit.evaluate(qm, seq_len=args.seq_len, max_windows=args.max_windows, device="cpu", progress=False)
         ppl = ev["ppl"]
         rows.append({"method": name, "ppl": float(ppl), "seconds": round(secs, 1), "bits_per_weight": bpw,
-                     "note": note})
+                     "load_start": round(load0, 2), "load_end": round(load1, 2),
+                     "eval_seconds": round(time.time() - t, 1), "tokens_scored": ev.get("tokens_scored"),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "note": note, **(extra or {})})
         print(rows[-1], flush=True)
 
-    score(copy.deepcopy(lm.model), "float", 0.0, 32.0)
+    def report_stats(qm) -> dict:
+        blocks = qm.report.blocks
+        out = {"block_rel_err_mean": sum(b.get("block_rel_err", 0.0) for b in blocks) / max(len(blocks), 1)}
+        rs = [b["recon_s"] for b in blocks if "recon_s" in b]
+        if rs:
+            out.update({"recon_s_total": round(sum(rs), 1), "recon_s_per_block": round(sum(rs) / len(rs), 2),
+                        "recon_kept": [int(b["recon_kept"]) for b in blocks if "recon_kept" in b]})
+        return out
+
+    def qk_recipe(recon: bool) -> dict:
+        r = {"name": "recon-peer" if recon else "gptq-peer",
+             "quantizer": {"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True},
+             "format": {"type": "int", "bits": args.bits, "group_size": args.group_size, "sym": args.sym},
+             "block_plugins": [], "ignore": ["lm_head"],
+             "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
+        if recon:
+            r["block_plugins"] = [{"type": "recon", "iters": args.iters, "batch_size": args.batch,
+                                   "autocast": args.autocast}]
+        return r
+
+    if "float" not in args.skip:
+        score(copy.deepcopy(lm.model), "float", 0.0, 32.0, os.getloadavg()[0])
+    if "gptq" not in args.skip:
+        load0, t = os.getloadavg()[0], time.time()
+        qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(False), calibration=ids, progress=False)
+        secs = time.time() - t
+        score(qm.model, f"quantkit gptq int{args.bits} {sym} g{args.group_size}", secs,
+              round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
     if "autoround" not in args.skip:
         from auto_round import AutoRound
 
         model = copy.deepcopy(lm.model)
         float_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        t = time.time()
+        load0, t = os.getloadavg()[0], time.time()
         ar = AutoRound(model, lm.tokenizer, bits=args.bits, group_size=args.group_size, sym=args.sym,
                        iters=args.iters, nsamples=args.samples, seqlen=args.seq_len, batch_size=args.batch,
                        dataset=list(ids.split(args.batch)), device_map="cpu", seed=0)
         ar.quantize()
         secs = time.time() - t
-        score(model, f"auto-round int{args.bits} {'sym' if args.sym else 'asym'} g{args.group_size}", secs, None,
+        torch.set_num_threads(args.threads or torch.get_num_threads())  # auto-round may change it
+        bpw = args.bits + (16 + (0 if args.sym else args.bits)) / args.group_size  # fp16 scale (+ zero) / group
+        score(model, f"auto-round int{args.bits} {sym} g{args.group_size}", secs, round(bpw, 4), load0,
               _grid_check(model, float_sd, args.bits, args.group_size))
     if "quantkit" not in args.skip:
-        recipe = {"name": "recon-peer",
-                  "quantizer": {"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True},
-                  "format": {"type": "int", "bits": args.bits, "group_size": args.group_size, "sym": args.sym},
-                  "block_plugins": [{"type": "recon", "iters": args.iters, "batch_size": args.batch}],
-                  "ignore": ["lm_head"],
-                  "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
-        t = time.time()
-        qm = quantkit.quantize(copy.deepcopy(lm.model), recipe, calibration=ids, progress=False)
+        load0, t = os.getloadavg()[0], time.time()
+        qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(True), calibration=ids, progress=False)
         secs = time.time() - t
-        score(qm.model, f"quantkit gptq+recon int{args.bits} {'sym' if args.sym else 'asym'} g{args.group_size}",
-              secs, round(qm.bits_per_weight(), 4))
-    fl = rows[0]["ppl"]
+        score(qm.model, f"quantkit gptq+recon int{args.bits} {sym} g{args.group_size}",
+              secs, round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
+    fl = rows[0]["ppl"] if rows and rows[0]["method"] == "float" else float("nan")
     print(f"\n{args.model}, calibration {args.samples} x {args.seq_len}, {args.iters} steps of {args.batch} "
           f"sequences, eval {args.max_windows} x {args.seq_len}, torch threads {torch.get_num_threads()}")
     print("| method | ppl | gap | quantize s | bits/weight | note |\n|---|---|---|---|---|---|")
@@ -113,9 +161,11 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['ppl']:.2f} | {r['ppl'] - fl:+.2f} | {r['seconds']} | {r['bits_per_weight']} "
               f"| {r['note']} |")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"autoround_peer_w{args.bits}g{args.group_size}.json")
+    path = os.path.join(args.out, f"autoround_peer_w{args.bits}g{args.group_size}{sym}{args.tag}.json")
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
     with open(path + ".tmp", "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=1)
     os.replace(path + ".tmp", path)
     return 0
 

@@ -87,9 +87,86 @@ def test_recon_save_reload(tmp_path, layout):
 
 
 @pytest.mark.parametrize("key,value", [("iters", -1), ("lr", 0), ("batch_size", 0), ("init", "adam"),
-                                       ("clip_range", [1.0, 0.5]), ("itters", 5)])
+                                       ("clip_range", [1.0, 0.5]), ("itters", 5),
+                                       ("autocast", "bf16")])
 def test_recon_bad_keys(key, value):
     with pytest.raises(RecipeError, match=key if key != "clip_range" else "clip_range"):
         load_recipe(_recipe(**{key: value}))
     with pytest.raises(RecipeError, match="block_plugins"):
         block_plugin_from_spec({"type": "recon", key: value}, "recipes/x.yaml: block_plugins[0]")
+
+
+@pytest.mark.parametrize("value", ["on", "off", "auto"])
+def test_recon_autocast_option_parses(value):
+    load_recipe(_recipe(autocast=value))
+    assert block_plugin_from_spec({"type": "recon", "autocast": value}, "x").cfg.autocast == value
+
+
+def test_recon_autocast_bad_value_names_key():
+    with pytest.raises(RecipeError, match="autocast"):
+        load_recipe(_recipe(autocast="bf16"))
+    with pytest.raises(RecipeError, match="autocast"):
+        block_plugin_from_spec({"type": "recon", "autocast": "bf16"}, "recipes/x.yaml: block_plugins[0]")
+
+
+def _layers(sym: bool, bits: int = 3):
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    floats = {n: linear_weight(m).detach().float().clone() for n, m in find_linears(blocks[0]).items()}
+    qm = quantkit.quantize(model, _recipe("gptq", recon=False, bits=bits, sym=sym), calibration=IDS, progress=False)
+    _, blocks = find_blocks(qm.model)
+    mods = dict(blocks[0].named_modules())
+    return [_Layer(n, mods[n], w, "quantizer", True) for n, w in floats.items()]
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_fakequant_matches_small_op_chain(sym):
+    """_FakeQuant's forward is the plain quantize-dequantize (bit for bit) and its gradients to the
+    offsets and clipping factors are those of the small-op chain with straight-through rounding."""
+    gen = torch.Generator().manual_seed(3)
+    for L in _layers(sym):
+        with torch.no_grad():
+            L.v.copy_(torch.rand(L.v.shape, generator=gen) - 0.5)
+            L.a.copy_(0.5 + 0.5 * torch.rand(L.a.shape, generator=gen))
+            L.b.copy_(0.5 + 0.5 * torch.rand(L.b.shape, generator=gen))
+        g = torch.randn(L.w.shape, generator=gen)
+        out = L.dequant()
+        ref = L.dequant_reference()
+        assert torch.equal(out, ref), L.name
+        ps = L.params()
+        ga = torch.autograd.grad((out * g).sum(), ps)
+        gr = torch.autograd.grad((ref * g).sum(), ps)
+        for a, b in zip(ga, gr):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fakequant_gradient_is_straight_through():
+    """d ŵ / d v is the group scale where the code is inside the grid (rounding passes the gradient
+    through) and 0 where it is clamped."""
+    L = _layers(sym=True, bits=4)[0]
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        L.v.copy_(torch.rand(L.v.shape, generator=gen) - 0.5)
+    g = torch.randn(L.w.shape, generator=gen)
+    (gv,) = torch.autograd.grad((L.dequant() * g).sum(), [L.v])
+    s, z = L.grid()
+    sc, zc = s[:, L.gi], z[:, L.gi]
+    u = torch.round(L.w / sc + L.v0 + L.v.detach()) + zc
+    inside = (u >= 0) & (u <= L.maxq)
+    assert inside.any() and (~inside).any() or inside.all()
+    torch.testing.assert_close(gv, torch.where(inside, g * sc, torch.zeros_like(g)), rtol=0, atol=0)
+
+
+def test_recon_autocast_on_lowers_error_and_is_deterministic():
+    """bf16 autocast on the CPU (autocast: on) still lowers the block error against the quantizer's
+    start, and a seed gives the same model twice."""
+    base = _run(_recipe("gptq", iters=0)).report.blocks
+    a = _run(_recipe("gptq", autocast="on"))
+    b = _run(_recipe("gptq", autocast="on"))
+    r0 = a.report.blocks[0]
+    assert r0["block_rel_err"] < 0.95 * base[0]["block_rel_err"], (base[0], r0)
+    for blk in a.report.blocks:
+        assert blk["recon_err_after"] <= blk["recon_err_before"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k

@@ -21,7 +21,10 @@ The iterate of lowest batch loss is kept (as SignRound), and at the end the star
 the last one are compared on all calibration sequences, exactly as stored (scales rounded to the
 format's scale dtype): the best of the three is written, so the block never gets worse on its
 calibration data. ``patience`` stops early when the smoothed loss has not improved for that many
-steps. On CUDA the forward runs under bf16 autocast (``autocast: auto``).
+steps. ``autocast`` runs the block's forward under bf16 autocast: ``auto`` on CUDA only, ``on`` on any
+device (CPUs with bf16 instructions gain from it), ``off`` never. Quantize-dequantize runs as one
+autograd function (``_FakeQuant``: straight-through rounding, the gradients of the small-op chain
+written out), and the final comparison skips a candidate equal to one already evaluated.
 
 Weights rotated by a transform (QuIP) are handled in the rotated space: the float weight is mapped
 through the layer's run-time steps (``pre``/``post``, linear maps), so the grid that is learned is
@@ -59,7 +62,7 @@ class ReconConfig(PluginConfig):
     clip_range: tuple[float, float] = (0.5, 1.0)
     patience: int | None = Field(None, ge=1, description="early stop: steps without a smoothed-loss gain")
     seed: int = 0
-    autocast: Literal["auto", "off"] = "auto"
+    autocast: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _check(self):
@@ -71,6 +74,52 @@ class ReconConfig(PluginConfig):
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+def _expand(t: torch.Tensor, gi: torch.Tensor, gs: int | None) -> torch.Tensor:
+    """Per-group values [R, G] to per-column [R, C] (``gs``: contiguous groups of that size)."""
+    if gs is not None:
+        return t.repeat_interleave(gs, dim=1)
+    return t[:, gi]
+
+
+def _reduce(t: torch.Tensor, gi: torch.Tensor, gs: int | None, groups: int) -> torch.Tensor:
+    """The adjoint of ``_expand``: per-column [R, C] summed into their groups [R, G]."""
+    if gs is not None:
+        return t.view(t.shape[0], groups, gs).sum(2)
+    return torch.zeros(t.shape[0], groups, dtype=t.dtype, device=t.device).index_add_(1, gi, t)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """ŵ = (clamp(round(w / s + v0 + v) + z, 0, maxq) - z) · s with per-group s, z [R, G] expanded over
+    the columns, in one node. Rounding passes gradients straight through; the clamp passes them where
+    ``round(...) + z`` is inside [0, maxq] (ends included, as ``torch.clamp``). Gradients go to v, s
+    and z (the same as the chain of small ops gives, without its intermediate tensors)."""
+
+    @staticmethod
+    def forward(ctx, w, v0, v, s, z, gi, gs, maxq):
+        sc, zc = _expand(s, gi, gs), _expand(z, gi, gs)
+        ws = w / sc
+        u = torch.round(ws + v0 + v).add_(zc)
+        mask = (u >= 0) & (u <= maxq)
+        q = u.clamp_(0, maxq).sub_(zc)  # q - z
+        out = q * sc
+        ctx.save_for_backward(ws, q, sc, mask, gi)
+        ctx.gs, ctx.groups = gs, s.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        ws, q, sc, mask, gi = ctx.saved_tensors
+        gs, groups = ctx.gs, ctx.groups
+        gm = g * mask
+        gv = gm * sc if ctx.needs_input_grad[2] else None
+        gsc = gz = None
+        if ctx.needs_input_grad[3]:
+            gsc = _reduce(g * q - gm * ws, gi, gs, groups)  # d/ds of (q - z)·s, q through w / s
+        if ctx.needs_input_grad[4]:
+            gz = _reduce((gm - g) * sc, gi, gs, groups)
+        return None, None, gv, gsc, gz, None, None, None
 
 
 def _linear_map(fns: list[Callable], n: int, device) -> torch.Tensor | None:
@@ -98,6 +147,10 @@ class _Layer:
         dev = packed["qweight"].device
         self.w = self._rotated(ql, w_float.to(dev).float())
         self.gi = group_index(fmt.cfg, cols, packed.get("g_idx"), dev)
+        self.groups = packed["scales"].shape[1]
+        gs = cols // self.groups if self.groups and cols % self.groups == 0 else None
+        contiguous = gs is not None and torch.equal(self.gi, torch.arange(cols, device=dev) // gs)
+        self.gs = gs if contiguous else None
         self.g_idx = packed.get("g_idx")
         self.s0 = packed["scales"].float()
         self.sdt = packed["scales"].dtype
@@ -158,6 +211,12 @@ class _Layer:
 
     def dequant(self) -> torch.Tensor:
         s, z = self.grid()
+        return _FakeQuant.apply(self.w, self.v0, self.v, s, z, self.gi, self.gs, self.maxq)
+
+    def dequant_reference(self) -> torch.Tensor:
+        """The same quantize-dequantize as a chain of small ops (autograd through each): the test
+        reference of ``_FakeQuant``."""
+        s, z = self.grid()
         sc, zc = s[:, self.gi], z[:, self.gi]
         q = torch.clamp(_round_ste(self.w / sc + self.v0 + self.v) + zc, 0, self.maxq)
         return (q - zc) * sc
@@ -192,6 +251,10 @@ class _Layer:
                                          f"the layer holds {tuple(buf.shape)} {buf.dtype}")
                 buf.copy_(t)
             ql.dense_weight = ql.dequantized_weight().to(self.dense_dtype)
+
+
+def _same_state(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
+    return a is b or all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
 
 
 def _is_affine(ql) -> bool:
@@ -308,10 +371,13 @@ class Recon(BlockPlugin):
             best_state, last_state, steps, best_loss = self._train(block, layers, inputs, kwargs, float_outputs,
                                                                   forward, device)
             chosen, chosen_err, pick = "quantizer", before, None
+            # the start of training is the quantizer's result (init: quantizer) or plain rounding (rtn)
+            seen = [init_state] if cfg.init == "quantizer" else []
             cands = [("rtn", init_state if cfg.init == "rtn" else None), ("best", best_state), ("last", last_state)]
             for tag, st in cands:
-                if st is None:
-                    continue
+                if st is None or any(_same_state(st, o) for o in seen):
+                    continue  # already evaluated: its error is known (best kept at step 0, say)
+                seen.append(st)
                 self._set(layers, st)
                 e = err()
                 if e < chosen_err:
@@ -344,7 +410,7 @@ class Recon(BlockPlugin):
         sampler = _Sampler(inputs, kwargs, targets, cfg.batch_size, seed)
         params = [p for L in layers for p in L.params()]
         lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
-        use_amp = cfg.autocast == "auto" and device.type == "cuda"
+        use_amp = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
         best_loss, best_state = float("inf"), None
         ema, best_ema, since = None, float("inf"), 0
         steps = 0
