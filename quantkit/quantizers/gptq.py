@@ -41,17 +41,19 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int) -> tuple[
     mean_diag = torch.mean(torch.diagonal(h)).item()
     n = h.shape[0]
     d = damp
-    # at most four n x n matrices alive at once (h, K, the identity, U): at n = 14336 in fp32 each is
-    # 0.8 GB, and this factor is the peak of a streamed CPU run
+    # at most three n x n matrices alive at once (h, K, the identity that becomes U; then h, U and its
+    # flip): at n = 14336 in fp32 each is 0.8 GB, and this factor is the peak of a streamed CPU run
     for _ in range(retries + 1):
         A = h.flip(0, 1)  # a copy: J H J; λ goes on its diagonal in place (J I J = I)
         A.diagonal().add_(d * mean_diag)
         K, info = torch.linalg.cholesky_ex(A)
         del A
         if int(info) == 0:
-            eye = torch.eye(n, device=h.device, dtype=h.dtype)
-            U = torch.linalg.solve_triangular(K, eye, upper=False)
-            del K, eye
+            # solved in place into the identity, laid out column-major as the solver's own output would
+            # be (same values bit for bit): one n x n matrix fewer at the peak
+            U = torch.eye(n, device=h.device, dtype=h.dtype).t()
+            torch.linalg.solve_triangular(K, U, upper=False, out=U)
+            del K
             U = U.flip(0, 1)
             if torch.isfinite(U).all():
                 return U, d
