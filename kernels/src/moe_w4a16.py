@@ -35,7 +35,7 @@ import triton.language as tl
 from ._launch import INTERPRET, Launcher, cdiv
 from .moe_align import align_kernel
 from .moe_align import supported as align_supported
-from .w4a16_jit import _dot, _kdeq
+from .w4a16_jit import _chunk_acc, _kdeq
 
 
 @triton.jit(do_not_specialize=["P", "G"])
@@ -85,18 +85,7 @@ def moe_w4a16(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, ids_ptr, bexp_ptr, n
         wd = _kdeq(wt, rn, c, sb, zb, lb, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS, LUT_ROW, BKW, False)
         kc = c * (8 * BKW) + kk
         xt = tl.load(xrow + kc[None, :], mask=valid[:, None] & (kc[None, :] < K), other=0.0)
-        d = wd.to(XDT)
-        if SA:
-            sc = tl.load(sb + rn * G + tl.minimum((c * (8 * BKW)) // GS, G - 1)).to(tl.float32)
-            if SWAP:
-                acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
-            else:
-                acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
-        else:
-            if SWAP:
-                acc = _dot(d, tl.trans(xt), acc, INTERP)
-            else:
-                acc = _dot(xt, tl.trans(d), acc, INTERP)
+        acc = _chunk_acc(acc, wd.to(XDT), xt, sb, rn, c, G, GS, BKW, SA, SWAP, BN, BM, INTERP)
     if SWAP:
         acc = tl.trans(acc)
     if MUL_W:

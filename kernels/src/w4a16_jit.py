@@ -60,6 +60,26 @@ def _chunk_group(c, G, GS: tl.constexpr, BKW: tl.constexpr):
 
 
 @triton.jit
+def _chunk_acc(acc, d, xt, s_ptr, rn, c, G, GS: tl.constexpr, BKW: tl.constexpr, SA: tl.constexpr,
+               SWAP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, INTERP: tl.constexpr):
+    """acc + chunk c's product of the dequantized weight tile d [BN, 8*BKW] and x tile xt [BM, 8*BKW]:
+    accumulated in place, or (SA: the chunk lies in one group, d unscaled) the chunk's own dot times the
+    rows' group scale. SWAP: W·xᵀ ([BN, BM] accumulator), else x·Wᵀ ([BM, BN])."""
+    if SA:
+        sc = tl.load(s_ptr + rn * G + _chunk_group(c, G, GS, BKW)).to(tl.float32)
+        if SWAP:
+            acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
+        else:
+            acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
+    else:
+        if SWAP:
+            acc = _dot(d, tl.trans(xt), acc, INTERP)
+        else:
+            acc = _dot(xt, tl.trans(d), acc, INTERP)
+    return acc
+
+
+@triton.jit
 def _group_idx(rn, c, G, GS: tl.constexpr, BKW: tl.constexpr):
     """Index of the scale/zero of rows rn in chunk c: [BN, 1] when the chunk lies in one group (one
     value per row), else [BN, BKW] (one per word)."""
@@ -329,18 +349,7 @@ def _mma_chunk(acc, c, c1, wrow, xrow, s_ptr, z_ptr, lut_ptr, rn, kw, kk, K, KWS
     else:
         d = _kdeq(w, rn, c, s_ptr, z_ptr, lut_ptr, G, MODE, HAS_SCALE and not SA, HAS_ZERO, ZC, GS, LS,
                   LUT_ROW, BKW, LUTG).to(XDT)
-    if SA:
-        sc = tl.load(s_ptr + rn * G + _chunk_group(c, G, GS, BKW)).to(tl.float32)
-        if SWAP:
-            acc += _dot(d, tl.trans(xt), tl.zeros([BN, BM], dtype=tl.float32), INTERP) * sc[:, None]
-        else:
-            acc += _dot(xt, tl.trans(d), tl.zeros([BM, BN], dtype=tl.float32), INTERP) * sc[None, :]
-    else:
-        if SWAP:
-            acc = _dot(d, tl.trans(xt), acc, INTERP)
-        else:
-            acc = _dot(xt, tl.trans(d), acc, INTERP)
-    return acc
+    return _chunk_acc(acc, d, xt, s_ptr, rn, c, G, GS, BKW, SA, SWAP, BN, BM, INTERP)
 
 
 @triton.jit(do_not_specialize=["M", "G", "CPS", "SPLIT"])
