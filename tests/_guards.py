@@ -1,5 +1,6 @@
-"""Helpers for the issue-21 tests: a tiny model with the real SmolLM2 tokenizer, the CLI in a subprocess,
-and a fingerprint of a folder (to check that a failed command left it untouched)."""
+"""Helpers shared by the tests: a tiny model with the real SmolLM2 tokenizer, the CLI in a subprocess, a
+fingerprint of a folder (to check that a failed command left it untouched), a checkpoint's tensors and a
+bit-for-bit comparison of two checkpoints, and a free port / clean environment for two-rank runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -116,3 +118,30 @@ def load_tensors(folder) -> dict:
     for fn in files:
         out.update(load_file(os.path.join(folder, fn)))
     return out
+
+
+def same_checkpoint(a, b, layers: int = 4 * 7) -> None:
+    """Two quantkit checkpoints hold the same tensors bit for bit and the same per-layer config (``layers``
+    quantized linears: a 4-block Llama's 7 each by default)."""
+    from quantkit.checkpoint.io import safe_load_tensors
+
+    ta, tb = safe_load_tensors(str(a)), safe_load_tensors(str(b))
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.uint8), tb[k].view(torch.uint8)), k
+    ca = json.load(open(os.path.join(a, "config.json")))["quantization_config"]["layers"]
+    cb = json.load(open(os.path.join(b, "config.json")))["quantization_config"]["layers"]
+    assert ca == cb and len(ca) == layers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(**kw) -> dict:
+    """This process's environment without torchrun's rank variables, one thread, no GPU, plus ``kw``."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    return {**e, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **kw}

@@ -9,14 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from _guards import load_tensors
+from _guards import dist_env, free_port, load_tensors
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,30 +42,19 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**kw) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT")}
-    return {**e, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **kw}
-
-
 def single(model_dir, out, rec, resume=None):
     args = [sys.executable, WORKER, model_dir, str(out), json.dumps(rec)] + ([str(resume)] if resume else [])
-    p = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300)
+    p = subprocess.run(args, capture_output=True, text=True, env=dist_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def torchrun(model_dir, out, rec, n=2, resume=None, env=None, check=True):
     env = {"QUANTKIT_SPLIT_ROWS": "always", **(env or {})}  # exercise the row-range solves
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(_port()),
-            WORKER, model_dir, str(out), json.dumps(rec)] + ([str(resume)] if resume else [])
-    p = subprocess.run(args, capture_output=True, text=True, env=_env(**(env or {})), timeout=300)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+            "--master-port", str(free_port()), WORKER, model_dir, str(out), json.dumps(rec)] \
+        + ([str(resume)] if resume else [])
+    p = subprocess.run(args, capture_output=True, text=True, env=dist_env(**(env or {})), timeout=300)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -74,10 +62,10 @@ def torchrun(model_dir, out, rec, n=2, resume=None, env=None, check=True):
 
 def by_hand(model_dir, out, rec, n=2, env=None):
     """Start n ranks without torchrun (so a dead rank's peers are not killed by an agent)."""
-    port = str(_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, WORKER, model_dir, str(out), json.dumps(rec)], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                              env=dist_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port, **(env or {})))
              for r in range(n)]
     return procs
@@ -242,11 +230,11 @@ def test_cli_quantize_under_torchrun_matches_one_process(tmp_path):
                    "calibration: {samples: 8, seq_len: 64, batch_size: 2, accumulate: float64}\n")
     cli = ["quantize", str(mdir), "-r", str(rec)]
     one = subprocess.run([sys.executable, "-m", "quantkit.cli", *cli, "-o", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=_env(), timeout=600)
+                         capture_output=True, text=True, env=dist_env(), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(_port()), "-m", "quantkit.cli", *cli, "-o", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=_env(QUANTKIT_SPLIT_ROWS="always"), timeout=600)
+                          str(free_port()), "-m", "quantkit.cli", *cli, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=dist_env(QUANTKIT_SPLIT_ROWS="always"), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved ") == 1  # one writer
     ta = load_tensors(tmp_path / "one")

@@ -12,17 +12,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from _guards import dist_env, free_port, same_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantkit
 from quantkit import stream
-from quantkit.checkpoint.io import safe_load_tensors
 from quantkit.cli import build_parser
 from quantkit.errors import CheckpointError, QuantkitError
 
@@ -48,22 +47,10 @@ def _ids():
     return torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(3))  # as the worker
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**kw) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT")}
-    return {**e, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **kw}
-
-
 def torchrun(model_dir, out, dist_read, env=None, check=True):
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             WORKER, model_dir, str(out), dist_read] + [f"{k}={json.dumps(v)}" for k, v in RECIPES.items()]
-    p = subprocess.run(args, capture_output=True, text=True, env=_env(**(env or {})), timeout=300)
+    p = subprocess.run(args, capture_output=True, text=True, env=dist_env(**(env or {})), timeout=300)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -72,24 +59,14 @@ def torchrun(model_dir, out, dist_read, env=None, check=True):
 def by_hand(model_dir, out, dist_read, env):
     """Two ranks started without torchrun, so a failed rank's peer is not killed by the agent before it
     prints its own error. Returns [(returncode, stderr)] by rank."""
-    port = str(_port())
+    port = str(free_port())
     args = [sys.executable, WORKER, model_dir, str(out), dist_read] + [f"{k}={json.dumps(v)}"
                                                                        for k, v in RECIPES.items()]
     procs = [subprocess.Popen(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                              env=dist_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port, **env)) for r in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     return [(p.returncode, e) for p, e in zip(procs, errs)]
-
-
-def same_output(a, b):
-    ta, tb = safe_load_tensors(str(a)), safe_load_tensors(str(b))
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.uint8), tb[k].view(torch.uint8)), k
-    ca = json.load(open(os.path.join(a, "config.json")))["quantization_config"]["layers"]
-    cb = json.load(open(os.path.join(b, "config.json")))["quantization_config"]["layers"]
-    assert ca == cb and len(ca) == 4 * 7
 
 
 def one_process(model_dir, out, name, **kw):
@@ -111,8 +88,8 @@ def test_rank0_all_and_one_process_bit_identical(sharded, tmp_path):
         assert meta0[name]["load"] == meta_all[name]["load"] == "stream"
         assert meta0[name]["dist_read"] == "rank0" and meta_all[name]["dist_read"] == "all"
         one_process(sharded, tmp_path / f"one-{name}", name)
-        same_output(tmp_path / f"rank0-{name}", tmp_path / f"all-{name}")
-        same_output(tmp_path / f"rank0-{name}", tmp_path / f"one-{name}")
+        same_checkpoint(tmp_path / f"rank0-{name}", tmp_path / f"all-{name}")
+        same_checkpoint(tmp_path / f"rank0-{name}", tmp_path / f"one-{name}")
 
 
 def test_a_read_failure_on_rank0_stops_every_rank(sharded, tmp_path):
@@ -141,7 +118,7 @@ def test_rank0_in_one_process_is_ignored_and_recorded(sharded, tmp_path):
     assert a.meta["load"]["dist_read"] == "rank0 (ignored: one process)"
     b = one_process(sharded, tmp_path / "b", "rtn")
     assert "dist_read" not in b.meta["load"]
-    same_output(tmp_path / "a", tmp_path / "b")
+    same_checkpoint(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize("indexed", [True, False])

@@ -3,16 +3,15 @@ gives the same packed tensors as the whole-model load; a resumed streamed run to
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
+from _guards import same_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantkit
 from quantkit import resume, stream
-from quantkit.checkpoint.io import safe_load_tensors
 from quantkit.errors import QuantkitError
 
 GPTQ = {"quantizer": {"type": "gptq", "act_order": True, "static_groups": True},
@@ -56,16 +55,6 @@ def _run(src, recipe, out, load, **kw):
                              save_to=str(out), **kw)
 
 
-def same_output(a, b):
-    ta, tb = safe_load_tensors(str(a)), safe_load_tensors(str(b))
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.uint8), tb[k].view(torch.uint8)), k
-    ca = json.load(open(os.path.join(a, "config.json")))["quantization_config"]["layers"]
-    cb = json.load(open(os.path.join(b, "config.json")))["quantization_config"]["layers"]
-    assert ca == cb and len(ca) == 4 * 7
-
-
 def test_sharded_fixture_has_lm_head_apart(sharded):
     kf = stream.stored_key_files(sharded)
     assert len(set(kf.values())) >= 3
@@ -80,7 +69,7 @@ def test_streamed_equals_whole(sharded, tmp_path, recipe):
     assert qs.streamed_to == str(tmp_path / "s") and qw.streamed_to is None
     assert os.path.exists(tmp_path / "s" / stream.INDEX_FILE)
     assert all(p.device.type == "meta" for p in qs.model.model.layers.parameters())  # blocks released
-    same_output(tmp_path / "s", tmp_path / "w")
+    same_checkpoint(tmp_path / "s", tmp_path / "w")
     # the streamed checkpoint loads and computes what the whole one does
     a, b = quantkit.load(str(tmp_path / "s")), quantkit.load(str(tmp_path / "w"))
     with torch.no_grad():
@@ -94,7 +83,7 @@ def test_streamed_without_save_to_matches_float_reference(sharded, tmp_path):
     qs = quantkit.quantize(sharded, RTN_MSE, calibration=_ids(), device="cpu", progress=False)
     qs.save(str(tmp_path / "s"))
     _run(sharded, RTN_MSE, tmp_path / "w", "whole")
-    same_output(tmp_path / "s", tmp_path / "w")
+    same_checkpoint(tmp_path / "s", tmp_path / "w")
     ref = LlamaForCausalLM.from_pretrained(sharded).eval()
     with torch.no_grad():
         f, q = ref(_ids(3)).logits, qs(_ids(3)).logits
@@ -107,7 +96,7 @@ def test_tied_embeddings(tied, tmp_path):
     assert q.meta["load"] == {"load": "stream", "dtype": "float32"}  # streamed, not fallen back to whole
     assert "lm_head.weight" not in stream.stored_key_files(tied)
     _run(tied, RTN_MSE, tmp_path / "w", "whole")
-    same_output(tmp_path / "s", tmp_path / "w")
+    same_checkpoint(tmp_path / "s", tmp_path / "w")
     back = quantkit.load(str(tmp_path / "s"))
     assert back.model.lm_head.weight.data_ptr() == back.model.model.embed_tokens.weight.data_ptr()
 
@@ -115,7 +104,7 @@ def test_tied_embeddings(tied, tmp_path):
 def test_single_file(single, tmp_path):
     assert _run(single, GPTQ, tmp_path / "s", "stream").meta["load"]["load"] == "stream"
     _run(single, GPTQ, tmp_path / "w", "whole")
-    same_output(tmp_path / "s", tmp_path / "w")
+    same_checkpoint(tmp_path / "s", tmp_path / "w")
 
 
 def test_resumed_streamed_run_matches(sharded, tmp_path, monkeypatch):
@@ -144,7 +133,7 @@ def test_resumed_streamed_run_matches(sharded, tmp_path, monkeypatch):
     q.clear_resume_state()
     assert os.path.exists(shard0)
     _run(sharded, GPTQ, tmp_path / "ref", "stream")
-    same_output(out, tmp_path / "ref")
+    same_checkpoint(out, tmp_path / "ref")
 
 
 def test_bad_load_value(sharded):
