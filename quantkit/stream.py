@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -204,10 +205,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _nbytes(dt: str, shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty(0, dtype=_dtype(dt)).element_size()
+    return math.prod(int(s) for s in shape) * _dtype(dt).itemsize
 
 
 def _meta_names(module: nn.Module) -> list[str]:
