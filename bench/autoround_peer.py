@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both tools")
     ap.add_argument("--autocast", choices=["auto", "on", "off"], default="on",
                     help="quantkit recon's autocast option (auto-round: its default amp)")
+    ap.add_argument("--recon-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more recon option for quantkit's run (YAML value), e.g. target=model, init=rtn")
+    ap.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq", help="quantkit's quantizer before recon")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -113,15 +116,24 @@ def main(argv=None) -> int:
                         "recon_kept": [int(b["recon_kept"]) for b in blocks if "recon_kept" in b]})
         return out
 
+    import yaml
+
+    extra = {}
+    for kv in args.recon_set:
+        k, _, v = kv.partition("=")
+        extra[k] = yaml.safe_load(v)
+    quantizer = ({"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True}
+                 if args.quantizer == "gptq" else {"type": "rtn"})
+
     def qk_recipe(recon: bool) -> dict:
         r = {"name": "recon-peer" if recon else "gptq-peer",
-             "quantizer": {"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True},
+             "quantizer": quantizer,
              "format": {"type": "int", "bits": args.bits, "group_size": args.group_size, "sym": args.sym},
              "block_plugins": [], "ignore": ["lm_head"],
              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
         if recon:
             r["block_plugins"] = [{"type": "recon", "iters": args.iters, "batch_size": args.batch,
-                                   "autocast": args.autocast}]
+                                   "autocast": args.autocast, **extra}]
         return r
 
     if "float" not in args.skip:
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
         load0, t = os.getloadavg()[0], time.time()
         qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(False), calibration=ids, progress=False)
         secs = time.time() - t
-        score(qm.model, f"quantkit gptq int{args.bits} {sym} g{args.group_size}", secs,
+        score(qm.model, f"quantkit {args.quantizer} int{args.bits} {sym} g{args.group_size}", secs,
               round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
     if "autoround" not in args.skip:
         from auto_round import AutoRound
@@ -151,7 +163,8 @@ def main(argv=None) -> int:
         load0, t = os.getloadavg()[0], time.time()
         qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(True), calibration=ids, progress=False)
         secs = time.time() - t
-        score(qm.model, f"quantkit gptq+recon int{args.bits} {sym} g{args.group_size}",
+        opts = "".join(f" {k}={v}" for k, v in extra.items())
+        score(qm.model, f"quantkit {args.quantizer}+recon{opts} int{args.bits} {sym} g{args.group_size}",
               secs, round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
     fl = rows[0]["ppl"] if rows and rows[0]["method"] == "float" else float("nan")
     print(f"\n{args.model}, calibration {args.samples} x {args.seq_len}, {args.iters} steps of {args.batch} "

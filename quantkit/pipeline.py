@@ -70,6 +70,7 @@ class Restored:
     start_block: int
     inputs: list[torch.Tensor]  # hidden states entering start_block: this process's batches, in shard order
     report: PipelineReport  # the report of the finished blocks; the run goes on adding to it
+    float_inputs: list[torch.Tensor] | None = None  # the float stream's hidden states, when a plugin uses it
 
 
 class BlockObserver:
@@ -79,8 +80,10 @@ class BlockObserver:
     def restored(self) -> Restored | None:
         return None
 
-    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
-        """``block`` is quantized and back on CPU; ``inputs`` are the next block's hidden states."""
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor],
+                      float_inputs: list[torch.Tensor] | None = None) -> None:
+        """``block`` is quantized and back on CPU; ``inputs`` are the next block's hidden states and
+        ``float_inputs`` the float stream's (None unless a block plugin uses it)."""
 
 
 def _tree_to(obj: Any, device) -> Any:
@@ -438,8 +441,16 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     inputs, kwargs_list = capture(model, blocks, batches, device)
     report.capture_seconds += time.time() - t_cap
     start = 0
+    # the float model's own hidden states, carried beside the quantized ones when a plugin trains on them
+    float_stream = any(p.uses_float_stream for p in plugins)
+    fp_inputs = list(inputs) if float_stream else None
     if restored is not None:  # the saved hidden states replace the captured ones (the kwargs are the same)
         start, inputs = restored.start_block, [h.to(device) for h in restored.inputs]
+        if float_stream:
+            if restored.float_inputs is None:
+                raise QuantkitError(f"the resume state of this run holds no float-stream activations, which "
+                                    f"{recipe.source}'s block plugins need; remove the resume dir to start afresh")
+            fp_inputs = [h.to(device) for h in restored.float_inputs]
 
     prefetch = None
     if device.type == "cuda" and start < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
@@ -461,7 +472,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         schemes = _schemes(recipe, block)
         # plugins train on every float output; otherwise only the first REF_BATCHES are kept, for the
         # block error estimate (keeping all would hold a second copy of the activations)
-        n_ref = len(inputs) if plugins else min(len(inputs), REF_BATCHES)
+        n_ref = len(inputs) if any(not p.uses_float_stream for p in plugins) else min(len(inputs), REF_BATCHES)
         # MoE: routed-token counts per expert; all-expert statistics unless the recipe turns them off
         with expert_calibration(module, prefix, recipe.moe.calibrate_all_experts) as counts:
             stats, float_outs, t_reduce = calibrate(block, schemes, inputs, kwargs_list, device, acc, n_ref, solver)
@@ -469,6 +480,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
                   for c, t in counts.items()}
         schemes, moe_notes = fallback_schemes(schemes, stats, counts, recipe.moe)  # MoE: few-token experts
         report.experts.update(counts)
+        fp_outs = float_forward(module, fp_inputs, kwargs_list, device) if float_stream else None
         for p in plugins:  # e.g. reconstruction keeps the float weights the solve replaces
             p.before_solve(module, {n: linear_weight(block.linears[n]) for n in schemes}, prefix)
         t_solve = _clock(device)
@@ -482,8 +494,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         binfo: dict[str, float] = {"block": bi, "calibrate_s": t_solve - t_block, "solve_s": _clock(device) - t_solve,
                                    "reduce_s": t_solve - t_reduce}  # reduce_s: the statistics' all-reduce
         t_prop = _clock(device)
-        plugin_metrics, block_rel_err = propagate(block, plugins, inputs, kwargs_list, float_outs, device, solver)
+        plugin_metrics, block_rel_err = propagate(block, plugins, inputs, kwargs_list, float_outs, device, solver,
+                                                  fp_outs)
         del float_outs
+        if float_stream:
+            fp_inputs, fp_outs = fp_outs, None
         binfo.update(plugin_metrics)
         binfo["propagate_s"] = _clock(device) - t_prop
         binfo["block_rel_err"] = block_rel_err
@@ -499,7 +514,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             if prefetch is not None:
                 prefetch.drain()  # the observer may read the block (resume saves it)
             report.seconds = prior_seconds + time.time() - t0
-            observer.on_block_done(block, report, inputs)
+            observer.on_block_done(block, report, inputs, fp_inputs)
     if prefetch is not None:
         prefetch.drain()
     if device.type == "cuda":  # cached blocks are reused block after block; released once, at the end
@@ -551,14 +566,26 @@ def calibrate(block: Block, schemes: dict[str, Scheme], inputs: list[torch.Tenso
     return collector, float_outs, t_reduce
 
 
+def float_forward(module: nn.Module, fp_inputs: list[torch.Tensor], kwargs_list: list[dict], device
+                  ) -> list[torch.Tensor]:
+    """The float block on the float stream's hidden states (before the block is quantized): the float
+    model's hidden states after this block, the targets of plugins that train on the float stream."""
+    with torch.no_grad():
+        return [run_block(module, h.to(device), kw).to(device) for h, kw in zip(fp_inputs, kwargs_list)]
+
+
 def propagate(block: Block, plugins: list, inputs: list[torch.Tensor], kwargs_list: list[dict],
-              float_outs: list[torch.Tensor], device: torch.device, solver) -> tuple[dict[str, float], float]:
+              float_outs: list[torch.Tensor], device: torch.device, solver,
+              fp_outs: list[torch.Tensor] | None = None) -> tuple[dict[str, float], float]:
     """Step 4: run the block plugins, then the quantized block on every batch: its outputs replace
-    ``inputs`` (they are the next block's). Returns the plugins' metrics and the block's relative
-    output error against the kept float outputs (summed over the processes)."""
+    ``inputs`` (they are the next block's). A plugin that uses the float stream trains against
+    ``fp_outs`` (the float model's hidden states after the block), the others against ``float_outs``.
+    Returns the plugins' metrics and the block's relative output error against the kept float
+    outputs (the float block on the same inputs; summed over the processes)."""
     metrics: dict[str, float] = {}
     for p in plugins:
-        metrics.update(p.after_block(block.module, inputs, kwargs_list, float_outs, run_block) or {})
+        targets = fp_outs if p.uses_float_stream else float_outs
+        metrics.update(p.after_block(block.module, inputs, kwargs_list, targets, run_block) or {})
     with torch.no_grad():
         nd = torch.zeros(2, dtype=torch.float64, device=device)
         for j, (h, kw) in enumerate(zip(inputs, kwargs_list)):

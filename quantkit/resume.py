@@ -221,19 +221,20 @@ def _act_file(bi: int, dist) -> str:
     return f"acts-{bi:05d}-rank{dist.rank}of{dist.world}.safetensors"
 
 
-def _load_acts(work_dir: str, files: list[str], want: list[int]) -> list[torch.Tensor]:
-    """The saved hidden states of global batches ``want`` (files may come from any number of ranks)."""
+def _load_acts(work_dir: str, files: list[str], want: list[int], key: str = "h") -> list[torch.Tensor]:
+    """The saved hidden states of global batches ``want`` (files may come from any number of ranks);
+    ``key`` "h": the quantized model's, "f": the float stream's."""
     from safetensors import safe_open
 
     found: dict[int, torch.Tensor] = {}
-    need = {f"h.{j}" for j in want}
+    need = {f"{key}.{j}" for j in want}
     for fn in files:
         path = os.path.join(work_dir, fn)
         try:
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():
                     if k in need:
-                        found[int(k[2:])] = f.get_tensor(k)
+                        found[int(k[len(key) + 1:])] = f.get_tensor(k)
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: unreadable resume file ({e})") from None
     missing = [j for j in want if j not in found]
@@ -315,7 +316,7 @@ class ResumeObserver(BlockObserver):
                 acts = state["acts"]
                 decision = {"resume": True, "start": int(state["next_block"]), "specs": dict(state["specs"]),
                             "report": state["report"], "acts": [acts] if isinstance(acts, str) else list(acts),
-                            "blocks": list(state["blocks"])}
+                            "blocks": list(state["blocks"]), "float_stream": bool(state.get("float_stream"))}
             else:
                 if state is not None:
                     reason = _why_different(state.get("fingerprint", {}), fp)
@@ -335,17 +336,20 @@ class ResumeObserver(BlockObserver):
         for bi, fn in enumerate(self.block_files):
             _restore_block(self.model, os.path.join(work_dir, fn), self.specs, f"{self.blocks_name}.{bi}.")
         inputs = _load_acts(work_dir, self.act_files, self.mine)
+        floats = _load_acts(work_dir, self.act_files, self.mine, "f") if decision.get("float_stream") else None
         self.info["resumed_from_block"] = start
         if self.main:
             self.log(f"resuming from block {start} of {self.n_blocks} (work dir {work_dir})")
-        self._restored = Restored(start, inputs, PipelineReport.from_dict(decision["report"]))
+        self._restored = Restored(start, inputs, PipelineReport.from_dict(decision["report"]), floats)
 
     # ---- the observer ---------------------------------------------------------------------------------
     def restored(self) -> Restored | None:
         return self._restored
 
-    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
-        """Commit ``block``: its state (rank 0), this rank's activations, then state.json (rank 0)."""
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor],
+                      float_inputs: list[torch.Tensor] | None = None) -> None:
+        """Commit ``block``: its state (rank 0), this rank's activations (and the float stream's, when
+        there is one), then state.json (rank 0)."""
         work_dir, dist, bi = self.work_dir, self.dist, block.index
         for n, m in block.module.named_modules():
             if isinstance(m, QuantLinear):
@@ -357,7 +361,10 @@ class ResumeObserver(BlockObserver):
             if self.main:
                 # native layout names: a streamed save links this file as the block's shard (quantkit.stream)
                 _save_tensors(os.path.join(work_dir, bfile), native_block_tensors(block.module, block.prefix))
-            _save_tensors(os.path.join(work_dir, afile), {f"h.{j}": h for j, h in zip(self.mine, inputs)})
+            acts = {f"h.{j}": h for j, h in zip(self.mine, inputs)}
+            if float_inputs is not None:
+                acts.update({f"f.{j}": h for j, h in zip(self.mine, float_inputs)})
+            _save_tensors(os.path.join(work_dir, afile), acts)
         except Exception as e:  # noqa: BLE001 - shared with the other ranks first
             err = e
         afiles = dist.agree(err, f"saving block {bi}'s resume files", afile) if dist is not None else [afile]
@@ -368,7 +375,7 @@ class ResumeObserver(BlockObserver):
         if self.main:
             new_state = {"version": STATE_VERSION, "fingerprint": self.fp, "n_blocks": self.n_blocks,
                          "next_block": bi + 1, "blocks": self.block_files + [bfile], "acts": afiles,
-                         "specs": self.specs, "report": asdict(report)}
+                         "specs": self.specs, "report": asdict(report), "float_stream": float_inputs is not None}
             _fsync_write(os.path.join(work_dir, STATE_FILE), json.dumps(new_state, default=str).encode())
             for old in self.act_files:
                 if old not in afiles:

@@ -437,7 +437,8 @@ class StreamWriter(BlockObserver):
         for bi in range(restored.start_block):
             self._add_block(Block(bi, blocks[bi], f"{self.blocks_name}.{bi}.", {}))
 
-    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor],
+                      float_inputs: list[torch.Tensor] | None = None) -> None:
         self._add_block(block)
 
     def _add_block(self, block: Block) -> None:
@@ -515,10 +516,11 @@ class Observers(BlockObserver):
         self.writer.restored(r)
         return r
 
-    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor]) -> None:
+    def on_block_done(self, block: Block, report: PipelineReport, inputs: list[torch.Tensor],
+                      float_inputs: list[torch.Tensor] | None = None) -> None:
         if self.first is not None:
-            self.first.on_block_done(block, report, inputs)
-        self.writer.on_block_done(block, report, inputs)
+            self.first.on_block_done(block, report, inputs, float_inputs)
+        self.writer.on_block_done(block, report, inputs, float_inputs)
 
 
 LOADS = ("stream", "whole")

@@ -27,8 +27,8 @@ def main() -> None:
 
     commit = resume.ResumeObserver.on_block_done
 
-    def on_block_done(self, block, report, inputs):
-        commit(self, block, report, inputs)
+    def on_block_done(self, block, report, inputs, float_inputs=None):
+        commit(self, block, report, inputs, float_inputs)
         if kill_after is not None and block.index == int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
     resume.ResumeObserver.on_block_done = on_block_done

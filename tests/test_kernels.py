@@ -84,6 +84,19 @@ def test_int4_paths(path, m, g, sym, dtype):
     check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
 
 
+@pytest.mark.parametrize("path,m", [("gemv", 1), ("post", 5), ("pre", 19), ("dq", 7)])
+def test_int4_signed_scales(path, m):
+    """``sym_range: full`` stores negative scales for groups whose larger end is positive: every path
+    multiplies by the signed scale (no path may assume scales > 0)."""
+    n, k = 40, 256
+    spec, p, gidx = make_int(n, k, 4, 64, True, seed=7)
+    flip = torch.rand(p["scales"].shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    p["scales"] = torch.where(flip, -p["scales"], p["scales"])
+    kern = build({**spec, "sym_range": "full"}, p, (n, k))
+    x = rand_x(m, k, torch.bfloat16, m)
+    check(run_path(kern, path, x), x.double() @ ref_int(p, n, k, 4, gidx, True).t(), torch.bfloat16)
+
+
 @pytest.mark.parametrize("path,bits,g,sym,act", [
     ("gemv", 4, 32, False, True),     # act-order g_idx
     ("post", 4, 64, True, True),

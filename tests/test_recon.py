@@ -11,7 +11,8 @@ from quantkit.errors import RecipeError
 from quantkit.models.discovery import find_blocks, find_linears, linear_weight
 from quantkit.nn import QuantLinear
 from quantkit.recipe import load_recipe
-from quantkit.transforms.base import block_plugin_from_spec
+from quantkit.registry import register
+from quantkit.transforms.base import BlockPlugin, PluginConfig, block_plugin_from_spec
 from quantkit.transforms.recon import _Layer
 
 from conftest import tiny_model
@@ -170,3 +171,86 @@ def test_recon_autocast_on_lowers_error_and_is_deterministic():
     sa, sb = a.model.state_dict(), b.model.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+class _Probe(BlockPlugin):
+    """Records what the pipeline hands a plugin that uses the float stream (test only)."""
+    Config = PluginConfig
+    seen: list = []
+
+    @property
+    def uses_float_stream(self) -> bool:
+        return True
+
+    def after_block(self, block, inputs, kwargs, float_outputs, forward):
+        _Probe.seen.append(([h.clone() for h in inputs], [f.clone() for f in float_outputs]))
+        return {}
+
+
+register("block_plugin", "_test_float_probe")(_Probe)
+
+
+def test_float_stream_is_the_float_models_hidden_states():
+    """A plugin that uses the float stream gets, after block k, the float model's own hidden state
+    (hidden_states[k + 1] of the float forward), not the float block applied to the quantized inputs;
+    its inputs are the quantized model's."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        hs = model(IDS, output_hidden_states=True).hidden_states
+    _Probe.seen = []
+    quantkit.quantize(model, {"quantizer": "rtn", "format": {"type": "int", "bits": 2, "group_size": 32},
+                              "calibration": {"samples": 16, "seq_len": 32, "batch_size": 8},
+                              "block_plugins": [{"type": "_test_float_probe"}]},
+                      calibration=IDS, progress=False)
+    n = len(find_blocks(model)[1])
+    assert len(_Probe.seen) == n
+    for k, (inputs, targets) in enumerate(_Probe.seen):
+        got = torch.cat(targets)
+        if k < n - 1:  # the last hidden state is after the final norm
+            torch.testing.assert_close(got, hs[k + 1], rtol=1e-4, atol=1e-5)
+        if k > 0:  # 2-bit blocks before: the quantized stream has left the float one
+            assert not torch.allclose(torch.cat(inputs), hs[k], rtol=1e-3, atol=1e-3)
+
+
+def test_recon_float_target_resumes_bit_identical(tmp_path, monkeypatch):
+    """target: model carries a second activation stream; a run stopped after block 0 and resumed
+    writes the same checkpoint as an uninterrupted one (the float stream is saved and restored)."""
+    from safetensors.torch import load_file
+
+    from quantkit import resume
+
+    recipe = _recipe("rtn", bits=3, target="model", iters=6)
+    ref = quantkit.quantize(tiny_model("llama"), recipe, calibration=IDS, progress=False,
+                            resume_dir=str(tmp_path / "w_ref"))
+    ref.save(str(tmp_path / "ref"))
+    commit = resume.ResumeObserver.on_block_done
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(self, block, report, inputs, float_inputs=None):
+        assert float_inputs is not None and len(float_inputs) == len(inputs)
+        commit(self, block, report, inputs, float_inputs)
+        if block.index == 0:
+            raise Stop
+
+    work = str(tmp_path / "w")
+    monkeypatch.setattr(resume.ResumeObserver, "on_block_done", stop_after)
+    with pytest.raises(Stop):
+        quantkit.quantize(tiny_model("llama"), recipe, calibration=IDS, progress=False, resume_dir=work)
+    assert resume.read_state(work)["float_stream"] is True
+    monkeypatch.setattr(resume.ResumeObserver, "on_block_done", commit)
+    qm = quantkit.quantize(tiny_model("llama"), recipe, calibration=IDS, progress=False, resume_dir=work)
+    assert qm.meta["resume"]["resumed_from_block"] == 1
+    qm.save(str(tmp_path / "res"))
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ref", "res"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recon_float_target_differs_after_first_block():
+    """Block 0 sees identical inputs either way (same result); from block 1 the targets differ."""
+    a = _run(_recipe("rtn", bits=3, target="model", iters=10)).report.blocks
+    b = _run(_recipe("rtn", bits=3, target="block", iters=10)).report.blocks
+    assert a[0]["recon_err_before"] == b[0]["recon_err_before"]
+    assert a[0]["recon_err_after"] == b[0]["recon_err_after"]
+    assert a[1]["recon_err_before"] != b[1]["recon_err_before"]

@@ -99,8 +99,8 @@ def test_changed_inputs_start_afresh_and_say_why(model_dir, tmp_path, monkeypatc
 
     commit = resume.ResumeObserver.on_block_done
 
-    def stop_after(self, block, report, inputs):
-        commit(self, block, report, inputs)
+    def stop_after(self, block, report, inputs, float_inputs=None):
+        commit(self, block, report, inputs, float_inputs)
         if block.index == stop["after"]:
             raise Stop
 

@@ -1,6 +1,7 @@
 """Integer affine formats: INT2..INT8, symmetric or asymmetric, per channel or in groups.
 
-w ≈ (q - z) * s, q in [0, 2^b - 1]. Symmetric: z = 2^(b-1) (not stored), s = max|w| / ((2^b-1)/2).
+w ≈ (q - z) * s, q in [0, 2^b - 1]. Symmetric: z = 2^(b-1) (not stored), s = max|w| / ((2^b-1)/2)
+(``sym_range: half``, GPTQ's) or ±max|w| / 2^(b-1) (``full``: the larger end on code 0, every code used).
 Asymmetric: s = (max - min) / (2^b - 1) with the range stretched to contain 0, z = round(-min/s)
 stored as uint8. Scales are rounded to ``scale_dtype`` *before* rounding the weights, so the
 stored checkpoint reproduces the in-memory model exactly.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import CheckpointError
 from ..registry import register
@@ -29,11 +30,22 @@ class IntConfig(FormatConfig):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = 128
     sym: bool = False
+    # symmetric grids only: "half" (GPTQ's): s = max|w| / ((2^b - 1) / 2), both ends at +-(2^b - 1)/2
+    # steps, rounded; "full": s = +-max|w| / 2^(b-1) with the sign that puts the larger-magnitude end
+    # exactly on code 0 (q - z = -2^(b-1)): all 2^b codes used, a grid 2^b / (2^b - 1) finer (as
+    # llama.cpp and auto-round). Storage and decoding are the same; the scale may be negative.
+    sym_range: Literal["half", "full"] = "half"
     last_group: Literal["partial", "error"] = "partial"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     # "minmax": the group's range; "mse": shrink the range (grid of 20 steps down to 55%) to the
     # point of least (activation-weighted) squared error, per row.
     clip: Literal["minmax", "mse"] = "minmax"
+
+    @model_validator(mode="after")
+    def _full_needs_sym(self):
+        if self.sym_range == "full" and not self.sym:
+            raise ValueError("sym_range: full applies to symmetric grids only; set sym: true or drop sym_range")
+        return self
 
 
 @register("format", "int")
@@ -67,8 +79,13 @@ class IntFormat(WeightFormat):
         sdt = _DTYPES[self.cfg.scale_dtype]
         if self.cfg.sym:
             amax = torch.maximum(xmin.abs(), xmax.abs())
-            scale = amax / (self.maxq / 2)
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(sdt).float()
+            if self.cfg.sym_range == "full":
+                half = float(1 << (self.cfg.bits - 1))
+                scale = torch.where(xmin.abs() >= xmax.abs(), amax, -amax) / half
+                scale = torch.where(scale != 0, scale, torch.ones_like(scale)).to(sdt).float()
+            else:
+                scale = amax / (self.maxq / 2)
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(sdt).float()
             zero = torch.full_like(scale, float(1 << (self.cfg.bits - 1)))
         else:
             xmin = torch.minimum(xmin, torch.zeros_like(xmin))

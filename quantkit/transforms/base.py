@@ -73,13 +73,24 @@ class BlockPlugin(ABC):
     def spec(self) -> dict[str, Any]:
         return {"type": self.registry_name, **self.cfg.model_dump()}
 
+    @property
+    def uses_float_stream(self) -> bool:
+        """True: ``after_block`` gets, as ``float_outputs``, the *float model's* hidden states after this
+        block (the calibration text run through the float blocks only), so that the quantized block may
+        also undo the error of the quantized blocks before it. False (default): the float block's
+        outputs on the same inputs as the quantized block. The pipeline carries the float stream (a
+        second copy of the calibration activations) only when a plugin asks for it."""
+        return False
+
     def before_solve(self, block: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
         """Called before the block's linears are quantized, with their float weights [out, in] by full
         name (``prefix`` is the block's); e.g. reconstruction keeps them. Default: nothing."""
 
     def after_block(self, block: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                     float_outputs: list[torch.Tensor], forward: Callable) -> dict[str, float]:
-        """Adjust the quantized ``block``; ``forward(block, hidden, kwargs)`` runs it. Returns metrics."""
+        """Adjust the quantized ``block``; ``forward(block, hidden, kwargs)`` runs it. ``inputs`` are the
+        quantized model's hidden states entering the block; ``float_outputs`` the targets (see
+        :attr:`uses_float_stream`). Returns metrics."""
         return {}
 
 

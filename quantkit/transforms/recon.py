@@ -12,6 +12,13 @@ via Signed Gradient Descent for the Quantization of LLMs"; written here from the
     s = (hi - lo) / maxq,  z = round(-lo / s)        (symmetric: s = a · s0, z = z0)
     q = clamp(round(w / s + v0 + v) + z, 0, maxq),   ŵ = (q - z) · s
 
+The block's inputs are the quantized model's hidden states (the quantized blocks before it). Its
+target (``target``) is either the float block's output on those same inputs (``block``: each block
+matches its own float version) or the float model's own hidden state after the block (``model``:
+the calibration text run through the float blocks only, carried by the pipeline as a second
+activation stream, so the block also learns to undo the error of the quantized blocks before it, as
+SignRound does; one more float forward per block and a second copy of the activations).
+
 ``v0`` puts the start on the quantizer's codes (``init: quantizer``; for RTN it is the rounding
 itself, for GPTQ its error-compensated choices) or on plain rounding (``init: rtn``, v0 = 0).
 Rounding passes gradients straight through; each step moves every parameter by ``lr_t · sign(grad)``
@@ -63,6 +70,7 @@ class ReconConfig(PluginConfig):
     patience: int | None = Field(None, ge=1, description="early stop: steps without a smoothed-loss gain")
     seed: int = 0
     autocast: Literal["auto", "on", "off"] = "auto"
+    target: Literal["model", "block"] = "block"
 
     @model_validator(mode="after")
     def _check(self):
@@ -323,6 +331,10 @@ class Recon(BlockPlugin):
         super().__init__(cfg)
         self._float: dict[str, torch.Tensor] = {}
         self._prefix = ""
+
+    @property
+    def uses_float_stream(self) -> bool:
+        return self.cfg.target == "model"
 
     def before_solve(self, block: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
         """Keep the block's float weights [out, in] (by name inside the block) before the solver
