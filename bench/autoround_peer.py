@@ -73,6 +73,8 @@ def main(argv=None) -> int:
                     help="quantkit recon's autocast option (auto-round: its default amp)")
     ap.add_argument("--recon-set", action="append", default=[], metavar="KEY=VALUE",
                     help="one more recon option for quantkit's run (YAML value), e.g. target=model, init=rtn")
+    ap.add_argument("--fmt-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more int-format option for quantkit's runs (YAML value), e.g. sym_range=full")
     ap.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq", help="quantkit's quantizer before recon")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--smoke", action="store_true")
@@ -118,17 +120,18 @@ def main(argv=None) -> int:
 
     import yaml
 
-    extra = {}
-    for kv in args.recon_set:
-        k, _, v = kv.partition("=")
-        extra[k] = yaml.safe_load(v)
+    def pairs(items):
+        return {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in items)}
+
+    extra, fmt_extra = pairs(args.recon_set), pairs(args.fmt_set)
     quantizer = ({"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True}
                  if args.quantizer == "gptq" else {"type": "rtn"})
 
     def qk_recipe(recon: bool) -> dict:
         r = {"name": "recon-peer" if recon else "gptq-peer",
              "quantizer": quantizer,
-             "format": {"type": "int", "bits": args.bits, "group_size": args.group_size, "sym": args.sym},
+             "format": {"type": "int", "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+                        **fmt_extra},
              "block_plugins": [], "ignore": ["lm_head"],
              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
         if recon:
@@ -142,7 +145,8 @@ def main(argv=None) -> int:
         load0, t = os.getloadavg()[0], time.time()
         qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(False), calibration=ids, progress=False)
         secs = time.time() - t
-        score(qm.model, f"quantkit {args.quantizer} int{args.bits} {sym} g{args.group_size}", secs,
+        fopts = "".join(f" {k}={v}" for k, v in fmt_extra.items())
+        score(qm.model, f"quantkit {args.quantizer}{fopts} int{args.bits} {sym} g{args.group_size}", secs,
               round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
     if "autoround" not in args.skip:
         from auto_round import AutoRound
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
         load0, t = os.getloadavg()[0], time.time()
         qm = quantkit.quantize(copy.deepcopy(lm.model), qk_recipe(True), calibration=ids, progress=False)
         secs = time.time() - t
-        opts = "".join(f" {k}={v}" for k, v in extra.items())
+        opts = "".join(f" {k}={v}" for k, v in {**extra, **fmt_extra}.items())
         score(qm.model, f"quantkit {args.quantizer}+recon{opts} int{args.bits} {sym} g{args.group_size}",
               secs, round(qm.bits_per_weight(), 4), load0, extra=report_stats(qm))
     fl = rows[0]["ppl"] if rows and rows[0]["method"] == "float" else float("nan")

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--recon-batch", type=int, default=8)
     ap.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
+    ap.add_argument("--target", choices=["block", "model"], default="block", help="recon's target option")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 blocks, 3 steps")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
              if args.quantizer == "gptq" else "rtn")
     recipe = {"name": "w4a16-recon-bench", "quantizer": quant,
               "format": {"type": "int", "bits": 4, "group_size": 128, "sym": False},
-              "block_plugins": [{"type": "recon", "iters": args.iters, "batch_size": args.recon_batch}],
+              "block_plugins": [{"type": "recon", "iters": args.iters, "batch_size": args.recon_batch,
+                                 "target": args.target}],
               "ignore": ["lm_head"],
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
     if dev == "cuda":
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     per_block = (secs - qm.report.capture_seconds) / len(b)
     row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "blocks": len(b),
            "calib_tokens": ids.numel(), "iters": args.iters, "recon_batch": args.recon_batch,
-           "quantizer": args.quantizer, "wall_s": round(secs, 1), "capture_s": round(qm.report.capture_seconds, 1),
+           "quantizer": args.quantizer, "target": args.target, "wall_s": round(secs, 1), "capture_s": round(qm.report.capture_seconds, 1),
            "per_block_s": round(per_block, 2), "per_block_phases_s": {k: round(v, 2) for k, v in per.items()},
            "extrapolated_32_blocks_s": round(per_block * 32 + qm.report.capture_seconds, 1),
            "peak_gpu_GiB": round(peak, 2),

@@ -1,0 +1,163 @@
+"""Many block-reconstruction settings and auto-round runs on one model, in one process, one table.
+
+The model, calibration token ids and evaluation windows are loaded once and shared by every row, so
+a GPU call (or a CPU session) compares several settings under the same conditions. Each ``--run``
+is one row, ``TOOL:key=value,...``:
+
+    qk:bits=4,g=128,sym=1,sym_range=full,quantizer=gptq,iters=30,batch=4,target=model,init=quantizer
+    ar:bits=4,g=128,sym=1,iters=30,batch=4           (auto-round, its default SignRound algorithm)
+    qk:bits=4,g=128,sym=1,iters=0                     (the quantizer alone: no recon plugin)
+
+quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), quantizer (gptq/rtn), iters,
+batch, and any other recon option (target, init, lr, learn_clip, autocast, patience). auto-round
+keys: bits, g, sym, iters, batch. The same calibration ids (quantkit's ``calibration_batch``,
+``--samples`` x ``--seq-len`` of the even enwiki articles, seed 0) go to both tools, and every row is
+scored by ``quantkit.evaluate`` on ``--max-windows`` x ``--seq-len`` windows of the odd articles (the
+docs/QUALITY.md harness). auto-round is never a quantkit dependency: put it on PYTHONPATH for this
+script only (bench/autoround_peer.py says how). Rows print as they finish; the JSON under $OUT (or
+``--out``) is rewritten after each, so a run cut short keeps its rows.
+
+    python -P bench/recon_matrix.py --run qk:bits=4,sym=1,iters=30,batch=4 --run ar:bits=4,sym=1,iters=30
+    python -P bench/recon_matrix.py --smoke      # 1 step, 4 x 64 tokens, 2 windows (plumbing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import time
+
+import torch
+import yaml
+
+QK_FMT = {"bits", "g", "sym", "sym_range"}
+
+
+def parse_run(text: str) -> tuple[str, dict]:
+    tool, _, rest = text.partition(":")
+    if tool not in ("qk", "ar"):
+        raise SystemExit(f"--run {text!r}: the tool must be qk or ar")
+    kv = {k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in rest.split(",") if p)}
+    return tool, kv
+
+
+def qk_recipe(kv: dict, args) -> dict:
+    bits, g, sym = int(kv.get("bits", 4)), kv.get("g", 128), bool(kv.get("sym", 0))
+    fmt = {"type": "int", "bits": bits, "group_size": g, "sym": sym}
+    if "sym_range" in kv:
+        fmt["sym_range"] = kv["sym_range"]
+    quant = kv.get("quantizer", "gptq")
+    quantizer = ({"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True}
+                 if quant == "gptq" else {"type": "rtn"})
+    recon = {k: v for k, v in kv.items() if k not in QK_FMT | {"quantizer", "iters", "batch"}}
+    iters = int(kv.get("iters", 0))
+    plugins = ([{"type": "recon", "iters": iters, "batch_size": int(kv.get("batch", 4)), **recon}]
+               if iters > 0 else [])
+    return {"name": "recon-matrix", "quantizer": quantizer, "format": fmt, "block_plugins": plugins,
+            "ignore": ["lm_head"],
+            "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "corpus": "enwiki"}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--run", action="append", default=[], help="one row: TOOL:key=value,... (see above)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.samples, args.seq_len, args.max_windows = 4, 64, 2
+        args.run = args.run or ["qk:bits=4,sym=1,sym_range=full,iters=1,batch=2,target=model"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import quantkit
+    from quantkit.api import QuantizedModel
+    from quantkit.data import calibration_batch
+    from quantkit.models import load_float_model
+
+    runs = [parse_run(r) for r in args.run]
+    lm = load_float_model(args.model)
+    ids = calibration_batch(lm.tokenizer, args.samples, args.seq_len, 0, "enwiki", lm.bos_token_id)
+    dev = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "gpu": gpu}
+    rows: list[dict] = []
+    path = os.path.join(args.out, f"recon_matrix{args.tag}.json")
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def score(model, label, tool, kv, secs, bpw, extra=None):
+        qm = QuantizedModel(model, lm.tokenizer, lm.source, lm.path, {"float": True})
+        ev = quantkit.evaluate(qm, seq_len=args.seq_len, max_windows=args.max_windows, device=args.device,
+                               progress=False)
+        rows.append({"label": label, "tool": tool, "settings": kv, "ppl": float(ev["ppl"]),
+                     "seconds": round(secs, 1), "bits_per_weight": bpw, "load": round(os.getloadavg()[0], 2),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     **(extra or {})})
+        fl = rows[0]["ppl"] if rows[0]["tool"] == "float" else float("nan")
+        print(f"| {label} | {rows[-1]['ppl']:.3f} | {rows[-1]['ppl'] - fl:+.3f} | {secs:.1f} | {bpw} |", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    print(f"{args.model} on {gpu or 'cpu'}, calibration {args.samples} x {args.seq_len}, "
+          f"eval {args.max_windows} x {args.seq_len}\n| run | ppl | gap | quantize s | bits/weight |\n|---|---|---|---|---|",
+          flush=True)
+    score(copy.deepcopy(lm.model), "float", "float", {}, 0.0, 32.0)
+    for tool, kv in runs:
+        label = tool + ":" + ",".join(f"{k}={v}" for k, v in kv.items())
+        model = copy.deepcopy(lm.model)
+        if tool == "qk":
+            sync()
+            t = time.time()
+            qm = quantkit.quantize(model, qk_recipe(kv, args), calibration=ids, device=args.device, progress=False)
+            sync()
+            secs = time.time() - t
+            blocks = qm.report.blocks
+            extra = {"block_rel_err_mean": sum(b.get("block_rel_err", 0.0) for b in blocks) / max(len(blocks), 1)}
+            if any("recon_s" in b for b in blocks):
+                extra.update({"recon_s_total": round(sum(b.get("recon_s", 0.0) for b in blocks), 1),
+                              "recon_kept": [int(b["recon_kept"]) for b in blocks if "recon_kept" in b]})
+            score(qm.model, label, tool, kv, secs, round(qm.bits_per_weight(), 4), extra)
+            del qm
+        else:
+            from auto_round import AutoRound
+
+            bits, g, sym = int(kv.get("bits", 4)), int(kv.get("g", 128)), bool(kv.get("sym", 1))
+            batch = int(kv.get("batch", 8))
+            sync()
+            t = time.time()
+            ar = AutoRound(model, lm.tokenizer, bits=bits, group_size=g, sym=sym, iters=int(kv.get("iters", 200)),
+                           nsamples=args.samples, seqlen=args.seq_len, batch_size=batch,
+                           dataset=list(ids.split(batch)), device_map=0 if dev.type == "cuda" else "cpu", seed=0)
+            ar.quantize()
+            sync()
+            secs = time.time() - t
+            if args.threads:
+                torch.set_num_threads(args.threads)  # auto-round may change it
+            bpw = bits + (16 + (0 if sym else bits)) / g  # fp16 scale (+ zero) per group, computed
+            score(model.to("cpu"), label, tool, kv, secs, round(bpw, 4))
+            del ar
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
