@@ -8,7 +8,8 @@ is one row, ``TOOL:key=value,...``:
     ar:bits=4,g=128,sym=1,iters=30,batch=4           (auto-round, its default SignRound algorithm)
     qk:bits=4,g=128,sym=1,iters=0                     (the quantizer alone: no recon plugin)
 
-quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), quantizer (gptq/rtn), iters,
+quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), fmt (int, or lut: any4-style
+learned tables), quantizer (gptq/rtn), iters,
 batch, and any other recon option (target, init, lr, learn_clip, autocast, patience). auto-round
 keys: bits, g, sym, iters, batch. The same calibration ids (quantkit's ``calibration_batch``,
 ``--samples`` x ``--seq-len`` of the even enwiki articles, seed 0) go to both tools, and every row is
@@ -34,7 +35,7 @@ import time
 import torch
 import yaml
 
-QK_FMT = {"bits", "g", "sym", "sym_range"}
+QK_FMT = {"bits", "g", "sym", "sym_range", "fmt"}
 
 
 def parse_run(text: str) -> tuple[str, dict]:
@@ -47,7 +48,10 @@ def parse_run(text: str) -> tuple[str, dict]:
 
 def qk_recipe(kv: dict, args) -> dict:
     bits, g, sym = int(kv.get("bits", 4)), kv.get("g", 128), bool(kv.get("sym", 0))
-    fmt = {"type": "int", "bits": bits, "group_size": g, "sym": sym}
+    if kv.get("fmt", "int") == "lut":  # any4/any3/any2: learned per-row tables, activation-weighted k-means
+        fmt = {"type": "lut", "table": "learned", "bits": bits, "group_size": g, "weighting": "sq"}
+    else:
+        fmt = {"type": "int", "bits": bits, "group_size": g, "sym": sym}
     if "sym_range" in kv:
         fmt["sym_range"] = kv["sym_range"]
     quant = kv.get("quantizer", "gptq")
@@ -118,9 +122,7 @@ def main(argv=None) -> int:
     print(f"{args.model} on {gpu or 'cpu'}, calibration {args.samples} x {args.seq_len}, "
           f"eval {args.max_windows} x {args.seq_len}\n| run | ppl | gap | quantize s | bits/weight |\n|---|---|---|---|---|",
           flush=True)
-    score(copy.deepcopy(lm.model), "float", "float", {}, 0.0, 32.0)
-    for tool, kv in runs:
-        label = tool + ":" + ",".join(f"{k}={v}" for k, v in kv.items())
+    def one(tool, kv, label):
         model = copy.deepcopy(lm.model)
         if tool == "qk":
             sync()
@@ -134,26 +136,32 @@ def main(argv=None) -> int:
                 extra.update({"recon_s_total": round(sum(b.get("recon_s", 0.0) for b in blocks), 1),
                               "recon_kept": [int(b["recon_kept"]) for b in blocks if "recon_kept" in b]})
             score(qm.model, label, tool, kv, secs, round(qm.bits_per_weight(), 4), extra)
-            del qm
-        else:
-            from auto_round import AutoRound
+            return
+        from auto_round import AutoRound
 
-            bits, g, sym = int(kv.get("bits", 4)), int(kv.get("g", 128)), bool(kv.get("sym", 1))
-            batch = int(kv.get("batch", 8))
-            sync()
-            t = time.time()
-            ar = AutoRound(model, lm.tokenizer, bits=bits, group_size=g, sym=sym, iters=int(kv.get("iters", 200)),
-                           nsamples=args.samples, seqlen=args.seq_len, batch_size=batch,
-                           dataset=list(ids.split(batch)), device_map=0 if dev.type == "cuda" else "cpu", seed=0)
-            ar.quantize()
-            sync()
-            secs = time.time() - t
-            if args.threads:
-                torch.set_num_threads(args.threads)  # auto-round may change it
-            bpw = bits + (16 + (0 if sym else bits)) / g  # fp16 scale (+ zero) per group, computed
-            score(model.to("cpu"), label, tool, kv, secs, round(bpw, 4))
-            del ar
-        del model
+        bits, g, sym = int(kv.get("bits", 4)), int(kv.get("g", 128)), bool(kv.get("sym", 1))
+        batch = int(kv.get("batch", 8))
+        sync()
+        t = time.time()
+        ar = AutoRound(model, lm.tokenizer, bits=bits, group_size=g, sym=sym, iters=int(kv.get("iters", 200)),
+                       nsamples=args.samples, seqlen=args.seq_len, batch_size=batch,
+                       dataset=list(ids.split(batch)), device_map=0 if dev.type == "cuda" else "cpu", seed=0)
+        ar.quantize()
+        sync()
+        secs = time.time() - t
+        if args.threads:
+            torch.set_num_threads(args.threads)  # auto-round may change it
+        bpw = bits + (16 + (0 if sym else bits)) / g  # fp16 scale (+ zero) per group, computed
+        score(model.to("cpu"), label, tool, kv, secs, round(bpw, 4))
+
+    score(copy.deepcopy(lm.model), "float", "float", {}, 0.0, 32.0)
+    for tool, kv in runs:
+        label = tool + ":" + ",".join(f"{k}={v}" for k, v in kv.items())
+        try:
+            one(tool, kv, label)
+        except Exception as e:  # noqa: BLE001 - one failed row is reported; the others still run
+            print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} | | | |", flush=True)
+            rows.append({"label": label, "tool": tool, "settings": kv, "error": f"{type(e).__name__}: {e}"})
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return 0

@@ -36,8 +36,12 @@ written out), and the final comparison skips a candidate equal to one already ev
 Weights rotated by a transform (QuIP) are handled in the rotated space: the float weight is mapped
 through the layer's run-time steps (``pre``/``post``, linear maps), so the grid that is learned is
 the one stored. The result is written back through the format's own ``pack`` into the layer's
-buffers: every layout saves it as it saves the quantizer's result. Layers whose format is not an
-affine weight-only grid (LUT, FP8, W8A8) are left as the quantizer made them (``recon_skipped``).
+buffers: every layout saves it as it saves the quantizer's result.
+
+Lookup-table formats (any4/any3/any2, NF4, FP4) keep the quantizer's codes (GPTQ's error-compensated
+choices); their tables (learned tables: the row's 2^b values; fixed tables stay fixed) and group
+scales are trained by the same loop (``_LutLayer``). Layers of other formats (FP8, W8A8) are left
+as the quantizer made them (``recon_skipped``).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import NumericalError
-from ..formats.base import WeightFormat, group_index
+from ..formats.base import WeightFormat, column_groups, group_index
 from ..formats.packing import unpack_codes
 from ..registry import register
 from .base import BlockPlugin, PluginConfig
@@ -250,15 +254,96 @@ class _Layer:
         self._copy_in(self.start)
 
     def _copy_in(self, packed: dict[str, torch.Tensor]) -> None:
-        ql = self.ql
+        _copy_into(self.ql, self.name, packed, self.dense_dtype)
+
+    def step_scale(self, p: torch.Tensor) -> float:
+        return 1.0
+
+
+class _LutLayer:
+    """One lookup-table linear (any4/any3/any2, NF4, FP4): its codes stay as the quantizer chose them;
+    what is trained is the row's table (learned tables only: 2^b values per row) and a factor on each
+    group scale (formats with group scales), so ŵ = T[r, q] · s0 · a. A table value moves by at most
+    ``lr_t`` times the row's mean table spacing per step (the same reach as a rounding offset on an
+    affine grid: about half a step in all); its gradient is exact (no rounding in the loop)."""
+
+    def __init__(self, name: str, ql, learn_clip: bool):
+        fmt = ql.fmt
+        self.name, self.ql, self.fmt = name, ql, fmt
+        rows, cols = ql.shape
+        packed = ql.packed
+        dev = packed["qweight"].device
+        self.codes = unpack_codes(packed["qweight"], int(fmt.cfg.bits), cols).long()
+        self.w = self.codes  # device and shape of the layer (the trainer reads ``w.device``)
+        lut = packed["lut"].float()
+        self.per_row = lut.shape[0] == rows and not fmt.lut_rows_fixed
+        self.t = lut.clone().requires_grad_(self.per_row)
+        spacing = (lut.amax(1, keepdim=True) - lut.amin(1, keepdim=True)) / max(lut.shape[1] - 1, 1)
+        self.t_scale = spacing.clamp_min(1e-8)
+        self.has_scales = "scales" in packed
+        if self.has_scales:
+            self.s0 = packed["scales"].float()
+            self.gs = cols // self.s0.shape[1] if cols % self.s0.shape[1] == 0 else None
+            self.gi = column_groups(cols, fmt.cfg.group_size, dev)
+            self.a = torch.ones_like(self.s0, requires_grad=learn_clip)
+        else:
+            self.a = torch.ones(1, device=dev)
+        self.dense_dtype = ql.dense_weight.dtype if ql.dense_weight is not None else torch.float32
+        self.start = {k: t.clone() for k, t in packed.items() if k in ("qweight", "scales", "lut")}
+
+    def params(self) -> list[torch.Tensor]:
+        return [t for t in (self.t, self.a) if t.requires_grad]
+
+    def step_scale(self, p: torch.Tensor) -> torch.Tensor | float:
+        return self.t_scale if p is self.t else 1.0
+
+    def clamp_(self, clip_range: tuple[float, float]) -> None:
         with torch.no_grad():
-            for k, t in packed.items():
-                buf = getattr(ql, k.replace(".", "__"))
-                if buf.shape != t.shape or buf.dtype != t.dtype:
-                    raise NumericalError(f"{self.name}: recon packed {k} as {tuple(t.shape)} {t.dtype}, "
-                                         f"the layer holds {tuple(buf.shape)} {buf.dtype}")
-                buf.copy_(t)
-            ql.dense_weight = ql.dequantized_weight().to(self.dense_dtype)
+            self.a.clamp_(*clip_range)
+
+    def dequant(self) -> torch.Tensor:
+        vals = self.t[0][self.codes] if self.t.shape[0] == 1 else self.t.gather(1, self.codes)
+        if not self.has_scales:
+            return vals
+        s = self.s0 * self.a
+        return vals * (s.repeat_interleave(self.gs, dim=1) if self.gs is not None else s[:, self.gi])
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.t.detach().clone(), self.a.detach().clone()]
+
+    def load(self, st: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.t.copy_(st[0])
+            self.a.copy_(st[1])
+
+    def write(self) -> None:
+        """Pack the codes with the current table and scales, as stored (fp16)."""
+        with torch.no_grad():
+            packed = {"qweight": self.start["qweight"], "lut": self.t.detach().to(torch.float16).contiguous()}
+            if self.has_scales:
+                s = (self.s0 * self.a).to(torch.float16)
+                packed["scales"] = torch.where(s != 0, s, self.start["scales"]).contiguous()
+            _copy_into(self.ql, self.name, packed, self.dense_dtype)
+
+    def restore(self) -> None:
+        _copy_into(self.ql, self.name, self.start, self.dense_dtype)
+
+
+def _copy_into(ql, name: str, packed: dict[str, torch.Tensor], dense_dtype) -> None:
+    with torch.no_grad():
+        for k, t in packed.items():
+            buf = getattr(ql, k.replace(".", "__"))
+            if buf.shape != t.shape or buf.dtype != t.dtype:
+                raise NumericalError(f"{name}: recon packed {k} as {tuple(t.shape)} {t.dtype}, "
+                                     f"the layer holds {tuple(buf.shape)} {buf.dtype}")
+            buf.copy_(t)
+        ql.dense_weight = ql.dequantized_weight().to(dense_dtype)
+
+
+def _is_lut(ql) -> bool:
+    fmt = getattr(ql, "fmt", None)
+    return (fmt is not None and getattr(fmt.cfg, "type", None) == "lut" and "qweight" in ql.packed
+            and "lut" in ql.packed and type(fmt).linear is WeightFormat.linear)
 
 
 def _same_state(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
@@ -363,10 +448,14 @@ class Recon(BlockPlugin):
         layers, skipped = [], 0
         for n, w in floats.items():
             ql = mods.get(n)
-            if ql is None or not hasattr(ql, "packed") or not _is_affine(ql):
+            if ql is None or not hasattr(ql, "packed"):
                 skipped += 1
-                continue
-            layers.append(_Layer(n, ql, w, cfg.init, cfg.learn_clip))
+            elif _is_affine(ql):
+                layers.append(_Layer(n, ql, w, cfg.init, cfg.learn_clip))
+            elif _is_lut(ql):
+                layers.append(_LutLayer(n, ql, cfg.learn_clip))
+            else:
+                skipped += 1
         del floats
         if not layers or not inputs:
             return {"recon_layers": 0.0, "recon_skipped": float(skipped)}
@@ -421,6 +510,7 @@ class Recon(BlockPlugin):
         seed = (cfg.seed * 1_000_003 + zlib.crc32(self._prefix.encode())) % (2 ** 63)
         sampler = _Sampler(inputs, kwargs, targets, cfg.batch_size, seed)
         params = [p for L in layers for p in L.params()]
+        steps_of = [L.step_scale(p) for L in layers for p in L.params()]
         lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
         use_amp = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
         best_loss, best_state = float("inf"), None
@@ -444,8 +534,8 @@ class Recon(BlockPlugin):
                 best_loss, best_state = lv, [L.state() for L in layers]
             lr = lr0 * (1.0 - it / cfg.iters)
             with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(lr * torch.sign(g))
+                for p, g, k in zip(params, grads, steps_of):
+                    p.sub_(torch.sign(g).mul_(k).mul_(lr))
             for L in layers:
                 L.clamp_(cfg.clip_range)
             if cfg.patience is not None:
