@@ -11,7 +11,7 @@ is one row, ``TOOL:key=value,...``:
 quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), fmt (int, or lut: any4-style
 learned tables), quantizer (gptq/rtn), iters,
 batch, and any other recon option (target, init, lr, learn_clip, autocast, patience). auto-round
-keys: bits, g, sym, iters, batch. The same calibration ids (quantkit's ``calibration_batch``,
+keys: bits, g, sym, iters, batch, seed. The same calibration ids (quantkit's ``calibration_batch``,
 ``--samples`` x ``--seq-len`` of the even enwiki articles, seed 0) go to both tools, and every row is
 scored by ``quantkit.evaluate`` on ``--max-windows`` x ``--seq-len`` windows of the odd articles (the
 docs/QUALITY.md harness). auto-round is never a quantkit dependency: put it on PYTHONPATH for this
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         t = time.time()
         ar = AutoRound(model, lm.tokenizer, bits=bits, group_size=g, sym=sym, iters=int(kv.get("iters", 200)),
                        nsamples=args.samples, seqlen=args.seq_len, batch_size=batch,
-                       dataset=list(ids.split(batch)), device_map=0 if dev.type == "cuda" else "cpu", seed=0)
+                       dataset=list(ids.split(batch)), device_map=0 if dev.type == "cuda" else "cpu", seed=int(kv.get("seed", 0)))
         ar.quantize()
         sync()
         secs = time.time() - t
