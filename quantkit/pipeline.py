@@ -446,11 +446,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     fp_inputs = list(inputs) if float_stream else None
     if restored is not None:  # the saved hidden states replace the captured ones (the kwargs are the same)
         start, inputs = restored.start_block, [h.to(device) for h in restored.inputs]
-        if float_stream:
-            if restored.float_inputs is None:
-                raise QuantkitError(f"the resume state of this run holds no float-stream activations, which "
-                                    f"{recipe.source}'s block plugins need; remove the resume dir to start afresh")
-            fp_inputs = [h.to(device) for h in restored.float_inputs]
+        if float_stream and restored.float_inputs is None:
+            raise QuantkitError(f"the resume state of this run holds no float-stream activations, which "
+                                f"{recipe.source}'s block plugins need; remove the resume dir to start afresh")
+        fp_inputs = [h.to(device) for h in restored.float_inputs] if float_stream else None
 
     prefetch = None
     if device.type == "cuda" and start < len(blocks) and os.environ.get("QUANTKIT_PREFETCH", "1") != "0":
@@ -577,11 +576,10 @@ def float_forward(module: nn.Module, fp_inputs: list[torch.Tensor], kwargs_list:
 def propagate(block: Block, plugins: list, inputs: list[torch.Tensor], kwargs_list: list[dict],
               float_outs: list[torch.Tensor], device: torch.device, solver,
               fp_outs: list[torch.Tensor] | None = None) -> tuple[dict[str, float], float]:
-    """Step 4: run the block plugins, then the quantized block on every batch: its outputs replace
-    ``inputs`` (they are the next block's). A plugin that uses the float stream trains against
-    ``fp_outs`` (the float model's hidden states after the block), the others against ``float_outs``.
-    Returns the plugins' metrics and the block's relative output error against the kept float
-    outputs (the float block on the same inputs; summed over the processes)."""
+    """Step 4: run the block plugins (against ``fp_outs``, the float stream, if they use it, else
+    ``float_outs``), then the quantized block on every batch: its outputs replace ``inputs`` (the next
+    block's). Returns the plugins' metrics and the block's relative output error against the kept
+    float outputs (summed over the processes)."""
     metrics: dict[str, float] = {}
     for p in plugins:
         targets = fp_outs if p.uses_float_stream else float_outs

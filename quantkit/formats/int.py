@@ -53,6 +53,12 @@ class IntFormat(WeightFormat):
     Config = IntConfig
     cfg: IntConfig
 
+    def spec(self):
+        d = self.cfg.model_dump()
+        if d.get("sym_range") == "half":  # the default: checkpoints written before the key existed stay equal
+            del d["sym_range"]
+        return d
+
     @property
     def maxq(self) -> int:
         return (1 << self.cfg.bits) - 1
