@@ -96,9 +96,16 @@ def output_error_terms(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> t
     """(||(W-Q)X||², ||WX||²): both are sums over rows, so row ranges add up."""
     d = (w - q).float()
     if stats.hessian is not None:
+        # the products multiplied in place: the same values as (d @ h) * d, two [out, in] temporaries
+        # fewer (a streamed CPU run's peak is near here for the largest linear)
         h = stats.hessian
-        num = torch.sum((d @ h) * d)
-        den = torch.sum((w.float() @ h) * w.float())
+        t = d @ h
+        num = torch.sum(t.mul_(d))
+        del t, d
+        wf = w.float()
+        t = wf @ h
+        den = torch.sum(t.mul_(wf))
+        del t
     elif stats.col_weight is not None:
         cw = stats.col_weight
         num = torch.sum(d.pow(2) * cw)
