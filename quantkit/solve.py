@@ -105,8 +105,17 @@ class LocalSolver:
         return values
 
     def solve(self, block: Block, schemes: dict[str, Scheme], stats) -> dict[str, tuple[QuantLinear, dict]]:
-        """``stats.get(name)`` gives each linear's :class:`LayerStats`; the seed is the block index."""
-        return {n: quantize_linear(n, block.linears[n], s, stats.get(n), seed=block.index) for n, s in schemes.items()}
+        """``stats.get(name)`` gives each linear's :class:`LayerStats`; the seed is the block index. Where
+        ``stats`` has ``release(name, later)`` (the pipeline's collector), each linear's statistics are
+        handed back once no later linear reads them: the Hessians are freed one by one, not with the block."""
+        out = {}
+        names = list(schemes)
+        release = getattr(stats, "release", None)
+        for i, n in enumerate(names):
+            out[n] = quantize_linear(n, block.linears[n], schemes[n], stats.get(n), seed=block.index)
+            if release is not None:
+                release(n, names[i + 1:])
+        return out
 
 
 __all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "solve_linear"]
