@@ -33,7 +33,7 @@ from .errors import NumericalError, QuantkitError
 from .models.discovery import find_blocks, find_linears, linear_weight, set_module
 from .moe.calibration import expert_calibration, fallback_schemes
 from .nn import QuantLinear
-from .quantizers.base import LayerStats
+from .quantizers.base import LayerStats, all_finite
 from .recipe import Recipe, Scheme
 from .solve import Block, LocalSolver, quantize_linear
 from .transforms.base import block_plugin_from_spec
@@ -262,8 +262,7 @@ class _StatsCollector:
                 s.act_sqsum = torch.diagonal(s.hessian).clone()
             if name in self.alias.values():
                 s.cache = {}  # several layers read these statistics: let them share derived results
-            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None
-                                                           and not torch.isfinite(s.hessian).all()):
+            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not all_finite(s.hessian)):
                 raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
                                      f"weights and the calibration data")
 

@@ -16,7 +16,7 @@ from pydantic import Field
 from ..errors import NumericalError
 from ..formats.base import column_groups
 from ..registry import register
-from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, output_error
+from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, all_finite, output_error
 
 
 class GPTQConfig(QuantizerConfig):
@@ -39,7 +39,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int) -> tuple[
     (lower Cholesky), U = J K⁻¹ J. One Cholesky and one triangular solve: half the time of
     Cholesky, inverse and Cholesky again (223 → 112 ms at 14336² on an H200, same U to 6e-7).
     ``h`` is left as it is (a copy is worked on); GPTQ itself hands over a matrix it may overwrite."""
-    return _inverse_factor(h.clone(), damp, retries, h.clone)
+    return _inverse_factor(h.clone, damp, retries)
 
 
 def _flip_(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
@@ -57,17 +57,19 @@ def _flip_(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     return t
 
 
-def _inverse_factor(h: torch.Tensor, damp: float, retries: int, rebuild) -> tuple[torch.Tensor, float]:
-    """:func:`inverse_hessian_factor` on a row-major ``h`` that is *consumed* (overwritten in place);
-    ``rebuild()`` gives the same matrix again for a retry with more dampening.
+def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """:func:`inverse_hessian_factor` of the matrix ``make()`` returns (a new one per call, row-major,
+    which is then overwritten in place; called again only for a retry with more dampening).
 
-    At most two n x n matrices alive at once (the reversed, damped h and its Cholesky factor K; then K
-    and U): at n = 8192 in fp32 each is 256 MiB, and this factor is near the peak of a streamed CPU run."""
+    At most two n x n matrices alive at once (the reversed, damped H and its Cholesky factor K; then K
+    and U), provided the caller keeps no reference to what ``make`` returned: at n = 8192 in fp32 each is
+    256 MiB, and this factor is near the peak of a streamed CPU run."""
+    h = make()
     mean_diag = torch.mean(torch.diagonal(h)).item()
     n = h.shape[0]
     d = damp
     for attempt in range(retries + 1):
-        A = _flip_(h if attempt == 0 else rebuild())  # J H J, in place; λ goes on its diagonal (J I J = I)
+        A = _flip_(h if attempt == 0 else make())  # J H J, in place; λ goes on its diagonal (J I J = I)
         h = None
         A.diagonal().add_(d * mean_diag)
         K, info = torch.linalg.cholesky_ex(A)
@@ -79,7 +81,7 @@ def _inverse_factor(h: torch.Tensor, damp: float, retries: int, rebuild) -> tupl
             torch.linalg.solve_triangular(K, U, upper=False, out=U)
             del K
             U = _flip_(U)
-            if torch.isfinite(U).all():
+            if all_finite(U):
                 return U, d
             del U
         else:
@@ -156,6 +158,7 @@ class GPTQ(Quantizer):
         col_gid = torch.zeros(cols, dtype=torch.long)  # group of permuted column c
         params = None
         bs = self.cfg.block_size
+        U1 = None
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             W1 = W[:, i1:i2].clone()
@@ -187,7 +190,9 @@ class GPTQ(Quantizer):
                 Err1[:, i:i + 1] = err
             Q[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        del W, U  # the working copy and the factor (a shared one stays in stats.cache)
+        # the working copy and the factor (U1, a view, would keep all of U alive; a shared factor stays in
+        # stats.cache for the next linear)
+        del W, U, U1
 
         if static:
             col_gid = torch.tensor(col_group, dtype=torch.long)
@@ -198,7 +203,7 @@ class GPTQ(Quantizer):
             col_gid = col_gid[inv.cpu()]
             if not static:
                 g_idx = col_gid.to(dev)
-        if not torch.isfinite(Q).all():
+        if not all_finite(Q):
             raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
         codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
         order = torch.argsort(col_gid, stable=True)
@@ -223,13 +228,14 @@ class GPTQ(Quantizer):
         col_weight[dead] = 1
         perm = torch.argsort(col_weight, descending=True) if self.cfg.act_order else None
 
-        def scaled() -> torch.Tensor:  # H / n in act-order, a new matrix the factor may overwrite
-            return _scaled_hessian(h, nsamples, perm, dead)
+        def scaled() -> torch.Tensor:  # H / n in act-order, a new matrix the factor overwrites
+            H = _scaled_hessian(h, nsamples, perm, dead)
+            if not all_finite(H):
+                raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
+            return H
 
-        H = scaled()
-        if not torch.isfinite(H).all():
-            raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
-        U, used_damp = _inverse_factor(H, self.cfg.damp, self.cfg.damp_retries, scaled)
+        # no reference to H kept here: the factor reverses it in place and frees it before U is made
+        U, used_damp = _inverse_factor(scaled, self.cfg.damp, self.cfg.damp_retries)
         return dead, col_weight, perm, U, used_damp
 
     def _fast_block(self, W: torch.Tensor, fmt, group_params: list, col_group: list[int]):
