@@ -26,7 +26,7 @@ from .errors import NumericalError
 from .formats.base import packed_bits_per_weight
 from .models.discovery import linear_weight
 from .nn import QuantLinear, make_quantlinear
-from .quantizers.base import LayerStats
+from .quantizers.base import LayerStats, all_finite
 from .transforms.base import LayerContext
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Solution:
 def solve_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0) -> Solution:
     """Run ``scheme``'s transforms and quantizer on the float linear ``mod`` (statistics ``stats``)."""
     w = linear_weight(mod).detach().float()
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise NumericalError(f"{name}: the weight holds NaN/inf; the model is broken")
     scheme.fmt.check_shape(tuple(w.shape), where=name)
     ctx = LayerContext(name, w, stats, seed)
@@ -115,7 +115,17 @@ class LocalSolver:
             out[n] = quantize_linear(n, block.linears[n], schemes[n], stats.get(n), seed=block.index)
             if release is not None:
                 release(n, names[i + 1:])
+            if linear_weight(block.linears[n]).device.type == "cpu":
+                _trim_heap()  # a linear's freed working copies, handed back before the next one's
         return out
+
+
+def _trim_heap() -> None:
+    """Freed CPU heap memory back to the OS (glibc ``malloc_trim``): a solve's temporaries under glibc's
+    mmap threshold (32 MiB once raised) otherwise stay in the process's RSS."""
+    from .stream import release_freed_memory  # quantkit.stream imports this module
+
+    release_freed_memory()
 
 
 __all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "solve_linear"]

@@ -316,6 +316,7 @@ class StreamSource:
             raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
         prefix = f"{self.blocks_name}.{bi}."
         keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
+        release_freed_memory()  # what was freed since the last block (the first time: the capture's) goes first
         tensors = self._read(keys, prefix, what=f"block {bi}")
         module.load_state_dict(tensors, strict=False, assign=True)
         if self._fused_on_disk:  # MoE: each split container filled from its fused tensors as stored
