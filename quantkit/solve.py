@@ -116,16 +116,26 @@ class LocalSolver:
             if release is not None:
                 release(n, names[i + 1:])
             if linear_weight(block.linears[n]).device.type == "cpu":
-                _trim_heap()  # a linear's freed working copies, handed back before the next one's
+                release_freed_memory()  # a linear's freed working copies, handed back before the next one's
         return out
 
 
-def _trim_heap() -> None:
-    """Freed CPU heap memory back to the OS (glibc ``malloc_trim``): a solve's temporaries under glibc's
-    mmap threshold (32 MiB once raised) otherwise stay in the process's RSS."""
-    from .stream import release_freed_memory  # quantkit.stream imports this module
+def _libc():
+    try:
+        import ctypes
 
-    release_freed_memory()
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
-__all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "solve_linear"]
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; nothing elsewhere): temporaries under
+    glibc's mmap threshold (32 MiB once raised) otherwise stay in the process's RSS. Called after each
+    solved linear on CPU and around each streamed block (quantkit.stream)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+__all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "release_freed_memory", "solve_linear"]
