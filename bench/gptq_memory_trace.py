@@ -106,7 +106,6 @@ def main() -> None:
     from quantkit.quantizers import gptq
 
     tr = Tracer()
-    depth = {"n": 0}
     seen: dict[str, int] = {}
 
     def blockname(block, *a, **k):
@@ -137,9 +136,6 @@ def main() -> None:
     tr.wrap(gptq.GPTQ, "_factor", "gptq._factor", per_call=nth("factor"))
     tr.wrap(gptq, "inverse_hessian_factor", per_call=nth("ihf"))
     tr.wrap(qbase, "output_error_terms", per_call=nth("oe"))
-    # the solve module imported quantize_linear's helpers by name: re-point the pipeline's reference
-    pipeline.quantize_linear = solve.quantize_linear
-    del depth
 
     torch.manual_seed(0)
     with open(os.path.join(args.ckpt, "config.json")) as f:
