@@ -33,7 +33,7 @@ from .errors import NumericalError, QuantkitError
 from .models.discovery import find_blocks, find_linears, linear_weight, set_module
 from .moe.calibration import expert_calibration, fallback_schemes
 from .nn import QuantLinear
-from .quantizers.base import LayerStats
+from .quantizers.base import LayerStats, all_finite
 from .recipe import Recipe, Scheme
 from .solve import Block, LocalSolver, quantize_linear
 from .transforms.base import block_plugin_from_spec
@@ -208,6 +208,7 @@ class _StatsCollector:
         self._seen: list[tuple[torch.Tensor, str]] = []  # strong refs: no address reuse in a batch
         self._handles = []
         self._need_h = need_hessian
+        self._released: set[str] = set()  # owners whose statistics release() dropped
         for name, mod in linears.items():
             self._handles.append(mod.register_forward_hook(self._make_hook(name)))
 
@@ -254,6 +255,7 @@ class _StatsCollector:
         torch.maximum(s.act_absmax, x.abs().amax(0).float(), out=s.act_absmax)  # NaN propagates to here
 
     def finish(self) -> None:
+        self._seen.clear()  # the last batch's inputs: not kept through the solve
         for name, s in self.stats.items():
             if s.hessian is not None and s.hessian.dtype != torch.float32:
                 s.hessian = s.hessian.float()
@@ -263,13 +265,23 @@ class _StatsCollector:
                 s.act_sqsum = torch.diagonal(s.hessian).clone()
             if name in self.alias.values():
                 s.cache = {}  # several layers read these statistics: let them share derived results
-            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None
-                                                           and not torch.isfinite(s.hessian).all()):
+            if not torch.isfinite(s.act_absmax).all() or (s.hessian is not None and not all_finite(s.hessian)):
                 raise NumericalError(f"calibration activations entering {name} hold NaN/inf; check the model "
                                      f"weights and the calibration data")
 
+    def release(self, name: str, later) -> None:
+        """``name`` is solved: drop the statistics it read (its Hessian, GPTQ's shared factor) unless a
+        name in ``later`` reads them too (q/k/v, gate/up share one owner). A later ``get`` of a released
+        owner is an error, not empty statistics."""
+        owner = self.alias.get(name, name)
+        if owner in self.stats and all(self.alias.get(m, m) != owner for m in later):
+            del self.stats[owner]
+            self._released.add(owner)
+
     def get(self, name: str) -> LayerStats:
         owner = self.alias.get(name, name)
+        if owner in self._released:
+            raise QuantkitError(f"internal: the statistics of {owner} were released before {name} was solved")
         s = self.stats.get(owner)
         if s is None:
             return LayerStats()

@@ -26,7 +26,7 @@ from .errors import NumericalError
 from .formats.base import packed_bits_per_weight
 from .models.discovery import linear_weight
 from .nn import QuantLinear, make_quantlinear
-from .quantizers.base import LayerStats
+from .quantizers.base import LayerStats, all_finite
 from .transforms.base import LayerContext
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Solution:
 def solve_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0) -> Solution:
     """Run ``scheme``'s transforms and quantizer on the float linear ``mod`` (statistics ``stats``)."""
     w = linear_weight(mod).detach().float()
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise NumericalError(f"{name}: the weight holds NaN/inf; the model is broken")
     scheme.fmt.check_shape(tuple(w.shape), where=name)
     ctx = LayerContext(name, w, stats, seed)
@@ -105,8 +105,37 @@ class LocalSolver:
         return values
 
     def solve(self, block: Block, schemes: dict[str, Scheme], stats) -> dict[str, tuple[QuantLinear, dict]]:
-        """``stats.get(name)`` gives each linear's :class:`LayerStats`; the seed is the block index."""
-        return {n: quantize_linear(n, block.linears[n], s, stats.get(n), seed=block.index) for n, s in schemes.items()}
+        """``stats.get(name)`` gives each linear's :class:`LayerStats`; the seed is the block index. Where
+        ``stats`` has ``release(name, later)`` (the pipeline's collector), each linear's statistics are
+        handed back once no later linear reads them: the Hessians are freed one by one, not with the block."""
+        out = {}
+        names = list(schemes)
+        release = getattr(stats, "release", None)
+        for i, n in enumerate(names):
+            out[n] = quantize_linear(n, block.linears[n], schemes[n], stats.get(n), seed=block.index)
+            if release is not None:
+                release(n, names[i + 1:])
+            if linear_weight(block.linears[n]).device.type == "cpu":
+                release_freed_memory()  # a linear's freed working copies, handed back before the next one's
+        return out
 
 
-__all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "solve_linear"]
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; nothing elsewhere): temporaries under
+    glibc's mmap threshold (32 MiB once raised) otherwise stay in the process's RSS. Called after each
+    solved linear on CPU and around each streamed block (quantkit.stream)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+__all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "release_freed_memory", "solve_linear"]

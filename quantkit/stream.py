@@ -41,7 +41,7 @@ from .moe import Experts, load_fused, unfuse_experts
 from .moe.names import from_checkpoint
 from .nn import QuantLinear
 from .pipeline import BlockObserver, PipelineReport, Restored
-from .solve import Block
+from .solve import Block, release_freed_memory
 
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORABLE = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias|position_ids)$")
@@ -316,6 +316,7 @@ class StreamSource:
             raise QuantkitError("internal: StreamSource.fetch was given a module that is not one of its blocks")
         prefix = f"{self.blocks_name}.{bi}."
         keys = [k for k in self.key_file if k.startswith(prefix) and k in self._wanted]
+        release_freed_memory()  # what was freed since the last block (the first time: the capture's) goes first
         tensors = self._read(keys, prefix, what=f"block {bi}")
         module.load_state_dict(tensors, strict=False, assign=True)
         if self._fused_on_disk:  # MoE: each split container filled from its fused tensors as stored
@@ -366,22 +367,6 @@ def _save_shard(fp: str, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, fp, metadata={"format": "pt", "quantkit": "1"})
-
-
-def _libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS after a block (glibc ``malloc_trim``; nothing elsewhere)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 class StreamWriter(BlockObserver):

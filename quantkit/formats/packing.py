@@ -25,6 +25,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int32)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
+    # a few rows at a time: the shifted codes and their int64 sums are several times the codes' size
+    # (an 8192-input MLP weight: ~0.4 GiB of temporaries at once); integer arithmetic, so the bytes are
+    # the same whatever the pieces
+    step = max(1, (4 << 20) // max(1, cols * bits))
+    if rows > step:
+        out = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device=c.device)
+        for r0 in range(0, rows, step):
+            out[r0:r0 + step] = _pack_rows(c[r0:r0 + step], bits)
+        return out
+    return _pack_rows(c, bits)
+
+
+def _pack_rows(c: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, cols = c.shape
     if bits in (1, 2, 4, 8):
         per = 8 // bits
         pad = (-cols) % per

@@ -16,7 +16,7 @@ from pydantic import Field
 from ..errors import NumericalError
 from ..formats.base import column_groups
 from ..registry import register
-from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, output_error
+from .base import LayerStats, Quantizer, QuantizerConfig, QuantResult, all_finite, output_error
 
 
 class GPTQConfig(QuantizerConfig):
@@ -37,34 +37,77 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int) -> tuple[
 
     Computed without forming the inverse: with J the reversal permutation and J(H + λI)J = K Kᵀ
     (lower Cholesky), U = J K⁻¹ J. One Cholesky and one triangular solve: half the time of
-    Cholesky, inverse and Cholesky again (223 → 112 ms at 14336² on an H200, same U to 6e-7)."""
+    Cholesky, inverse and Cholesky again (223 → 112 ms at 14336² on an H200, same U to 6e-7).
+    ``h`` is left as it is (a copy is worked on); GPTQ itself hands over a matrix it may overwrite."""
+    return _inverse_factor(h.clone, damp, retries)
+
+
+def _flip_(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """``t.flip(0, 1)`` in place, for a dense matrix laid out row- or column-major: flipping both
+    dimensions reverses its storage, done here in pieces of ``chunk`` elements (values only move, so
+    the result is bit for bit the flipped copy, in the same layout); one matrix instead of two."""
+    flat = t.as_strided((t.numel(),), (1,))  # the storage, in memory order
+    n = flat.numel()
+    for a in range(0, n // 2, chunk):
+        b = min(a + chunk, n // 2)
+        lo, hi = flat[a:b], flat[n - b:n - a]
+        tmp = lo.flip(0)
+        lo.copy_(hi.flip(0))
+        hi.copy_(tmp)
+    return t
+
+
+def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """:func:`inverse_hessian_factor` of the matrix ``make()`` returns (a new one per call, row-major,
+    which is then overwritten in place; called again only for a retry with more dampening).
+
+    At most two n x n matrices alive at once (the reversed, damped H and its Cholesky factor K; then K
+    and U), provided the caller keeps no reference to what ``make`` returned: at n = 8192 in fp32 each is
+    256 MiB, and this factor is near the peak of a streamed CPU run."""
+    h = make()
     mean_diag = torch.mean(torch.diagonal(h)).item()
     n = h.shape[0]
     d = damp
-    # at most three n x n matrices alive at once (h, K, the identity that becomes U; then h, U and its
-    # flip): at n = 14336 in fp32 each is 0.8 GB, and this factor is the peak of a streamed CPU run
-    for _ in range(retries + 1):
-        A = h.flip(0, 1)  # a copy: J H J; λ goes on its diagonal in place (J I J = I)
+    for attempt in range(retries + 1):
+        A = _flip_(h if attempt == 0 else make())  # J H J, in place; λ goes on its diagonal (J I J = I)
+        h = None
         A.diagonal().add_(d * mean_diag)
         K, info = torch.linalg.cholesky_ex(A)
         del A
         if int(info) == 0:
             # solved in place into the identity, laid out column-major as the solver's own output would
             # be (same values bit for bit): one n x n matrix fewer at the peak
-            U = torch.eye(n, device=h.device, dtype=h.dtype).t()
+            U = torch.eye(n, device=K.device, dtype=K.dtype).t()
             torch.linalg.solve_triangular(K, U, upper=False, out=U)
             del K
-            U = U.flip(0, 1)
-            if torch.isfinite(U).all():
+            U = _flip_(U)
+            if all_finite(U):
                 return U, d
             del U
         else:
             del K
         d *= 10
     raise NumericalError(
-        f"the Hessian ({h.shape[0]}x{h.shape[0]}) is not positive definite even with dampening "
+        f"the Hessian ({n}x{n}) is not positive definite even with dampening "
         f"{d / 10:g} x mean diagonal; use more calibration samples, raise quantizer.damp, or use rtn "
         f"for this layer")
+
+
+def _scaled_hessian(h: torch.Tensor, nsamples: int, perm: torch.Tensor | None, dead: torch.Tensor,
+                    chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """``h.float().div(nsamples)`` with the diagonal of dead columns set to 1, rows and columns in
+    ``perm`` order: one new matrix, written a few rows at a time (the values are exactly those of
+    dividing, fixing and permuting whole copies, without the two extra n x n temporaries)."""
+    n = h.shape[0]
+    out = torch.empty(n, n, dtype=torch.float32, device=h.device)
+    step = max(1, chunk_bytes // (4 * max(n, 1)))
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        part = h[r0:r1] if perm is None else h.index_select(0, perm[r0:r1]).index_select(1, perm)
+        torch.div(part.float(), nsamples, out=out[r0:r1])
+        del part
+    out.diagonal()[dead if perm is None else dead[perm]] = 1
+    return out
 
 
 @register("quantizer", "gptq")
@@ -77,8 +120,6 @@ class GPTQ(Quantizer):
     def quantize(self, w: torch.Tensor, fmt, stats: LayerStats) -> QuantResult:
         if stats.hessian is None or stats.nsamples == 0:
             raise NumericalError("GPTQ needs calibration statistics (a Hessian) and got none")
-        W = w.clone().float()
-        rows, cols = W.shape
         key = ("gptq", self.cfg.damp, self.cfg.damp_retries, self.cfg.act_order)
         hit = stats.cache.get(key) if stats.cache is not None else None
         if hit is None:
@@ -86,6 +127,10 @@ class GPTQ(Quantizer):
             if stats.cache is not None:  # layers fed the same input (q/k/v, gate/up) factor H once
                 stats.cache[key] = hit
         dead, col_weight, perm, U, used_damp = hit
+        del hit
+        W = w.clone().float()  # after the factor: not alive while its n x n temporaries are
+        rows, cols = W.shape
+        dev = W.device
         W[:, dead] = 0
         layer = fmt.begin_layer(W, col_weight, stats)
         nat_groups = fmt.cfg.groups(cols)
@@ -113,6 +158,7 @@ class GPTQ(Quantizer):
         col_gid = torch.zeros(cols, dtype=torch.long)  # group of permuted column c
         params = None
         bs = self.cfg.block_size
+        U1 = None
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             W1 = W[:, i1:i2].clone()
@@ -144,6 +190,9 @@ class GPTQ(Quantizer):
                 Err1[:, i:i + 1] = err
             Q[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        # the working copy and the factor (U1, a view, would keep all of U alive; a shared factor stays in
+        # stats.cache for the next linear)
+        del W, U, U1
 
         if static:
             col_gid = torch.tensor(col_group, dtype=torch.long)
@@ -153,17 +202,18 @@ class GPTQ(Quantizer):
             Q = Q[:, inv]
             col_gid = col_gid[inv.cpu()]
             if not static:
-                g_idx = col_gid.to(W.device)
-        if not torch.isfinite(Q).all():
+                g_idx = col_gid.to(dev)
+        if not all_finite(Q):
             raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
-        codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
+        codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
         order = torch.argsort(col_gid, stable=True)
         bounds = torch.searchsorted(col_gid[order], torch.arange(len(group_params) + 1)).tolist()
         for gi, p in enumerate(group_params):
-            idx = order[bounds[gi]:bounds[gi + 1]].to(W.device)
+            idx = order[bounds[gi]:bounds[gi + 1]].to(dev)
             if idx.numel():
                 codes[:, idx], Q[:, idx] = fmt.quantize(Q[:, idx], p, layer)
         packed = fmt.pack(codes, layer, group_params, g_idx)
+        del codes
         metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
@@ -171,18 +221,21 @@ class GPTQ(Quantizer):
     def _factor(self, stats: LayerStats):
         """What GPTQ derives from the Hessian alone: dead columns, column weights, the act-order
         permutation and the upper Cholesky factor of the permuted, dampened inverse."""
-        H = stats.hessian.float().div(stats.nsamples)  # a new tensor (the stats' Hessian stays as it is)
-        if not torch.isfinite(H).all():
-            raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1
-        col_weight = torch.diagonal(H).clone()
-        perm = None
-        if self.cfg.act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True)
-            H = H.index_select(0, perm)
-            H = H.index_select(1, perm)
-        U, used_damp = inverse_hessian_factor(H, self.cfg.damp, self.cfg.damp_retries)
+        h, nsamples = stats.hessian, stats.nsamples
+        # diag(h / n), value for value: the dead columns, the column weights and the act-order come from it
+        col_weight = torch.diagonal(h).float().div(nsamples)
+        dead = col_weight == 0
+        col_weight[dead] = 1
+        perm = torch.argsort(col_weight, descending=True) if self.cfg.act_order else None
+
+        def scaled() -> torch.Tensor:  # H / n in act-order, a new matrix the factor overwrites
+            H = _scaled_hessian(h, nsamples, perm, dead)
+            if not all_finite(H):
+                raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
+            return H
+
+        # no reference to H kept here: the factor reverses it in place and frees it before U is made
+        U, used_damp = _inverse_factor(scaled, self.cfg.damp, self.cfg.damp_retries)
         return dead, col_weight, perm, U, used_damp
 
     def _fast_block(self, W: torch.Tensor, fmt, group_params: list, col_group: list[int]):

@@ -1,0 +1,163 @@
+"""Where a streamed GPTQ run's peak CPU memory (RSS) goes, step by step, on a checkpoint written by
+bench/stream_memory.py (``--keep``).
+
+    nice -n 10 python -P bench/gptq_memory_trace.py /work/tmp/stream-3b [--blocks 1]
+
+Runs ``quantkit.quantize(..., load="stream")`` with GPTQ (the recipe of bench/stream_memory.py) in this
+process, with a thread that samples ``VmRSS`` (/proc/self/status) every ~2 ms. The pipeline's and GPTQ's
+steps are wrapped so each sample is charged to the innermost step running; prints, per step (in order
+of first entry), the RSS on entry and the highest RSS seen inside it, and the process's VmHWM at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+GIB = 1 << 30
+
+
+class _Stop(Exception):
+    pass
+
+
+def status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(field):
+                return int(ln.split()[1]) * 1024
+    return 0
+
+
+class Tracer:
+    def __init__(self, period: float = 0.002):
+        self.stack: list[str] = ["(outside)"]
+        self.peak: dict[str, int] = {}
+        self.entry: dict[str, int] = {}
+        self.order: list[str] = []
+        self.period = period
+        self.stop = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _charge(self, rss: int) -> None:
+        with self.lock:
+            for lab in self.stack:  # an outer step's peak includes its inner steps'
+                if rss > self.peak.get(lab, 0):
+                    self.peak[lab] = rss
+
+    def _run(self) -> None:
+        while not self.stop:
+            self._charge(status("VmRSS:"))
+            time.sleep(self.period)
+
+    def wrap(self, owner, attr: str, label: str | None = None, per_call=None) -> None:
+        fn = getattr(owner, attr)
+        tracer = self
+
+        def wrapped(*a, **k):
+            lab = label or attr
+            if per_call is not None:
+                lab = f"{lab}[{per_call(*a, **k)}]"
+            rss = status("VmRSS:")
+            with tracer.lock:
+                if lab not in tracer.entry:
+                    tracer.entry[lab] = rss
+                    tracer.order.append(lab)
+                tracer.stack.append(lab)
+            tracer._charge(rss)
+            try:
+                return fn(*a, **k)
+            finally:
+                tracer._charge(status("VmRSS:"))
+                with tracer.lock:
+                    tracer.stack.pop()
+
+        setattr(owner, attr, wrapped)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("--blocks", type=int, default=1, help="GPTQ on the first N blocks (default 1)")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="abort the run once this block is propagated (its figures are complete; saves the float "
+                         "forwards of the other blocks)")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from stream_memory import recipe_for
+    sys.path.pop(0)
+
+    import quantkit
+    from quantkit import pipeline, solve
+    from quantkit.quantizers import base as qbase
+    from quantkit.quantizers import gptq
+
+    tr = Tracer()
+    seen: dict[str, int] = {}
+
+    def blockname(block, *a, **k):
+        return block.index
+
+    def linname(name, *a, **k):
+        return name.split("layers.", 1)[-1]
+
+    def nth(label):
+        def f(*a, **k):
+            seen[label] = seen.get(label, 0) + 1
+            return seen[label]
+        return f
+
+    tr.wrap(pipeline, "calibrate", per_call=blockname)
+    tr.wrap(pipeline, "propagate", per_call=blockname)
+    if args.stop_after is not None:
+        inner = pipeline.propagate
+
+        def propagate_then_stop(block, *a, **k):
+            res = inner(block, *a, **k)
+            if block.index >= args.stop_after:
+                raise _Stop
+            return res
+        pipeline.propagate = propagate_then_stop
+    tr.wrap(solve.LocalSolver, "solve", "solver.solve", per_call=lambda self, block, *a, **k: block.index)
+    tr.wrap(solve, "solve_linear", per_call=linname)
+    tr.wrap(gptq.GPTQ, "_factor", "gptq._factor", per_call=nth("factor"))
+    tr.wrap(gptq, "inverse_hessian_factor", per_call=nth("ihf"))
+    tr.wrap(qbase, "output_error_terms", per_call=nth("oe"))
+
+    torch.manual_seed(0)
+    with open(os.path.join(args.ckpt, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    out = args.out or args.ckpt.rstrip("/") + "-trace-out"
+    t = time.time()
+    try:
+        quantkit.quantize(args.ckpt, recipe_for("gptq", args.blocks), calibration=ids, device="cpu", load="stream",
+                          dtype=torch.bfloat16, save_to=out, overwrite=True, progress=False, batch_size=4)
+    except _Stop:
+        print(f"stopped after block {args.stop_after}")
+    tr.stop = True
+    tr.thread.join()
+    print(f"quantize {time.time() - t:.1f} s; VmHWM {status('VmHWM:') / GIB:.3f} GiB; "
+          f"VmRSS now {status('VmRSS:') / GIB:.3f} GiB")
+    print("| step | RSS on first entry GiB | peak inside GiB | peak - entry MiB |")
+    print("|---|---|---|---|")
+    for lab in tr.order:
+        e, p = tr.entry[lab], tr.peak.get(lab, 0)
+        print(f"| {lab} | {e / GIB:.3f} | {p / GIB:.3f} | {(p - e) / (1 << 20):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
