@@ -285,3 +285,15 @@ def test_recon_lut_tables_and_scales(table, tmp_path):
     with torch.no_grad():
         y = qm.model(x).logits
         assert torch.equal(quantkit.load(qm.save(str(tmp_path / "ck"))).model(x).logits, y)
+
+
+def test_recon_offsets_value_moves_codes_code_does_not():
+    """offsets: code with clipping off changes almost no code (only ties at |v| = 1/2);
+    offsets: value (SignRound's form) moves many weights to the neighbouring code."""
+    base = _run(_recipe("gptq", bits=4, recon=False))
+    fixed = _run(_recipe("gptq", bits=4, learn_clip=False, offsets="code"))
+    moved = _run(_recipe("gptq", bits=4, learn_clip=False, offsets="value"))
+    n = "model.layers.0.mlp.down_proj"
+    q0, q1, q2 = (dict(m.model.named_modules())[n].qweight for m in (base, fixed, moved))
+    d1, d2 = int((q0 != q1).sum()), int((q0 != q2).sum())
+    assert d2 > 5 * max(d1, 1), (d1, d2)

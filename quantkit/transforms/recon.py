@@ -20,7 +20,13 @@ activation stream, so the block also learns to undo the error of the quantized b
 SignRound does; one more float forward per block and a second copy of the activations).
 
 ``v0`` puts the start on the quantizer's codes (``init: quantizer``; for RTN it is the rounding
-itself, for GPTQ its error-compensated choices) or on plain rounding (``init: rtn``, v0 = 0).
+itself, for GPTQ its error-compensated choices) or on plain rounding (``init: rtn``, v0 = 0). It is an
+integer per weight with ``offsets: value`` (the quantizer's code minus plain rounding's): every weight
+keeps the fractional part of w / s and an offset v in [-1/2, 1/2] can move it to either neighbouring
+code, as in SignRound. With ``offsets: code`` (the default, what the recipes were measured with) v0 puts
+every weight on its code's centre, where |v| <= 1/2 never changes the code: only the clipping is
+learned. Measured (docs/QUALITY.md): RTN start + ``value`` matches auto-round; GPTQ start + ``value``
+was worse than GPTQ start + ``code``.
 Rounding passes gradients straight through; each step moves every parameter by ``lr_t · sign(grad)``
 with ``lr_t`` decaying linearly from ``lr`` (default ``1 / iters``) to 0, on ``batch_size``
 calibration sequences drawn from a generator seeded by ``seed`` and the block's name (deterministic).
@@ -75,6 +81,9 @@ class ReconConfig(PluginConfig):
     seed: int = 0
     autocast: Literal["auto", "on", "off"] = "auto"
     target: Literal["model", "block"] = "block"
+    # "value": offsets act around w / s (a weight can move to either neighbouring code, SignRound's form);
+    # "code": around the start code's centre (|v| <= 1/2 keeps every code: only clipping moves them)
+    offsets: Literal["value", "code"] = "code"
 
     @model_validator(mode="after")
     def _check(self):
@@ -148,7 +157,7 @@ def _linear_map(fns: list[Callable], n: int, device) -> torch.Tensor | None:
 class _Layer:
     """One quantized linear's learnable rounding: offsets [R, C], clipping factors [R, G]."""
 
-    def __init__(self, name: str, ql, w_float: torch.Tensor, init: str, learn_clip: bool):
+    def __init__(self, name: str, ql, w_float: torch.Tensor, init: str, learn_clip: bool, offsets: str = "code"):
         fmt: WeightFormat = ql.fmt
         self.name, self.ql, self.fmt = name, ql, fmt
         self.maxq = fmt.affine_maxq()
@@ -172,7 +181,12 @@ class _Layer:
             self.z0 = packed["zeros"].float()
         q0 = unpack_codes(packed["qweight"], self.bits, cols).float()
         if init == "quantizer":
-            self.v0 = (q0 - self.z0[:, self.gi]) - self.w / self.s0[:, self.gi]
+            # an integer shift from plain rounding to the quantizer's code: the start is the quantizer's
+            # result and each weight keeps its fractional position, so an offset v of up to 1/2 can still
+            # move it to the neighbouring code (a fractional v0 would put every weight on a code's centre,
+            # where |v| <= 1/2 never changes it: only the clipping would be learned)
+            ws0 = self.w / self.s0[:, self.gi]
+            self.v0 = (q0 - self.z0[:, self.gi]) - (torch.round(ws0) if offsets == "value" else ws0)
         else:
             self.v0 = torch.zeros_like(self.w)
         self.v = torch.zeros_like(self.w, requires_grad=True)
@@ -451,7 +465,7 @@ class Recon(BlockPlugin):
             if ql is None or not hasattr(ql, "packed"):
                 skipped += 1
             elif _is_affine(ql):
-                layers.append(_Layer(n, ql, w, cfg.init, cfg.learn_clip))
+                layers.append(_Layer(n, ql, w, cfg.init, cfg.learn_clip, cfg.offsets))
             elif _is_lut(ql):
                 layers.append(_LutLayer(n, ql, cfg.learn_clip))
             else:
