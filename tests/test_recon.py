@@ -187,10 +187,17 @@ class _Probe(BlockPlugin):
         return {}
 
 
-register("block_plugin", "_test_float_probe")(_Probe)
+@pytest.fixture
+def probe_plugin():
+    """_Probe registered for one test only (other tests list the registered plugins)."""
+    from quantkit import registry
+
+    register("block_plugin", "_test_float_probe")(_Probe)
+    yield
+    registry._REGISTRY["block_plugin"].pop("_test_float_probe", None)
 
 
-def test_float_stream_is_the_float_models_hidden_states():
+def test_float_stream_is_the_float_models_hidden_states(probe_plugin):
     """A plugin that uses the float stream gets, after block k, the float model's own hidden state
     (hidden_states[k + 1] of the float forward), not the float block applied to the quantized inputs;
     its inputs are the quantized model's."""
