@@ -181,10 +181,9 @@ class _Layer:
             self.z0 = packed["zeros"].float()
         q0 = unpack_codes(packed["qweight"], self.bits, cols).float()
         if init == "quantizer":
-            # an integer shift from plain rounding to the quantizer's code: the start is the quantizer's
-            # result and each weight keeps its fractional position, so an offset v of up to 1/2 can still
-            # move it to the neighbouring code (a fractional v0 would put every weight on a code's centre,
-            # where |v| <= 1/2 never changes it: only the clipping would be learned)
+            # the start is the quantizer's result either way; "value": an integer shift from plain rounding
+            # (each weight keeps its fractional position, v can move it to a neighbouring code); "code":
+            # every weight on its code's centre (|v| <= 1/2 leaves the code: only clipping moves it)
             ws0 = self.w / self.s0[:, self.gi]
             self.v0 = (q0 - self.z0[:, self.gi]) - (torch.round(ws0) if offsets == "value" else ws0)
         else:
@@ -290,8 +289,7 @@ class _LutLayer:
         self.codes = unpack_codes(packed["qweight"], int(fmt.cfg.bits), cols).long()
         self.w = self.codes  # device and shape of the layer (the trainer reads ``w.device``)
         lut = packed["lut"].float()
-        self.per_row = lut.shape[0] == rows and not fmt.lut_rows_fixed
-        self.t = lut.clone().requires_grad_(self.per_row)
+        self.t = lut.clone().requires_grad_(lut.shape[0] == rows and not fmt.lut_rows_fixed)  # per-row tables
         spacing = (lut.amax(1, keepdim=True) - lut.amin(1, keepdim=True)) / max(lut.shape[1] - 1, 1)
         self.t_scale = spacing.clamp_min(1e-8)
         self.has_scales = "scales" in packed
@@ -319,8 +317,7 @@ class _LutLayer:
         vals = self.t[0][self.codes] if self.t.shape[0] == 1 else self.t.gather(1, self.codes)
         if not self.has_scales:
             return vals
-        s = self.s0 * self.a
-        return vals * (s.repeat_interleave(self.gs, dim=1) if self.gs is not None else s[:, self.gi])
+        return vals * _expand(self.s0 * self.a, self.gi, self.gs)
 
     def state(self) -> list[torch.Tensor]:
         return [self.t.detach().clone(), self.a.detach().clone()]
