@@ -84,6 +84,10 @@ class ReconConfig(PluginConfig):
     # "value": offsets act around w / s (a weight can move to either neighbouring code, SignRound's form);
     # "code": around the start code's centre (|v| <= 1/2 keeps every code: only clipping moves them)
     offsets: Literal["value", "code"] = "code"
+    # the block's other float parameters (norm weights, biases: 1-D) trained in the same loop, each step
+    # moving an element by lr_t * norm_step * |its start value| (norm tweaking as one more learnable)
+    learn_norms: bool = False
+    norm_step: float = Field(1.0, gt=0, description="norm/bias step relative to lr and the element's size")
 
     @model_validator(mode="after")
     def _check(self):
@@ -340,6 +344,46 @@ class _LutLayer:
         _copy_into(self.ql, self.name, self.start, self.dense_dtype)
 
 
+class _Norms:
+    """The block's 1-D float parameters (norm weights, biases) as learnables of the same loop: each step
+    moves an element by ``lr_t · norm_step · max(|p0|, 1e-3 · mean |p0|)`` against its gradient's sign,
+    so a norm weight changes by the same relative amount as a clipping factor."""
+
+    def __init__(self, params: list[torch.nn.Parameter], norm_step: float):
+        self.ps = params
+        self.start = [p.detach().clone() for p in params]
+        self.k = {id(p): norm_step * p0.abs().clamp_min(1e-3 * float(p0.abs().mean()) + 1e-12).float()
+                  for p, p0 in zip(params, self.start)}
+
+    def params(self) -> list[torch.Tensor]:
+        return self.ps
+
+    def step_scale(self, p: torch.Tensor) -> torch.Tensor:
+        return self.k[id(p)]
+
+    def clamp_(self, clip_range: tuple[float, float]) -> None:
+        pass
+
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.ps]
+
+    def load(self, st: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.ps, st):
+                p.copy_(s)
+
+    def write(self) -> None:
+        pass
+
+    def restore(self) -> None:
+        self.load(self.start)
+
+
+def _norm_params(block: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The block's 1-D floating parameters (norm weights, biases; quantized weights are buffers)."""
+    return [p for p in block.parameters() if p.dim() == 1 and p.is_floating_point()]
+
+
 def _copy_into(ql, name: str, packed: dict[str, torch.Tensor], dense_dtype) -> None:
     with torch.no_grad():
         for k, t in packed.items():
@@ -474,13 +518,17 @@ class Recon(BlockPlugin):
         flags = {id(p): p.requires_grad for p in block.parameters()}
         for p in block.parameters():
             p.requires_grad_(False)
+        norms = _norm_params(block) if cfg.learn_norms else []
+        for p in norms:
+            p.requires_grad_(True)
+        train = layers + ([_Norms(norms, cfg.norm_step)] if norms else [])
         err = lambda: self._block_error(block, inputs, kwargs, float_outputs, forward, device)  # noqa: E731
         try:
             before = err()  # the quantizer's result, as the pipeline built it
-            init_state = [L.state() for L in layers]
+            init_state = [L.state() for L in train]
             if cfg.init == "rtn":
-                self._set(layers, init_state)
-            best_state, last_state, steps, best_loss = self._train(block, layers, inputs, kwargs, float_outputs,
+                self._set(train, init_state)
+            best_state, last_state, steps, best_loss = self._train(block, train, inputs, kwargs, float_outputs,
                                                                   forward, device)
             chosen, chosen_err, pick = "quantizer", before, None
             # the start of training is the quantizer's result (init: quantizer) or plain rounding (rtn)
@@ -490,15 +538,15 @@ class Recon(BlockPlugin):
                 if st is None or any(_same_state(st, o) for o in seen):
                     continue  # already evaluated: its error is known (best kept at step 0, say)
                 seen.append(st)
-                self._set(layers, st)
+                self._set(train, st)
                 e = err()
                 if e < chosen_err:
                     chosen, chosen_err, pick = tag, e, st
             if pick is None:
-                for L in layers:
+                for L in train:
                     L.restore()
             else:
-                self._set(layers, pick)
+                self._set(train, pick)
         finally:
             for L in layers:
                 L.ql.dense_weight = L.ql.dequantized_weight().to(L.dense_dtype)
@@ -520,6 +568,7 @@ class Recon(BlockPlugin):
         cfg = self.cfg
         seed = (cfg.seed * 1_000_003 + zlib.crc32(self._prefix.encode())) % (2 ** 63)
         sampler = _Sampler(inputs, kwargs, targets, cfg.batch_size, seed)
+        quant = [L for L in layers if not isinstance(L, _Norms)]
         params = [p for L in layers for p in L.params()]
         steps_of = [L.step_scale(p) for L in layers for p in L.params()]
         lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
@@ -530,7 +579,7 @@ class Recon(BlockPlugin):
         for it in range(cfg.iters):
             h, kw, f = sampler.draw(device)
             with torch.enable_grad():
-                for L in layers:
+                for L in quant:
                     L.ql.dense_weight = L.dequant()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = forward(block, h, kw)
@@ -546,7 +595,7 @@ class Recon(BlockPlugin):
             lr = lr0 * (1.0 - it / cfg.iters)
             with torch.no_grad():
                 for p, g, k in zip(params, grads, steps_of):
-                    p.sub_(torch.sign(g).mul_(k).mul_(lr))
+                    p.sub_(torch.sign(g).mul_(k).mul_(lr).to(p.dtype))
             for L in layers:
                 L.clamp_(cfg.clip_range)
             if cfg.patience is not None:
@@ -557,7 +606,7 @@ class Recon(BlockPlugin):
                     since += 1
                     if since >= cfg.patience:
                         break
-        for L in layers:
+        for L in quant:
             L.ql.dense_weight = None
         last_state = [L.state() for L in layers] if steps else None
         return best_state, last_state, steps, best_loss
