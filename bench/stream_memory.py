@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", default="rtn,gptq")
     ap.add_argument("--loads", default="stream,whole")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the checkpoint already in --dir (written by an earlier --keep run) instead of writing it")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few seconds")
     # child mode
@@ -175,8 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         args.shape, args.dtype = "tiny", "float32"
     args.dir = args.dir or os.path.join("/work/tmp" if os.path.isdir("/work") else "/tmp", f"stream-{args.shape}")
     t = time.time()
-    info = write_checkpoint(args.dir, SHAPES[args.shape], getattr(torch, args.dtype),
-                            gen_device="cuda" if args.device.startswith("cuda") else "cpu")
+    if args.reuse and os.path.exists(os.path.join(args.dir, "model.safetensors.index.json")):
+        info = _existing_info(args.dir)
+    else:
+        info = write_checkpoint(args.dir, SHAPES[args.shape], getattr(torch, args.dtype),
+                                gen_device="cuda" if args.device.startswith("cuda") else "cpu")
     block_bytes = (info["bytes"] - _rest_bytes(args.dir)) / info["blocks"]
     print(f"checkpoint {args.dir}: {info['params'] / 1e9:.2f} B params, {info['bytes'] / GIB:.2f} GiB on disk, "
           f"{info['blocks']} blocks of {block_bytes / GIB:.3f} GiB, rest {_rest_bytes(args.dir) / GIB:.2f} GiB; "
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(args.dir, ignore_errors=True)
     print(f"\n{args.shape}: {info['params'] / 1e9:.2f} B params, {info['bytes'] / GIB:.2f} GiB ({args.dtype}); one "
           f"block {block_bytes / GIB:.3f} GiB; calibration {args.samples} x {args.seq_len} tokens\n")
@@ -208,6 +213,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "checkpoint": info, "block_bytes": block_bytes, "rows": rows}, f, indent=1)
+
+
+def _existing_info(d: str) -> dict:
+    """{params, bytes, blocks} of a checkpoint written earlier by :func:`write_checkpoint`."""
+    from safetensors import safe_open
+
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        idx = json.load(f)
+    with open(os.path.join(d, "config.json")) as f:
+        blocks = json.load(f)["num_hidden_layers"]
+    params = 0
+    for fn in sorted(set(idx["weight_map"].values())):
+        with safe_open(os.path.join(d, fn), "pt") as sf:
+            for k in sf.keys():
+                n = 1
+                for s in sf.get_slice(k).get_shape():
+                    n *= s
+                params += n
+    return {"params": params, "bytes": idx["metadata"]["total_size"], "blocks": blocks}
 
 
 def _rest_bytes(d: str) -> int:

@@ -59,11 +59,16 @@ class Solution:
         return make_quantlinear(tuple(w.shape), self.spec, self.packed, bias, dense_weight=self.dense)
 
 
-def solve_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0) -> Solution:
-    """Run ``scheme``'s transforms and quantizer on the float linear ``mod`` (statistics ``stats``)."""
+def solve_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0,
+                 drop_float: bool = False) -> Solution:
+    """Run ``scheme``'s transforms and quantizer on the float linear ``mod`` (statistics ``stats``).
+    ``drop_float``: once its float32 copy is made, ``mod``'s weight goes to the meta device (see
+    :func:`drop_float_weight`); the QuantLinear that replaces ``mod`` is built from the solution."""
     w = linear_weight(mod).detach().float()
     if not all_finite(w):
         raise NumericalError(f"{name}: the weight holds NaN/inf; the model is broken")
+    if drop_float:
+        drop_float_weight(mod)
     scheme.fmt.check_shape(tuple(w.shape), where=name)
     ctx = LayerContext(name, w, stats, seed)
     for t in scheme.transforms:
@@ -79,10 +84,20 @@ def solve_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, s
     return Solution(spec, packed, res.weight.to(linear_weight(mod).dtype), info)
 
 
-def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0
-                    ) -> tuple[QuantLinear, dict[str, Any]]:
+def drop_float_weight(mod: nn.Module) -> None:
+    """``mod``'s weight replaced by one on the meta device (same shape and dtype, no values): the float
+    linear being solved is replaced by its QuantLinear, which needs only its shape, dtype and bias; on a
+    CPU run its weight would otherwise stay in memory until the block is done (with the earlier
+    linears' dequantized copies and the largest linear's solve)."""
+    p = getattr(mod, "weight", None)
+    if isinstance(p, nn.Parameter) and p.device.type != "meta":
+        mod.weight = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+
+
+def quantize_linear(name: str, mod: nn.Module, scheme: Scheme, stats: LayerStats, seed: int = 0,
+                    drop_float: bool = False) -> tuple[QuantLinear, dict[str, Any]]:
     """One linear, solved here: (its QuantLinear, with ``dense_weight`` set; its report entry)."""
-    sol = solve_linear(name, mod, scheme, stats, seed)
+    sol = solve_linear(name, mod, scheme, stats, seed, drop_float=drop_float)
     return sol.build(mod), sol.info
 
 
@@ -107,15 +122,19 @@ class LocalSolver:
     def solve(self, block: Block, schemes: dict[str, Scheme], stats) -> dict[str, tuple[QuantLinear, dict]]:
         """``stats.get(name)`` gives each linear's :class:`LayerStats`; the seed is the block index. Where
         ``stats`` has ``release(name, later)`` (the pipeline's collector), each linear's statistics are
-        handed back once no later linear reads them: the Hessians are freed one by one, not with the block."""
+        handed back once no later linear reads them: the Hessians are freed one by one, not with the block.
+        On CPU each float linear's weight goes to the meta device once its float32 copy is made (the
+        pipeline replaces the linear by its QuantLinear after this; nothing reads the float values)."""
         out = {}
         names = list(schemes)
         release = getattr(stats, "release", None)
         for i, n in enumerate(names):
-            out[n] = quantize_linear(n, block.linears[n], schemes[n], stats.get(n), seed=block.index)
+            cpu = linear_weight(block.linears[n]).device.type == "cpu"
+            out[n] = quantize_linear(n, block.linears[n], schemes[n], stats.get(n), seed=block.index,
+                                     drop_float=cpu)
             if release is not None:
                 release(n, names[i + 1:])
-            if linear_weight(block.linears[n]).device.type == "cpu":
+            if cpu:
                 release_freed_memory()  # a linear's freed working copies, handed back before the next one's
         return out
 
@@ -138,4 +157,5 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-__all__ = ["Block", "LocalSolver", "Solution", "quantize_linear", "release_freed_memory", "solve_linear"]
+__all__ = ["Block", "LocalSolver", "Solution", "drop_float_weight", "quantize_linear", "release_freed_memory",
+           "solve_linear"]

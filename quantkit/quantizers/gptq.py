@@ -8,6 +8,7 @@ any :class:`WeightFormat` (INT, LUT, FP): the format decides the grid, GPTQ deci
 
 from __future__ import annotations
 
+import tempfile
 from typing import Literal
 
 import torch
@@ -110,6 +111,75 @@ def _scaled_hessian(h: torch.Tensor, nsamples: int, perm: torch.Tensor | None, d
     return out
 
 
+# On CPU, a Hessian of at least this many bytes waits in an unlinked temporary file (in tempfile's folder:
+# $TMPDIR, else /tmp) from when GPTQ has made its scaled copy until the output error reads it back, bit for
+# bit: a streamed CPU run's peak is in the largest linear's factor and rounding loop (a 3B model's
+# down_proj: 256 MiB). Where that folder is a RAM disk (tmpfs) this saves nothing. None: never spill.
+SPILL_MIN_BYTES: int | None = 128 << 20
+
+
+class _HessianSpill:
+    """``stats.hessian`` written to an unlinked temporary file and dropped (:meth:`out`), read back into a
+    new tensor (:meth:`back`); :meth:`close` reads it back if it is out and deletes the file."""
+
+    def __init__(self, stats: LayerStats):
+        self.stats = stats
+        self.file = None
+        self.like: tuple = ()
+
+    @classmethod
+    def maybe(cls, stats: LayerStats) -> _HessianSpill | None:
+        h = stats.hessian
+        if (SPILL_MIN_BYTES is None or h is None or h.device.type != "cpu" or not h.is_contiguous()
+                or h.numel() * h.element_size() < SPILL_MIN_BYTES):
+            return None
+        return cls(stats)
+
+    def out(self) -> None:
+        h = self.stats.hessian
+        if h is None:
+            return
+        if self.file is None:
+            f = tempfile.TemporaryFile()
+            try:
+                f.write(_bytes_of(h))
+                f.flush()
+            except OSError:  # no room for it: it stays in memory
+                f.close()
+                return
+            self.file, self.like = f, (tuple(h.shape), h.dtype)
+        del h
+        self.stats.hessian = None
+
+    def back(self) -> None:
+        if self.stats.hessian is not None or self.file is None:
+            return
+        shape, dtype = self.like
+        t = torch.empty(shape, dtype=dtype)
+        buf = _bytes_of(t)
+        self.file.seek(0)
+        got = 0
+        while got < len(buf):
+            n = self.file.readinto(buf[got:])
+            if not n:
+                raise NumericalError("internal: the spilled Hessian could not be read back")
+            got += n
+        self.stats.hessian = t
+
+    def close(self) -> None:
+        try:
+            self.back()
+        finally:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable view (no copy)."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
 @register("quantizer", "gptq")
 class GPTQ(Quantizer):
     Config = GPTQConfig
@@ -121,115 +191,135 @@ class GPTQ(Quantizer):
         if stats.hessian is None or stats.nsamples == 0:
             raise NumericalError("GPTQ needs calibration statistics (a Hessian) and got none")
         key = ("gptq", self.cfg.damp, self.cfg.damp_retries, self.cfg.act_order)
-        hit = stats.cache.get(key) if stats.cache is not None else None
-        if hit is None:
-            hit = self._factor(stats)
-            if stats.cache is not None:  # layers fed the same input (q/k/v, gate/up) factor H once
-                stats.cache[key] = hit
-        dead, col_weight, perm, U, used_damp = hit
-        del hit
-        W = w.clone().float()  # after the factor: not alive while its n x n temporaries are
-        rows, cols = W.shape
-        dev = W.device
-        W[:, dead] = 0
-        layer = fmt.begin_layer(W, col_weight, stats)
-        nat_groups = fmt.cfg.groups(cols)
-        g = nat_groups[0][1] - nat_groups[0][0] if nat_groups else cols
-        grouped = len(nat_groups) > 1
+        # a large Hessian on CPU waits on disk from when its scaled copy is made until the output error
+        spill = _HessianSpill.maybe(stats)
+        try:
+            hit = stats.cache.get(key) if stats.cache is not None else None
+            if hit is None:
+                hit = self._factor(stats, spill)
+                if stats.cache is not None:  # layers fed the same input (q/k/v, gate/up) factor H once
+                    stats.cache[key] = hit
+            elif spill is not None:
+                spill.out()
+            dead, col_weight, perm, U, used_damp = hit
+            del hit
+            rows, cols = w.shape
+            dev = w.device
+            any_dead = bool(dead.any())
+            # natural column order, dead columns zeroed: what the format's fits see (w itself if none is dead)
+            Wn = w.float()
+            if any_dead:
+                Wn = Wn.clone() if Wn is w else Wn
+                Wn[:, dead] = 0
+            layer = fmt.begin_layer(Wn, col_weight, stats)
+            nat_groups = fmt.cfg.groups(cols)
+            g = nat_groups[0][1] - nat_groups[0][0] if nat_groups else cols
+            grouped = len(nat_groups) > 1
+            static = self.cfg.act_order and self.cfg.static_groups or not grouped
+            group_params: list = []
+            if static:
+                # params of each natural column group, from the weights before any update
+                for s, e in nat_groups:
+                    group_params.append(fmt.fit_group(Wn[:, s:e], col_weight[s:e], layer))
+                nat_of = column_groups(cols, g, dev)
+                col_group = nat_of if perm is None else nat_of[perm]  # group of permuted column j
+                col_group = col_group.tolist()
+            del Wn
+            # the working copy, made after the fits (one weight-sized buffer fewer alive): the same values
+            # as zeroing the dead columns of a copy of w, then permuting it
+            W = w.float()
+            W = W[:, perm] if perm is not None else (W.clone() if W is w else W)
+            if any_dead:
+                W[:, dead if perm is None else dead[perm]] = 0
 
-        Wn = W  # natural column order, before any update
-        if perm is not None:
-            W = W[:, perm]
-        static = self.cfg.act_order and self.cfg.static_groups or not grouped
-        group_params: list = []
-        if static:
-            # params of each natural column group, from the weights before any update
-            for s, e in nat_groups:
-                group_params.append(fmt.fit_group(Wn[:, s:e], col_weight[s:e], layer))
-            nat_of = column_groups(cols, g, W.device)
-            col_group = nat_of if perm is None else nat_of[perm]  # group of permuted column j
-            col_group = col_group.tolist()
-        del Wn  # with act-order, W is a permuted copy: one weight-sized buffer fewer from here
-
-        fast = self._fast_block(W, fmt, group_params, col_group) if static else None
-        # The loop only needs dequantized values; codes are recovered once at the end by rounding
-        # the final Q (on the grid already) with each column's group params: fewer ops per column.
-        Q = torch.zeros_like(W)
-        col_gid = torch.zeros(cols, dtype=torch.long)  # group of permuted column c
-        params = None
-        bs = self.cfg.block_size
-        U1 = None
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            U1 = U[i1:i2, i1:i2]
-            if fast is not None:
-                Q1, Err1 = fast(W1, U1, i1, i2)
-                Q[:, i1:i2] = Q1
+            fast = self._fast_block(W, fmt, group_params, col_group) if static else None
+            # The loop only needs dequantized values; codes are recovered once at the end by rounding
+            # the final Q (on the grid already) with each column's group params: fewer ops per column.
+            # Q is written into W's storage: columns i1:i2 of W are not read again once their block is done.
+            col_gid = torch.zeros(cols, dtype=torch.long)  # group of permuted column c
+            params = None
+            bs = self.cfg.block_size
+            U1 = None
+            for i1 in range(0, cols, bs):
+                i2 = min(i1 + bs, cols)
+                W1 = W[:, i1:i2].clone()
+                Q1 = torch.zeros_like(W1)
+                Err1 = torch.zeros_like(W1)
+                U1 = U[i1:i2, i1:i2]
+                if fast is not None:
+                    Q1, Err1 = fast(W1, U1, i1, i2)
+                    W[:, i1:i2] = Q1
+                    W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                    continue
+                for i in range(i2 - i1):
+                    c = i1 + i
+                    if static:
+                        params = group_params[col_group[c]]
+                    elif c % g == 0:
+                        glen = min(g, cols - c)
+                        cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :glen]
+                        cw = col_weight[perm[c:c + glen]] if perm is not None else col_weight[c:c + glen]
+                        params = fmt.fit_group(cur, cw, layer)
+                        group_params.append(params)
+                    if not static:
+                        col_gid[c] = len(group_params) - 1
+                    wcol = W1[:, i:i + 1]
+                    _, dq = fmt.quantize(wcol, params, layer)
+                    Q1[:, i:i + 1] = dq
+                    err = (wcol - dq) / U1[i, i]
+                    W1[:, i:] -= err @ U1[i:i + 1, i:]
+                    Err1[:, i:i + 1] = err
+                W[:, i1:i2] = Q1
                 W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-                continue
-            for i in range(i2 - i1):
-                c = i1 + i
-                if static:
-                    params = group_params[col_group[c]]
-                elif c % g == 0:
-                    glen = min(g, cols - c)
-                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :glen]
-                    cw = col_weight[perm[c:c + glen]] if perm is not None else col_weight[c:c + glen]
-                    params = fmt.fit_group(cur, cw, layer)
-                    group_params.append(params)
-                if not static:
-                    col_gid[c] = len(group_params) - 1
-                wcol = W1[:, i:i + 1]
-                _, dq = fmt.quantize(wcol, params, layer)
-                Q1[:, i:i + 1] = dq
-                err = (wcol - dq) / U1[i, i]
-                W1[:, i:] -= err @ U1[i:i + 1, i:]
-                Err1[:, i:i + 1] = err
-            Q[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        # the working copy and the factor (U1, a view, would keep all of U alive; a shared factor stays in
-        # stats.cache for the next linear)
-        del W, U, U1
+            # the factor (U1, a view, would keep all of U alive; a shared factor stays in stats.cache for the
+            # next linear); W now holds Q
+            Q = W
+            del W, U, U1, W1, Q1, Err1
 
-        if static:
-            col_gid = torch.tensor(col_group, dtype=torch.long)
-        g_idx = None
-        if perm is not None:
-            inv = torch.argsort(perm)
-            Q = Q[:, inv]
-            col_gid = col_gid[inv.cpu()]
-            if not static:
-                g_idx = col_gid.to(dev)
-        if not all_finite(Q):
-            raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
-        codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
-        order = torch.argsort(col_gid, stable=True)
-        bounds = torch.searchsorted(col_gid[order], torch.arange(len(group_params) + 1)).tolist()
-        for gi, p in enumerate(group_params):
-            idx = order[bounds[gi]:bounds[gi + 1]].to(dev)
-            if idx.numel():
-                codes[:, idx], Q[:, idx] = fmt.quantize(Q[:, idx], p, layer)
-        packed = fmt.pack(codes, layer, group_params, g_idx)
-        del codes
+            if static:
+                col_gid = torch.tensor(col_group, dtype=torch.long)
+            g_idx = None
+            if perm is not None:
+                inv = torch.argsort(perm)
+                Q = Q[:, inv]
+                col_gid = col_gid[inv.cpu()]
+                if not static:
+                    g_idx = col_gid.to(dev)
+            if not all_finite(Q):
+                raise NumericalError("GPTQ produced non-finite weights (NaN/inf in the weight or Hessian)")
+            codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
+            order = torch.argsort(col_gid, stable=True)
+            bounds = torch.searchsorted(col_gid[order], torch.arange(len(group_params) + 1)).tolist()
+            for gi, p in enumerate(group_params):
+                idx = order[bounds[gi]:bounds[gi + 1]].to(dev)
+                if idx.numel():
+                    codes[:, idx], Q[:, idx] = fmt.quantize(Q[:, idx], p, layer)
+            packed = fmt.pack(codes, layer, group_params, g_idx)
+            del codes
+        finally:
+            if spill is not None:
+                spill.close()  # the Hessian back, bit for bit (also when the solve failed)
         metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
 
-    def _factor(self, stats: LayerStats):
+    def _factor(self, stats: LayerStats, spill: _HessianSpill | None = None):
         """What GPTQ derives from the Hessian alone: dead columns, column weights, the act-order
-        permutation and the upper Cholesky factor of the permuted, dampened inverse."""
-        h, nsamples = stats.hessian, stats.nsamples
+        permutation and the upper Cholesky factor of the permuted, dampened inverse. With ``spill``,
+        ``stats.hessian`` goes to disk once its scaled copy is made (read back for a damping retry)."""
+        nsamples = stats.nsamples
         # diag(h / n), value for value: the dead columns, the column weights and the act-order come from it
-        col_weight = torch.diagonal(h).float().div(nsamples)
+        col_weight = torch.diagonal(stats.hessian).float().div(nsamples)
         dead = col_weight == 0
         col_weight[dead] = 1
         perm = torch.argsort(col_weight, descending=True) if self.cfg.act_order else None
 
         def scaled() -> torch.Tensor:  # H / n in act-order, a new matrix the factor overwrites
-            H = _scaled_hessian(h, nsamples, perm, dead)
+            if spill is not None:
+                spill.back()  # a retry: the spilled Hessian is read again
+            H = _scaled_hessian(stats.hessian, nsamples, perm, dead)
+            if spill is not None:
+                spill.out()  # from here on only the output error reads it (no reference to it is kept here)
             if not all_finite(H):
                 raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
             return H
