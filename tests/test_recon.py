@@ -324,3 +324,36 @@ def test_recon_learn_norms_trains_norms_saves_and_lowers_error(tmp_path):
     with torch.no_grad():
         y = normed.model(x).logits
         assert torch.equal(quantkit.load(normed.save(str(tmp_path / "ck"))).model(x).logits, y)
+
+
+@pytest.mark.parametrize("name", ["w4a16-recon", "w3a16-recon", "w2a16-recon"])
+def test_bundled_int_recon_recipes_run_save_and_reload(tmp_path, name):
+    """The bundled recipes (RTN start, full-range symmetric grid, value offsets, float-model target), with
+    fewer steps: recon runs on every linear, lowers every block's error against its start, and the
+    checkpoint reloads to the same logits in quantkit's layout and in the GPTQ layout."""
+    recipe = _bundled(name)
+    qm = quantkit.quantize(tiny_model("llama"), recipe, calibration=IDS, progress=False)
+    for b in qm.report.blocks:
+        assert b["recon_layers"] == 7 and b["recon_skipped"] == 0
+        assert b["recon_err_after"] <= b["recon_err_before"]
+    assert any(b["recon_err_after"] < 0.99 * b["recon_err_before"] for b in qm.report.blocks)
+    x = IDS[:2]
+    with torch.no_grad():
+        want = qm.model(x).logits
+    for layout in ("native", "gptq"):
+        out = qm.save(str(tmp_path / layout), layout=layout)
+        with torch.no_grad():
+            got = quantkit.load(out).model(x).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{name} {layout}")
+
+
+def _bundled(name: str) -> dict:
+    import yaml
+
+    from quantkit.recipe import builtin_recipes
+
+    with open(builtin_recipes()[name]) as f:
+        r = yaml.safe_load(f)
+    r["block_plugins"][0].update(iters=12, batch_size=4)
+    r["calibration"] = {"samples": 16, "seq_len": 32}
+    return r
