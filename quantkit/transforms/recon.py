@@ -23,10 +23,11 @@ SignRound does; one more float forward per block and a second copy of the activa
 itself, for GPTQ its error-compensated choices) or on plain rounding (``init: rtn``, v0 = 0). It is an
 integer per weight with ``offsets: value`` (the quantizer's code minus plain rounding's): every weight
 keeps the fractional part of w / s and an offset v in [-1/2, 1/2] can move it to either neighbouring
-code, as in SignRound. With ``offsets: code`` (the default, what the recipes were measured with) v0 puts
-every weight on its code's centre, where |v| <= 1/2 never changes the code: only the clipping is
+code, as in SignRound. With ``offsets: code`` (the default, kept so older recipes stay as measured) v0
+puts every weight on its code's centre, where |v| <= 1/2 never changes the code: only the clipping is
 learned. Measured (docs/QUALITY.md): RTN start + ``value`` matches auto-round; GPTQ start + ``value``
-was worse than GPTQ start + ``code``.
+was worse than GPTQ start + ``code``; GPTQ first with ``init: rtn`` + ``value`` (training from plain
+rounding, GPTQ's codes one more candidate at the end) was best at W4 (the int recon recipes use it).
 Rounding passes gradients straight through; each step moves every parameter by ``lr_t · sign(grad)``
 with ``lr_t`` decaying linearly from ``lr`` (default ``1 / iters``) to 0, on ``batch_size``
 calibration sequences drawn from a generator seeded by ``seed`` and the block's name (deterministic).
