@@ -41,12 +41,12 @@ def main() -> int:
     fail = os.environ.get("QK_FAIL_SOLVE")
     solve_linear = solve.solve_linear
 
-    def patched(name, mod, scheme, st, seed=0):
+    def patched(name, mod, scheme, st, seed=0, **kw):
         if die is not None and rank == 1 and seed == int(die):
             os._exit(17)
         if fail is not None and rank == 1 and name == fail:
             raise NumericalError(f"{name}: injected failure")
-        return solve_linear(name, mod, scheme, st, seed)
+        return solve_linear(name, mod, scheme, st, seed, **kw)
     solve.solve_linear = patched
     try:
         qm = quantkit.quantize(model_dir, json.loads(recipe_json), calibration=ids, device="cpu", progress=False,
