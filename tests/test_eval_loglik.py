@@ -122,6 +122,7 @@ def test_acc_norm_divides_by_answer_characters():
     assert m["acc"] == 0.5
     # acc_norm picks choice 0 (higher ll per char, leading space not counted) -> right on doc 0 only
     assert m["acc_norm"] == 0.5
+    assert m["correct"] == "01" and m["correct_norm"] == "10"  # per document, in document order
     # counting the leading space would give -6/7 vs -4/3: still choice 0; make it decisive:
     docs2 = [{"doc_id": 0, "label": 1, "requests": [(0, "q", " aaa"), (1, "q", " b")]}]
     sc2 = {(0, 0): Scored(-3.3, False, 1), (0, 1): Scored(-1.05, False, 1)}

@@ -125,3 +125,40 @@ def test_report_html_in_headless_chromium(rendered):
             browser.close()
     assert errors == []
     assert len(widths) == 2 and all(w > 0 for w in widths)
+
+
+def test_paired_difference_by_hand():
+    from quantkit.eval.tasks import paired_difference
+
+    f, q = "1101100011", "1001110011"  # q loses doc 1, gains doc 5: d = [0,-1,0,0,0,1,0,0,0,0]
+    mean, se = paired_difference(f, q)
+    assert mean == 0.0
+    assert se == pytest.approx((2 / 9 / 10) ** 0.5)  # sample variance of d is 2/9
+    mean, se = paired_difference("0000", "1100")
+    assert mean == 0.5 and se == pytest.approx((1 / 3 / 4) ** 0.5)
+    with pytest.raises(ValueError, match="same documents"):
+        paired_difference("01", "011")
+
+
+def test_report_paired_differences_against_float(tmp_path):
+    """Rows with per-document outcomes get a paired-difference table against their model's float row; a
+    task scored on other documents (another file hash) gets no cell."""
+    f = _fixture()
+    outcomes = {"float": "1" * 150 + "0" * 50, "w4a16-rtn": "1" * 140 + "0" * 60,
+                "w4a16-gptq": "1" * 150 + "0" * 50, "w8a16-rtn": "0" * 10 + "1" * 150 + "0" * 40}
+    for r in f["runs"]:
+        for t in ("hellaswag", "piqa"):
+            r["tasks"][t]["correct"] = r["tasks"][t]["correct_norm"] = outcomes[r["name"]]
+    f["runs"][1]["tasks"]["piqa"]["file_sha256"] = "ffffffffffffffff"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(f))
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "### Paired differences against the float model" in md
+    se = lambda k: 100 * ((k * (1 - k / 200) ** 2 + (200 - k) * (k / 200) ** 2) / 199 / 200) ** 0.5  # noqa: E731
+    assert f"| w4a16-rtn | -5.0 ± {se(10):.1f} | -5.0 ± {se(10):.1f} | – | – |" in md
+    assert "| w4a16-gptq | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in md
+    # w8a16-rtn: loses the first 10 documents, gains 10 of the last 50: mean 0, 20 nonzero differences
+    assert "| w8a16-rtn | +0.0 ± 2.2 |" in md  # 100 x sqrt(20 / 199 / 200)
+    assert "Paired differences against the float model" in (run / "report.html").read_text()

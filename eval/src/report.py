@@ -151,6 +151,36 @@ def task_table(rows) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def paired_table(rows) -> tuple[list[str], list[list[str]]]:
+    """Each quantized row's accuracy minus its model's float row's, document by document (points, ± the
+    paired standard error); a cell is empty where either side lacks per-document outcomes (results
+    written before they were kept) or the two were not scored on the same documents."""
+    from .tasks import paired_difference
+
+    tasks = [t for t in _tasks(rows) if t != "lambada"]
+    floats = {r.get("_model"): r for r in rows if not r.get("recipe")}
+    head = ["checkpoint"] + [f"{TASK_TITLES.get(t, t)} {k}" for t in tasks for k in ("Δacc", "Δacc_norm")]
+    body = []
+    for r in rows:
+        f = floats.get(r.get("_model"))
+        if not r.get("recipe") or f is None:
+            continue
+        cells, any_cell = [r["_id"]], False
+        for t in tasks:
+            m, mf = (r.get("tasks") or {}).get(t) or {}, (f.get("tasks") or {}).get(t) or {}
+            same = m.get("file_sha256") == mf.get("file_sha256") and m.get("n") == mf.get("n")
+            for k in ("correct", "correct_norm"):
+                if same and m.get(k) and mf.get(k) and len(m[k]) == len(mf[k]):
+                    mean, se = paired_difference(mf[k], m[k])
+                    cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}")
+                    any_cell = True
+                else:
+                    cells.append("–")
+        if any_cell:
+            body.append(cells)
+    return head, body
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats on both axes (lower bits, lower perplexity)."""
     front = []
@@ -334,6 +364,10 @@ tr:nth-child(even) td{background:#fafafa}img{max-width:100%;border:1px solid #ee
 code{background:#f3f3f3;padding:1px 3px}li{margin:.25em 0}.gen td{font-family:monospace;white-space:pre-wrap}"""
 
 
+_PAIRED_NOTE = ("Paired differences: each quantized checkpoint's outcome minus the float model's on the same "
+                "document, averaged, in accuracy points; ± is the standard error of that mean, sqrt(var(d)/n).")
+
+
 def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, bytes]]:
     """(markdown, html, {png file name: bytes}) for a list of results dicts."""
     rows = _rows(results_list)
@@ -354,6 +388,7 @@ def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, byte
             images["report_layers.png"] = png
     s_head, s_body = summary_table(rows)
     t_head, t_body = task_table(rows)
+    p_head, p_body = paired_table(rows)
     models = sorted({str(r.get("model")) for r in results_list})
     title = f"quantkit report: {', '.join(models)}"
     settings, prov, gens = _settings_lines(results_list), _provenance_lines(results_list), _gen_blocks(rows)
@@ -383,6 +418,9 @@ def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, byte
           "## Checkpoints", "", _md_table(s_head, s_body), ""]
     if t_body and len(t_head) > 1:
         md += ["## Zero-shot tasks", "", _md_table(t_head, t_body), ""]
+        if p_body:
+            md += ["### Paired differences against the float model", "", _md_table(p_head, p_body), "",
+                   _PAIRED_NOTE, ""]
     if "report_pareto.png" in images:
         md += ["## Bits per weight vs perplexity", "", "![bits per weight vs perplexity](report_pareto.png)", ""]
     if "report_layers.png" in images:
@@ -406,6 +444,9 @@ def render(results_list: list[dict[str, Any]]) -> tuple[str, str, dict[str, byte
          "<h2>Checkpoints</h2>", _html_table(s_head, s_body)]
     if t_body and len(t_head) > 1:
         h += ["<h2>Zero-shot tasks</h2>", _html_table(t_head, t_body)]
+        if p_body:
+            h += ["<h3>Paired differences against the float model</h3>", _html_table(p_head, p_body),
+                  f"<p>{html.escape(_PAIRED_NOTE)}</p>"]
     if "report_pareto.png" in images:
         h += ["<h2>Bits per weight vs perplexity</h2>", img("report_pareto.png", "bits per weight vs perplexity")]
     if "report_layers.png" in images:

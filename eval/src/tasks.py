@@ -146,18 +146,35 @@ def _answer_chars(continuation: str) -> int:
 
 
 def mc_metrics(docs: list[dict[str, Any]], scores: dict[tuple[int, int], loglik.Scored]) -> dict[str, Any]:
-    """acc / acc_norm (± stderr) from the scored choices of each document."""
-    acc = acc_norm = 0
+    """acc / acc_norm (± stderr) from the scored choices of each document, and each document's outcome
+    (``correct`` / ``correct_norm``: one character "1" or "0" per document, in document order), so two
+    models scored on the same documents can be compared pair by pair (:func:`paired_difference`)."""
+    hit, hit_norm = [], []
     for d in docs:
         lls = [scores[(d["doc_id"], idx)].logprob for idx, _, _ in d["requests"]]
         norm = [ll / _answer_chars(cont) for ll, (_, _, cont) in zip(lls, d["requests"])]
         idxs = [idx for idx, _, _ in d["requests"]]
         gold = d["label"]
-        acc += idxs[max(range(len(lls)), key=lls.__getitem__)] == gold
-        acc_norm += idxs[max(range(len(norm)), key=norm.__getitem__)] == gold
+        hit.append(idxs[max(range(len(lls)), key=lls.__getitem__)] == gold)
+        hit_norm.append(idxs[max(range(len(norm)), key=norm.__getitem__)] == gold)
     n = len(docs)
-    a, an = acc / n, acc_norm / n
-    return {"acc": a, "acc_stderr": stderr(a, n), "acc_norm": an, "acc_norm_stderr": stderr(an, n), "n": n}
+    a, an = sum(hit) / n, sum(hit_norm) / n
+    return {"acc": a, "acc_stderr": stderr(a, n), "acc_norm": an, "acc_norm_stderr": stderr(an, n), "n": n,
+            "correct": "".join("1" if h else "0" for h in hit),
+            "correct_norm": "".join("1" if h else "0" for h in hit_norm)}
+
+
+def paired_difference(a: str, b: str) -> tuple[float, float]:
+    """Mean of b - a over documents (``correct`` strings of two models on the same documents) and its
+    standard error, sqrt(var(d) / n) with the sample variance of the per-document differences: the
+    paired comparison, much tighter than the two accuracies' own errors when the models mostly agree."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired difference needs outcomes of the same documents (got {len(a)} and {len(b)})")
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else float("nan")
+    return mean, math.sqrt(var / n)
 
 
 def lambada_metrics(docs: list[dict[str, Any]], scores: dict[tuple[int, int], loglik.Scored]) -> dict[str, Any]:
