@@ -227,8 +227,9 @@ class GPTQ(Quantizer):
             del Wn
             # the working copy, made after the fits (one weight-sized buffer fewer alive): the same values
             # as zeroing the dead columns of a copy of w, then permuting it
-            W = w.float()
-            W = W[:, perm] if perm is not None else (W.clone() if W is w else W)
+            W = (w[:, perm] if perm is not None else w).float()  # permuted before the cast: no fp32 temporary
+            if W is w:
+                W = W.clone()
             if any_dead:
                 W[:, dead if perm is None else dead[perm]] = 0
 
@@ -243,14 +244,14 @@ class GPTQ(Quantizer):
             for i1 in range(0, cols, bs):
                 i2 = min(i1 + bs, cols)
                 W1 = W[:, i1:i2].clone()
-                Q1 = torch.zeros_like(W1)
-                Err1 = torch.zeros_like(W1)
                 U1 = U[i1:i2, i1:i2]
                 if fast is not None:
                     Q1, Err1 = fast(W1, U1, i1, i2)
                     W[:, i1:i2] = Q1
                     W[:, i2:] -= Err1 @ U[i1:i2, i2:]
                     continue
+                Q1 = torch.zeros_like(W1)
+                Err1 = torch.zeros_like(W1)
                 for i in range(i2 - i1):
                     c = i1 + i
                     if static:

@@ -48,7 +48,6 @@ def _norm_params(block: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in block.parameters() if p.dim() == 1 and p.is_floating_point()]
 
 
-
 def _batch_dependent(obj: Any, b: int) -> bool:
     if isinstance(obj, torch.Tensor):
         return b > 1 and obj.dim() > 0 and obj.shape[0] == b
