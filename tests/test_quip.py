@@ -107,6 +107,23 @@ def test_hessian_rotation_matches_dense():
     assert torch.equal(st.hessian, h.float())
 
 
+def test_linears_sharing_an_input_get_their_own_rotated_factor():
+    """q/k/v share one LayerStats with a cache (one GPTQ factor for all three); each QuIP rotation is the
+    linear's own, so with QuIP each must equal the same linear quantized with statistics of its own."""
+    n = 128
+    lin_q, x, st = _layer(64, n, seed=4)
+    lin_k, _, _ = _layer(64, n, seed=5)
+    shared = LayerStats(st.nsamples, st.hessian.clone(), st.act_sqsum.clone(), st.act_absmax.clone(), cache={})
+    names = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj")
+    r = load_recipe({"quantizer": "gptq", "format": {"type": "int", "bits": 3, "group_size": 64},
+                     "transforms": [{"type": "quip"}]})
+    got = [quantize_linear(nm, lin, r.scheme_for(nm), shared) for nm, lin in zip(names, (lin_q, lin_k))]
+    for nm, lin, res in zip(names, (lin_q, lin_k), got):
+        own = LayerStats(st.nsamples, st.hessian.clone(), st.act_sqsum.clone(), st.act_absmax.clone())
+        alone = quantize_linear(nm, lin, r.scheme_for(nm), own)[0]
+        assert torch.equal(res[0].dense_weight, alone.dense_weight), nm
+
+
 def test_rotated_stats_are_consistent():
     """QuIP hands the quantizer the statistics of the rotated inputs V x."""
     from quantkit.transforms.base import LayerContext, transform_from_spec

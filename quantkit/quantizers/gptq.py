@@ -9,6 +9,7 @@ any :class:`WeightFormat` (INT, LUT, FP): the format decides the grid, GPTQ deci
 from __future__ import annotations
 
 import tempfile
+import weakref
 from typing import Literal
 
 import torch
@@ -120,12 +121,25 @@ SPILL_MIN_BYTES: int | None = 128 << 20
 
 class _HessianSpill:
     """``stats.hessian`` written to an unlinked temporary file and dropped (:meth:`out`), read back into a
-    new tensor (:meth:`back`); :meth:`close` reads it back if it is out and deletes the file."""
+    new tensor (:meth:`back`); :meth:`close` reads it back if it is out and deletes the file.
 
-    def __init__(self, stats: LayerStats):
-        self.stats = stats
+    Linears fed the same input (q/k/v, gate/up: one ``stats`` with a ``cache``, where their factor is kept)
+    share one spill, kept in that cache: the first writes the Hessian, the others only drop and read it
+    back (:meth:`done` leaves the file for them). Its file is closed when the spill is freed, with the cache
+    (the collector releases the statistics after the group's last linear). Only weak references to the
+    statistics and to the tensor last read back: no cycle through the cache, which would keep the file."""
+
+    def __init__(self, stats: LayerStats, shared: bool = False):
+        self._stats = weakref.ref(stats)
+        self.shared = shared
         self.file = None
         self.like: tuple = ()
+        self._given = None  # the tensor back() made (weakly): while it is stats.hessian, the file holds its bytes
+        self._closer = None
+
+    @property
+    def stats(self) -> LayerStats:
+        return self._stats()
 
     @classmethod
     def maybe(cls, stats: LayerStats) -> _HessianSpill | None:
@@ -133,10 +147,24 @@ class _HessianSpill:
         if (SPILL_MIN_BYTES is None or h is None or h.device.type != "cpu" or not h.is_contiguous()
                 or h.numel() * h.element_size() < SPILL_MIN_BYTES):
             return None
-        return cls(stats)
+        if stats.cache is None:
+            return cls(stats)
+        sp = stats.cache.get(_SPILL_KEY)
+        if sp is not None and sp.holds(stats):
+            return sp  # written by an earlier linear of this input: nothing to write
+        if sp is not None:  # stale (another stats object or Hessian): its file goes now
+            sp.close(restore=False)
+        sp = stats.cache[_SPILL_KEY] = cls(stats, shared=True)
+        return sp
+
+    def holds(self, stats: LayerStats) -> bool:
+        """The file holds exactly ``stats.hessian`` (the very tensor read back from it last)."""
+        return (self.file is not None and self._stats() is stats and self._given is not None
+                and stats.hessian is not None and self._given() is stats.hessian)
 
     def out(self) -> None:
-        h = self.stats.hessian
+        stats = self.stats
+        h = stats.hessian
         if h is None:
             return
         if self.file is None:
@@ -148,11 +176,13 @@ class _HessianSpill:
                 f.close()
                 return
             self.file, self.like = f, (tuple(h.shape), h.dtype)
+            self._closer = weakref.finalize(self, f.close)
         del h
-        self.stats.hessian = None
+        stats.hessian = None
 
     def back(self) -> None:
-        if self.stats.hessian is not None or self.file is None:
+        stats = self.stats
+        if stats is None or stats.hessian is not None or self.file is None:
             return
         shape, dtype = self.like
         t = torch.empty(shape, dtype=dtype)
@@ -164,15 +194,31 @@ class _HessianSpill:
             if not n:
                 raise NumericalError("internal: the spilled Hessian could not be read back")
             got += n
-        self.stats.hessian = t
+        stats.hessian = t
+        self._given = weakref.ref(t)
 
-    def close(self) -> None:
+    def done(self) -> None:
+        """One linear solved (or failed): the Hessian back; the file kept for the next linear if shared."""
+        if not self.shared:
+            return self.close()
         try:
             self.back()
+        except BaseException:
+            self.close(restore=False)
+            raise
+
+    def close(self, restore: bool = True) -> None:
+        try:
+            if restore:
+                self.back()
         finally:
             if self.file is not None:
-                self.file.close()
+                self._closer()  # closes the file (once)
                 self.file = None
+            self._given = None
+
+
+_SPILL_KEY = ("gptq", "hessian spill")  # stats.cache key of the shared spill
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -298,8 +344,8 @@ class GPTQ(Quantizer):
             packed = fmt.pack(codes, layer, group_params, g_idx)
             del codes
         finally:
-            if spill is not None:
-                spill.close()  # the Hessian back, bit for bit (also when the solve failed)
+            if spill is not None:  # the Hessian back, bit for bit (also when the solve failed)
+                spill.done()
         metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)

@@ -132,7 +132,9 @@ class QuIP(Transform):
             if st.act_absmax is not None:
                 tmax = float(pl_in.small(dtype=torch.float64).abs().max()) / pl_in.p ** 0.5
                 am = torch.full_like(st.act_absmax, float(st.act_absmax.float().sum()) * tmax)
-            ctx.stats = dataclasses.replace(st, hessian=h, act_sqsum=sq, act_absmax=am)
+            # cache=None: the rotation is this linear's own, so nothing derived from the rotated statistics
+            # (GPTQ's cached factor) may be shared with q/k/v's other linears
+            ctx.stats = dataclasses.replace(st, hessian=h, act_sqsum=sq, act_absmax=am, cache=None)
         ctx.runtime.append(spec)
 
     @classmethod
