@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,11 +49,19 @@ GEMM = [("s128x128k64", 128, 128, 8, 8, 4, True), ("s128x128k128", 128, 128, 16,
 GEMM2 = [("n128x128k64", 128, 128, 8, 8, 4, False, None), ("n128x128k64r128", 128, 128, 8, 8, 3, False, 128),
          ("n128x64k64", 128, 64, 8, 4, 4, False, None), ("n128x128k128", 128, 128, 16, 8, 3, False, None),
          ("n256x128k64", 256, 128, 8, 8, 3, False, None)]
-CANDS = {"gemm": GEMM, "gemm2": GEMM2}
+# the Hopper Gluon GEMM (kernels/src/_wgmma.py, path "wg"): (name, BM, BN, BK, warps, stages)
+WG = [("wg128x128k64", 128, 128, 64, 8, 5), ("wg128x256k64", 128, 256, 64, 8, 4),
+      ("wg64x128k64", 64, 128, 64, 4, 6), ("wg128x128k64w4", 128, 128, 64, 4, 5),
+      ("wg256x128k64", 256, 128, 64, 8, 4)]
+CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG}
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
+    if which == "wg":
+        dbg = int(os.environ.get("QK_WG_DBG", "0"))  # bench/wg_debug.py's verdict (0: the shipped kernel)
+        return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st, "dbg": dbg})
+                for name, bm, bn, bk, w, st in WG if bm <= 2 * mb]
     for name, bm, bn, bkw, w, st, swap, *reg in CANDS[which]:
         if bm > 2 * mb:
             continue
@@ -322,8 +331,8 @@ def fmt_row(row, kinds) -> str:
             continue
         bn = min(res, key=lambda n: res[n]["us"])
         s += f" | {k} best {bn} x{b / res[bn]['us']:4.2f}"
-        for n in ("tuned", "dq"):
-            if n in res and n != bn:
+        for n in res:
+            if n != bn:
                 s += f" {n} x{b / res[n]['us']:4.2f}"
     return s
 

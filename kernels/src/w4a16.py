@@ -160,6 +160,8 @@ class W4A16Kernel(LayerKernel):
                            num_stages=1, device=self.device)
             grid = (cdiv(KWS, bkw), cdiv(N, bn), 1)
             return dequant_then_mm(lau, grid, (wp, sp, zp, lp), (N, K, KWS, G), N, K, dtype, self.device)
+        if path == "wg":
+            return self.wg_plan(cfg, dtype, mb)
         bn, bkw = int(cfg["BN"]), int(cfg["BKW"])
         if path == "gemm" and self.s is not None and self.GS % (8 * bkw):
             # chunks inside one group (one scale per row per chunk): Triton 3.6 fails to compile the
@@ -213,6 +215,42 @@ class W4A16Kernel(LayerKernel):
         def run_mma(x, out, M):
             lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
         return run_mma
+
+    def wg_ok(self, bk: int, dtype) -> bool:
+        """Whether the Hopper Gluon GEMM (``_wgmma``, path ``wg``) serves this layer: compiled CUDA on
+        compute capability 9.x with Gluon, int codes as nibble words, a 16-bit x dtype, K % bk == 0
+        and whole groups per chunk."""
+        if INTERPRET or ASM_OFF or self.device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if self.mode != 0 or self.K % bk or self.KWS * 8 != self.K or (self.s is not None and self.GS % bk):
+            return False
+        from . import _wgmma
+
+        return _wgmma.HAVE_GLUON and torch.cuda.get_device_capability(self.device)[0] == 9
+
+    def wg_plan(self, cfg: dict, dtype, mb: int):
+        """The ``wg`` path's closure: TMA descriptors of the weight made once, of x per call."""
+        bm, bn, bk = int(cfg.get("BM", 128)), int(cfg.get("BN", 128)), int(cfg.get("BK", 64))
+        if not self.wg_ok(bk, dtype):
+            return self.make_plan(self.default_config(mb, dtype) if mb <= 128 else {"path": "dq"}, dtype, mb)
+        from . import _wgmma
+
+        N, K, G = self.N, self.K, self.G
+        _, wd = _wgmma.descriptors(torch.empty(bm, K, dtype=dtype, device=self.device), self.w, bm, bn, bk)
+        xl = _wgmma.x_layout(bm, bk, dtype)
+        s = self.s if self.s is not None else self.w
+        z = self.z if self.z is not None else self.w
+        consts = dict(HAS_SCALE=self.s is not None, HAS_ZERO=self.z is not None, ZC=float(self.zc),
+                      GS=min(self.GS, 1 << 30), STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8)),
+                      DBG=int(cfg.get("dbg", 0)), num_warps=int(cfg.get("warps", 8)))
+        tiles_n = cdiv(N, bn)
+        fn = _wgmma.w4a16_wgmma
+        TD = _wgmma.TensorDescriptor
+
+        def run_wg(x, out, M):
+            xd = TD(x, [M, K], [K, 1], [bm, bk], xl)
+            fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, self.w, **consts)
+        return run_wg
 
     def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
         """The launch closure of a fixed grid. After the first (compiling) call it calls the compiled

@@ -1,0 +1,228 @@
+"""Hopper (sm_90) large-M W4A16 GEMM in Gluon: TMA loads, the dequantized weight tile staged in shared
+memory, asynchronous wgmma whose work overlaps the next chunk's dequantization (path ``wg``).
+
+Why a Gluon kernel: the Triton ``gemm`` path (w4a16_jit.py) lets the compiler place the dequantized
+tile; it stores it to shared memory and then waits for each wgmma before the buffer may be rewritten,
+so the dequantization never overlaps the tensor cores (docs/PERFORMANCE.md measured it at 0.55-0.69x
+cuBLAS). Here the buffers and waits are explicit:
+
+  per chunk c of BK columns (program = one [BM, BN] output tile, chunks c = 0 .. K/BK - 1):
+    1. wait for chunk c's x tile [BM, BK] and packed words [BN, BK/8] (TMA, STAGES-slot ring, one
+       mbarrier per slot; issued STAGES-2 chunks ahead);
+    2. dequantize the words with their group scale, ``(q - z) * s`` in the x dtype (the inline PTX of
+       ``_ptx``: packed magic-number pairs, one packed FMA for the scale), store the [BN, BK] tile to
+       shared buffer c % 3;
+    3. fence + barrier, issue the TMA load of chunk c + STAGES - 2 into the slot chunk c - 2 used;
+    4. issue wgmma(x tile, dequantized tileᵀ) asynchronously and wait until at most one is in flight:
+       the tensor cores run chunk c while the threads dequantize chunk c + 1.
+  Three dequant buffers and the prefetch distance STAGES - 2 make every reuse safe with one barrier
+  per chunk: when a warp passes chunk c's barrier, every warpgroup has retired wgmma c - 2.
+
+Requirements (else the caller keeps another path): compiled CUDA on compute capability 9.x, Triton
+with Gluon (3.5+), x in bf16/fp16 and contiguous, K % BK == 0, the group size a multiple of BK (or
+no groups), 4-bit int codes on the checkpoint layout (int32 words [N, K/8]).
+
+Own code. Ideas from Machete / CUTLASS mixed-input GEMMs and Marlin (Apache-2.0): dequantize just
+before the MMA, overlap it with asynchronous MMAs; nothing copied.
+"""
+
+from __future__ import annotations
+
+try:  # Gluon: Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # the TMA load was renamed between Triton 3.6 (the GPU machine's) and 3.9 (CPU CI's)
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    HAVE_GLUON = True
+except Exception:  # noqa: BLE001 - an older Triton: the path is simply not offered
+    HAVE_GLUON = False
+
+from ._ptx import _ASM_INT_BF16_S, _ASM_INT_FP16_S, _OUT8
+
+_CONS = _OUT8 + "r,r,r"
+
+if HAVE_GLUON:
+    _ASM_BF16 = gl.constexpr(_ASM_INT_BF16_S)
+    _ASM_FP16 = gl.constexpr(_ASM_INT_FP16_S)
+    _CONS_C = gl.constexpr(_CONS)
+
+    @gluon.constexpr_function
+    def _warps_m(BM, num_warps):
+        """Warps along M of the wgmma accumulator (16 rows each, at least a warpgroup's 4)."""
+        return max(4, min(num_warps, BM // 16))
+
+    @gluon.jit
+    def _pair(v, XDT: gl.constexpr):
+        """fp32 v -> the value in XDT twice, as int32 bits (a packed pair)."""
+        b = v.to(XDT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return b | (b << 16)
+
+    @gluon.jit
+    def _deq(w, zz, ss, XDT: gl.constexpr):
+        """Words w [BN, BW] (int32) -> [BN, 8*BW] values (q - z) * s of XDT, column order."""
+        if XDT == gl.bfloat16:
+            d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                _ASM_BF16, _CONS_C, [w, zz, ss], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                _ASM_FP16, _CONS_C, [w, zz, ss], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        # join puts its new axis last: t[n, w, i, k, m] is the i-th of the innermost pair, so the flat
+        # column 8w + 4i + 2k + m must hold nibble 4i + 2k + m (the interleave order of _tl._cols8)
+        a = gl.join(gl.join(d0, d4), gl.join(d2, d6))
+        b = gl.join(gl.join(d1, d5), gl.join(d3, d7))
+        t = gl.join(a, b)
+        BN: gl.constexpr = w.shape[0]
+        BW: gl.constexpr = w.shape[1]
+        return gl.reshape(t, [BN, 8 * BW])
+
+    @gluon.jit
+    def _deq_plain(w, zc, ss, XDT: gl.constexpr):
+        """The same values as ``_deq`` with integer and fp32 arithmetic (no inline PTX): a check."""
+        sf = (ss & 0xFFFF).to(gl.int16).to(XDT, bitcast=True).to(gl.float32)
+        zf = (zc & 0xFFFF).to(gl.int16).to(XDT, bitcast=True).to(gl.float32)
+        if XDT == gl.bfloat16:
+            zf = zf + 128.0
+        else:
+            zf = zf + 1024.0
+        d0 = (((w & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d1 = ((((w >> 4) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d2 = ((((w >> 8) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d3 = ((((w >> 12) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d4 = ((((w >> 16) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d5 = ((((w >> 20) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d6 = ((((w >> 24) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        d7 = ((((w >> 28) & 15).to(gl.float32) + zf) * sf).to(XDT)
+        a = gl.join(gl.join(d0, d4), gl.join(d2, d6))
+        b = gl.join(gl.join(d1, d5), gl.join(d3, d7))
+        t = gl.join(a, b)
+        BN: gl.constexpr = w.shape[0]
+        BW: gl.constexpr = w.shape[1]
+        return gl.reshape(t, [BN, 8 * BW])
+
+    @gluon.jit
+    def _issue(x_desc, w_desc, xs, ws, bars, c, off_m, off_n, STAGES: gl.constexpr, BK: gl.constexpr):
+        slot = c % STAGES
+        bar = bars.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, c * BK], bar, xs.index(slot))
+        _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
+
+    @gluon.jit
+    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, w_ptr,
+                    HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
+                    STAGES: gl.constexpr, GROUP_M: gl.constexpr, DBG: gl.constexpr, num_warps: gl.constexpr):
+        XDT: gl.constexpr = x_desc.dtype
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BW: gl.constexpr = BK // 8
+
+        # grouped tile order (GROUP_M row tiles share the weight tiles in L2)
+        pid = gl.program_id(0)
+        tiles_m = gl.cdiv(M, BM)
+        tiles_n = gl.cdiv(N, BN)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        gm = gl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % gm
+        pid_n = (pid % per_group) // gm
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+
+        xs = gl.allocate_shared_memory(XDT, [STAGES, BM, BK], x_desc.layout)
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BW], w_desc.layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XDT)
+        bs = gl.allocate_shared_memory(XDT, [3, BN, BK], b_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        # register layouts: the words tile (one word per thread per row step), the wgmma accumulator
+        if DBG >= 4:  # one word per thread per row step (the first layout; Triton loads it with ldmatrix)
+            wl: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BW, BW], [num_warps, 1], [1, 0])
+        else:  # 4 consecutive words (16 bytes) per thread: one vector load, 32 weights in column order
+            VW: gl.constexpr = 4 if BW >= 4 else BW
+            wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [num_warps, 1], [1, 0])
+        WM: gl.constexpr = _warps_m(BM, num_warps)
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
+                                                        instr_shape=[16, BN // (num_warps // WM), 16])
+        rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
+        rn = gl.minimum(rn, N - 1)
+        srow = s_ptr + rn.to(gl.int64) * G
+
+        nch = K // BK
+        for c in gl.static_range(STAGES - 2):
+            if c < nch:
+                _issue(x_desc, w_desc, xs, ws, bars, c, off_m, off_n, STAGES, BK)
+
+        zz = _pair(gl.full([BN, 1], -(ZC + 128.0), gl.float32, wl), XDT)
+        if XDT == gl.float16:
+            zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
+        acc = gl.zeros([BM, BN], gl.float32, acc_l)
+        for c in range(nch):
+            slot = c % STAGES
+            mbarrier.wait(bars.index(slot), (c // STAGES) & 1)
+            if DBG % 2 == 1:  # checks (DBG): 1 words from global memory, 2 plain dequant, 3 both, 4 first layout
+                kw = gl.arange(0, BW, layout=gl.SliceLayout(0, wl))
+                w = gl.load(w_ptr + gl.expand_dims(rn.to(gl.int64) * (K // 8), 1) + gl.expand_dims(c * BW + kw, 0))
+            else:
+                w = ws.index(slot).load(wl)
+            g = (c * BK) // GS
+            if HAS_SCALE:
+                ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
+            else:
+                ss = _pair(gl.full([BN], 1.0, gl.float32, gl.SliceLayout(1, wl)), XDT)
+            zc = zz
+            if HAS_ZERO:
+                zv = gl.load(z_ptr + rn.to(gl.int64) * G + g).to(gl.float32)
+                if XDT == gl.bfloat16:
+                    zc = _pair(gl.expand_dims(-(zv + 128.0), 1), XDT)
+                else:
+                    zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
+            sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
+            zb, _ = gl.broadcast(zc, w)
+            if DBG >= 2:
+                d = _deq_plain(w, zb, sb, XDT)
+            else:
+                d = _deq(w, zb, sb, XDT)
+            buf = bs.index(c % 3)
+            buf.store(d)
+            fence_async_shared()
+            _cta_barrier()
+            if c + STAGES - 2 < nch:
+                _issue(x_desc, w_desc, xs, ws, bars, c + STAGES - 2, off_m, off_n, STAGES, BK)
+            acc = warpgroup_mma(xs.index(slot), buf.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+        on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+        optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+        mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
+        gl.store(optr, acc.to(XDT), mask=mask)
+
+
+def x_layout(BM: int, BK: int, dtype):
+    """The shared-memory layout of an x tile (TMA destination, wgmma A operand)."""
+    import torch
+
+    return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def descriptors(x, w, BM: int, BN: int, BK: int):
+    """TMA descriptors of x [M, K] (16-bit) and of the words w [N, K/8] (int32)."""
+    wl = gl.NVMMASharedLayout.get_default_for([BN, BK // 8], gl.int32)
+    return (TensorDescriptor.from_tensor(x, [BM, BK], x_layout(BM, BK, x.dtype)),
+            TensorDescriptor.from_tensor(w, [BN, BK // 8], wl))
