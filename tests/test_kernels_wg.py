@@ -10,7 +10,7 @@ asynchronous wgmma, the TMA loads and the overlap (a wait that leaves one wgmma 
 
 from __future__ import annotations
 
-from kernel_ref import DEV, check, make_int, rand_x, ref_int, run_poisoned  # noqa: I001
+from kernel_ref import DEV, check, make_int, make_lut, rand_x, ref_int, ref_lut, run_poisoned  # noqa: I001
 
 import pytest
 import torch
@@ -30,6 +30,24 @@ def _wg():
 
 def _hopper() -> bool:
     return DEV.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (QUANTKIT_TEST_CUDA=1 on an H100/H200)")
+@pytest.mark.parametrize("m,n,k,g,fixed,dtype", [
+    (200, 264, 1024, 128, None, torch.bfloat16),   # any4, per-row tables + group scales
+    (130, 136, 512, None, None, torch.float16),     # any4 rows, no scales
+    (256, 128, 768, 64, "nf4", torch.bfloat16),     # one shared table
+])
+def test_wg_lut_matches_reference(m, n, k, g, fixed, dtype):
+    from quantkit.kernels import lowbit
+
+    _wg()
+    spec, p = make_lut(n, k, 4, g, fixed=fixed, seed=m + n)
+    kern = lowbit.build_lut(format_from_spec(spec), {a: v.to(DEV) for a, v in p.items()}, (n, k), DEV, impl="k")
+    c = {"path": "wg", "BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 5}
+    assert kern.wg_ok(64, dtype)
+    x = rand_x(m, k, dtype, m + k)
+    check(run_poisoned(kern, c, x), x.double() @ ref_lut(p, n, k, 4, g).t(), dtype)
 
 
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (QUANTKIT_TEST_CUDA=1 on an H100/H200)")
@@ -64,9 +82,10 @@ x = torch.empty(256, 1024, dtype=torch.bfloat16)
 w = torch.empty(512, 128, dtype=torch.int32)
 xd, wd = W.descriptors(x, w, 128, 128, 64)
 sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": "*fp16", "z_ptr": "*u8",
-       "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "w_ptr": "*i32"}
-const = {"HAS_SCALE": True, "HAS_ZERO": True, "ZC": 8.0, "GS": 128, "STAGES": 5, "GROUP_M": 8, "DBG": 0,
-         "num_warps": 8}
+       "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "w_ptr": "*i32", "lut_ptr": "*i32"}
+mode = int(sys.argv[1])
+const = {"MODE": mode, "LUT_ROW": True, "HAS_SCALE": True, "HAS_ZERO": mode == 0, "ZC": 8.0, "GS": 128,
+         "STAGES": 5, "GROUP_M": 8, "DBG": 0, "num_warps": 8}
 names = list(sig) + list(const)
 sig.update({c: "constexpr" for c in const})
 src = GluonASTSource(W.w4a16_wgmma, sig, {(names.index(c),): v for c, v in const.items()})
@@ -75,7 +94,8 @@ print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared}))
 """
 
 
-def test_wg_compiles_to_async_wgmma_for_sm90():
+@pytest.mark.parametrize("mode", [0, 1])
+def test_wg_compiles_to_async_wgmma_for_sm90(mode):
     """CPU: the kernel compiles for sm_90 and its PTX overlaps dequantization with the tensor cores.
     In a fresh process: Triton's interpreter (selected by kernel_ref for the other kernel tests) patches
     the language in this one."""
@@ -86,7 +106,8 @@ def test_wg_compiles_to_async_wgmma_for_sm90():
 
     _wg()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _COMPILE, str(mode)], capture_output=True, text=True, env=env,
+                       timeout=300)
     if r.returncode and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
         pytest.skip(f"no ptxas here: {r.stderr[-200:]}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -96,3 +117,4 @@ def test_wg_compiles_to_async_wgmma_for_sm90():
     assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # one wgmma left in flight while the next dequantizes
     assert out["shared"] <= 227 * 1024
+    assert ("prmt.b32" in ptx) == (mode == 1) or mode == 0  # lut: the register-table lookups

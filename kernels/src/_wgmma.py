@@ -47,14 +47,18 @@ try:  # Gluon: Triton >= 3.5
 except Exception:  # noqa: BLE001 - an older Triton: the path is simply not offered
     HAVE_GLUON = False
 
-from ._ptx import _ASM_INT_BF16_S, _ASM_INT_FP16_S, _OUT8
+from ._ptx import _ASM_INT_BF16_S, _ASM_INT_FP16_S, _ASM_LUT_BF16_S, _ASM_LUT_FP16_S, _OUT8
 
 _CONS = _OUT8 + "r,r,r"
+_CONS_L = _OUT8 + "r," * 9 + "r"
 
 if HAVE_GLUON:
     _ASM_BF16 = gl.constexpr(_ASM_INT_BF16_S)
     _ASM_FP16 = gl.constexpr(_ASM_INT_FP16_S)
     _CONS_C = gl.constexpr(_CONS)
+    _ASM_LBF16 = gl.constexpr(_ASM_LUT_BF16_S)
+    _ASM_LFP16 = gl.constexpr(_ASM_LUT_FP16_S)
+    _CONS_LC = gl.constexpr(_CONS_L)
 
     @gluon.constexpr_function
     def _warps_m(BM, num_warps):
@@ -68,14 +72,24 @@ if HAVE_GLUON:
         return b | (b << 16)
 
     @gluon.jit
-    def _deq(w, zz, ss, XDT: gl.constexpr):
-        """Words w [BN, BW] (int32) -> [BN, 8*BW] values (q - z) * s of XDT, column order."""
-        if XDT == gl.bfloat16:
-            d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
-                _ASM_BF16, _CONS_C, [w, zz, ss], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+    def _deq(w, zz, ss, tp, XDT: gl.constexpr, MODE: gl.constexpr):
+        """Words w [BN, BW] (int32) -> [BN, 8*BW] values of XDT in column order: (q - z) * s (MODE 0, int)
+        or table[q] * s (MODE 1: tp = the rows' 8 table-plane words, ``_ptx.lut_planes``)."""
+        if MODE == 0:
+            if XDT == gl.bfloat16:
+                d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                    _ASM_BF16, _CONS_C, [w, zz, ss], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+            else:
+                d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                    _ASM_FP16, _CONS_C, [w, zz, ss], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
         else:
-            d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
-                _ASM_FP16, _CONS_C, [w, zz, ss], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+            args = [w, tp[0], tp[1], tp[2], tp[3], tp[4], tp[5], tp[6], tp[7], ss]
+            if XDT == gl.bfloat16:
+                d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                    _ASM_LBF16, _CONS_LC, args, dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+            else:
+                d0, d1, d2, d3, d4, d5, d6, d7 = gl.inline_asm_elementwise(
+                    _ASM_LFP16, _CONS_LC, args, dtype=(gl.float16,) * 8, is_pure=True, pack=1)
         # join puts its new axis last: t[n, w, i, k, m] is the i-th of the innermost pair, so the flat
         # column 8w + 4i + 2k + m must hold nibble 4i + 2k + m (the interleave order of _tl._cols8)
         a = gl.join(gl.join(d0, d4), gl.join(d2, d6))
@@ -118,7 +132,8 @@ if HAVE_GLUON:
         _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
 
     @gluon.jit
-    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, w_ptr,
+    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, w_ptr, lut_ptr,
+                    MODE: gl.constexpr, LUT_ROW: gl.constexpr,
                     HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
                     STAGES: gl.constexpr, GROUP_M: gl.constexpr, DBG: gl.constexpr, num_warps: gl.constexpr):
         XDT: gl.constexpr = x_desc.dtype
@@ -160,6 +175,17 @@ if HAVE_GLUON:
         rn = gl.minimum(rn, N - 1)
         srow = s_ptr + rn.to(gl.int64) * G
 
+        tp = (0, 0, 0, 0, 0, 0, 0, 0)
+        if MODE == 1:  # the rows' table planes, in registers for the whole loop
+            if LUT_ROW:
+                lrow = lut_ptr + rn.to(gl.int64) * 8
+            else:
+                lrow = lut_ptr + rn * 0
+            wz = gl.full([BN, BW], 0, gl.int32, wl)
+            tp = (gl.expand_dims(gl.load(lrow), 1) + wz, gl.expand_dims(gl.load(lrow + 1), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 2), 1) + wz, gl.expand_dims(gl.load(lrow + 3), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 4), 1) + wz, gl.expand_dims(gl.load(lrow + 5), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 6), 1) + wz, gl.expand_dims(gl.load(lrow + 7), 1) + wz)
         nch = K // BK
         for c in gl.static_range(STAGES - 2):
             if c < nch:
@@ -191,10 +217,10 @@ if HAVE_GLUON:
                     zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
             sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
             zb, _ = gl.broadcast(zc, w)
-            if DBG >= 2:
+            if DBG >= 2 and MODE == 0:
                 d = _deq_plain(w, zb, sb, XDT)
             else:
-                d = _deq(w, zb, sb, XDT)
+                d = _deq(w, zb, sb, tp, XDT, MODE)
             buf = bs.index(c % 3)
             buf.store(d)
             fence_async_shared()

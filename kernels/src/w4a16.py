@@ -218,11 +218,13 @@ class W4A16Kernel(LayerKernel):
 
     def wg_ok(self, bk: int, dtype) -> bool:
         """Whether the Hopper Gluon GEMM (``_wgmma``, path ``wg``) serves this layer: compiled CUDA on
-        compute capability 9.x with Gluon, int codes as nibble words, a 16-bit x dtype, K % bk == 0
-        and whole groups per chunk."""
+        compute capability 9.x with Gluon, int or lut (<= 16 entries) codes as nibble words, a 16-bit x
+        dtype, K % bk == 0 and whole groups per chunk."""
         if INTERPRET or ASM_OFF or self.device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
             return False
-        if self.mode != 0 or self.K % bk or self.KWS * 8 != self.K or (self.s is not None and self.GS % bk):
+        if self.K % bk or self.KWS * 8 != self.K or (self.s is not None and self.GS % bk):
+            return False
+        if self.mode == 1 and self.LS > 16:
             return False
         from . import _wgmma
 
@@ -240,7 +242,9 @@ class W4A16Kernel(LayerKernel):
         xl = _wgmma.x_layout(bm, bk, dtype)
         s = self.s if self.s is not None else self.w
         z = self.z if self.z is not None else self.w
-        consts = dict(HAS_SCALE=self.s is not None, HAS_ZERO=self.z is not None, ZC=float(self.zc),
+        lp = self.planes(dtype) if self.mode == 1 else self.w
+        consts = dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
+                      HAS_ZERO=self.z is not None, ZC=float(self.zc),
                       GS=min(self.GS, 1 << 30), STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8)),
                       DBG=int(cfg.get("dbg", 0)), num_warps=int(cfg.get("warps", 8)))
         tiles_n = cdiv(N, bn)
@@ -249,7 +253,7 @@ class W4A16Kernel(LayerKernel):
 
         def run_wg(x, out, M):
             xd = TD(x, [M, K], [K, 1], [bm, bk], xl)
-            fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, self.w, **consts)
+            fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, self.w, lp, **consts)
         return run_wg
 
     def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
