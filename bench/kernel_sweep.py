@@ -52,7 +52,8 @@ GEMM2 = [("n128x128k64", 128, 128, 8, 8, 4, False, None), ("n128x128k64r128", 12
 # the Hopper Gluon GEMM (kernels/src/_wgmma.py, path "wg"): (name, BM, BN, BK, warps, stages)
 WG = [("wg128x128k64", 128, 128, 64, 8, 5), ("wg128x256k64", 128, 256, 64, 8, 4),
       ("wg64x128k64", 64, 128, 64, 4, 6), ("wg128x128k64w4", 128, 128, 64, 4, 5),
-      ("wg256x128k64", 256, 128, 64, 8, 4)]
+      ("wg256x128k64", 256, 128, 64, 8, 4), ("wg128x128k128", 128, 128, 128, 8, 3),
+      ("wg128x128k64s3", 128, 128, 64, 8, 3)]  # 108 KB shared: two programs per SM
 CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG}
 
 
