@@ -46,7 +46,7 @@ import torch
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, tuned, workspace
+from ._launch import FAST_LAUNCH, INTERPRET, Launcher, _hooks_set, cdiv, dequant_then_mm, tuned, workspace
 from ._ptx import lut_planes
 from .base import DTYPE_NAMES, LayerKernel
 from .w4a16_jit import w4a16_dequant, w4a16_gemm, w4a16_gemv, w4a16_mma
@@ -251,9 +251,23 @@ class W4A16Kernel(LayerKernel):
         fn = _wgmma.w4a16_wgmma
         TD = _wgmma.TensorDescriptor
 
+        w = self.w
+        tail = tuple(consts.values())  # the kernel's trailing constexprs, in signature order
+        stream = torch._C._cuda_getCurrentRawStream
+        dev = self.device.index or 0
+        fast = []
+
         def run_wg(x, out, M):
             xd = TD(x, [M, K], [K, 1], [bm, bk], xl)
-            fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, self.w, lp, **consts)
+            if fast:  # the compiled kernel's launcher, called directly (as _launch.Launcher does)
+                f, fnc, meta = fast
+                f(cdiv(M, bm) * tiles_n, 1, 1, stream(dev), fnc, meta, None, None, None,
+                  xd, wd, s, z, out, M, N, K, G, w, lp, *tail)
+                return
+            k = fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, w, lp, **consts)
+            if FAST_LAUNCH and k is not None and hasattr(k, "packed_metadata") and not _hooks_set() \
+                    and list(fn.arg_names)[-len(tail):] == list(consts):
+                fast.extend((k.run, k.function, k.packed_metadata))
         return run_wg
 
     def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
