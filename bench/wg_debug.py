@@ -1,10 +1,13 @@
 """Diagnose the wg path (kernels/src/_wgmma.py) on a GPU: rel. error against the float reference for a
 few sizes and the debug variants (dbg 1: words from global memory; 2: plain-arithmetic dequant; 3: both),
 plus structured weights (all ones; per-column codes) that tell a wrong order from wrong values."""
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+os.environ["QUANTKIT_TEST_CUDA"] = "1"  # else tests/kernel_ref.py selects Triton's CPU interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kernel_ref import make_int, ref_int  # noqa: E402
