@@ -2,7 +2,7 @@
 # On the lent GPU machine (see /work/.library/device/README.md): install, check the compiled kernels,
 # then benchmark. Usage: bash bench/gpu_kernels.sh STEP... with steps
 #   test                      compiled kernel tests (QUANTKIT_TEST_CUDA=1)
-#   bench:ARGS                bench/kernels.py ARGS (commas in ARGS kept; ~ separates arguments)
+#   bench:ARGS                bench/kernel_bench.py ARGS (commas in ARGS kept; ~ separates arguments)
 #   decode:ARGS               bench/decode.py ARGS (same convention)
 #   sweep:ARGS                bench/kernel_sweep.py ARGS (same convention): kernel variants, checked and timed
 #   peers:ARGS                Marlin built from .peers/marlin, gemlite from .whl, then bench/peers.py ARGS:
@@ -25,7 +25,7 @@ for step in "$@"; do
   case $name in
     test) QUANTKIT_TEST_CUDA=1 TAIL=15 run "compiled kernel tests" python3 -m pytest -q -p no:cacheprovider \
             -n ${TEST_PROCS:-8} tests/test_kernels_k.py tests/test_kernels.py tests/test_kernels_asm.py ;;
-    bench) python3 -u bench/kernels.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
+    bench) python3 -u bench/kernel_bench.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
     decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
     sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
     peers)

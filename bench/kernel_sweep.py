@@ -6,7 +6,7 @@ dequantize + cuBLAS path and (M <= 2) torch's tinygemm, in the same process.
 
 Prints a short table (best variant per cell, its speed-up over bf16) and writes every timing to
 DIR/sweep.json; ``--emit-tuned FILE`` writes the best config per (kind, shape, M bucket) as a tuned
-table (kernels/src/tuned_<gpu>.json format). Timing as bench/kernels.py: median of
+table (kernels/src/tuned_<gpu>.json format). Timing as bench/kernel_bench.py: median of
 ``do_bench_cudagraph``, weights rotating through copies > 3x L2.
 """
 
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-kb = importlib.util.module_from_spec(_spec)  # bench/kernels.py (not importable as "kernels": a PyPI name)
+_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernel_bench.py")
+kb = importlib.util.module_from_spec(_spec)  # bench/kernel_bench.py (not importable as "kernels": a PyPI name)
 sys.modules["bench_kernels"] = kb
 _spec.loader.exec_module(kb)
 
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                     cands.append(("dq", {"path": "dq"}))
                 if M >= 64:
                     cands += gemm_cfgs(kern, mb, a.cands)
-                if M <= 2:  # GEMV (and BM=16 tensor-core) candidates of bench/kernels.py --tune
+                if M <= 2:  # GEMV (and BM=16 tensor-core) candidates of bench/kernel_bench.py --tune
                     cands += [(f"t{i}", c) for i, c in enumerate(kb.k_candidates(kern, mb))]
                 res = {}
                 for name, cfg in cands:

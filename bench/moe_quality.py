@@ -47,7 +47,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# `python bench/moe_quality.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the PyPI
+# `python bench/moe_quality.py` puts bench/ first on sys.path, where bench/kernel_bench.py would shadow the PyPI
 # package `kernels` that transformers >= 5.25 imports (AutoTokenizer then fails); drop bench/, add the root
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 if ROOT not in sys.path:

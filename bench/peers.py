@@ -9,7 +9,7 @@ each call) and ``do_bench_cudagraph`` (graph). Every method, bf16 included, rota
 copies of its weights (> 3x the 50 MB L2) that the cache cannot serve them between calls, and every
 output is checked against the method's own dequantized weights in bf16 ``F.linear`` first (rel err
 recorded; a method above 2e-2 is still timed but flagged). Methods: bf16 ``F.linear`` (the baseline),
-quantkit's shipped W4A16 kernel (int4 sym g128, built as bench/kernels.py builds it), torch's
+quantkit's shipped W4A16 kernel (int4 sym g128, built as bench/kernel_bench.py builds it), torch's
 tinygemm ``_weight_int4pack_mm`` (asym g128), Marlin (IST-DASLab, fp16 activations: Marlin has no
 bf16 path; sym g128) and gemlite (A16W4 g128 bf16, asym). A peer that fails to build, import or run
 is reported in the table and the JSON with its error; the run goes on. Writes peers.md and
@@ -37,11 +37,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load_kernels_bench():
-    """bench/kernels.py as a module (registered, so spawned precompile workers find it)."""
+    """bench/kernel_bench.py as a module (registered, so spawned precompile workers find it)."""
     name = "quantkit_bench_kernels"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "kernels.py")
+    spec = importlib.util.spec_from_file_location(name, HERE / "kernel_bench.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
@@ -69,7 +69,7 @@ class Built:
 
 
 def n_copies(nbytes: int) -> int:
-    """Copies of a weight set so that a rotation through them moves > 3x L2 (as bench/kernels.py)."""
+    """Copies of a weight set so that a rotation through them moves > 3x L2 (as bench/kernel_bench.py)."""
     return max(1, min(32, math.ceil(3 * kb.L2_BYTES / max(nbytes, 1))))
 
 

@@ -11,7 +11,7 @@ peak GPU memory; writes it as JSON under $OUT (or --out). Random weights are fin
     python -P bench/recon_8b.py                 # GPU (H200: about 4 minutes expected, not yet measured)
     python -P bench/recon_8b.py --smoke         # tiny shapes on CPU, a few steps (tested here)
 
-(``-P``: the bench folder's kernels.py must not shadow the PyPI ``kernels`` package transformers imports.)
+(``-P``: the bench folder's scripts must not shadow the PyPI ``kernels`` package transformers imports.)
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-# bench/kernels.py would shadow the PyPI ``kernels`` that transformers imports: drop this folder from the path
+# bench/kernel_bench.py would shadow the PyPI ``kernels`` that transformers imports: drop this folder from the path
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 

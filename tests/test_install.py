@@ -80,3 +80,14 @@ def test_every_subpackage_is_in_the_wheel():
     assert here <= listed, sorted(here - listed)
     for mapped, folder in cfg["package-dir"].items():
         assert (ROOT / folder).is_dir() and mapped in listed, (mapped, folder)
+
+
+def test_no_script_folder_module_is_named_after_a_dependency():
+    """``python bench/X.py`` (and ``python tests/X.py``) put that folder first on ``sys.path``: a script
+    there named like a package quantkit or transformers imports (``kernels``: transformers >= 5.25 imports
+    the PyPI one when installed) would be imported instead of it."""
+    taken = {"kernels", "transformers", "torch", "triton", "safetensors", "accelerate", "gguf", "numpy",
+             "yaml", "pydantic", "tqdm", "matplotlib", "quantkit", "eval", "recipes", "datasets", "tokenizers"}
+    clash = sorted(str(p.relative_to(ROOT)) for d in ("bench", "tests") for p in (ROOT / d).glob("*.py")
+                   if p.stem in taken)
+    assert clash == [], f"scripts that shadow a package for scripts run from their folder: {clash}"

@@ -13,7 +13,7 @@ W8A16). ``moe_w4a16`` is not a layer kernel: the grouped W4A16 GEMM over stacked
 ``quantkit.moe.fused`` calls (docs/MOE.md). Every layer kernel follows ``base.LayerKernel`` (key,
 config, plan per M bucket, call): it
 picks a plan per power-of-two M bucket from the tuned configs of its GPU (``tuned_<gpu>.json``,
-written by bench/kernels.py --tune; the nearest GPU's where its own has none) or a heuristic.
+written by bench/kernel_bench.py --tune; the nearest GPU's where its own has none) or a heuristic.
 See docs/PERFORMANCE.md.
 """
 

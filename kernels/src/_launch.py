@@ -141,7 +141,7 @@ def dequant_then_mm(lau, grid, before: tuple, after: tuple, N: int, K: int, dtyp
 
 
 # ---- tuned configs --------------------------------------------------------------------------------
-# One file per GPU, ``tuned_<gpu>.json`` beside this module (bench/kernels.py --tune writes the one of
+# One file per GPU, ``tuned_<gpu>.json`` beside this module (bench/kernel_bench.py --tune writes the one of
 # the GPU it runs on): key -> config, plus ``_gpu`` (the device name it was measured on), ``_cc`` (its
 # compute capability) and ``_device*`` notes. A layer looks its key up in the file of its own GPU
 # first, then in the nearest others: same compute capability, then any.
@@ -177,7 +177,7 @@ def _nearness(data: dict, path: Path, name: str, cc) -> int:
 
 
 def tuned(device=None) -> dict:
-    """Configs measured by ``bench/kernels.py --tune`` for the GPU of ``device`` (key -> config):
+    """Configs measured by ``bench/kernel_bench.py --tune`` for the GPU of ``device`` (key -> config):
     its own file's entries over those of the nearest other GPUs, and the file named by
     $QUANTKIT_KERNEL_TUNED over all."""
     name, cc = _device_id(device)

@@ -5,7 +5,7 @@ W8A8: one Triton kernel quantizes the activations (per-row absmax -> scale -> sa
 cast, one program per row, the row read twice from L1/L2), then the FP8 GEMM runs either through
 ``torch._scaled_mm`` (cuBLASLt, row-wise scales) or a Triton FP8 ``tl.dot`` kernel with the scales
 in its epilogue; which one is used per M bucket comes from the tuned table (both are measured by
-bench/kernels.py). Small M uses an FMA split-K GEMV on the FP8 codes.
+bench/kernel_bench.py). Small M uses an FMA split-K GEMV on the FP8 codes.
 W8A16: the FP8 weight is read as is ([out, in], no repack): FMA GEMV for small M, a ``tl.dot``
 kernel converting FP8 tiles to the activation dtype for mid M, and convert-then-cuBLAS for large M.
 

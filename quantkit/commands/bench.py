@@ -8,12 +8,12 @@ from pathlib import Path
 
 from ..errors import QuantkitError
 
-_SCRIPTS = {"kernels": "kernels.py", "decode": "decode.py", "sass": "sass_count.py"}
+_SCRIPTS = {"kernels": "kernel_bench.py", "decode": "decode.py", "sass": "sass_count.py"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks: Triton kernels vs cuBLAS bf16, end-to-end decode",
-                       description="Runs bench/kernels.py or bench/decode.py from the source tree; options after "
+                       description="Runs bench/kernel_bench.py or bench/decode.py from the source tree; options after "
                                    "the benchmark name go to the script (try: quantkit bench kernels --help).")
     p.add_argument("which", choices=sorted(_SCRIPTS), help="kernels: per-layer kernel table; decode: tokens/s "
                    "(both GPU); sass: a kernel's loop instructions for sm_90, compiled without a GPU")

@@ -1,6 +1,6 @@
 """Kernel benchmark: quantkit's Triton kernels vs bf16 ``F.linear`` (cuBLAS) on Llama-3 linear shapes.
 
-    python bench/kernels.py [--tune] [--shapes 8B.qkv,70B.o] [--ms 1,16,2048] [--kinds int4,any4,...]
+    python bench/kernel_bench.py [--tune] [--shapes 8B.qkv,70B.o] [--ms 1,16,2048] [--kinds int4,any4,...]
     quantkit bench kernels [same options]
 
 For every shape and M: median time of ``triton.testing.do_bench`` (eager: each call timed alone,
@@ -734,7 +734,7 @@ def write_md(path: Path, body: str) -> None:
     head = "# Performance\n\n"
     text = path.read_text() if path.exists() else head
     start, end = "<!-- kernels:begin -->", "<!-- kernels:end -->"
-    block = f"{start}\n## Kernels (measured by bench/kernels.py)\n\n{body}\n{end}"
+    block = f"{start}\n## Kernels (measured by bench/kernel_bench.py)\n\n{body}\n{end}"
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
