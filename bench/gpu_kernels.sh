@@ -5,6 +5,8 @@
 #   bench:ARGS                bench/kernel_bench.py ARGS (commas in ARGS kept; ~ separates arguments)
 #   decode:ARGS               bench/decode.py ARGS (same convention)
 #   sweep:ARGS                bench/kernel_sweep.py ARGS (same convention): kernel variants, checked and timed
+#   wg:ARGS                   the Hopper Gluon GEMM (kernels/src/_wgmma.py): its compiled tests, then
+#                             kernel_sweep.py --cands wg ARGS (its configs beside bf16, the shipped path, dq)
 #   peers:ARGS                Marlin built from .peers/marlin, gemlite from .whl, then bench/peers.py ARGS:
 #                             bf16, quantkit int4, tinygemm, Marlin, gemlite in one process (peers.md/.json
 #                             in $OUT). First, on the CPU machine: bash bench/peers_prep.sh; carry
@@ -28,6 +30,9 @@ for step in "$@"; do
     bench) python3 -u bench/kernel_bench.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-400} ;;
     decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
     sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
+    wg) QUANTKIT_TEST_CUDA=1 TAIL=12 run "wg tests" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_wg.py
+        python3 -u bench/kernel_sweep.py --out "$OUT" --kinds int4 --small-ms= --cands wg $args 2>&1 \
+          | grep -v "Warning\|warn" | tail -${TAIL:-80} ;;
     peers)
       if [ -f .peers/marlin/setup.py ]; then
         ( cd .peers/marlin && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace \

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,8 +59,7 @@ CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG}
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
     if which == "wg":
-        dbg = int(os.environ.get("QK_WG_DBG", "0"))  # bench/wg_debug.py's verdict (0: the shipped kernel)
-        return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st, "dbg": dbg})
+        return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st})
                 for name, bm, bn, bk, w, st in WG if bm <= 2 * mb]
     for name, bm, bn, bkw, w, st, swap, *reg in CANDS[which]:
         if bm > 2 * mb:

@@ -7,11 +7,12 @@ import gc
 
 import pytest
 import torch
+from test_gptq_memory import _same  # tensor by tensor, metric by metric
 
 from quantkit.errors import NumericalError
 from quantkit.formats.base import format_from_spec
 from quantkit.quantizers import gptq as gptq_mod
-from quantkit.quantizers.base import LayerStats, QuantResult
+from quantkit.quantizers.base import LayerStats
 from quantkit.quantizers.gptq import GPTQ
 
 COLS = 96
@@ -60,14 +61,6 @@ def files(monkeypatch):
         return made[-1]
     monkeypatch.setattr(gptq_mod.tempfile, "TemporaryFile", counting)
     return made
-
-
-def _same(a: QuantResult, b: QuantResult, where: str) -> None:
-    assert a.packed.keys() == b.packed.keys(), where
-    for k in a.packed:
-        assert a.packed[k].dtype == b.packed[k].dtype and torch.equal(a.packed[k], b.packed[k]), f"{where}: {k}"
-    assert torch.equal(a.weight, b.weight), f"{where}: dequantized weight"
-    assert a.metrics == b.metrics, f"{where}: metrics {a.metrics} != {b.metrics}"
 
 
 def _run(monkeypatch, spill, st: LayerStats, ws, cfgs=None) -> list:

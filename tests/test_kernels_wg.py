@@ -79,13 +79,13 @@ from triton.runtime.jit import mangle_type
 from quantkit.kernels import _wgmma as W
 
 x = torch.empty(256, 1024, dtype=torch.bfloat16)
-w = torch.empty(512, 128, dtype=torch.int32)
-xd, wd = W.descriptors(x, w, 128, 128, 64)
+xd = W.TensorDescriptor.from_tensor(x, [128, 64], W.x_layout(128, 64, x.dtype))
+wd = W.w_descriptor(torch.empty(512, 128, dtype=torch.int32), 128, 64)
 sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": "*fp16", "z_ptr": "*u8",
-       "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "w_ptr": "*i32", "lut_ptr": "*i32"}
+       "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "lut_ptr": "*i32"}
 mode = int(sys.argv[1])
 const = {"MODE": mode, "LUT_ROW": True, "HAS_SCALE": True, "HAS_ZERO": mode == 0, "ZC": 8.0, "GS": 128,
-         "STAGES": 5, "GROUP_M": 8, "DBG": 0, "num_warps": 8}
+         "STAGES": 5, "GROUP_M": 8}
 names = list(sig) + list(const)
 sig.update({c: "constexpr" for c in const})
 src = GluonASTSource(W.w4a16_wgmma, sig, {(names.index(c),): v for c, v in const.items()})

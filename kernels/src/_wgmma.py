@@ -100,30 +100,6 @@ if HAVE_GLUON:
         return gl.reshape(t, [BN, 8 * BW])
 
     @gluon.jit
-    def _deq_plain(w, zc, ss, XDT: gl.constexpr):
-        """The same values as ``_deq`` with integer and fp32 arithmetic (no inline PTX): a check."""
-        sf = (ss & 0xFFFF).to(gl.int16).to(XDT, bitcast=True).to(gl.float32)
-        zf = (zc & 0xFFFF).to(gl.int16).to(XDT, bitcast=True).to(gl.float32)
-        if XDT == gl.bfloat16:
-            zf = zf + 128.0
-        else:
-            zf = zf + 1024.0
-        d0 = (((w & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d1 = ((((w >> 4) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d2 = ((((w >> 8) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d3 = ((((w >> 12) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d4 = ((((w >> 16) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d5 = ((((w >> 20) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d6 = ((((w >> 24) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        d7 = ((((w >> 28) & 15).to(gl.float32) + zf) * sf).to(XDT)
-        a = gl.join(gl.join(d0, d4), gl.join(d2, d6))
-        b = gl.join(gl.join(d1, d5), gl.join(d3, d7))
-        t = gl.join(a, b)
-        BN: gl.constexpr = w.shape[0]
-        BW: gl.constexpr = w.shape[1]
-        return gl.reshape(t, [BN, 8 * BW])
-
-    @gluon.jit
     def _issue(x_desc, w_desc, xs, ws, bars, c, off_m, off_n, STAGES: gl.constexpr, BK: gl.constexpr):
         slot = c % STAGES
         bar = bars.index(slot)
@@ -132,15 +108,16 @@ if HAVE_GLUON:
         _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
 
     @gluon.jit
-    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, w_ptr, lut_ptr,
+    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr,
                     MODE: gl.constexpr, LUT_ROW: gl.constexpr,
                     HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
-                    STAGES: gl.constexpr, GROUP_M: gl.constexpr, DBG: gl.constexpr, num_warps: gl.constexpr):
+                    STAGES: gl.constexpr, GROUP_M: gl.constexpr):
         XDT: gl.constexpr = x_desc.dtype
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
         BW: gl.constexpr = BK // 8
+        num_warps: gl.constexpr = gl.num_warps()  # the launch option
 
         # grouped tile order (GROUP_M row tiles share the weight tiles in L2)
         pid = gl.program_id(0)
@@ -163,11 +140,9 @@ if HAVE_GLUON:
             mbarrier.init(bars.index(i), count=1)
 
         # register layouts: the words tile (one word per thread per row step), the wgmma accumulator
-        if DBG >= 4:  # one word per thread per row step (the first layout; Triton loads it with ldmatrix)
-            wl: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BW, BW], [num_warps, 1], [1, 0])
-        else:  # 4 consecutive words (16 bytes) per thread: one vector load, 32 weights in column order
-            VW: gl.constexpr = 4 if BW >= 4 else BW
-            wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [num_warps, 1], [1, 0])
+        # 4 consecutive words (16 bytes) per thread: one vector load, 32 weights in column order
+        VW: gl.constexpr = 4 if BW >= 4 else BW
+        wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [num_warps, 1], [1, 0])
         WM: gl.constexpr = _warps_m(BM, num_warps)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
                                                         instr_shape=[16, BN // (num_warps // WM), 16])
@@ -198,11 +173,7 @@ if HAVE_GLUON:
         for c in range(nch):
             slot = c % STAGES
             mbarrier.wait(bars.index(slot), (c // STAGES) & 1)
-            if DBG % 2 == 1:  # checks (DBG): 1 words from global memory, 2 plain dequant, 3 both, 4 first layout
-                kw = gl.arange(0, BW, layout=gl.SliceLayout(0, wl))
-                w = gl.load(w_ptr + gl.expand_dims(rn.to(gl.int64) * (K // 8), 1) + gl.expand_dims(c * BW + kw, 0))
-            else:
-                w = ws.index(slot).load(wl)
+            w = ws.index(slot).load(wl)
             g = (c * BK) // GS
             if HAS_SCALE:
                 ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
@@ -217,10 +188,7 @@ if HAVE_GLUON:
                     zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
             sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
             zb, _ = gl.broadcast(zc, w)
-            if DBG >= 2 and MODE == 0:
-                d = _deq_plain(w, zb, sb, XDT)
-            else:
-                d = _deq(w, zb, sb, tp, XDT, MODE)
+            d = _deq(w, zb, sb, tp, XDT, MODE)
             buf = bs.index(c % 3)
             buf.store(d)
             fence_async_shared()
@@ -247,8 +215,6 @@ def x_layout(BM: int, BK: int, dtype):
     return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
-def descriptors(x, w, BM: int, BN: int, BK: int):
-    """TMA descriptors of x [M, K] (16-bit) and of the words w [N, K/8] (int32)."""
-    wl = gl.NVMMASharedLayout.get_default_for([BN, BK // 8], gl.int32)
-    return (TensorDescriptor.from_tensor(x, [BM, BK], x_layout(BM, BK, x.dtype)),
-            TensorDescriptor.from_tensor(w, [BN, BK // 8], wl))
+def w_descriptor(w, BN: int, BK: int):
+    """The TMA descriptor of the words w [N, K/8] (int32): [BN, BK/8] boxes."""
+    return TensorDescriptor.from_tensor(w, [BN, BK // 8], gl.NVMMASharedLayout.get_default_for([BN, BK // 8], gl.int32))

@@ -46,7 +46,7 @@ import torch
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import FAST_LAUNCH, INTERPRET, Launcher, _hooks_set, cdiv, dequant_then_mm, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, tuned, workspace
 from ._ptx import lut_planes
 from .base import DTYPE_NAMES, LayerKernel
 from .w4a16_jit import w4a16_dequant, w4a16_gemm, w4a16_gemv, w4a16_mma
@@ -231,43 +231,28 @@ class W4A16Kernel(LayerKernel):
         return _wgmma.HAVE_GLUON and torch.cuda.get_device_capability(self.device)[0] == 9
 
     def wg_plan(self, cfg: dict, dtype, mb: int):
-        """The ``wg`` path's closure: TMA descriptors of the weight made once, of x per call."""
+        """The ``wg`` path's closure: the weight's TMA descriptor made once, x's per call."""
         bm, bn, bk = int(cfg.get("BM", 128)), int(cfg.get("BN", 128)), int(cfg.get("BK", 64))
         if not self.wg_ok(bk, dtype):
-            return self.make_plan(self.default_config(mb, dtype) if mb <= 128 else {"path": "dq"}, dtype, mb)
+            return self.make_plan(self.default_config(mb, dtype), dtype, mb)
         from . import _wgmma
 
         N, K, G = self.N, self.K, self.G
-        _, wd = _wgmma.descriptors(torch.empty(bm, K, dtype=dtype, device=self.device), self.w, bm, bn, bk)
+        wd = _wgmma.w_descriptor(self.w, bn, bk)
         xl = _wgmma.x_layout(bm, bk, dtype)
         s = self.s if self.s is not None else self.w
         z = self.z if self.z is not None else self.w
         lp = self.planes(dtype) if self.mode == 1 else self.w
-        consts = dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
-                      HAS_ZERO=self.z is not None, ZC=float(self.zc),
-                      GS=min(self.GS, 1 << 30), STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8)),
-                      DBG=int(cfg.get("dbg", 0)), num_warps=int(cfg.get("warps", 8)))
+        lau = Launcher(_wgmma.w4a16_wgmma,
+                       dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
+                            HAS_ZERO=self.z is not None, ZC=float(self.zc), GS=min(self.GS, 1 << 30),
+                            STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8))),
+                       num_warps=int(cfg.get("warps", 8)), device=self.device)
         tiles_n = cdiv(N, bn)
-        fn = _wgmma.w4a16_wgmma
         TD = _wgmma.TensorDescriptor
 
-        w = self.w
-        tail = tuple(consts.values())  # the kernel's trailing constexprs, in signature order
-        stream = torch._C._cuda_getCurrentRawStream
-        dev = self.device.index or 0
-        fast = []
-
         def run_wg(x, out, M):
-            xd = TD(x, [M, K], [K, 1], [bm, bk], xl)
-            if fast:  # the compiled kernel's launcher, called directly (as _launch.Launcher does)
-                f, fnc, meta = fast
-                f(cdiv(M, bm) * tiles_n, 1, 1, stream(dev), fnc, meta, None, None, None,
-                  xd, wd, s, z, out, M, N, K, G, w, lp, *tail)
-                return
-            k = fn[(cdiv(M, bm) * tiles_n,)](xd, wd, s, z, out, M, N, K, G, w, lp, **consts)
-            if FAST_LAUNCH and k is not None and hasattr(k, "packed_metadata") and not _hooks_set() \
-                    and list(fn.arg_names)[-len(tail):] == list(consts):
-                fast.extend((k.run, k.function, k.packed_metadata))
+            lau((cdiv(M, bm) * tiles_n, 1, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K, G, lp)
         return run_wg
 
     def _fast(self, lau, grid, ws, cnt, cps, split, ptrs=None):
