@@ -38,13 +38,14 @@ def _hopper() -> bool:
     (130, 136, 512, None, None, torch.float16),     # any4 rows, no scales
     (256, 128, 768, 64, "nf4", torch.bfloat16),     # one shared table
 ])
-def test_wg_lut_matches_reference(m, n, k, g, fixed, dtype):
+@pytest.mark.parametrize("ws", [False, True])
+def test_wg_lut_matches_reference(m, n, k, g, fixed, dtype, ws):
     from quantkit.kernels import lowbit
 
     _wg()
     spec, p = make_lut(n, k, 4, g, fixed=fixed, seed=m + n)
     kern = lowbit.build_lut(format_from_spec(spec), {a: v.to(DEV) for a, v in p.items()}, (n, k), DEV, impl="k")
-    c = {"path": "wg", "BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 5}
+    c = {"path": "wg", "BM": 128, "BN": 128, "BK": 64, "warps": 4 if ws else 8, "stages": 5, "ws": ws}
     assert kern.wg_ok(64, dtype)
     x = rand_x(m, k, dtype, m + k)
     check(run_poisoned(kern, c, x), x.double() @ ref_lut(p, n, k, 4, g).t(), dtype)
@@ -58,14 +59,16 @@ def test_wg_lut_matches_reference(m, n, k, g, fixed, dtype):
     (513, 128, 4096, 128, True, torch.bfloat16, (256, 128, 64, 8, 4)),
     (130, 136, 192, 64, True, torch.float16, (128, 128, 64, 4, 5)),       # 3 chunks < stages
 ])
-def test_wg_matches_reference(m, n, k, g, sym, dtype, cfg):
+@pytest.mark.parametrize("ws", [False, True])
+def test_wg_matches_reference(m, n, k, g, sym, dtype, cfg, ws):
+    """ws: the warp-specialized kernel (a loader warp, a dequantizing warpgroup, the MMA warps)."""
     from quantkit.kernels import lowbit
 
     _wg()
     spec, p, gidx = make_int(n, k, 4, g, sym, seed=m + n)
     kern = lowbit.build_int(format_from_spec(spec), {a: v.to(DEV) for a, v in p.items()}, (n, k), DEV, impl="k")
     bm, bn, bk, w, st = cfg
-    c = {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st}
+    c = {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st, "ws": ws}
     assert kern.wg_ok(bk, dtype)
     x = rand_x(m, k, dtype, m + k)
     check(run_poisoned(kern, c, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
@@ -83,19 +86,23 @@ xd = W.TensorDescriptor.from_tensor(x, [128, 64], W.x_layout(128, 64, x.dtype))
 wd = W.w_descriptor(torch.empty(512, 128, dtype=torch.int32), 128, 64)
 sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": "*fp16", "z_ptr": "*u8",
        "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "lut_ptr": "*i32"}
-mode = int(sys.argv[1])
+mode, ws = int(sys.argv[1]), sys.argv[2] == "ws"
 const = {"MODE": mode, "LUT_ROW": True, "HAS_SCALE": True, "HAS_ZERO": mode == 0, "ZC": 8.0, "GS": 128,
          "STAGES": 5, "GROUP_M": 8}
+opts = {"num_warps": 8}
+if ws:
+    const.update(STAGES=4, NB=2, DQ_REGS=128)
+    opts = {"num_warps": 4, "maxnreg": 168}
 names = list(sig) + list(const)
 sig.update({c: "constexpr" for c in const})
-src = GluonASTSource(W.w4a16_wgmma, sig, {(names.index(c),): v for c, v in const.items()})
-ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+src = GluonASTSource(W.w4a16_wgmma_ws if ws else W.w4a16_wgmma, sig, {(names.index(c),): v for c, v in const.items()})
+ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared}))
 """
 
 
-@pytest.mark.parametrize("mode", [0, 1])
-def test_wg_compiles_to_async_wgmma_for_sm90(mode):
+@pytest.mark.parametrize("mode,variant", [(0, "plain"), (1, "plain"), (0, "ws"), (1, "ws")])
+def test_wg_compiles_to_async_wgmma_for_sm90(mode, variant):
     """CPU: the kernel compiles for sm_90 and its PTX overlaps dequantization with the tensor cores.
     In a fresh process: Triton's interpreter (selected by kernel_ref for the other kernel tests) patches
     the language in this one."""
@@ -106,7 +113,7 @@ def test_wg_compiles_to_async_wgmma_for_sm90(mode):
 
     _wg()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, str(mode)], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-c", _COMPILE, str(mode), variant], capture_output=True, text=True, env=env,
                        timeout=300)
     if r.returncode and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
         pytest.skip(f"no ptxas here: {r.stderr[-200:]}")
@@ -118,3 +125,5 @@ def test_wg_compiles_to_async_wgmma_for_sm90(mode):
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # one wgmma left in flight while the next dequantizes
     assert out["shared"] <= 227 * 1024
     assert ("prmt.b32" in ptx) == (mode == 1) or mode == 0  # lut: the register-table lookups
+    if variant == "ws":  # the partitions: register reallocation, mbarrier hand-overs, no CTA-wide barrier
+        assert "setmaxnreg" in ptx and "mbarrier.arrive" in ptx and "mbarrier.try_wait" in ptx

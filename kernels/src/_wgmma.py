@@ -208,6 +208,152 @@ if HAVE_GLUON:
         gl.store(optr, acc.to(XDT), mask=mask)
 
 
+if HAVE_GLUON:
+    # ---- warp-specialized variant (config key ``ws``) -------------------------------------------
+    # Three partitions share the CTA: a 1-warp loader issues the TMA loads of x and the packed words
+    # into a STAGES-slot ring; a 4-warp dequantizer turns each chunk's words into the [BN, BK] tile of
+    # x's dtype in one of NB shared buffers; the default partition (the kernel's num_warps, whole
+    # warpgroups) only issues wgmma and frees the slot and buffer of the chunk whose MMA retired. The
+    # dequantization no longer stalls the tensor cores' issue, and no CTA-wide barrier is left in
+    # the loop: each hand-over is an mbarrier (ready / empty per ring slot, b_ready / b_empty per
+    # buffer).
+
+    @gluon.jit
+    def _ws_load(x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, nch,
+                 STAGES: gl.constexpr, BK: gl.constexpr):
+        for c in range(nch):
+            slot = c % STAGES
+            # a fresh mbarrier counts as having completed the phase before 0: the first round passes
+            mbarrier.wait(empty.index(slot), ((c // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(x_desc, [off_m, c * BK], bar, xs.index(slot))
+            _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
+
+    @gluon.jit
+    def _ws_deq(ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, nch,
+                XDT: gl.constexpr, MODE: gl.constexpr, LUT_ROW: gl.constexpr, HAS_SCALE: gl.constexpr,
+                HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
+                NB: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        BW: gl.constexpr = BK // 8
+        nw: gl.constexpr = gl.num_warps()  # this partition's warps
+        VW: gl.constexpr = 4 if BW >= 4 else BW
+        wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [nw, 1], [1, 0])
+        rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
+        rn = gl.minimum(rn, N - 1)
+        srow = s_ptr + rn.to(gl.int64) * G
+        tp = (0, 0, 0, 0, 0, 0, 0, 0)
+        if MODE == 1:
+            if LUT_ROW:
+                lrow = lut_ptr + rn.to(gl.int64) * 8
+            else:
+                lrow = lut_ptr + rn * 0
+            wz = gl.full([BN, BW], 0, gl.int32, wl)
+            tp = (gl.expand_dims(gl.load(lrow), 1) + wz, gl.expand_dims(gl.load(lrow + 1), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 2), 1) + wz, gl.expand_dims(gl.load(lrow + 3), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 4), 1) + wz, gl.expand_dims(gl.load(lrow + 5), 1) + wz,
+                  gl.expand_dims(gl.load(lrow + 6), 1) + wz, gl.expand_dims(gl.load(lrow + 7), 1) + wz)
+        zz = _pair(gl.full([BN, 1], -(ZC + 128.0), gl.float32, wl), XDT)
+        if XDT == gl.float16:
+            zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
+        for c in range(nch):
+            slot = c % STAGES
+            g = (c * BK) // GS
+            if HAS_SCALE:  # the scale's global load goes out before the wait
+                ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
+            else:
+                ss = _pair(gl.full([BN], 1.0, gl.float32, gl.SliceLayout(1, wl)), XDT)
+            zc = zz
+            if HAS_ZERO:
+                zv = gl.load(z_ptr + rn.to(gl.int64) * G + g).to(gl.float32)
+                if XDT == gl.bfloat16:
+                    zc = _pair(gl.expand_dims(-(zv + 128.0), 1), XDT)
+                else:
+                    zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
+            mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+            w = ws.index(slot).load(wl)
+            sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
+            zb, _ = gl.broadcast(zc, w)
+            d = _deq(w, zb, sb, tp, XDT, MODE)
+            b = c % NB
+            mbarrier.wait(b_empty.index(b), ((c // NB) & 1) ^ 1)
+            bs.index(b).store(d)
+            fence_async_shared()  # generic-proxy writes (and the words' read) before the async proxy
+            _cta_barrier()  # every warp of this partition has stored its part
+            mbarrier.arrive(b_ready.index(b), count=1)
+
+    @gluon.jit
+    def _ws_mma(xs, bs, b_ready, b_empty, empty, nch, BM: gl.constexpr, BN: gl.constexpr,
+                STAGES: gl.constexpr, NB: gl.constexpr, acc_l: gl.constexpr):
+        acc = gl.zeros([BM, BN], gl.float32, acc_l)
+        for c in range(nch):
+            b = c % NB
+            mbarrier.wait(b_ready.index(b), (c // NB) & 1)
+            acc = warpgroup_mma(xs.index(c % STAGES), bs.index(b).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # chunk c - 1's wgmma has retired: its ring slot and its tile buffer are free
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=c > 0)
+            mbarrier.arrive(b_empty.index((c + NB - 1) % NB), count=1, pred=c > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        return (acc,)  # a tuple: the partition's results are flattened
+
+    @gluon.jit
+    def w4a16_wgmma_ws(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr,
+                       MODE: gl.constexpr, LUT_ROW: gl.constexpr,
+                       HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
+                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, NB: gl.constexpr, DQ_REGS: gl.constexpr):
+        XDT: gl.constexpr = x_desc.dtype
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BW: gl.constexpr = BK // 8
+        num_warps: gl.constexpr = gl.num_warps()
+
+        pid = gl.program_id(0)
+        tiles_m = gl.cdiv(M, BM)
+        tiles_n = gl.cdiv(N, BN)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        gm = gl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % gm
+        pid_n = (pid % per_group) // gm
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+
+        xs = gl.allocate_shared_memory(XDT, [STAGES, BM, BK], x_desc.layout)
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BW], w_desc.layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XDT)
+        bs = gl.allocate_shared_memory(XDT, [NB, BN, BK], b_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(b_ready.index(i), count=1)
+            mbarrier.init(b_empty.index(i), count=1)
+
+        WM: gl.constexpr = _warps_m(BM, num_warps)
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
+                                                        instr_shape=[16, BN // (num_warps // WM), 16])
+        nch = K // BK
+        res = gl.warp_specialize([
+            (_ws_mma, (xs, bs, b_ready, b_empty, empty, nch, BM, BN, STAGES, NB, acc_l)),
+            (_ws_load, (x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, nch, STAGES, BK)),
+            (_ws_deq, (ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, nch, XDT, MODE,
+                       LUT_ROW, HAS_SCALE, HAS_ZERO, ZC, GS, STAGES, NB, BN, BK)),
+        ], [1, 4], [24, DQ_REGS])
+        acc = res[0]
+
+        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+        on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+        optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+        mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
+        gl.store(optr, acc.to(XDT), mask=mask)
+
+
 def x_layout(BM: int, BK: int, dtype):
     """The shared-memory layout of an x tile (TMA destination, wgmma A operand)."""
     import torch

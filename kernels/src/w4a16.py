@@ -243,11 +243,18 @@ class W4A16Kernel(LayerKernel):
         s = self.s if self.s is not None else self.w
         z = self.z if self.z is not None else self.w
         lp = self.planes(dtype) if self.mode == 1 else self.w
-        lau = Launcher(_wgmma.w4a16_wgmma,
-                       dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
-                            HAS_ZERO=self.z is not None, ZC=float(self.zc), GS=min(self.GS, 1 << 30),
-                            STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8))),
-                       num_warps=int(cfg.get("warps", 8)), device=self.device)
+        consts = dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
+                      HAS_ZERO=self.z is not None, ZC=float(self.zc), GS=min(self.GS, 1 << 30),
+                      STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8)))
+        warps = int(cfg.get("warps", 8))
+        if cfg.get("ws"):  # warp-specialized: + a 1-warp loader and a 4-warp dequantizer (2 warpgroups)
+            # the register file (64 K) shared by every warpgroup: the per-thread cap Triton divides
+            maxnreg = min(int(cfg.get("maxnreg", 256)), (65536 // (32 * (warps + 8))) // 8 * 8)
+            dq_regs = int(cfg.get("dq_regs", 128 if warps <= 4 else 96))
+            lau = Launcher(_wgmma.w4a16_wgmma_ws, dict(consts, NB=int(cfg.get("nb", 2)), DQ_REGS=dq_regs),
+                           num_warps=warps, device=self.device, maxnreg=maxnreg)
+        else:
+            lau = Launcher(_wgmma.w4a16_wgmma, consts, num_warps=warps, device=self.device)
         tiles_n = cdiv(N, bn)
         TD = _wgmma.TensorDescriptor
 
