@@ -283,11 +283,14 @@ if HAVE_GLUON:
             mbarrier.arrive(b_ready.index(b), count=1)
 
     @gluon.jit
-    def _ws_mma(xs, bs, b_ready, b_empty, empty, nch, BM: gl.constexpr, BN: gl.constexpr,
+    def _ws_mma(xs, bs, ready, b_ready, b_empty, empty, nch, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, NB: gl.constexpr, acc_l: gl.constexpr):
         acc = gl.zeros([BM, BN], gl.float32, acc_l)
         for c in range(nch):
             b = c % NB
+            # x's TMA completion observed here too (it has been by the dequantizer, whose tile we wait for;
+            # the slot cannot move to its next phase before this partition frees it)
+            mbarrier.wait(ready.index(c % STAGES), (c // STAGES) & 1)
             mbarrier.wait(b_ready.index(b), (c // NB) & 1)
             acc = warpgroup_mma(xs.index(c % STAGES), bs.index(b).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -340,7 +343,7 @@ if HAVE_GLUON:
                                                         instr_shape=[16, BN // (num_warps // WM), 16])
         nch = K // BK
         res = gl.warp_specialize([
-            (_ws_mma, (xs, bs, b_ready, b_empty, empty, nch, BM, BN, STAGES, NB, acc_l)),
+            (_ws_mma, (xs, bs, ready, b_ready, b_empty, empty, nch, BM, BN, STAGES, NB, acc_l)),
             (_ws_load, (x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, nch, STAGES, BK)),
             (_ws_deq, (ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, nch, XDT, MODE,
                        LUT_ROW, HAS_SCALE, HAS_ZERO, ZC, GS, STAGES, NB, BN, BK)),
