@@ -54,11 +54,13 @@ WG = [("wg128x128k64", 128, 128, 64, 8, 5), ("wg128x256k64", 128, 256, 64, 8, 4)
       ("wg256x128k64", 256, 128, 64, 8, 4), ("wg128x128k128", 128, 128, 128, 8, 3),
       ("wg128x128k64s3", 128, 128, 64, 8, 3)]  # 108 KB shared: two programs per SM
 # its warp-specialized variant (a loader warp, a dequantizing warpgroup, the MMA warps; "ws" key):
-# (name, BM, BN, BK, MMA warps, stages, dequantized-tile buffers)
-WS = [("ws128x128k64", 128, 128, 64, 4, 4, 2), ("ws128x128k64n3", 128, 128, 64, 4, 4, 3),
-      ("ws128x256k64", 128, 256, 64, 8, 4, 2), ("ws256x128k64", 256, 128, 64, 8, 4, 2),
-      ("ws64x128k64", 64, 128, 64, 4, 6, 2), ("ws128x128k128", 128, 128, 128, 4, 3, 2),
-      ("ws128x64k64", 128, 64, 64, 4, 6, 3)]
+# (name, BM, BN, BK, MMA warps, stages, dequantized-tile buffers, split-K ranges)
+WS = [("ws128x128k64", 128, 128, 64, 4, 4, 2, 1), ("ws128x128k64n3", 128, 128, 64, 4, 4, 3, 1),
+      ("ws128x256k64", 128, 256, 64, 8, 4, 2, 1), ("ws256x128k64", 256, 128, 64, 8, 4, 2, 1),
+      ("ws64x128k64", 64, 128, 64, 4, 6, 2, 1), ("ws128x128k128", 128, 128, 128, 4, 3, 2, 1),
+      ("ws128x64k64", 128, 64, 64, 4, 6, 3, 1),
+      ("ws128x128k64sk2", 128, 128, 64, 4, 4, 2, 2), ("ws128x128k64sk4", 128, 128, 64, 4, 4, 2, 4),
+      ("ws256x128k64sk2", 256, 128, 64, 8, 4, 2, 2)]  # split-K: narrow N leaves SMs idle
 CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS}
 
 
@@ -66,7 +68,7 @@ def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
     if which in ("wg", "ws", "wgws"):
         return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
-                        **({"ws": True, "nb": nb[0]} if nb else {})})
+                        **({"ws": True, "nb": nb[0], "split": nb[1]} if nb else {})})
                 for name, bm, bn, bk, w, st, *nb in CANDS[which] if bm <= 2 * mb]
     for name, bm, bn, bkw, w, st, swap, *reg in CANDS[which]:
         if bm > 2 * mb:

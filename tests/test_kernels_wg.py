@@ -59,16 +59,18 @@ def test_wg_lut_matches_reference(m, n, k, g, fixed, dtype, ws):
     (513, 128, 4096, 128, True, torch.bfloat16, (256, 128, 64, 8, 4)),
     (130, 136, 192, 64, True, torch.float16, (128, 128, 64, 4, 5)),       # 3 chunks < stages
 ])
-@pytest.mark.parametrize("ws", [False, True])
+@pytest.mark.parametrize("ws", [{}, {"ws": True}, {"ws": True, "split": 3}], ids=["plain", "ws", "ws-splitk3"])
 def test_wg_matches_reference(m, n, k, g, sym, dtype, cfg, ws):
-    """ws: the warp-specialized kernel (a loader warp, a dequantizing warpgroup, the MMA warps)."""
+    """ws: the warp-specialized kernel (a loader warp, a dequantizing warpgroup, the MMA warps), also
+    split-K (3 ranges of K, partials summed by the last program of each tile; run_poisoned calls twice,
+    so the counters' reset is exercised)."""
     from quantkit.kernels import lowbit
 
     _wg()
     spec, p, gidx = make_int(n, k, 4, g, sym, seed=m + n)
     kern = lowbit.build_int(format_from_spec(spec), {a: v.to(DEV) for a, v in p.items()}, (n, k), DEV, impl="k")
     bm, bn, bk, w, st = cfg
-    c = {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st, "ws": ws}
+    c = {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st, **ws}
     assert kern.wg_ok(bk, dtype)
     x = rand_x(m, k, dtype, m + k)
     check(run_poisoned(kern, c, x), x.double() @ ref_int(p, n, k, 4, gidx, sym).t(), dtype)
@@ -87,11 +89,13 @@ wd = W.w_descriptor(torch.empty(512, 128, dtype=torch.int32), 128, 64)
 sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": "*fp16", "z_ptr": "*u8",
        "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "lut_ptr": "*i32"}
 mode, ws = int(sys.argv[1]), sys.argv[2] == "ws"
+if ws:
+    sig.update(ws_ptr="*fp32", cnt_ptr="*i32", cps="i32", SPLIT="i32")
 const = {"MODE": mode, "LUT_ROW": True, "HAS_SCALE": True, "HAS_ZERO": mode == 0, "ZC": 8.0, "GS": 128,
          "STAGES": 5, "GROUP_M": 8}
 opts = {"num_warps": 8}
 if ws:
-    const.update(STAGES=4, NB=2, DQ_REGS=128)
+    const.update(STAGES=4, NB=2, DQ_REGS=128, SPLITK=mode == 1)  # the lut case compiles the split-K epilogue
     opts = {"num_warps": 4, "maxnreg": 168}
 names = list(sig) + list(const)
 sig.update({c: "constexpr" for c in const})
@@ -127,3 +131,4 @@ def test_wg_compiles_to_async_wgmma_for_sm90(mode, variant):
     assert ("prmt.b32" in ptx) == (mode == 1) or mode == 0  # lut: the register-table lookups
     if variant == "ws":  # the partitions: register reallocation, mbarrier hand-overs, no CTA-wide barrier
         assert "setmaxnreg" in ptx and "mbarrier.arrive" in ptx and "mbarrier.try_wait" in ptx
+        assert ("atom.global" in ptx) == (mode == 1)  # split-K: the tile counter

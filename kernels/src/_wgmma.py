@@ -219,19 +219,19 @@ if HAVE_GLUON:
     # buffer).
 
     @gluon.jit
-    def _ws_load(x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, nch,
+    def _ws_load(x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, c0, nch,
                  STAGES: gl.constexpr, BK: gl.constexpr):
-        for c in range(nch):
+        for c in range(nch):  # this program's chunks c0 .. c0 + nch - 1 (split-K: a range of K)
             slot = c % STAGES
             # a fresh mbarrier counts as having completed the phase before 0: the first round passes
             mbarrier.wait(empty.index(slot), ((c // STAGES) & 1) ^ 1)
             bar = ready.index(slot)
             mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            _tma_load(x_desc, [off_m, c * BK], bar, xs.index(slot))
-            _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
+            _tma_load(x_desc, [off_m, (c0 + c) * BK], bar, xs.index(slot))
+            _tma_load(w_desc, [off_n, (c0 + c) * (BK // 8)], bar, ws.index(slot))
 
     @gluon.jit
-    def _ws_deq(ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, nch,
+    def _ws_deq(ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, c0, nch,
                 XDT: gl.constexpr, MODE: gl.constexpr, LUT_ROW: gl.constexpr, HAS_SCALE: gl.constexpr,
                 HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
                 NB: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
@@ -258,7 +258,7 @@ if HAVE_GLUON:
             zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
         for c in range(nch):
             slot = c % STAGES
-            g = (c * BK) // GS
+            g = ((c0 + c) * BK) // GS
             if HAS_SCALE:  # the scale's global load goes out before the wait
                 ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
             else:
@@ -301,10 +301,14 @@ if HAVE_GLUON:
         return (acc,)  # a tuple: the partition's results are flattened
 
     @gluon.jit
-    def w4a16_wgmma_ws(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr,
+    def w4a16_wgmma_ws(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr, ws_ptr, cnt_ptr, cps, SPLIT,
                        MODE: gl.constexpr, LUT_ROW: gl.constexpr,
                        HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
-                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, NB: gl.constexpr, DQ_REGS: gl.constexpr):
+                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, NB: gl.constexpr, DQ_REGS: gl.constexpr,
+                       SPLITK: gl.constexpr):
+        """Split-K (SPLITK, grid axis 1 = SPLIT ranges of cps chunks): each program writes its fp32
+        partial tile to ws_ptr; the last of a tile (counter cnt_ptr[tile]) sums them in a fixed order,
+        writes the output and resets the counter (the workspace scheme of _tl._finish)."""
         XDT: gl.constexpr = x_desc.dtype
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
@@ -341,11 +345,16 @@ if HAVE_GLUON:
         WM: gl.constexpr = _warps_m(BM, num_warps)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
                                                         instr_shape=[16, BN // (num_warps // WM), 16])
-        nch = K // BK
+        nall = K // BK
+        c0 = 0
+        nch = nall
+        if SPLITK:
+            c0 = gl.program_id(1) * cps
+            nch = gl.minimum(nall - c0, cps)
         res = gl.warp_specialize([
             (_ws_mma, (xs, bs, ready, b_ready, b_empty, empty, nch, BM, BN, STAGES, NB, acc_l)),
-            (_ws_load, (x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, nch, STAGES, BK)),
-            (_ws_deq, (ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, nch, XDT, MODE,
+            (_ws_load, (x_desc, w_desc, xs, ws, ready, empty, off_m, off_n, c0, nch, STAGES, BK)),
+            (_ws_deq, (ws, bs, ready, b_ready, b_empty, s_ptr, z_ptr, lut_ptr, off_n, N, G, c0, nch, XDT, MODE,
                        LUT_ROW, HAS_SCALE, HAS_ZERO, ZC, GS, STAGES, NB, BN, BK)),
         ], [1, 4], [24, DQ_REGS])
         acc = res[0]
@@ -354,7 +363,21 @@ if HAVE_GLUON:
         on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
         optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
         mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
-        gl.store(optr, acc.to(XDT), mask=mask)
+        if SPLITK:
+            loc = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * BN, 1) + \
+                gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l)), 0)
+            base = ws_ptr + pid.to(gl.int64) * SPLIT * (BM * BN)
+            gl.store(base + gl.program_id(1) * (BM * BN) + loc, acc)
+            _cta_barrier()
+            old = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if old == SPLIT - 1:
+                tot = gl.zeros([BM, BN], gl.float32, acc_l)
+                for sp in range(SPLIT):  # fixed order: deterministic
+                    tot += gl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
+                gl.store(optr, tot.to(XDT), mask=mask)
+                gl.atomic_xchg(cnt_ptr + pid, 0)
+        else:
+            gl.store(optr, acc.to(XDT), mask=mask)
 
 
 def x_layout(BM: int, BK: int, dtype):

@@ -247,16 +247,26 @@ class W4A16Kernel(LayerKernel):
                       HAS_ZERO=self.z is not None, ZC=float(self.zc), GS=min(self.GS, 1 << 30),
                       STAGES=int(cfg.get("stages", 5)), GROUP_M=int(cfg.get("group_m", 8)))
         warps = int(cfg.get("warps", 8))
+        tiles_n = cdiv(N, bn)
+        TD = _wgmma.TensorDescriptor
         if cfg.get("ws"):  # warp-specialized: + a 1-warp loader and a 4-warp dequantizer (2 warpgroups)
             # the register file (64 K) shared by every warpgroup: the per-thread cap Triton divides
             maxnreg = min(int(cfg.get("maxnreg", 256)), (65536 // (32 * (warps + 8))) // 8 * 8)
             dq_regs = int(cfg.get("dq_regs", 128 if warps <= 4 else 96))
-            lau = Launcher(_wgmma.w4a16_wgmma_ws, dict(consts, NB=int(cfg.get("nb", 2)), DQ_REGS=dq_regs),
+            nch = K // bk
+            cps = cdiv(nch, max(1, min(int(cfg.get("split", 1)), nch)))
+            split = cdiv(nch, cps)
+            lau = Launcher(_wgmma.w4a16_wgmma_ws, dict(consts, NB=int(cfg.get("nb", 2)), DQ_REGS=dq_regs,
+                                                       SPLITK=split > 1),
                            num_warps=warps, device=self.device, maxnreg=maxnreg)
-        else:
-            lau = Launcher(_wgmma.w4a16_wgmma, consts, num_warps=warps, device=self.device)
-        tiles_n = cdiv(N, bn)
-        TD = _wgmma.TensorDescriptor
+            tiles = cdiv(mb, bm) * tiles_n
+            ws, cnt = workspace(self.device, tiles * split * bm * bn if split > 1 else 0, tiles)
+
+            def run_ws(x, out, M):
+                lau((cdiv(M, bm) * tiles_n, split, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K,
+                    G, lp, ws, cnt, cps, split)
+            return run_ws
+        lau = Launcher(_wgmma.w4a16_wgmma, consts, num_warps=warps, device=self.device)
 
         def run_wg(x, out, M):
             lau((cdiv(M, bm) * tiles_n, 1, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K, G, lp)
