@@ -10,7 +10,17 @@ is one row, ``TOOL:key=value,...``:
 
 quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), fmt (int, or lut: any4-style
 learned tables), quantizer (gptq/rtn), iters,
-batch, and any other recon option (target, init, lr, learn_clip, autocast, patience). auto-round
+batch, and any other recon option (target, init, lr, learn_clip, autocast, patience).
+End-to-end scale tuning after the block pass (quantkit/transforms/e2e.py, the recipe key ``finetune``):
+any ``e2e_<option>`` key (e2e_epochs, e2e_lr, e2e_batch, e2e_loss, e2e_optimizer, e2e_holdout,
+e2e_eval_every, e2e_tables, e2e_autocast, e2e_seed) makes the row two rows from one quantization: the
+block pass alone (label ``...,e2e=base``), then the same model after ``run_finetune`` (the function
+``quantkit.quantize`` calls for ``finetune``) against the float model's final hidden states, captured
+once from the float model; the e2e row's time is the stage's alone, its loss record is in the JSON.
+``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass.
+
+    python -P bench/recon_matrix.py --run qk:bits=3,sym=1,sym_range=full,quantizer=rtn,iters=30,batch=4,\
+offsets=value,target=model,e2e_epochs=2,e2e_lr=0.001 auto-round
 keys: bits, g, sym, iters, batch, seed. The same calibration ids (quantkit's ``calibration_batch``,
 ``--samples`` x ``--seq-len`` of the even enwiki articles, seed 0) go to both tools, and every row is
 scored by ``quantkit.evaluate`` on ``--max-windows`` x ``--seq-len`` windows of the odd articles (the
@@ -57,7 +67,8 @@ def qk_recipe(kv: dict, args) -> dict:
     quant = kv.get("quantizer", "gptq")
     quantizer = ({"type": "gptq", "damp": 0.01, "act_order": True, "static_groups": True}
                  if quant == "gptq" else {"type": "rtn"})
-    recon = {k: v for k, v in kv.items() if k not in QK_FMT | {"quantizer", "iters", "batch"}}
+    recon = {k: v for k, v in kv.items() if k not in QK_FMT | {"quantizer", "iters", "batch"}
+             and not k.startswith("e2e_")}
     iters = int(kv.get("iters", 0))
     plugins = ([{"type": "recon", "iters": iters, "batch_size": int(kv.get("batch", 4)), **recon}]
                if iters > 0 else [])
@@ -122,9 +133,28 @@ def main(argv=None) -> int:
     print(f"{args.model} on {gpu or 'cpu'}, calibration {args.samples} x {args.seq_len}, "
           f"eval {args.max_windows} x {args.seq_len}\n| run | ppl | gap | quantize s | bits/weight |\n|---|---|---|---|---|",
           flush=True)
+    float_target: dict = {}
+
+    def e2e_config(kv):
+        from quantkit.transforms.e2e import FinetuneConfig
+
+        names = {"batch": "batch_size"}
+        opts = {names.get(k[4:], k[4:]): v for k, v in kv.items() if k.startswith("e2e_")}
+        if "/" in str(opts.get("lr", "")):  # several step sizes: e2e_lr=0.001/0.003
+            opts["lr"] = float(str(opts["lr"]).split("/")[0])
+        return FinetuneConfig(**opts) if opts else None
+
     def one(tool, kv, label):
         model = copy.deepcopy(lm.model)
         if tool == "qk":
+            ft = e2e_config(kv)
+            if ft is not None and "t" not in float_target:  # the float model's final hidden states, once
+                from quantkit.transforms.e2e import capture_float
+
+                t = time.time()
+                float_target["t"] = capture_float(copy.deepcopy(lm.model), ids, ft.model_copy(update={"loss": "kl"}),
+                                                  args.device)
+                print(f"float hidden states captured in {time.time() - t:.1f} s", flush=True)
             sync()
             t = time.time()
             qm = quantkit.quantize(model, qk_recipe(kv, args), calibration=ids, device=args.device, progress=False)
@@ -135,7 +165,26 @@ def main(argv=None) -> int:
             if any("recon_s" in b for b in blocks):
                 extra.update({"recon_s_total": round(sum(b.get("recon_s", 0.0) for b in blocks), 1),
                               "recon_kept": [int(b["recon_kept"]) for b in blocks if "recon_kept" in b]})
-            score(qm.model, label, tool, kv, secs, round(qm.bits_per_weight(), 4), extra)
+            if ft is None:
+                score(qm.model, label, tool, kv, secs, round(qm.bits_per_weight(), 4), extra)
+                return
+            from quantkit.transforms.e2e import run_finetune
+
+            score(qm.model, label + ",e2e=base", tool, kv, secs, round(qm.bits_per_weight(), 4), extra)
+            tgt = float_target["t"]
+            if ft.loss == "ce":
+                tgt = type(tgt)(None, tgt.head, tgt.softcap)
+            lrs = [float(x) for x in str(kv["e2e_lr"]).split("/")] if "/" in str(kv.get("e2e_lr", "")) else [None]
+            for lr in lrs:  # e2e_lr=a/b/c: one e2e row per step size, each from a copy of the same block pass
+                cfg = ft if lr is None else ft.model_copy(update={"lr": lr})
+                model_i = qm.model if lr is None or lr == lrs[-1] else copy.deepcopy(qm.model)
+                sync()
+                t = time.time()
+                rec = run_finetune(model_i, ids, tgt, cfg, args.device, seed=0, progress=True)
+                sync()
+                lab = label if lr is None else label.replace(f"e2e_lr={kv['e2e_lr']}", f"e2e_lr={lr}")
+                score(model_i, lab, tool, kv, time.time() - t, round(qm.bits_per_weight(), 4),
+                      {"finetune": rec, "block_pass_seconds": round(secs, 1)})
             return
         from auto_round import AutoRound
 

@@ -232,6 +232,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         lm, source, load_info = open_model(model_or_name, load, dtype, recipe.ignore, dist=dist, dist_read=dist_read)
     else:
         lm = _as_loaded(model_or_name, tokenizer)
+    if recipe.finetune is not None:
+        _check_finetune(recipe, source, dist)
     moe_found = prepare_moe(lm.model, recipe.ignore)  # MoE: fused expert containers -> per-expert linears
     moe_found = moe_found or (source.moe_found if source is not None else [])  # streamed: split on meta
     # before any calibration (checks.py); a large block tensor no rule quantizes is an error unless allowed
@@ -239,6 +241,11 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     ids, calib_info = _calibration_ids(lm, recipe, calibration)
     check_token_ids(ids, lm.model)
     t0 = time.time()
+    float_target = None
+    if recipe.finetune is not None:  # the float model's final hidden states, before any block is quantized
+        from .transforms.e2e import capture_float
+
+        float_target = capture_float(lm.model, ids, recipe.finetune, device, recipe.calibration.batch_size)
     solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
     observer, extra_meta = None, ({"moe_experts": moe_found} if moe_found else {})
     if load_info:
@@ -263,6 +270,12 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
                                 progress=progress, solver=solver,
                                 observer=Observers(observer, writer) if writer is not None else observer,
                                 source=source)
+        if float_target is not None:  # the step sizes trained end to end, codes fixed (quantkit.transforms.e2e)
+            from .transforms.e2e import run_finetune
+
+            extra_meta["finetune"] = run_finetune(lm.model, ids, float_target, recipe.finetune, device,
+                                                  seed=recipe.calibration.seed, progress=progress)
+            del float_target
         if observer is not None:
             extra_meta["resume"] = observer.info
         qm = _finish(lm, recipe, report, calib_info, device, dist, t0, progress, extra_meta)
@@ -272,6 +285,18 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     if save_to is not None and writer is None:
         qm.saved_to = qm.save(save_to, overwrite=overwrite)
     return qm
+
+
+def _check_finetune(recipe: Recipe, source, dist) -> None:
+    """The recipe's ``finetune`` stage trains the whole model at once: refused, before any calibration, where
+    the model is not wholly in memory or the run is distributed."""
+    if source is not None:
+        raise QuantkitError(f"{recipe.source}: finetune (end-to-end scale tuning) needs the whole model in memory, but "
+                            f"this model is streamed from disk (load='stream', the default for a model folder); "
+                            f"quantize with load='whole' (--load whole) or remove the recipe's finetune key")
+    if dist is not None and dist.world > 1:
+        raise QuantkitError(f"{recipe.source}: finetune (end-to-end scale tuning) does not run under torch.distributed "
+                            f"yet; quantize in one process or remove the recipe's finetune key")
 
 
 def exit_if_distributed(code: int) -> None:
@@ -284,7 +309,7 @@ def exit_if_distributed(code: int) -> None:
 def _finish(lm: LoadedModel, recipe: Recipe, report: PipelineReport, calib_info: dict, device, dist, t0: float,
             progress: bool, extra_meta: dict | None = None) -> QuantizedModel:
     """The record of the run, the KV-cache allocation."""
-    if report.calibration_tokens == 0:
+    if report.calibration_tokens == 0 and recipe.finetune is None:
         calib_info = {"data_free": True, "note": "no scheme needed activations; no calibration data used"}
     meta = {
         "quantkit_version": __version__,

@@ -12,6 +12,7 @@ A recipe is YAML (a file path or a built-in name from ``recipes/``)::
         format: {type: int, bits: 8, group_size: null, sym: true}
     transforms: []               # weight transforms wrapping the quantizer (QuIP, smoothing, ...)
     block_plugins: []            # per-block steps after quantization (norm tweaking, ...)
+    finetune: {type: e2e, epochs: 2, lr: 1e-3}   # optional: step sizes trained end to end afterwards
     calibration: {samples: 128, seq_len: 512, seed: 0, corpus: enwiki}
 
 Patterns are globs on the full module name (``model.layers.3.self_attn.q_proj``) or, prefixed
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError, pydantic_message
 from .formats.base import WeightFormat, format_from_spec
 from .quantizers.base import Quantizer, quantizer_from_spec
+from .transforms.e2e import FinetuneConfig
 
 
 class CalibrationConfig(BaseModel):
@@ -82,6 +84,9 @@ class Recipe(BaseModel):
     rules: list[Rule] = Field(default_factory=list)
     transforms: list[dict[str, Any]] = Field(default_factory=list)
     block_plugins: list[dict[str, Any]] = Field(default_factory=list)
+    # after the block pass: the group scales of every quantized linear trained end to end against the
+    # float model's logits (quantkit.transforms.e2e; needs the whole model in memory)
+    finetune: FinetuneConfig | None = None
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     kv_cache: dict[str, Any] | None = None
     moe: MoEConfig = Field(default_factory=MoEConfig)
