@@ -135,6 +135,11 @@ def main() -> None:
     tr.wrap(solve, "solve_linear", per_call=linname)
     tr.wrap(gptq.GPTQ, "_factor", "gptq._factor", per_call=nth("factor"))
     tr.wrap(gptq, "inverse_hessian_factor", per_call=nth("ihf"))
+    tr.wrap(gptq, "_inverse_factor", "gptq._inverse_factor", per_call=nth("inv"))
+    from quantkit import stream
+    tr.wrap(pipeline, "capture")
+    tr.wrap(stream.StreamSource, "restore_rest", "StreamSource.restore_rest")
+    tr.wrap(stream.StreamWriter, "finish", "StreamWriter.finish")
     tr.wrap(qbase, "output_error_terms", per_call=nth("oe"))
 
     torch.manual_seed(0)

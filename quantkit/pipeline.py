@@ -182,6 +182,7 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
     With a block ``source`` (quantkit.stream) it goes block by block: read, quantize, tell ``observer``."""
     report.calibration_tokens = 0
     if source is not None:
+        _release_rest(source)  # no capture: the tensors outside the blocks are not needed by the loop
         blocks_name, blocks = find_blocks(model)
         for bi in tqdm(range(len(blocks)), desc="quantize (data-free)", unit="block", disable=not progress):
             module = blocks[bi]
@@ -192,6 +193,7 @@ def quantize_data_free(model: nn.Module, recipe: Recipe, report: PipelineReport,
                     report.layers[n] = _data_free_layer(model, n, mod, scheme, device)
             if observer is not None:
                 observer.on_block_done(Block(bi, module, prefix, {}), report, [])
+        _restore_rest(source)  # read back before a linear outside the blocks (e.g. lm_head) is quantized
     linears = {n: m for n, m in find_linears(model).items() if recipe.scheme_for(n) is not None}
     for n in tqdm(linears, desc="quantize (data-free)", unit="layer", disable=not progress or source is not None):
         report.layers[n] = _data_free_layer(model, n, linears[n], recipe.scheme_for(n), device)
@@ -303,7 +305,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     process runs, how statistics are combined and where each linear is solved; a
     ``quantkit.distributed.DistributedSolver`` shares the work among the ranks of a group. ``observer``
     (e.g. quantkit.resume's) may restore finished blocks and is told after every block. ``source``
-    (quantkit.stream.StreamSource) reads each block's weights when it is reached (``source.fetch(module)``).
+    (quantkit.stream.StreamSource) reads each block's weights when it is reached (``source.fetch(module)``);
+    the tensors outside the blocks (embeddings, final norm, lm_head) are sent to the meta device once the
+    first block's inputs are captured and read back from the shards before this returns (also on the
+    data-free path, where nothing is captured), so they are not in memory during the block loop. If the
+    loop raises, they stay on meta (``source.restore_rest()`` reads them back).
     """
     t0 = time.time()
     device = torch.device(device)
@@ -328,6 +334,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     t_cap = time.time()
     inputs, kwargs_list = capture(model, blocks, batches, device)
     report.capture_seconds += time.time() - t_cap
+    if source is not None:  # streamed: the embeddings etc. leave memory until the loop is done
+        _release_rest(source)
     start = 0
     # the float model's own hidden states, carried beside the quantized ones when a plugin trains on them
     float_stream = any(p.uses_float_stream for p in plugins)
@@ -406,8 +414,24 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         prefetch.drain()
     if device.type == "cuda":  # cached blocks are reused block after block; released once, at the end
         torch.cuda.empty_cache()
+    if source is not None:
+        _restore_rest(source)  # the model handed back holds its embeddings, final norm and lm_head again
     report.seconds = prior_seconds + time.time() - t0
     return report
+
+
+def _release_rest(source) -> None:
+    """A streamed model's tensors outside the decoder blocks (embeddings, final norm, lm_head) leave memory
+    (quantkit.stream.StreamSource.release_rest) until :func:`_restore_rest` reads them back from the shards:
+    the block loop needs none of them once the first block's inputs are captured. A source without the
+    pair of methods keeps them."""
+    if hasattr(source, "release_rest") and hasattr(source, "restore_rest"):
+        source.release_rest()
+
+
+def _restore_rest(source) -> None:
+    if hasattr(source, "restore_rest"):
+        source.restore_rest()
 
 
 def capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device

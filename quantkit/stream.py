@@ -8,7 +8,9 @@ pipeline reaches it, and write each quantized block to the output as soon as it 
 * :class:`StreamWriter` — a block observer (quantkit.pipeline.BlockObserver) that writes every finished
   block's tensors (native layout names) into its own shard of a temporary output folder and then
   releases the block (its tensors go to the meta device); :meth:`StreamWriter.finish` writes the other
-  tensors, ``config.json`` and ``model.safetensors.index.json`` and renames the folder into place
+  tensors (those still as the source read them copied from its shards in pieces,
+  :meth:`StreamSource.rest_pieces`: the lazily mapped embeddings are not paged in whole at the end),
+  ``config.json`` and ``model.safetensors.index.json`` and renames the folder into place
   (checkpoint.io.atomic_output_dir). With a resume dir, a block's shard is a hard link of the block file
   the resume observer committed (one copy on disk; a copy only across file systems).
 
@@ -16,9 +18,11 @@ Under torchrun every rank reads its own copy of each block (``dist_read="all"``,
 of a host share one page cache, and safetensors pages in only what is touched) or rank 0 reads it and
 broadcasts it (``"rank0"``, :class:`RankZeroReader`); docs/perf/stream-dist-2026-12-06.md compares them.
 
-Peak CPU memory: the float tensors outside the blocks + one float block (two while the next one is
-prefetched to a GPU) + the calibration activations (+ the packed blocks so far when the output is not
-streamed). docs/PERFORMANCE.md ("Streaming") has the measurement.
+Peak CPU memory: one float block (two while the next one is prefetched to a GPU) + the calibration
+activations (+ the packed blocks so far when the output is not streamed) + the quantizer's working set;
+the float tensors outside the blocks (embeddings, final norm, lm_head) are in memory only to capture the
+first block's inputs and again at the end (:meth:`StreamSource.release_rest` / :meth:`~StreamSource.restore_rest`,
+called by quantkit.pipeline). docs/PERFORMANCE.md ("Streaming") has the measurement.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from typing import Any
 
 import torch
@@ -41,69 +46,11 @@ from .moe import Experts, load_fused, unfuse_experts
 from .moe.names import from_checkpoint
 from .nn import QuantLinear
 from .pipeline import BlockObserver, PipelineReport, Restored
+from .shards import INDEX_FILE, _corrupt, stored_key_files, where, write_shard
+from .shards import shard_pieces as _shard_pieces
 from .solve import Block, release_freed_memory
 
-INDEX_FILE = "model.safetensors.index.json"
 _IGNORABLE = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias|position_ids)$")
-
-
-def stored_key_files(path: str) -> dict[str, str]:
-    """Every stored tensor name -> the safetensors file holding it (the index when there is one, else
-    the headers of every ``*.safetensors`` file in the folder). Every shard's header is checked here."""
-    idx = os.path.join(path, INDEX_FILE)
-    if os.path.exists(idx):
-        try:
-            with open(idx) as f:
-                wm = json.load(f)["weight_map"]
-            if not isinstance(wm, dict):
-                raise TypeError("weight_map is not a mapping")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{idx}: unreadable shard index ({e}); re-export the model or pass "
-                                  f"load='whole' (--load whole)") from None
-        out = {}
-        for k, fn in wm.items():
-            fp = os.path.join(path, fn) if isinstance(fn, str) else ""
-            if not isinstance(fn, str) or os.path.dirname(fn) or not os.path.exists(fp):
-                raise CheckpointError(f"{idx}: tensor {k!r} is in shard {fn!r}, which is not a file in {path}")
-            out[k] = fp
-        for fp in sorted(set(out.values())):  # a truncated shard fails now, not when its block is reached
-            keys = _shard_keys(fp)
-            listed = [k for k, f in out.items() if f == fp and k not in keys]
-            if listed:
-                raise CheckpointError(f"{fp}: the index {INDEX_FILE} places tensor {listed[0]!r} in this shard but the "
-                                      f"shard does not hold it; re-download or re-export the checkpoint (the index "
-                                      f"and the shards must come from the same save)")
-        return out
-    out = {}
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors file (pickle files are never loaded)")
-    for fn in files:
-        fp = os.path.join(path, fn)
-        for k in _shard_keys(fp):
-            if k in out:
-                raise CheckpointError(f"{fp}: tensor {k!r} appears in two files ({out[k]} too); remove the stray "
-                                      f"file or re-export the checkpoint")
-            out[k] = fp
-    return out
-
-
-def _corrupt(fp: str, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"{fp}: corrupt or truncated safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                           f"re-download or re-export this shard (an interrupted copy or download leaves it short: "
-                           f"compare its size with the source's)")
-
-
-def _shard_keys(fp: str) -> set[str]:
-    """The tensor names in one safetensors file (its header only; safetensors checks the header's
-    offsets against the file's size, so a truncated file fails here)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(fp, framework="pt") as f:
-            return set(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _corrupt(fp, e) from None
 
 
 def read_tensors(files: dict[str, list[str]], dtype: torch.dtype, strip: str = "") -> dict[str, torch.Tensor]:
@@ -270,14 +217,86 @@ class StreamSource:
             self._check_names()  # experts stored one by one under the split names
         elif not fused_ok:
             raise why
-        rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
-        tensors = self._read(rest, what="the tensors outside the decoder blocks")
+        # the stored tensors outside the decoder blocks (embeddings, final norm, an untied lm_head)
+        self._rest = [k for k in self.key_file if not k.startswith(self.blocks_name + ".") and k in self._wanted]
+        self.rest_released = False
+        self._load_rest()
+
+    def _load_rest(self) -> None:
+        model = self.model
+        tensors = self._read(self._rest, what="the tensors outside the decoder blocks")
         model.load_state_dict(tensors, strict=False, assign=True)
+        del tensors
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         left = [n for n in _meta_names(model) if not n.startswith(self.blocks_name + ".")]
         if left:
-            raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(left[:5])}")
+            raise CheckpointError(f"{self.path}: tensors missing from the checkpoint: {', '.join(left[:5])}")
+        # where each tensor read from the shards lives: StreamWriter.finish copies these from the shards
+        sd = model.state_dict()
+        self._rest_at = {where(sd[k]): k for k in self._rest if k in sd}
+        _SOURCES[model] = weakref.ref(self)  # weakly: the source holds the model
+
+    def rest_pieces(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """For each of ``tensors`` that is one the shards' tensors outside the blocks as this source read it
+        (the same storage: nothing replaced it since), a function yielding its bytes as the model holds
+        them, read from the shard in pieces of at most :data:`PIECE_BYTES` (cast to the model's dtype
+        piece by piece, as the read casts the whole): StreamWriter.finish writes those instead of the
+        tensor's own memory. safetensors maps a shard's tensors into memory lazily, so writing a 3B
+        model's 0.73 GiB embedding from the tensor would page all of it into this process's RSS at the end
+        of the run; read with ``pread`` it passes through the page cache only. Under ``--dist-read rank0``
+        (rank 0 received nothing it could re-read on the others) and after :meth:`release_rest`: none."""
+        if self.reader is not None or self.rest_released:
+            return {}
+        out = {}
+        for name, t in tensors.items():
+            k = self._rest_at.get(where(t))
+            if k is not None:
+                out[name] = _shard_pieces(self.key_file[k], self.stored[k], t.dtype, tuple(t.shape), PIECE_BYTES // 16)
+        return out
+
+    def release_rest(self) -> None:
+        """The tensors read from the shards outside the decoder blocks (embeddings, final norm, an untied
+        ``lm_head``) go to the meta device (tied ones stay tied), so they leave memory while the block loop
+        runs: the pipeline needs them only to capture the first block's inputs. Read in the dtype they are
+        stored in, safetensors maps them lazily and only the pages touched are in RSS (the capture's rows);
+        cast on reading (a bf16 checkpoint read in the default float32) they are a full copy in memory, a
+        3B model's tied embeddings 1.47 GiB. :meth:`restore_rest` reads them back (the same values, in the
+        same dtype); the pipeline does so before it returns, so the model it hands back holds its weights."""
+        if self.rest_released:
+            return
+        model = self.model
+        ids: set[int] = set()
+        for k in self._rest:
+            mod_name, _, leaf = k.rpartition(".")
+            owner = model.get_submodule(mod_name) if mod_name else model
+            t = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+            if t is not None and t.device.type != "meta":
+                ids.add(id(t))
+        blocks = self.blocks_name + "."
+        repl: dict[int, torch.Tensor] = {}  # one meta tensor per released one: ties survive
+        for name, m in model.named_modules():
+            if (name + ".").startswith(blocks):
+                continue
+            for store in (m._parameters, m._buffers):
+                for leaf, t in list(store.items()):
+                    if t is None or id(t) not in ids:
+                        continue
+                    if id(t) not in repl:
+                        meta = torch.empty_like(t, device="meta")
+                        repl[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) \
+                            if isinstance(t, nn.Parameter) else meta
+                    store[leaf] = repl[id(t)]
+        del repl, ids
+        self.rest_released = True
+        release_freed_memory()
+
+    def restore_rest(self) -> None:
+        """Read back what :meth:`release_rest` sent to the meta device (nothing if it did not)."""
+        if not self.rest_released:
+            return
+        self._load_rest()
+        self.rest_released = False
 
     def _check_names(self) -> None:
         sd = self.model.state_dict()
@@ -349,6 +368,10 @@ class StreamSource:
         return "stream-" + h.hexdigest()[:20]
 
 
+# model -> weak reference to the StreamSource that read it (StreamWriter.finish asks it for rest_pieces)
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class StreamUnsupported(Exception):
     """This folder cannot be streamed (the reason is the message); it is loaded whole instead."""
 
@@ -363,10 +386,10 @@ def native_block_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tens
     return out
 
 
-def _save_shard(fp: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, fp, metadata={"format": "pt", "quantkit": "1"})
+def _save_shard(fp: str, tensors: dict[str, torch.Tensor], pieces: dict[str, Any] | None = None) -> None:
+    """``tensors`` into safetensors file ``fp``; ``pieces`` (StreamSource.rest_pieces): those tensors' bytes
+    are copied from the source shards piece by piece (quantkit.shards.write_shard)."""
+    write_shard(fp, tensors, {"format": "pt", "quantkit": "1"}, pieces)
 
 
 class StreamWriter(BlockObserver):
@@ -466,7 +489,9 @@ class StreamWriter(BlockObserver):
                 sd[f"{mod}.{leaf.replace('__', '.')}" if mod in self.layers else k] = v
             sd = dedupe_tied(sd)
             fn = self._file(self.n_blocks)
-            _save_shard(os.path.join(self.tmp, fn), sd)
+            src = _SOURCES.get(model)  # streamed: the tensors as read from the shards are copied from there
+            src = src() if src is not None else None
+            _save_shard(os.path.join(self.tmp, fn), sd, src.rest_pieces(sd) if src is not None else None)
             self._record(fn, sd)
             from .checkpoint.io import write_json
 

@@ -65,7 +65,8 @@ def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, floa
 
     At most two n x n matrices alive at once (the reversed, damped H and its Cholesky factor K; then K
     and U), provided the caller keeps no reference to what ``make`` returned: at n = 8192 in fp32 each is
-    256 MiB, and this factor is near the peak of a streamed CPU run."""
+    256 MiB, and this factor is near the peak of a streamed CPU run. On CPU from n = INPLACE_FACTOR_MIN
+    one: K is written over H and U over K (the same U bit for bit)."""
     h = make()
     mean_diag = torch.mean(torch.diagonal(h)).item()
     n = h.shape[0]
@@ -74,6 +75,20 @@ def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, floa
         A = _flip_(h if attempt == 0 else make())  # J H J, in place; λ goes on its diagonal (J I J = I)
         h = None
         A.diagonal().add_(d * mean_diag)
+        if A.device.type == "cpu" and n >= INPLACE_FACTOR_MIN:
+            # one n x n matrix throughout: K over A, then U over K (same values, bit for bit)
+            K, info = _cholesky_inplace(A)
+            del A
+            if int(info) == 0:
+                U = _inverse_flipped_(K)
+                del K
+                if all_finite(U):
+                    return U, d
+                del U
+            else:
+                del K
+            d *= 10
+            continue
         K, info = torch.linalg.cholesky_ex(A)
         del A
         if int(info) == 0:
@@ -93,6 +108,62 @@ def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, floa
         f"the Hessian ({n}x{n}) is not positive definite even with dampening "
         f"{d / 10:g} x mean diagonal; use more calibration samples, raise quantizer.damp, or use rtn "
         f"for this layer")
+
+
+# On CPU, a Hessian factor of at least this order is computed in place (:func:`_cholesky_inplace`,
+# :func:`_inverse_flipped_`): one n x n matrix alive instead of two (at n = 8192 in fp32: 256 MiB less at a
+# streamed CPU run's peak), the same U bit for bit, for about the same time. Smaller ones (and other
+# devices) take the two-matrix path above. tests/test_gptq_factor_inplace.py compares the two.
+INPLACE_FACTOR_MIN = 1024
+INPLACE_BLOCK = 256  # columns of K^-1 solved at a time (two n x INPLACE_BLOCK temporaries)
+
+
+def _cholesky_inplace(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of the symmetric, row-major ``A``, written over ``A``'s storage (column-major:
+    ``A.mT`` holds the same values, and LAPACK works in place on a column-major matrix), with zeros above
+    its diagonal: bit for bit what ``torch.linalg.cholesky_ex(A)`` returns in a new matrix. Returns (K, info)."""
+    Am = A.mT
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    K, info = torch.linalg.cholesky_ex(Am, out=(Am, info))
+    return K, info  # (were it not written in place after all, K would be a new matrix: the same values)
+
+
+def _inverse_flipped_(K: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """U = J K⁻¹ J (J the reversal) over ``K``'s own storage, for a column-major lower-triangular ``K``
+    with zeros above its diagonal. Returns U (a view of that storage, column-major, as
+    :func:`_inverse_factor`'s two-matrix path makes it).
+
+    K⁻¹ is solved ``block`` columns at a time, each into a column-major n x block slice of the identity
+    (``solve_triangular`` on the full-height right-hand side: per column the same arithmetic as the one
+    solve of the whole identity, bit for bit). U is upper triangular where K is lower, so its strict upper
+    triangle goes into K's (unused, never read by the lower solve); U's diagonal waits in a vector until K
+    is no longer needed, then K's strict lower triangle is zeroed and the diagonal written."""
+    n = K.shape[0]
+    block = block or INPLACE_BLOCK
+    U = K  # same storage, same layout
+    diag = torch.empty(n, dtype=K.dtype, device=K.device)
+    rhs = torch.empty(min(block, n), n, dtype=K.dtype, device=K.device).t()  # column-major n x block
+    upper = torch.ones(min(block, n), min(block, n), dtype=torch.bool, device=K.device).triu_(1)
+    for c0 in range(0, n, block):
+        c1 = min(c0 + block, n)
+        b = c1 - c0
+        X = rhs[:, :b]
+        X.zero_()
+        X.diagonal(-c0).fill_(1)
+        torch.linalg.solve_triangular(K, X, upper=False, out=X)  # columns c0:c1 of K⁻¹
+        # U[i, n-1-c] = K⁻¹[n-1-i, c]: these columns of K⁻¹ are U's columns n-c1 .. n-c0-1, flipped
+        Y = X.flip(0, 1)
+        q0, q1 = n - c1, n - c0
+        U[:q0, q0:q1] = Y[:q0]  # above the diagonal block: K stores zeros there
+        blk, yb = U[q0:q1, q0:q1], Y[q0:q1]
+        m = upper[:b, :b]
+        blk[m] = yb[m]  # the diagonal block's strict upper triangle; its lower one is still K's
+        diag[q0:q1] = yb.diagonal()
+        del X, Y, yb, blk
+    for a in range(0, n, block):  # K's strict lower triangle -> U's zeros
+        U[a:, a:a + block].triu_()
+    U.diagonal().copy_(diag)
+    return U
 
 
 def _scaled_hessian(h: torch.Tensor, nsamples: int, perm: torch.Tensor | None, dead: torch.Tensor,
