@@ -61,12 +61,18 @@ WS = [("ws128x128k64", 128, 128, 64, 4, 4, 2, 1), ("ws128x128k64n3", 128, 128, 6
       ("ws128x64k64", 128, 64, 64, 4, 6, 3, 1),
       ("ws128x128k64sk2", 128, 128, 64, 4, 4, 2, 2), ("ws128x128k64sk4", 128, 128, 64, 4, 4, 2, 4),
       ("ws256x128k64sk2", 256, 128, 64, 8, 4, 2, 2)]  # split-K: narrow N leaves SMs idle
-CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS}
+# second ws round: deeper rings, more buffers, split-K on the 256-row and 128-column-chunk tiles
+WS2 = [("ws256x128k64", 256, 128, 64, 8, 4, 2, 1), ("ws256x128k64s5", 256, 128, 64, 8, 5, 2, 1),
+       ("ws256x128k64n3", 256, 128, 64, 8, 4, 3, 1), ("ws256x128k64sk3", 256, 128, 64, 8, 4, 2, 3),
+       ("ws256x128k64sk4", 256, 128, 64, 8, 4, 2, 4), ("ws128x128k128", 128, 128, 128, 4, 3, 2, 1),
+       ("ws128x128k128sk2", 128, 128, 128, 4, 3, 2, 2), ("ws128x128k128sk4", 128, 128, 128, 4, 3, 2, 4),
+       ("ws128x128k64sk3", 128, 128, 64, 4, 4, 2, 3)]
+CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS, "ws2": WS2}
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
-    if which in ("wg", "ws", "wgws"):
+    if which in ("wg", "ws", "wgws", "ws2"):
         return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
                         **({"ws": True, "nb": nb[0], "split": nb[1]} if nb else {})})
                 for name, bm, bn, bk, w, st, *nb in CANDS[which] if bm <= 2 * mb]
