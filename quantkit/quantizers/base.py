@@ -102,24 +102,43 @@ def output_error(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> dict[st
     return {"rel_err": num / max(den, 1e-30)}
 
 
-def output_error_terms(w: torch.Tensor, q: torch.Tensor, stats: LayerStats) -> tuple[float, float]:
-    """(||(W-Q)X||², ||WX||²): both are sums over rows, so row ranges add up."""
-    d = (w - q).float()
-    if stats.hessian is not None:
-        # the products multiplied in place: the same values as (d @ h) * d, two [out, in] temporaries
-        # fewer (a streamed CPU run's peak is near here for the largest linear)
-        h = stats.hessian
-        t = d @ h
-        num = torch.sum(t.mul_(d))
-        del t, d
-        wf = w.float()
-        t = wf @ h
-        den = torch.sum(t.mul_(wf))
-        del t
-    elif stats.col_weight is not None:
-        cw = stats.col_weight
-        num = torch.sum(d.pow(2) * cw)
-        den = torch.sum(w.float().pow(2) * cw)
-    else:
-        num, den = d.pow(2).sum(), w.float().pow(2).sum()
-    return float(num), float(den)
+# rows of the weight per piece of the output error: its products are [rows, in] fp32, never weight-sized
+# (a streamed CPU run's peak was here for the largest linear, issue 17); a weight of at most this many rows
+# is one piece, i.e. the same sums as the whole-matrix formula
+OUTPUT_ERROR_ROWS = 512
+
+
+def output_error_terms(
+    w: torch.Tensor, q: torch.Tensor, stats: LayerStats, rows: int | None = None
+) -> tuple[float, float]:
+    """(||(W-Q)X||², ||WX||²): both are sums over rows, so row ranges add up.
+
+    Computed `rows` rows of the weight at a time (default OUTPUT_ERROR_ROWS): each piece's sums in fp32
+    as the whole-matrix formula makes them, the pieces' sums added in float64. No weight-sized temporary.
+    """
+    step = OUTPUT_ERROR_ROWS if rows is None else int(rows)
+    if step < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    h = stats.hessian
+    cw = stats.col_weight if h is None else None
+    num = den = 0.0
+    for r in range(0, w.shape[0], step):
+        wr = w[r : r + step]
+        d = (wr - q[r : r + step]).float()  # the difference in the weight's dtype, as the whole formula
+        wf = wr.float()
+        if h is not None:
+            # the products multiplied in place: the same values as (d @ h) * d
+            t = d @ h
+            num += float(torch.sum(t.mul_(d)))
+            del t
+            t = wf @ h
+            den += float(torch.sum(t.mul_(wf)))
+            del t
+        elif cw is not None:
+            num += float(torch.sum(d.pow(2) * cw))
+            den += float(torch.sum(wf.pow(2) * cw))
+        else:
+            num += float(d.pow(2).sum())
+            den += float(wf.pow(2).sum())
+        del wr, wf, d
+    return num, den
