@@ -8,6 +8,7 @@ any :class:`WeightFormat` (INT, LUT, FP): the format decides the grid, GPTQ deci
 
 from __future__ import annotations
 
+import os
 import tempfile
 import weakref
 from typing import Literal
@@ -166,17 +167,25 @@ def _inverse_flipped_(K: torch.Tensor, block: int | None = None) -> torch.Tensor
     return U
 
 
-def _scaled_hessian(h: torch.Tensor, nsamples: int, perm: torch.Tensor | None, dead: torch.Tensor,
+def _scaled_hessian(h, nsamples: int, perm: torch.Tensor | None, dead: torch.Tensor,
                     chunk_bytes: int = 16 << 20) -> torch.Tensor:
     """``h.float().div(nsamples)`` with the diagonal of dead columns set to 1, rows and columns in
     ``perm`` order: one new matrix, written a few rows at a time (the values are exactly those of
-    dividing, fixing and permuting whole copies, without the two extra n x n temporaries)."""
-    n = h.shape[0]
-    out = torch.empty(n, n, dtype=torch.float32, device=h.device)
+    dividing, fixing and permuting whole copies, without the two extra n x n temporaries).
+
+    ``h`` is the Hessian, or a :class:`_HessianSpill` holding it in its file: then its rows are read from
+    the file a few at a time (the same values, bit for bit) and the Hessian need not be in memory."""
+    spilled = isinstance(h, _HessianSpill)
+    n = h.like[0][0] if spilled else h.shape[0]
+    device = torch.device("cpu") if spilled else h.device
+    out = torch.empty(n, n, dtype=torch.float32, device=device)
     step = max(1, chunk_bytes // (4 * max(n, 1)))
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
-        part = h[r0:r1] if perm is None else h.index_select(0, perm[r0:r1]).index_select(1, perm)
+        if spilled:
+            part = h.rows(r0, r1) if perm is None else h.rows_at(perm[r0:r1]).index_select(1, perm)
+        else:
+            part = h[r0:r1] if perm is None else h.index_select(0, perm[r0:r1]).index_select(1, perm)
         torch.div(part.float(), nsamples, out=out[r0:r1])
         del part
     out.diagonal()[dead if perm is None else dead[perm]] = 1
@@ -184,9 +193,10 @@ def _scaled_hessian(h: torch.Tensor, nsamples: int, perm: torch.Tensor | None, d
 
 
 # On CPU, a Hessian of at least this many bytes waits in an unlinked temporary file (in tempfile's folder:
-# $TMPDIR, else /tmp) from when GPTQ has made its scaled copy until the output error reads it back, bit for
-# bit: a streamed CPU run's peak is in the largest linear's factor and rounding loop (a 3B model's
-# down_proj: 256 MiB). Where that folder is a RAM disk (tmpfs) this saves nothing. None: never spill.
+# $TMPDIR, else /tmp) from before GPTQ makes its scaled copy (built from the file's rows) until the output
+# error reads it back, bit for bit: a streamed CPU run's peak is in the largest linear's factor and rounding
+# loop (a 3B model's down_proj: 256 MiB). Where that folder is a RAM disk (tmpfs) this saves nothing.
+# None: never spill.
 SPILL_MIN_BYTES: int | None = 128 << 20
 
 
@@ -267,6 +277,38 @@ class _HessianSpill:
             got += n
         stats.hessian = t
         self._given = weakref.ref(t)
+
+    def spilled(self) -> bool:
+        """The Hessian is out: only in the file (rows and rows_at read it)."""
+        stats = self.stats
+        return self.file is not None and stats is not None and stats.hessian is None
+
+    def _pread(self, buf: memoryview, offset: int) -> None:
+        fd = self.file.fileno()
+        got = 0
+        while got < len(buf):
+            k = os.preadv(fd, [buf[got:]], offset + got)
+            if not k:
+                raise NumericalError("internal: the spilled Hessian could not be read back")
+            got += k
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the spilled Hessian, read from the file (a new tensor)."""
+        shape, dtype = self.like
+        t = torch.empty((r1 - r0,) + tuple(shape[1:]), dtype=dtype)
+        if t.numel():
+            self._pread(_bytes_of(t), r0 * (t.numel() // (r1 - r0)) * t.element_size())
+        return t
+
+    def rows_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows ``idx`` of the spilled Hessian, in that order (= ``h.index_select(0, idx)``)."""
+        shape, dtype = self.like
+        t = torch.empty((len(idx),) + tuple(shape[1:]), dtype=dtype)
+        row = t[0].numel() * t.element_size() if len(idx) else 0
+        buf = _bytes_of(t) if t.numel() else None
+        for i, r in enumerate(idx.tolist()):
+            self._pread(buf[i * row:(i + 1) * row], r * row)
+        return t
 
     def done(self) -> None:
         """One linear solved (or failed): the Hessian back; the file kept for the next linear if shared."""
@@ -424,7 +466,8 @@ class GPTQ(Quantizer):
     def _factor(self, stats: LayerStats, spill: _HessianSpill | None = None):
         """What GPTQ derives from the Hessian alone: dead columns, column weights, the act-order
         permutation and the upper Cholesky factor of the permuted, dampened inverse. With ``spill``,
-        ``stats.hessian`` goes to disk once its scaled copy is made (read back for a damping retry)."""
+        ``stats.hessian`` goes to disk before its scaled copy is made, which is then read from the file
+        (also for a damping retry)."""
         nsamples = stats.nsamples
         # diag(h / n), value for value: the dead columns, the column weights and the act-order come from it
         col_weight = torch.diagonal(stats.hessian).float().div(nsamples)
@@ -434,10 +477,13 @@ class GPTQ(Quantizer):
 
         def scaled() -> torch.Tensor:  # H / n in act-order, a new matrix the factor overwrites
             if spill is not None:
-                spill.back()  # a retry: the spilled Hessian is read again
-            H = _scaled_hessian(stats.hessian, nsamples, perm, dead)
-            if spill is not None:
-                spill.out()  # from here on only the output error reads it (no reference to it is kept here)
+                # the Hessian to disk first, the scaled copy then built from the file's rows (the same values
+                # bit for bit): never both n x n matrices in memory; from here on only the output error
+                # reads it back. Where the file could not be written, from memory as before.
+                spill.out()
+            src = spill if spill is not None and spill.spilled() else stats.hessian
+            H = _scaled_hessian(src, nsamples, perm, dead)
+            del src
             if not all_finite(H):
                 raise NumericalError("the Hessian holds NaN/inf: the calibration activations are not finite")
             return H
