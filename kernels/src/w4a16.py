@@ -249,7 +249,8 @@ class W4A16Kernel(LayerKernel):
         warps = int(cfg.get("warps", 8))
         tiles_n = cdiv(N, bn)
         TD = _wgmma.TensorDescriptor
-        if cfg.get("ws") and bn <= 128:  # warp-specialized (BN 256 runs out of registers): + a 1-warp loader, 4 dequant warps
+        # warp-specialized (a BN 256 tile runs out of registers): + a 1-warp loader, 4 dequant warps
+        if cfg.get("ws") and bn <= 128:
             # the register file (64 K) shared by every warpgroup: the per-thread cap Triton divides
             maxnreg = min(int(cfg.get("maxnreg", 256)), (65536 // (32 * (warps + 8))) // 8 * 8)
             dq_regs = int(cfg.get("dq_regs", 128 if warps <= 4 else 96))
