@@ -18,6 +18,10 @@ cuBLAS). Here the buffers and waits are explicit:
   Three dequant buffers and the prefetch distance STAGES - 2 make every reuse safe with one barrier
   per chunk: when a warp passes chunk c's barrier, every warpgroup has retired wgmma c - 2.
 
+``w4a16_wgmma_ws`` (config key ``ws``) is the same GEMM warp-specialized: a loader warp, a dequantizing
+warpgroup and the MMA warps hand chunks over by mbarriers, with optional split-K (docs/PERFORMANCE.md,
+"Round five").
+
 Requirements (else the caller keeps another path): compiled CUDA on compute capability 9.x, Triton
 with Gluon (3.5+), x in bf16/fp16 and contiguous, K % BK == 0, the group size a multiple of BK (or
 no groups), 4-bit int codes on the checkpoint layout (int32 words [N, K/8]).
