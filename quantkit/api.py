@@ -229,6 +229,8 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     if isinstance(model_or_name, str):
         from .stream import open_model
 
+        if load is None and recipe.finetune is not None:  # the stage trains the whole model: load it whole
+            load = "whole"
         lm, source, load_info = open_model(model_or_name, load, dtype, recipe.ignore, dist=dist, dist_read=dist_read)
     else:
         lm = _as_loaded(model_or_name, tokenizer)
@@ -292,7 +294,8 @@ def _check_finetune(recipe: Recipe, source, dist) -> None:
     the model is not wholly in memory or the run is distributed."""
     if source is not None:
         raise QuantkitError(f"{recipe.source}: finetune (end-to-end scale tuning) needs the whole model in memory, but "
-                            f"this model is streamed from disk (load='stream', the default for a model folder); "
+                            f"this model is streamed from disk (load='stream' was given; without it a finetune "
+                            f"recipe loads whole); "
                             f"quantize with load='whole' (--load whole) or remove the recipe's finetune key")
     if dist is not None and dist.world > 1:
         raise QuantkitError(f"{recipe.source}: finetune (end-to-end scale tuning) does not run under torch.distributed "

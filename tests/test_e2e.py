@@ -165,11 +165,11 @@ def test_e2e_refuses_a_streamed_model(tmp_path):
                       num_attention_heads=2, num_key_value_heads=1)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
     with pytest.raises(QuantkitError, match=r"finetune.*streamed.*load='whole'"):
-        quantkit.quantize(str(tmp_path / "m"), _recipe(FT), calibration=IDS, progress=False, device="cpu")
-    # the same folder loaded whole runs the stage
-    qm = quantkit.quantize(str(tmp_path / "m"), _recipe(FT), calibration=IDS, progress=False, device="cpu",
-                           load="whole")
-    assert qm.meta["finetune"]["steps"] == 12
+        quantkit.quantize(str(tmp_path / "m"), _recipe(FT), calibration=IDS, progress=False, device="cpu",
+                          load="stream")
+    # without load=, a finetune recipe loads the folder whole (a folder's default is stream) and runs the stage
+    qm = quantkit.quantize(str(tmp_path / "m"), _recipe(FT), calibration=IDS, progress=False, device="cpu")
+    assert qm.meta["finetune"]["steps"] == 12 and qm.meta["load"]["load"] == "whole"
 
 
 @pytest.mark.parametrize("name", ["w3a16-recon-e2e", "w4a16-recon-e2e"])
