@@ -76,29 +76,20 @@ def _inverse_factor(make, damp: float, retries: int) -> tuple[torch.Tensor, floa
         A = _flip_(h if attempt == 0 else make())  # J H J, in place; λ goes on its diagonal (J I J = I)
         h = None
         A.diagonal().add_(d * mean_diag)
-        if A.device.type == "cpu" and n >= INPLACE_FACTOR_MIN:
-            # one n x n matrix throughout: K over A, then U over K (same values, bit for bit)
-            K, info = _cholesky_inplace(A)
-            del A
-            if int(info) == 0:
-                U = _inverse_flipped_(K)
-                del K
-                if all_finite(U):
-                    return U, d
-                del U
-            else:
-                del K
-            d *= 10
-            continue
-        K, info = torch.linalg.cholesky_ex(A)
+        # on CPU from INPLACE_FACTOR_MIN: one n x n matrix throughout, K over A, then U over K (same values)
+        inplace = A.device.type == "cpu" and n >= INPLACE_FACTOR_MIN
+        K, info = _cholesky_inplace(A) if inplace else torch.linalg.cholesky_ex(A)
         del A
         if int(info) == 0:
-            # solved in place into the identity, laid out column-major as the solver's own output would
-            # be (same values bit for bit): one n x n matrix fewer at the peak
-            U = torch.eye(n, device=K.device, dtype=K.dtype).t()
-            torch.linalg.solve_triangular(K, U, upper=False, out=U)
+            if inplace:
+                U = _inverse_flipped_(K)
+            else:
+                # solved in place into the identity, laid out column-major as the solver's own output would
+                # be (same values bit for bit): one n x n matrix fewer at the peak
+                U = torch.eye(n, device=K.device, dtype=K.dtype).t()
+                torch.linalg.solve_triangular(K, U, upper=False, out=U)
+                U = _flip_(U)
             del K
-            U = _flip_(U)
             if all_finite(U):
                 return U, d
             del U
