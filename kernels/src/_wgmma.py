@@ -64,11 +64,6 @@ if HAVE_GLUON:
     _ASM_LFP16 = gl.constexpr(_ASM_LUT_FP16_S)
     _CONS_LC = gl.constexpr(_CONS_L)
 
-    @gluon.constexpr_function
-    def _warps_m(BM, num_warps):
-        """Warps along M of the wgmma accumulator (16 rows each, at least a warpgroup's 4)."""
-        return max(4, min(num_warps, BM // 16))
-
     @gluon.jit
     def _pair(v, XDT: gl.constexpr):
         """fp32 v -> the value in XDT twice, as int32 bits (a packed pair)."""
@@ -111,19 +106,24 @@ if HAVE_GLUON:
         _tma_load(x_desc, [off_m, c * BK], bar, xs.index(slot))
         _tma_load(w_desc, [off_n, c * (BK // 8)], bar, ws.index(slot))
 
-    @gluon.jit
-    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr,
-                    MODE: gl.constexpr, LUT_ROW: gl.constexpr,
-                    HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
-                    STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        XDT: gl.constexpr = x_desc.dtype
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        BK: gl.constexpr = x_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[0]
-        BW: gl.constexpr = BK // 8
-        num_warps: gl.constexpr = gl.num_warps()  # the launch option
+    @gluon.constexpr_function
+    def _words_layout(BK, num_warps):
+        """The packed words' register layout: 4 consecutive words (16 bytes) per thread, one vector load,
+        32 weights in column order; rows over the warps."""
+        BW = BK // 8
+        VW = 4 if BW >= 4 else BW
+        return gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [num_warps, 1], [1, 0])
 
-        # grouped tile order (GROUP_M row tiles share the weight tiles in L2)
+    @gluon.constexpr_function
+    def _acc_layout(BM, BN, num_warps):
+        """The wgmma accumulator's layout: warps along M 16 rows each (at least a warpgroup's 4)."""
+        WM = max(4, min(num_warps, BM // 16))
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
+                                         instr_shape=[16, BN // (num_warps // WM), 16])
+
+    @gluon.jit
+    def _tile(M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+        """(program id, off_m, off_n) in grouped tile order: GROUP_M row tiles share the weight tiles in L2."""
         pid = gl.program_id(0)
         tiles_m = gl.cdiv(M, BM)
         tiles_n = gl.cdiv(N, BN)
@@ -132,28 +132,16 @@ if HAVE_GLUON:
         gm = gl.minimum(tiles_m - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % gm
         pid_n = (pid % per_group) // gm
-        off_m = pid_m * BM
-        off_n = pid_n * BN
+        return pid, pid_m * BM, pid_n * BN
 
-        xs = gl.allocate_shared_memory(XDT, [STAGES, BM, BK], x_desc.layout)
-        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BW], w_desc.layout)
-        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XDT)
-        bs = gl.allocate_shared_memory(XDT, [3, BN, BK], b_layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-
-        # register layouts: the words tile (one word per thread per row step), the wgmma accumulator
-        # 4 consecutive words (16 bytes) per thread: one vector load, 32 weights in column order
-        VW: gl.constexpr = 4 if BW >= 4 else BW
-        wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [num_warps, 1], [1, 0])
-        WM: gl.constexpr = _warps_m(BM, num_warps)
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
-                                                        instr_shape=[16, BN // (num_warps // WM), 16])
+    @gluon.jit
+    def _dq_rows(s_ptr, lut_ptr, off_n, N, G, XDT: gl.constexpr, MODE: gl.constexpr, LUT_ROW: gl.constexpr,
+                 ZC: gl.constexpr, BN: gl.constexpr, BW: gl.constexpr, wl: gl.constexpr):
+        """What the dequantization of a tile's rows needs for the whole loop: the rows (clamped to N), their
+        scale row pointers, their table planes (MODE 1, in registers) and the fixed zero as a packed pair."""
         rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
         rn = gl.minimum(rn, N - 1)
         srow = s_ptr + rn.to(gl.int64) * G
-
         tp = (0, 0, 0, 0, 0, 0, 0, 0)
         if MODE == 1:  # the rows' table planes, in registers for the whole loop
             if LUT_ROW:
@@ -165,31 +153,72 @@ if HAVE_GLUON:
                   gl.expand_dims(gl.load(lrow + 2), 1) + wz, gl.expand_dims(gl.load(lrow + 3), 1) + wz,
                   gl.expand_dims(gl.load(lrow + 4), 1) + wz, gl.expand_dims(gl.load(lrow + 5), 1) + wz,
                   gl.expand_dims(gl.load(lrow + 6), 1) + wz, gl.expand_dims(gl.load(lrow + 7), 1) + wz)
+        zz = _pair(gl.full([BN, 1], -(ZC + 128.0), gl.float32, wl), XDT)
+        if XDT == gl.float16:
+            zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
+        return rn, srow, tp, zz
+
+    @gluon.jit
+    def _dq_group(srow, z_ptr, rn, G, g, zz, XDT: gl.constexpr, HAS_SCALE: gl.constexpr,
+                  HAS_ZERO: gl.constexpr, BN: gl.constexpr, wl: gl.constexpr):
+        """Group g's scale and zero of the rows, as packed pairs of XDT."""
+        if HAS_SCALE:
+            ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
+        else:
+            ss = _pair(gl.full([BN], 1.0, gl.float32, gl.SliceLayout(1, wl)), XDT)
+        zc = zz
+        if HAS_ZERO:
+            zv = gl.load(z_ptr + rn.to(gl.int64) * G + g).to(gl.float32)
+            if XDT == gl.bfloat16:
+                zc = _pair(gl.expand_dims(-(zv + 128.0), 1), XDT)
+            else:
+                zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
+        return ss, zc
+
+    @gluon.jit
+    def _out_ptrs(out_ptr, off_m, off_n, M, N, BM: gl.constexpr, BN: gl.constexpr, acc_l: gl.constexpr):
+        """The output tile's pointers and in-bounds mask in the accumulator's layout."""
+        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+        on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+        optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+        mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
+        return optr, mask
+
+    @gluon.jit
+    def w4a16_wgmma(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, G, lut_ptr,
+                    MODE: gl.constexpr, LUT_ROW: gl.constexpr,
+                    HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr,
+                    STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        XDT: gl.constexpr = x_desc.dtype
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BW: gl.constexpr = BK // 8
+        num_warps: gl.constexpr = gl.num_warps()  # the launch option
+        _pid, off_m, off_n = _tile(M, N, BM, BN, GROUP_M)
+
+        xs = gl.allocate_shared_memory(XDT, [STAGES, BM, BK], x_desc.layout)
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BW], w_desc.layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XDT)
+        bs = gl.allocate_shared_memory(XDT, [3, BN, BK], b_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        wl: gl.constexpr = _words_layout(BK, num_warps)
+        acc_l: gl.constexpr = _acc_layout(BM, BN, num_warps)
+        rn, srow, tp, zz = _dq_rows(s_ptr, lut_ptr, off_n, N, G, XDT, MODE, LUT_ROW, ZC, BN, BW, wl)
         nch = K // BK
         for c in gl.static_range(STAGES - 2):
             if c < nch:
                 _issue(x_desc, w_desc, xs, ws, bars, c, off_m, off_n, STAGES, BK)
 
-        zz = _pair(gl.full([BN, 1], -(ZC + 128.0), gl.float32, wl), XDT)
-        if XDT == gl.float16:
-            zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
         acc = gl.zeros([BM, BN], gl.float32, acc_l)
         for c in range(nch):
             slot = c % STAGES
             mbarrier.wait(bars.index(slot), (c // STAGES) & 1)
             w = ws.index(slot).load(wl)
-            g = (c * BK) // GS
-            if HAS_SCALE:
-                ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
-            else:
-                ss = _pair(gl.full([BN], 1.0, gl.float32, gl.SliceLayout(1, wl)), XDT)
-            zc = zz
-            if HAS_ZERO:
-                zv = gl.load(z_ptr + rn.to(gl.int64) * G + g).to(gl.float32)
-                if XDT == gl.bfloat16:
-                    zc = _pair(gl.expand_dims(-(zv + 128.0), 1), XDT)
-                else:
-                    zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
+            ss, zc = _dq_group(srow, z_ptr, rn, G, (c * BK) // GS, zz, XDT, HAS_SCALE, HAS_ZERO, BN, wl)
             sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
             zb, _ = gl.broadcast(zc, w)
             d = _deq(w, zb, sb, tp, XDT, MODE)
@@ -205,10 +234,7 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
-        on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
-        optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
-        mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
+        optr, mask = _out_ptrs(out_ptr, off_m, off_n, M, N, BM, BN, acc_l)
         gl.store(optr, acc.to(XDT), mask=mask)
 
 
@@ -240,40 +266,12 @@ if HAVE_GLUON:
                 HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
                 NB: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
         BW: gl.constexpr = BK // 8
-        nw: gl.constexpr = gl.num_warps()  # this partition's warps
-        VW: gl.constexpr = 4 if BW >= 4 else BW
-        wl: gl.constexpr = gl.BlockedLayout([1, VW], [32 // (BW // VW), BW // VW], [nw, 1], [1, 0])
-        rn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, wl))
-        rn = gl.minimum(rn, N - 1)
-        srow = s_ptr + rn.to(gl.int64) * G
-        tp = (0, 0, 0, 0, 0, 0, 0, 0)
-        if MODE == 1:
-            if LUT_ROW:
-                lrow = lut_ptr + rn.to(gl.int64) * 8
-            else:
-                lrow = lut_ptr + rn * 0
-            wz = gl.full([BN, BW], 0, gl.int32, wl)
-            tp = (gl.expand_dims(gl.load(lrow), 1) + wz, gl.expand_dims(gl.load(lrow + 1), 1) + wz,
-                  gl.expand_dims(gl.load(lrow + 2), 1) + wz, gl.expand_dims(gl.load(lrow + 3), 1) + wz,
-                  gl.expand_dims(gl.load(lrow + 4), 1) + wz, gl.expand_dims(gl.load(lrow + 5), 1) + wz,
-                  gl.expand_dims(gl.load(lrow + 6), 1) + wz, gl.expand_dims(gl.load(lrow + 7), 1) + wz)
-        zz = _pair(gl.full([BN, 1], -(ZC + 128.0), gl.float32, wl), XDT)
-        if XDT == gl.float16:
-            zz = _pair(gl.full([BN, 1], -(ZC + 1024.0), gl.float32, wl), XDT)
+        wl: gl.constexpr = _words_layout(BK, gl.num_warps())  # this partition's warps
+        rn, srow, tp, zz = _dq_rows(s_ptr, lut_ptr, off_n, N, G, XDT, MODE, LUT_ROW, ZC, BN, BW, wl)
         for c in range(nch):
             slot = c % STAGES
-            g = ((c0 + c) * BK) // GS
-            if HAS_SCALE:  # the scale's global load goes out before the wait
-                ss = _pair(gl.load(srow + g).to(gl.float32), XDT)
-            else:
-                ss = _pair(gl.full([BN], 1.0, gl.float32, gl.SliceLayout(1, wl)), XDT)
-            zc = zz
-            if HAS_ZERO:
-                zv = gl.load(z_ptr + rn.to(gl.int64) * G + g).to(gl.float32)
-                if XDT == gl.bfloat16:
-                    zc = _pair(gl.expand_dims(-(zv + 128.0), 1), XDT)
-                else:
-                    zc = _pair(gl.expand_dims(-(zv + 1024.0), 1), XDT)
+            # the group's scale and zero: their global loads go out before the wait
+            ss, zc = _dq_group(srow, z_ptr, rn, G, ((c0 + c) * BK) // GS, zz, XDT, HAS_SCALE, HAS_ZERO, BN, wl)
             mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
             w = ws.index(slot).load(wl)
             sb, _ = gl.broadcast(gl.expand_dims(ss, 1), w)
@@ -319,17 +317,7 @@ if HAVE_GLUON:
         BN: gl.constexpr = w_desc.block_type.shape[0]
         BW: gl.constexpr = BK // 8
         num_warps: gl.constexpr = gl.num_warps()
-
-        pid = gl.program_id(0)
-        tiles_m = gl.cdiv(M, BM)
-        tiles_n = gl.cdiv(N, BN)
-        per_group = GROUP_M * tiles_n
-        first_m = (pid // per_group) * GROUP_M
-        gm = gl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % gm
-        pid_n = (pid % per_group) // gm
-        off_m = pid_m * BM
-        off_n = pid_n * BN
+        pid, off_m, off_n = _tile(M, N, BM, BN, GROUP_M)
 
         xs = gl.allocate_shared_memory(XDT, [STAGES, BM, BK], x_desc.layout)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BW], w_desc.layout)
@@ -346,9 +334,7 @@ if HAVE_GLUON:
             mbarrier.init(b_ready.index(i), count=1)
             mbarrier.init(b_empty.index(i), count=1)
 
-        WM: gl.constexpr = _warps_m(BM, num_warps)
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
-                                                        instr_shape=[16, BN // (num_warps // WM), 16])
+        acc_l: gl.constexpr = _acc_layout(BM, BN, num_warps)
         nall = K // BK
         c0 = 0
         nch = nall
@@ -363,10 +349,7 @@ if HAVE_GLUON:
         ], [1, 4], [24, DQ_REGS])
         acc = res[0]
 
-        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
-        on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
-        optr = out_ptr + gl.expand_dims(om.to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
-        mask = gl.expand_dims(om < M, 1) & gl.expand_dims(on < N, 0)
+        optr, mask = _out_ptrs(out_ptr, off_m, off_n, M, N, BM, BN, acc_l)
         if SPLITK:
             loc = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * BN, 1) + \
                 gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l)), 0)
