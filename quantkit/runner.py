@@ -122,7 +122,7 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
             "checkpoint": os.path.abspath(ck), "bits_per_weight": loaded.bits_per_weight(),
             "accounting": loaded.accounting().summary(),
             "size_bytes": _dir_size(ck), "quantize_seconds": loaded.meta.get("seconds"),
-            "calibration": loaded.meta.get("calibration"),
+            "calibration": loaded.meta.get("calibration"), "finetune": loaded.meta.get("finetune"),
             "calibration_tokens": run_rep.get("calibration_tokens"), "eval": e["perplexity"].get(primary),
             "layers": {n: {"rel_err": v.get("rel_err"), "bits_per_weight": v.get("bits_per_weight")}
                        for n, v in (run_rep.get("layers") or {}).items()},

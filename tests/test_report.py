@@ -162,3 +162,23 @@ def test_report_paired_differences_against_float(tmp_path):
     # w8a16-rtn: loses the first 10 documents, gains 10 of the last 50: mean 0, 20 nonzero differences
     assert "| w8a16-rtn | +0.0 ± 2.2 |" in md  # 100 x sqrt(20 / 199 / 200)
     assert "Paired differences against the float model" in (run / "report.html").read_text()
+
+
+def test_report_shows_the_finetune_stage(tmp_path):
+    """A recipe with an end-to-end finetune stage: the scheme names it, the provenance gives its loss record."""
+    f = _fixture()
+    r = f["runs"][2]
+    r["recipe"]["finetune"] = {"type": "e2e", "epochs": 2, "lr": 0.001}
+    r["finetune"] = {"type": "e2e", "loss": "kl", "optimizer": "adam", "lr": 0.001, "epochs": 2, "batch_size": 4,
+                     "steps": 16, "eval_on": "all 32 calibration sequences", "loss_start": 0.19521,
+                     "loss_kept": 0.13704, "kept": "step 16", "layers_trained": 210, "params_trained": 898560,
+                     "seconds": 988.0}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(f))
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "int4 g128 asym, gptq + finetune e2e" in md
+    assert "w4a16-gptq: finetune e2e (kl, adam, lr 0.001): 16 steps of 4 sequences over 2 epoch(s)" in md
+    assert "0.19521 at the start, 0.13704 kept (step 16)" in md
+    assert "w4a16-rtn: finetune" not in md

@@ -103,6 +103,8 @@ def _scheme(r: dict[str, Any]) -> str:
         fmt += " sym" if f["sym"] else " asym"
     extra = [t.get("type") for t in rec.get("transforms") or []]
     extra += [p.get("type") for p in rec.get("block_plugins") or []]
+    if rec.get("finetune"):
+        extra.append(f"finetune {rec['finetune'].get('type', '?')}")
     if rec.get("rules"):
         extra.append(f"{len(rec['rules'])} rule(s)")
     return f"{fmt}, {qn}" + (f" + {'+'.join(map(str, extra))}" if extra else "")
@@ -328,6 +330,15 @@ def _provenance_lines(results_list) -> list[str]:
                              f"{c.get('corpus')} ({c.get('split', '')}), seed {c.get('seed')}")
             else:
                 lines.append(f"{pre}{r['name']}: no calibration record")
+            ft = r.get("finetune")
+            if ft:
+                lines.append(f"{pre}{r['name']}: finetune {ft.get('type')} ({ft.get('loss')}, "
+                             f"{ft.get('optimizer')}, lr {ft.get('lr')}): {ft.get('steps')} steps of "
+                             f"{ft.get('batch_size')} sequences over "
+                             f"{ft.get('epochs')} epoch(s), {ft.get('params_trained')} step sizes of "
+                             f"{ft.get('layers_trained')} layers; loss on {ft.get('eval_on')}: "
+                             f"{_fmt(ft.get('loss_start'), 5)} at the start, {_fmt(ft.get('loss_kept'), 5)} kept "
+                             f"({ft.get('kept')}), {ft.get('seconds')} s")
     return lines
 
 
