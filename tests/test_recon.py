@@ -88,6 +88,7 @@ def test_recon_save_reload(tmp_path, layout):
 
 
 @pytest.mark.parametrize("key,value", [("iters", -1), ("lr", 0), ("batch_size", 0), ("init", "adam"),
+                                       ("offset_bound", 0), ("offset_bound", 5), ("optimizer", "sgd"),
                                        ("clip_range", [1.0, 0.5]), ("itters", 5),
                                        ("autocast", "bf16")])
 def test_recon_bad_keys(key, value):
@@ -304,6 +305,40 @@ def test_recon_offsets_value_moves_codes_code_does_not():
     q0, q1, q2 = (dict(m.model.named_modules())[n].qweight for m in (base, fixed, moved))
     d1, d2 = int((q0 != q1).sum()), int((q0 != q2).sum())
     assert d2 > 5 * max(d1, 1), (d1, d2)
+
+
+def test_recon_offset_bound_clamps_offsets_and_reaches_the_loop(monkeypatch):
+    """offset_bound: the layer's offsets are clamped to it (0.5 by default), and the loop passes the recipe's."""
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    floats = {n: linear_weight(m).detach().float().clone() for n, m in find_linears(blocks[0]).items()}
+    qm = quantkit.quantize(model, _recipe("rtn", recon=False, bits=4), calibration=IDS, progress=False)
+    n = "mlp.down_proj"
+    ql = dict(find_blocks(qm.model)[1][0].named_modules())[n]
+    L = _Layer(n, ql, floats[n], "rtn", True, offsets="value")
+    with torch.no_grad():
+        L.v.fill_(1.7)
+    L.clamp_((0.5, 1.0))
+    assert float(L.v.detach().max()) == 0.5
+    with torch.no_grad():
+        L.v.fill_(-1.7)
+    L.clamp_((0.5, 1.0), 2.0)
+    assert float(L.v.detach().min()) == pytest.approx(-1.7)
+    seen = []
+    orig = _Layer.clamp_
+    monkeypatch.setattr(_Layer, "clamp_", lambda self, r, b=0.5: (seen.append(b), orig(self, r, b))[1])
+    _run(_recipe("rtn", bits=4, offsets="value", offset_bound=1.5, iters=2))
+    assert seen and set(seen) == {1.5}
+
+
+def test_recon_adam_lowers_block_error_and_is_deterministic():
+    base = _run(_recipe("rtn", iters=0)).report.blocks[0]["block_rel_err"]
+    a, b = _run(_recipe("rtn", optimizer="adam")), _run(_recipe("rtn", optimizer="adam"))
+    assert a.report.blocks[0]["block_rel_err"] < 0.95 * base
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), k
+    sign = _run(_recipe("rtn")).report.blocks[0]["block_rel_err"]
+    assert a.report.blocks[0]["block_rel_err"] != sign  # a different optimizer, not the sign steps again
 
 
 def test_recon_learn_norms_trains_norms_saves_and_lowers_error(tmp_path):

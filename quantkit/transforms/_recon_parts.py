@@ -25,7 +25,7 @@ class _Norms:
     def step_scale(self, p: torch.Tensor) -> torch.Tensor:
         return self.k[id(p)]
 
-    def clamp_(self, clip_range: tuple[float, float]) -> None:
+    def clamp_(self, clip_range: tuple[float, float], offset_bound: float = 0.5) -> None:
         pass
 
     def state(self) -> list[torch.Tensor]:

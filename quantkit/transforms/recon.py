@@ -90,6 +90,11 @@ class ReconConfig(PluginConfig):
     # moving an element by lr_t * norm_step * |its start value| (norm tweaking as one more learnable)
     learn_norms: bool = False
     norm_step: float = Field(1.0, gt=0, description="norm/bias step relative to lr and the element's size")
+    # how far a rounding offset may go: 0.5 (SignRound's [-1/2, 1/2]: one neighbouring code) or more (a weight
+    # may move several codes, as when the weights themselves are trained: EfficientQAT's Block-AP)
+    offset_bound: float = Field(0.5, gt=0, le=4.0, description="|v| <= offset_bound (codes)")
+    # "sign": signed gradient descent (SignRound); "adam": Adam moments on the same per-parameter step sizes
+    optimizer: Literal["sign", "adam"] = "sign"
 
     @model_validator(mode="after")
     def _check(self):
@@ -97,6 +102,26 @@ class ReconConfig(PluginConfig):
         if not 0 < lo <= hi:
             raise ValueError(f"clip_range must be two factors 0 < low <= high, got {list(self.clip_range)}")
         return self
+
+
+class _Adam:
+    """Adam's direction m̂ / (sqrt(v̂) + eps) per parameter (fp32 moments), scaled by the caller like the sign:
+    about ±1 per element in steady state, smaller where the gradient's sign flips from step to step."""
+
+    def __init__(self, n: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12):
+        self.m: list[torch.Tensor | None] = [None] * n
+        self.v: list[torch.Tensor | None] = [None] * n
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def direction(self, i: int, g: torch.Tensor, t: int) -> torch.Tensor:
+        g = g.float()
+        if self.m[i] is None:
+            self.m[i], self.v[i] = torch.zeros_like(g), torch.zeros_like(g)
+        self.m[i].mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v[i].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        mh = self.m[i] / (1 - self.b1 ** t)
+        vh = self.v[i] / (1 - self.b2 ** t)
+        return mh.div_(vh.sqrt_().add_(self.eps))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -218,9 +243,9 @@ class _Layer:
     def params(self) -> list[torch.Tensor]:
         return [t for t in (self.v, self.a, self.b) if t.requires_grad]
 
-    def clamp_(self, clip_range: tuple[float, float]) -> None:
+    def clamp_(self, clip_range: tuple[float, float], offset_bound: float = 0.5) -> None:
         with torch.no_grad():
-            self.v.clamp_(-0.5, 0.5)
+            self.v.clamp_(-offset_bound, offset_bound)
             self.a.clamp_(*clip_range)
             self.b.clamp_(*clip_range)
 
@@ -315,7 +340,7 @@ class _LutLayer:
     def step_scale(self, p: torch.Tensor) -> torch.Tensor | float:
         return self.t_scale if p is self.t else 1.0
 
-    def clamp_(self, clip_range: tuple[float, float]) -> None:
+    def clamp_(self, clip_range: tuple[float, float], offset_bound: float = 0.5) -> None:
         with torch.no_grad():
             self.a.clamp_(*clip_range)
 
@@ -487,6 +512,7 @@ class Recon(BlockPlugin):
         best_loss, best_state = float("inf"), None
         ema, best_ema, since = None, float("inf"), 0
         steps = 0
+        adam = _Adam(len(params))
         for it in range(cfg.iters):
             h, kw, f = sampler.draw(device)
             with torch.enable_grad():
@@ -505,10 +531,11 @@ class Recon(BlockPlugin):
                 best_loss, best_state = lv, [L.state() for L in layers]
             lr = lr0 * (1.0 - it / cfg.iters)
             with torch.no_grad():
-                for p, g, k in zip(params, grads, steps_of):
-                    p.sub_(torch.sign(g).mul_(k).mul_(lr).to(p.dtype))
+                for i, (p, g, k) in enumerate(zip(params, grads, steps_of)):
+                    d = torch.sign(g) if cfg.optimizer == "sign" else adam.direction(i, g, steps)
+                    p.sub_(d.mul_(k).mul_(lr).to(p.dtype))
             for L in layers:
-                L.clamp_(cfg.clip_range)
+                L.clamp_(cfg.clip_range, cfg.offset_bound)
             if cfg.patience is not None:
                 ema = lv if ema is None else 0.9 * ema + 0.1 * lv
                 if ema < best_ema * (1 - 1e-3):
