@@ -31,7 +31,7 @@ for step in "$@"; do
     decode) python3 -u bench/decode.py $args 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
     sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
     wg) QUANTKIT_TEST_CUDA=1 TAIL=12 run "wg tests" timeout -k 5 ${WG_TEST_S:-180} \
-          python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_wg.py
+          python3 -m pytest -q -x -p no:cacheprovider -n ${WG_PROCS:-1} ${WG_TESTS:-tests/test_kernels_wg.py tests/test_kernels_wg_rs.py}
         timeout -k 5 ${WG_SWEEP_S:-400} python3 -u bench/kernel_sweep.py --out "$OUT" --kinds int4 --small-ms= --cands ${WG_CANDS:-wg} $args 2>&1 \
           | grep -v "Warning\|warn" | tail -${TAIL:-80} ;;
     peers)

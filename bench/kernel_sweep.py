@@ -67,14 +67,33 @@ WS2 = [("ws256x128k64", 256, 128, 64, 8, 4, 2, 1), ("ws256x128k64s5", 256, 128, 
        ("ws256x128k64sk4", 256, 128, 64, 8, 4, 2, 4), ("ws128x128k128", 128, 128, 128, 4, 3, 2, 1),
        ("ws128x128k128sk2", 128, 128, 128, 4, 3, 2, 2), ("ws128x128k128sk4", 128, 128, 128, 4, 3, 2, 4),
        ("ws128x128k64sk3", 128, 128, 64, 4, 4, 2, 3)]
-CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS, "ws2": WS2}
+# the register-A kernel (kernels/src/_wgmma_rs.py, "rs" key: outᵀ = W · xᵀ, the dequantized weights as
+# wgmma's A operand in registers, re-laid words): (name, BM x rows, BN weight rows, BK, warps, stages,
+# extra keys: split-K, epi 0 = strided stores, ws = a 1-warp TMA loader partition); BN = 64 per warpgroup
+# (or 128 with 4 warps)
+RS = [("rs256x64k64", 256, 64, 64, 4, 4, {}), ("rs256x128k64", 256, 128, 64, 8, 4, {}),
+      ("rs128x128k64", 128, 128, 64, 8, 5, {}), ("rs128x64k64", 128, 64, 64, 4, 5, {}),
+      ("rs128x128k64w4", 128, 128, 64, 4, 4, {}), ("rs256x64k128", 256, 64, 128, 4, 3, {}),
+      ("rs64x128k64", 64, 128, 64, 8, 6, {}), ("rs256x128k64e0", 256, 128, 64, 8, 4, {"epi": 0}),
+      ("rs128x128k64sk2", 128, 128, 64, 8, 5, {"split": 2}), ("rs128x64k64sk4", 128, 64, 64, 4, 5, {"split": 4}),
+      ("rs256x128k64sk2", 256, 128, 64, 8, 4, {"split": 2}),
+      ("rs256x128k64ws", 256, 128, 64, 8, 4, {"ws": True}), ("rs256x64k64ws", 256, 64, 64, 4, 4, {"ws": True}),
+      ("rs128x128k64ws", 128, 128, 64, 8, 5, {"ws": True}),
+      ("rs128x128k64wssk2", 128, 128, 64, 8, 5, {"ws": True, "split": 2})]
+RS = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RS]
+CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS, "ws2": WS2, "rs": RS,
+         "wgrs": WG[4:5] + WS[3:4] + WS[7:8] + WS[9:10] + [c for c in RS if c[0] in (
+             "rs256x64k64", "rs256x128k64", "rs128x128k64", "rs128x64k64", "rs128x128k64sk2", "rs256x128k64ws",
+             "rs128x128k64ws", "rs128x128k64wssk2")]}  # the best wg / ws of rounds four-five beside rs
+WG_SETS = ("wg", "ws", "wgws", "ws2", "rs", "wgrs")
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
-    if which in ("wg", "ws", "wgws", "ws2"):
+    if which in WG_SETS:  # extra: (tile buffers, split-K) of a ws entry, or the keys of an rs entry
         return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
-                        **({"ws": True, "nb": nb[0], "split": nb[1]} if nb else {})})
+                        **(nb[0] if nb and isinstance(nb[0], dict) else
+                           {"ws": True, "nb": nb[0], "split": nb[1]} if nb else {})})
                 for name, bm, bn, bk, w, st, *nb in CANDS[which] if bm <= 2 * mb]
     for name, bm, bn, bkw, w, st, swap, *reg in CANDS[which]:
         if bm > 2 * mb:

@@ -230,8 +230,61 @@ class W4A16Kernel(LayerKernel):
 
         return _wgmma.HAVE_GLUON and torch.cuda.get_device_capability(self.device)[0] == 9
 
+    def rs_words(self) -> torch.Tensor:
+        """The words re-laid for the register-A kernel (``_wgmma_rs.rs_shuffle``), made once per layer
+        (and again only if ``w`` is replaced, e.g. by a copy): an extra buffer the size of ``w``."""
+        from . import _wgmma_rs
+
+        c = getattr(self, "_rs", None)
+        if c is None or c[0] != self.w.data_ptr():
+            c = self._rs = (self.w.data_ptr(), _wgmma_rs.rs_shuffle(self.w, self.mode))
+        return c[1]
+
+    def rs_plan(self, cfg: dict, dtype, mb: int):
+        """The ``wg`` path with ``rs``: outᵀ = W · xᵀ, the dequantized weights as wgmma's register A
+        operand (``_wgmma_rs``; keys ``split`` (split-K), ``epi`` (0: strided stores), ``ws`` (a 1-warp TMA
+        loader partition)); None where the tile is not one it takes (the caller runs plain wg / ws)."""
+        from . import _wgmma_rs
+
+        warps = int(cfg.get("warps", 4))
+        bm, bn, bk = int(cfg.get("BM", 128)), int(cfg.get("BN", 16 * warps)), int(cfg.get("BK", 64))
+        if not (_wgmma_rs.HAVE_GLUON and _wgmma_rs.rs_ok(bn, bk, warps) and bm in (64, 128, 256)
+                and self.wg_ok(bk, dtype)):
+            return None
+        from . import _wgmma
+
+        N, K, G = self.N, self.K, self.G
+        wd = _wgmma.w_descriptor(self.rs_words(), bn, bk)
+        xl = _wgmma.x_layout(bm, bk, dtype)
+        s = self.s if self.s is not None else self.w
+        z = self.z if self.z is not None else self.w
+        lp = self.planes(dtype) if self.mode == 1 else self.w
+        nch = K // bk
+        cps = cdiv(nch, max(1, min(int(cfg.get("split", 1)), nch)))
+        split = cdiv(nch, cps)  # every range non-empty (the kernel assumes it)
+        consts = dict(MODE=self.mode, LUT_ROW=bool(self.lut_row), HAS_SCALE=self.s is not None,
+                      HAS_ZERO=self.z is not None, ZC=float(self.zc), GS=min(self.GS, 1 << 30),
+                      STAGES=int(cfg.get("stages", 4)), GROUP_M=int(cfg.get("group_m", 8)),
+                      EPI=int(cfg.get("epi", 1)), SPLITK=split > 1, WS=bool(cfg.get("ws", False)))
+        lau = Launcher(_wgmma_rs.w4a16_wgmma_rs, consts, num_warps=warps, device=self.device)
+        tiles_n = cdiv(N, bn)
+        tiles = cdiv(mb, bm) * tiles_n
+        ws, cnt = workspace(self.device, tiles * split * bm * bn if split > 1 else 0, tiles)
+        TD = _wgmma.TensorDescriptor
+
+        def run_rs(x, out, M):
+            lau((cdiv(M, bm) * tiles_n, split, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K, G,
+                lp, ws, cnt, cps, split)
+        return run_rs
+
     def wg_plan(self, cfg: dict, dtype, mb: int):
-        """The ``wg`` path's closure: the weight's TMA descriptor made once, x's per call."""
+        """The ``wg`` path's closure: the weight's TMA descriptor made once, x's per call. ``rs``: the
+        register-A kernel (``rs_plan``) where it takes the tile, else this plain/ws kernel."""
+        if cfg.get("rs"):
+            p = self.rs_plan(cfg, dtype, mb)
+            if p is not None:
+                return p
+            cfg = {k: v for k, v in cfg.items() if k not in ("rs", "epi")}
         bm, bn, bk = int(cfg.get("BM", 128)), int(cfg.get("BN", 128)), int(cfg.get("BK", 64))
         if not self.wg_ok(bk, dtype):
             return self.make_plan(self.default_config(mb, dtype), dtype, mb)
