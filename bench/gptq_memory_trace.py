@@ -6,7 +6,8 @@ bench/stream_memory.py (``--keep``).
 Runs ``quantkit.quantize(..., load="stream")`` with GPTQ (the recipe of bench/stream_memory.py) in this
 process, with a thread that samples ``VmRSS`` (/proc/self/status) every ~2 ms. The pipeline's and GPTQ's
 steps are wrapped so each sample is charged to the innermost step running; prints, per step (in order
-of first entry), the RSS on entry and the highest RSS seen inside it, and the process's VmHWM at the end.
+of first entry), the RSS on entry and the highest RSS seen inside it (with that sample's ``RssAnon``), the
+process's VmHWM at the end, and the highest sample's ``RssAnon``/``RssFile`` with the steps it fell in.
 """
 
 from __future__ import annotations
@@ -37,27 +38,45 @@ def status(field: str) -> int:
     return 0
 
 
+def rss_parts() -> tuple[int, int, int]:
+    """(VmRSS, RssAnon, RssFile) in bytes, from one read of /proc/self/status."""
+    got = {}
+    with open("/proc/self/status") as f:
+        for ln in f:
+            k = ln.split(":", 1)[0]
+            if k in ("VmRSS", "RssAnon", "RssFile"):
+                got[k] = int(ln.split()[1]) * 1024
+    return got.get("VmRSS", 0), got.get("RssAnon", 0), got.get("RssFile", 0)
+
+
 class Tracer:
     def __init__(self, period: float = 0.002):
         self.stack: list[str] = ["(outside)"]
         self.peak: dict[str, int] = {}
         self.entry: dict[str, int] = {}
         self.order: list[str] = []
+        self.top = (0, 0, 0)  # (VmRSS, RssAnon, RssFile) of the highest sample
+        self.top_stack: list[str] = []  # the steps running at that sample
+        self.anon_at: dict[str, int] = {}  # RssAnon of each step's highest sample
         self.period = period
         self.stop = False
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _charge(self, rss: int) -> None:
+    def _charge(self, parts: tuple[int, int, int]) -> None:
+        rss = parts[0]
         with self.lock:
             for lab in self.stack:  # an outer step's peak includes its inner steps'
                 if rss > self.peak.get(lab, 0):
                     self.peak[lab] = rss
+                    self.anon_at[lab] = parts[1]
+            if rss > self.top[0]:
+                self.top, self.top_stack = parts, list(self.stack)
 
     def _run(self) -> None:
         while not self.stop:
-            self._charge(status("VmRSS:"))
+            self._charge(rss_parts())
             time.sleep(self.period)
 
     def wrap(self, owner, attr: str, label: str | None = None, per_call=None) -> None:
@@ -68,17 +87,17 @@ class Tracer:
             lab = label or attr
             if per_call is not None:
                 lab = f"{lab}[{per_call(*a, **k)}]"
-            rss = status("VmRSS:")
+            parts = rss_parts()
             with tracer.lock:
                 if lab not in tracer.entry:
-                    tracer.entry[lab] = rss
+                    tracer.entry[lab] = parts[0]
                     tracer.order.append(lab)
                 tracer.stack.append(lab)
-            tracer._charge(rss)
+            tracer._charge(parts)
             try:
                 return fn(*a, **k)
             finally:
-                tracer._charge(status("VmRSS:"))
+                tracer._charge(rss_parts())
                 with tracer.lock:
                     tracer.stack.pop()
 
@@ -141,6 +160,17 @@ def main() -> None:
     tr.wrap(stream.StreamSource, "restore_rest", "StreamSource.restore_rest")
     tr.wrap(stream.StreamWriter, "finish", "StreamWriter.finish")
     tr.wrap(qbase, "output_error_terms", per_call=nth("oe"))
+    # GPTQ's own steps: what is left of gptq.quantize outside these is its rounding loop and bookkeeping
+    tr.wrap(gptq.GPTQ, "quantize", "gptq.quantize", per_call=nth("gq"))
+    tr.wrap(gptq, "_scaled_hessian", "gptq._scaled_hessian", per_call=nth("sh"))
+    tr.wrap(gptq._HessianSpill, "back", "spill.back", per_call=nth("back"))
+    from quantkit.formats import int as qint
+    tr.wrap(qint.IntFormat, "pack", "IntFormat.pack", per_call=nth("pack"))
+    # after each linear's solve: its QuantLinear is built (which unpacks the packed weight once to validate
+    # it), its statistics released and freed heap memory trimmed
+    tr.wrap(solve, "make_quantlinear", "make_quantlinear", per_call=nth("mql"))
+    tr.wrap(qint.IntFormat, "unpack", "IntFormat.unpack", per_call=nth("unpack"))
+    tr.wrap(solve, "release_freed_memory", "release_freed_memory", per_call=nth("trim"))
 
     torch.manual_seed(0)
     with open(os.path.join(args.ckpt, "config.json")) as f:
@@ -157,11 +187,13 @@ def main() -> None:
     tr.thread.join()
     print(f"quantize {time.time() - t:.1f} s; VmHWM {status('VmHWM:') / GIB:.3f} GiB; "
           f"VmRSS now {status('VmRSS:') / GIB:.3f} GiB")
-    print("| step | RSS on first entry GiB | peak inside GiB | peak - entry MiB |")
-    print("|---|---|---|---|")
+    print(f"highest sample: VmRSS {tr.top[0] / GIB:.3f} GiB (RssAnon {tr.top[1] / GIB:.3f}, RssFile "
+          f"{tr.top[2] / GIB:.3f}) in {' > '.join(tr.top_stack)}")
+    print("| step | RSS on first entry GiB | peak inside GiB | RssAnon at that peak GiB | peak - entry MiB |")
+    print("|---|---|---|---|---|")
     for lab in tr.order:
         e, p = tr.entry[lab], tr.peak.get(lab, 0)
-        print(f"| {lab} | {e / GIB:.3f} | {p / GIB:.3f} | {(p - e) / (1 << 20):.0f} |")
+        print(f"| {lab} | {e / GIB:.3f} | {p / GIB:.3f} | {tr.anon_at.get(lab, 0) / GIB:.3f} | {(p - e) / (1 << 20):.0f} |")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> di
     log = out + ".log"
     with open(log, "w") as lf:
         p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, text=True)
+        sampler = _Sampler(p.pid)
         _, status, ru = os.wait4(p.pid, 0)
+        sampler.stop()
     p.returncode = os.waitstatus_to_exitcode(status)
     text = open(log).read()
     if p.returncode != 0:
@@ -143,8 +145,54 @@ def run_measured(args, kind: str, load: str, blocks: int | None, out: str) -> di
     res = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
     ru_gib = round(ru.ru_maxrss * 1024 / GIB, 2)
     res.update(wall_s=round(time.time() - t, 1), ru_maxrss_gib=ru_gib,
-               peak_rss_gib=res["vmhwm_gib"] if res.get("vmhwm_gib") is not None else ru_gib)
+               peak_rss_gib=res["vmhwm_gib"] if res.get("vmhwm_gib") is not None else ru_gib, **sampler.result())
     return res
+
+
+class _Sampler:
+    """Reads the child's /proc/<pid>/status every ``period`` s: its highest ``VmRSS`` seen, with the
+    ``RssAnon``/``RssFile`` of that sample, and the highest ``RssAnon`` (a sampler misses short peaks: the
+    child's own ``VmHWM`` stays the figure)."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pid: int, period: float = 0.1):
+        import threading
+
+        self.path, self.period, self.best, self.anon_max, self.n = f"/proc/{pid}/status", period, None, 0, 0
+        self._done = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _read(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                got = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.split(":")[0] in self.FIELDS}
+        except (OSError, ValueError, IndexError):
+            return None
+        return got if len(got) == len(self.FIELDS) else None
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period):
+            s = self._read()
+            if s is None:
+                continue
+            self.n += 1
+            self.anon_max = max(self.anon_max, s["RssAnon"])
+            if self.best is None or s["VmRSS"] > self.best["VmRSS"]:
+                self.best = s
+
+    def stop(self) -> None:
+        self._done.set()
+        self._t.join()
+
+    def result(self) -> dict:
+        if self.best is None:
+            return {}
+        g = lambda kib: round(kib / (1 << 20), 3)  # noqa: E731
+        return {"sampled_vmrss_max_gib": g(self.best["VmRSS"]), "sampled_rss_anon_at_max_gib": g(self.best["RssAnon"]),
+                "sampled_rss_file_at_max_gib": g(self.best["RssFile"]), "sampled_rss_anon_max_gib": g(self.anon_max),
+                "samples": self.n}
 
 
 def main(argv: list[str] | None = None) -> None:

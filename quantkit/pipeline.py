@@ -379,6 +379,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         for p in plugins:  # e.g. reconstruction keeps the float weights the solve replaces
             p.before_solve(module, {n: linear_weight(block.linears[n]) for n in schemes}, prefix)
         t_solve = _clock(device)
+        if solver.world == 1:
+            _park_hessians(stats, list(schemes))
         solved = solver.solve(block, schemes, stats)
         errs = []
         for n, (ql, info) in solved.items():
@@ -418,6 +420,19 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
         _restore_rest(source)  # the model handed back holds its embeddings, final norm and lm_head again
     report.seconds = prior_seconds + time.time() - t0
     return report
+
+
+def _park_hessians(collector: _StatsCollector, names: list[str]) -> None:
+    """Large CPU Hessians that only a later linear of the block reads leave memory until it is solved
+    (quantkit.quantizers.gptq.park_hessian: an unlinked temporary file, read back bit for bit on first use),
+    instead of waiting through the solves of the linears before it (a 3B model's down_proj: 256 MiB through
+    q/k/v, o, gate and up). The first linear solved keeps its own."""
+    from .quantizers.gptq import park_hessian
+
+    first = collector.alias.get(names[0], names[0]) if names else None
+    for owner, st in collector.stats.items():
+        if owner != first and st.hessian is not None and not st.hessian_parked:
+            park_hessian(st)
 
 
 def _release_rest(source) -> None:

@@ -13,17 +13,50 @@ from ..formats.base import Params, WeightFormat
 from ..registry import from_spec
 
 
+class _HessianField:
+    """``LayerStats.hessian``: the tensor; or, while it is *parked* (:meth:`LayerStats.park_hessian`: kept
+    out of memory by a store, e.g. GPTQ's file on disk), read back by that store on first use and kept
+    again, so every reader sees the same values as if it had never left."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the dataclass default
+        d = obj.__dict__
+        h = d.get("_hessian")
+        if h is None and d.get("_parked"):
+            h = d["hessian_store"].load()
+            d["_hessian"], d["_parked"] = h, False
+        return h
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["_hessian"] = value
+        obj.__dict__["_parked"] = False
+
+
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear layer's input (all float32, on the compute device)."""
 
     nsamples: int = 0  # tokens seen
-    hessian: torch.Tensor | None = None  # sum over tokens of x x^T, [in, in] (None if not gathered)
+    hessian: torch.Tensor | None = _HessianField()  # sum over tokens of x x^T, [in, in] (None if not gathered)
     act_sqsum: torch.Tensor | None = None  # sum over tokens of x^2, [in]
     act_absmax: torch.Tensor | None = None  # max over tokens of |x|, [in]
     # quantities derived from these statistics that several layers fed the same input can share
     # (e.g. GPTQ's Hessian factor for q/k/v); None: not shared, nothing is kept
     cache: dict | None = None
+    # what holds the Hessian while it is parked (an object with ``load() -> Tensor``); kept after it is read
+    # back, so the store can tell that it still holds exactly this Hessian (GPTQ reuses its file)
+    hessian_store: Any = field(default=None, repr=False, compare=False)
+
+    def park_hessian(self, store) -> None:
+        """The Hessian leaves memory: ``store`` (which holds its exact values) reads it back when
+        ``hessian`` is next read."""
+        self.__dict__.update(_hessian=None, _parked=True, hessian_store=store)
+
+    @property
+    def hessian_parked(self) -> bool:
+        """The Hessian is out of memory, held by ``hessian_store`` (reading ``hessian`` brings it back)."""
+        return bool(self.__dict__.get("_parked"))
 
     @property
     def col_weight(self) -> torch.Tensor | None:

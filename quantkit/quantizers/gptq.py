@@ -186,8 +186,9 @@ def _scaled_hessian(h, nsamples: int, perm: torch.Tensor | None, dead: torch.Ten
 # On CPU, a Hessian of at least this many bytes waits in an unlinked temporary file (in tempfile's folder:
 # $TMPDIR, else /tmp) from before GPTQ makes its scaled copy (built from the file's rows) until the output
 # error reads it back, bit for bit: a streamed CPU run's peak is in the largest linear's factor and rounding
-# loop (a 3B model's down_proj: 256 MiB). Where that folder is a RAM disk (tmpfs) this saves nothing.
-# None: never spill.
+# loop (a 3B model's down_proj: 256 MiB). A Hessian of this size that only one later linear reads is also
+# parked there by the pipeline from its block's calibration on, and stays there after GPTQ's solve
+# (:func:`park_hessian`). Where that folder is a RAM disk (tmpfs) this saves nothing. None: never spill.
 SPILL_MIN_BYTES: int | None = 128 << 20
 
 
@@ -199,11 +200,16 @@ class _HessianSpill:
     share one spill, kept in that cache: the first writes the Hessian, the others only drop and read it
     back (:meth:`done` leaves the file for them). Its file is closed when the spill is freed, with the cache
     (the collector releases the statistics after the group's last linear). Only weak references to the
-    statistics and to the tensor last read back: no cycle through the cache, which would keep the file."""
+    statistics and to the tensor last read back: no cycle through the cache, which would keep the file.
 
-    def __init__(self, stats: LayerStats, shared: bool = False):
+    A *parked* spill (:func:`park_hessian`; unshared statistics only) is the statistics' ``hessian_store``:
+    the statistics read the Hessian back from it on first use, GPTQ reuses its file, and :meth:`done` parks
+    the Hessian again instead of reading it back; its file closes when the statistics are freed."""
+
+    def __init__(self, stats: LayerStats, shared: bool = False, parked: bool = False):
         self._stats = weakref.ref(stats)
         self.shared = shared
+        self.parked = parked  # park_hessian made it: the Hessian goes back to the file, not to memory, when done
         self.file = None
         self.like: tuple = ()
         self._given = None  # the tensor back() made (weakly): while it is stats.hessian, the file holds its bytes
@@ -216,10 +222,12 @@ class _HessianSpill:
     @classmethod
     def maybe(cls, stats: LayerStats) -> _HessianSpill | None:
         h = stats.hessian
-        if (SPILL_MIN_BYTES is None or h is None or h.device.type != "cpu" or not h.is_contiguous()
-                or h.numel() * h.element_size() < SPILL_MIN_BYTES):
+        if not cls.eligible(h):
             return None
         if stats.cache is None:
+            sp = stats.hessian_store
+            if isinstance(sp, cls) and sp.holds(stats):
+                return sp  # park_hessian's file, which holds exactly this Hessian: nothing to write
             return cls(stats)
         sp = stats.cache.get(_SPILL_KEY)
         if sp is not None and sp.holds(stats):
@@ -228,6 +236,12 @@ class _HessianSpill:
             sp.close(restore=False)
         sp = stats.cache[_SPILL_KEY] = cls(stats, shared=True)
         return sp
+
+    @staticmethod
+    def eligible(h: torch.Tensor | None) -> bool:
+        """A Hessian worth spilling: on CPU, contiguous, at least SPILL_MIN_BYTES."""
+        return not (SPILL_MIN_BYTES is None or h is None or h.device.type != "cpu" or not h.is_contiguous()
+                    or h.numel() * h.element_size() < SPILL_MIN_BYTES)
 
     def holds(self, stats: LayerStats) -> bool:
         """The file holds exactly ``stats.hessian`` (the very tensor read back from it last)."""
@@ -254,8 +268,16 @@ class _HessianSpill:
 
     def back(self) -> None:
         stats = self.stats
-        if stats is None or stats.hessian is not None or self.file is None:
+        if stats is None or self.file is None:
             return
+        if stats.hessian_parked:
+            _ = stats.hessian  # read back by its store now (before this file may be closed)
+            return
+        if stats.hessian is None:
+            stats.hessian = self.load()
+
+    def read(self) -> torch.Tensor:
+        """The spilled Hessian, read from the file into a new tensor (not given to the statistics)."""
         shape, dtype = self.like
         t = torch.empty(shape, dtype=dtype)
         buf = _bytes_of(t)
@@ -266,13 +288,31 @@ class _HessianSpill:
             if not n:
                 raise NumericalError("internal: the spilled Hessian could not be read back")
             got += n
-        stats.hessian = t
+        return t
+
+    def load(self) -> torch.Tensor:
+        """:meth:`read`, remembered as the tensor the file holds (the statistics' Hessian from now on: read
+        back by :meth:`back`, or by ``LayerStats.hessian`` when parked)."""
+        t = self.read()
         self._given = weakref.ref(t)
+        return t
+
+    def park(self) -> bool:
+        """The Hessian to the file (written if it is not there yet) and out of memory, read back by the
+        statistics on first use (``LayerStats.park_hessian``). False where the file could not be written."""
+        stats = self.stats
+        if stats is None or stats.hessian_parked:
+            return stats is not None
+        self.out()
+        if not self.spilled():
+            return False
+        stats.park_hessian(self)
+        return True
 
     def spilled(self) -> bool:
         """The Hessian is out: only in the file (rows and rows_at read it)."""
         stats = self.stats
-        return self.file is not None and stats is not None and stats.hessian is None
+        return self.file is not None and stats is not None and (stats.hessian_parked or stats.hessian is None)
 
     def _pread(self, buf: memoryview, offset: int) -> None:
         fd = self.file.fileno()
@@ -302,7 +342,10 @@ class _HessianSpill:
         return t
 
     def done(self) -> None:
-        """One linear solved (or failed): the Hessian back; the file kept for the next linear if shared."""
+        """One linear solved (or failed): the Hessian back; the file kept for the next linear if shared.
+        A parked spill (:func:`park_hessian`) parks the Hessian again instead: read back on first use."""
+        if self.parked and self.park():
+            return
         if not self.shared:
             return self.close()
         try:
@@ -323,6 +366,30 @@ class _HessianSpill:
 
 
 _SPILL_KEY = ("gptq", "hessian spill")  # stats.cache key of the shared spill
+
+
+def _trim(device: torch.device) -> None:
+    """On CPU, freed heap memory back to the OS now (quantkit.solve.release_freed_memory): a large linear's
+    solve frees many temporaries of 1-32 MiB (the scaled copy's and the factor's pieces, the loop's blocks),
+    which glibc serves from its heap and keeps in RSS until trimmed; otherwise they would sit under the
+    weight-sized buffers that come next (~0.1 GiB at a 3B model's down_proj)."""
+    if device.type == "cpu":
+        from ..solve import release_freed_memory
+
+        release_freed_memory()
+
+
+def park_hessian(stats: LayerStats) -> bool:
+    """Park a large CPU Hessian read by one linear only (``stats.cache`` None) in an unlinked temporary
+    file until that linear is solved: ``stats.hessian`` reads it back on first use, the same bits; GPTQ
+    then solves from the same file (nothing written twice) and leaves the Hessian parked after it, so
+    it is not in memory while the linear's QuantLinear is built and the statistics are released. Called
+    by the pipeline after a block's calibration (a 3B model's down_proj: 256 MiB out of memory while
+    q/k/v, o, gate and up are solved and built). False: nothing parked (too small, not on CPU, shared,
+    already parked, or the file could not be written)."""
+    if stats.cache is not None or stats.hessian_parked or not _HessianSpill.eligible(stats.hessian):
+        return False
+    return _HessianSpill(stats, parked=True).park()
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -355,6 +422,7 @@ class GPTQ(Quantizer):
             del hit
             rows, cols = w.shape
             dev = w.device
+            _trim(dev)  # the factor's freed pieces (under glibc's mmap threshold), before the weight-sized buffers
             any_dead = bool(dead.any())
             # natural column order, dead columns zeroed: what the format's fits see (w itself if none is dead)
             Wn = w.float()
@@ -426,6 +494,7 @@ class GPTQ(Quantizer):
             # next linear); W now holds Q
             Q = W
             del W, U, U1, W1, Q1, Err1
+            _trim(dev)
 
             if static:
                 col_gid = torch.tensor(col_group, dtype=torch.long)
@@ -448,9 +517,15 @@ class GPTQ(Quantizer):
             packed = fmt.pack(codes, layer, group_params, g_idx)
             del codes
         finally:
-            if spill is not None:  # the Hessian back, bit for bit (also when the solve failed)
+            if spill is not None:  # the Hessian back, bit for bit (also when the solve failed); parked: to disk
                 spill.done()
-        metrics = output_error(w, Q, stats)
+        _trim(w.device)  # packing's freed pieces, before the output error reads the Hessian
+        if stats.hessian_parked:
+            # park_hessian's Hessian stays out of memory after this linear (its QuantLinear is built next, and
+            # the statistics are then released): the output error reads a copy that goes with it
+            metrics = output_error(w, Q, LayerStats(stats.nsamples, stats.hessian_store.read()))
+        else:
+            metrics = output_error(w, Q, stats)
         metrics["damp"] = used_damp
         return QuantResult(packed, Q, metrics)
 
@@ -503,4 +578,4 @@ class GPTQ(Quantizer):
         return run
 
 
-__all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor"]
+__all__ = ["GPTQ", "GPTQConfig", "inverse_hessian_factor", "park_hessian"]
