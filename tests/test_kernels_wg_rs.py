@@ -5,10 +5,12 @@ dequantized weights as wgmma's A operand in registers, on words re-laid once per
 On a GPU of compute capability 9.x (QUANTKIT_TEST_CUDA=1): outputs against the float64 reference of
 tests/kernel_ref.py, poisoned with NaN first, for odd M and N, asym/sym, per group/per channel,
 bf16/fp16, 64- and 128-column chunks, split-K, both epilogues, lut tables. On CPU: the re-layout
-(round trip, and every thread's word holds the columns of its wgmma A fragment per the PTX ISA), the
-kernel's column algebra (join / reshape / permute emulated in torch), and the kernel compiled for sm_90
-by Triton's own compiler with its PTX checked (register-A wgmma, no shared store of dequantized values,
-no local memory, one wgmma left in flight).
+(round trip, and every thread's word holds the columns of its wgmma A fragment per the PTX ISA, for
+every warpgroup of the words' register layout), the kernel's column algebra (join / reshape / permute
+emulated in torch), and the kernel compiled for sm_90 by Triton's own compiler with its PTX checked
+(register-A wgmma, no shared store of dequantized values, no local memory, one wgmma left in flight) and
+its SASS (nothing writes a wgmma's A registers or touches its accumulators while it is in flight: the
+race that gave the first version wrong results on the H100).
 """
 
 from __future__ import annotations
@@ -112,9 +114,58 @@ def test_rs_column_algebra(mode, bk):
     assert torch.equal(t, cols)
 
 
+def _layout_points(bases, shape):
+    """Emulate a linear layout: (warp, lane, register) -> (row, word), the XOR of the bases of the set bits."""
+    reg, lane, warp = bases
+    pts = {}
+    for v in range(1 << len(warp)):
+        for ln in range(1 << len(lane)):
+            for i in range(1 << len(reg)):
+                r = w = 0
+                for bits, bs in ((v, warp), (ln, lane), (i, reg)):
+                    for b, (dr, dw) in enumerate(bs):
+                        if bits >> b & 1:
+                            r, w = r ^ dr, w ^ dw
+                assert r < shape[0] and w < shape[1]
+                pts[(v, ln, i)] = (r, w)
+    return pts
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("warps,bn,bk", [(4, 64, 64), (4, 128, 64), (4, 64, 128), (8, 128, 64), (8, 256, 64),
+                                         (8, 128, 128)])
+def test_rs_fragment_mapping_all_warpgroups(mode, warps, bn, bk):
+    """Every warpgroup (not just the first) dequantizes the words of its own rows: emulate the words'
+    register layout (``_rs_words_layout``) for all warps and check that each thread holds, after the
+    re-layout, exactly wgmma's A fragment of its warpgroup (PTX ISA, m64k16: warp v % 4 of warpgroup
+    v // 4 owns rows 16 (v % 4) .. + 15 of the warpgroup's 64, which sit at 64 (v // 4) + 16 warps r of
+    the tile for repetition r: the accumulator's warps_per_cta [warps, 1])."""
+    _gluon()
+    bw = bk // 8
+    wl = R._rs_words_layout(bn, bk, warps)  # the kernel's own layout (a constexpr function: plain Python here)
+    pts = _layout_points((wl.reg_bases, wl.lane_bases, wl.warp_bases), (bn, bw))
+    assert sorted(pts.values()) == [(r, w) for r in range(bn) for w in range(bw)]  # a bijection
+    src = R.rs_columns(mode)  # position 8 * word + nibble of a 64-column block <- its column
+    for v in range(warps):
+        g, vi = divmod(v, 4)
+        for lane in range(32):
+            held = set()
+            for i in range(len(pts) // (32 * warps)):
+                r, w = pts[(v, lane, i)]
+                for nib in range(8):
+                    held.add((r, 64 * (w // 8) + int(src[8 * (w % 8) + nib])))
+            want = set()
+            for rep in range(bn // (16 * warps)):
+                row0 = 16 * warps * rep + 64 * g + 16 * vi
+                for kb in range(bk // 64):
+                    want |= {(row0 + r, 64 * kb + c) for r, c in _fragment(lane)}
+            assert held == want, (v, lane)
+
+
 def test_rs_ok_tiles():
     assert R.rs_ok(64, 64, 4) and R.rs_ok(128, 64, 4) and R.rs_ok(128, 128, 8)
     assert not R.rs_ok(256, 64, 4) and not R.rs_ok(64, 32, 4) and not R.rs_ok(64, 64, 2)
+    assert not R.rs_ok(192, 64, 12) and not R.rs_ok(256, 64, 16) and not R.rs_ok(64, 192, 4)  # never compiled
 
 
 def test_rs_config_falls_back_off_hopper():
@@ -196,6 +247,109 @@ def test_rs_untaken_tile_runs_plain_wg():
     check(run_poisoned(kern, c, x), x.double() @ ref_int(p, 256, 512, 4, gidx, True).t(), torch.bfloat16)
 
 
+# ---- CPU: the A-register race of an asynchronous RS wgmma, on SASS ---------------------------------
+_SASS_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _sass_dests(text: str) -> set[int]:
+    """General registers an instruction writes (its first operand; the width from the opcode)."""
+    t = re.sub(r"^@!?U?P\w+\s+", "", text)
+    op, _, rest = t.partition(" ")
+    if op.startswith(("HGMMA", "ST", "BAR", "BRA", "WARPGROUP", "UTMA", "SYNCS", "EXIT", "RED")) \
+            or op.startswith("ATOM") and not op.startswith("ATOMS"):
+        return set()
+    m = re.fullmatch(r"R(\d+)", rest.split(",")[0].strip())
+    if not m:
+        return set()
+    wide = 4 if ".128" in op or re.search(r"LDSM\.\S*\.4$", op) else \
+        2 if ".64" in op or "WIDE" in op or op == "CS2R" or re.search(r"LDSM\.\S*\.2$", op) else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + wide))
+
+
+def _sass_wgmma_hazards(sass: str) -> list[str]:
+    """In every loop with HGMMA: the instructions that write an HGMMA's A registers or touch its
+    accumulators while it may be in flight, i.e. from the HGMMA, around the loop, to the second
+    ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` (the first only retires the group before) or a ``0x0``. All
+    paths of the body are walked (a superset of those taken)."""
+    ins, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.L_x_(\d+):", line)
+        if m:
+            pending = m.group(1)
+            continue
+        m = _SASS_INS.search(line)
+        if m:
+            if pending is not None:
+                labels[pending] = len(ins)
+                pending = None
+            ins.append((int(m.group(1), 16), m.group(2)))
+    out = []
+    for j, (_, t) in enumerate(ins):
+        m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", t)
+        if not m or labels.get(m.group(1), j + 1) > j:
+            continue
+        body = ins[labels[m.group(1)]:j + 1]
+        for k, (ha, ht) in enumerate(body):
+            mm = re.search(r"HGMMA\.\d+x(\d+)x\d+\S*\s+R(\d+),\s+R(\d+),", ht)
+            if not mm:
+                continue
+            a_regs = set(range(int(mm.group(3)), int(mm.group(3)) + 4))
+            acc = set(range(int(mm.group(2)), int(mm.group(2)) + int(mm.group(1)) // 2))
+            seen = 0
+            for s in range(1, 2 * len(body)):
+                xa, xt = body[(k + s) % len(body)]
+                if "DEPBAR.LE gsb0, 0x0" in xt:
+                    break
+                if "DEPBAR.LE gsb0, 0x1" in xt:
+                    seen += 1
+                    if seen == 2:
+                        break
+                    continue
+                if "HGMMA" in xt:
+                    continue
+                used = {int(r) for r in re.findall(r"\bR(\d+)\b", xt)} & acc
+                if _sass_dests(xt) & (a_regs | acc) or used:
+                    out.append(f"HGMMA @{ha:04x} (A R{min(a_regs)}) in flight, @{xa:04x}: {xt}")
+    return out
+
+
+def _fake_sass(pingpong: bool) -> str:
+    """A dequantize + RS wgmma loop in nvdisasm's format: one register set (the race of the first
+    version) or two (the fix)."""
+    lines, a = [".L_x_1:"], 0
+
+    def ins(t):
+        nonlocal a
+        lines.append(f"        /*{a:04x}*/                   {t} ;")
+        a += 16
+
+    for half in (0, 1) if pingpong else (0,):
+        r = 88 + 16 * half
+        ins("SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x19000], R11")
+        ins("LDS.64 R12, [R7+0x14000]")
+        for q in range(16):
+            ins(f"HADD2.BF16_V2 R{r + q}, R12, R14")
+        ins("BAR.SYNC.DEFER_BLOCKING 0x0")
+        ins("WARPGROUP.ARRIVE")
+        for q in range(4):
+            ins(f"HGMMA.64x128x16.F32.BF16 R24, R{r + 4 * q}, gdesc[UR20], R24" + (", gsb0" if q == 3 else ""))
+        ins("WARPGROUP.DEPBAR.LE gsb0, 0x1")
+    ins("@P0 BRA `(.L_x_1)")
+    ins("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    return "\n".join(lines)
+
+
+def test_sass_race_checker():
+    """The checker flags the first version's loop (the next chunk dequantized into the registers of the
+    wgmma still in flight) and passes the two-set loop."""
+    bad = _sass_wgmma_hazards(_fake_sass(False))
+    assert len(bad) == 16 and all("HADD2" in b for b in bad), bad
+    assert _sass_wgmma_hazards(_fake_sass(True)) == []
+    assert _sass_dests("LDS.128 R20, [R2]") == {20, 21, 22, 23} and _sass_dests("STSM.16.MT88.4 [R6], R24") == set()
+    assert _sass_dests("@P0 IMAD.WIDE R10, R13, 0x2, R2") == {10, 11}
+    assert _sass_dests("ISETP.NE.AND P0, PT, R1, R2, PT") == set()
+
+
 # ---- CPU: compiled for sm_90, the PTX ------------------------------------------------------------
 _COMPILE = r"""
 import json, sys, torch, triton
@@ -218,7 +372,15 @@ names = list(sig) + list(const)
 sig.update({c: "constexpr" for c in const})
 src = GluonASTSource(R.w4a16_wgmma_rs, sig, {(names.index(c),): v for c, v in const.items()})
 ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
-print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared}))
+sass = None  # nvdisasm of the cubin (Triton ships it beside ptxas)
+import os, subprocess, tempfile
+nvd = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+if "cubin" in ck.asm and os.path.exists(nvd):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvd, "-c", f.name], capture_output=True, text=True, check=True).stdout
+print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared, "sass": sass}))
 """
 
 
@@ -227,7 +389,11 @@ print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared}))
     (0, 8, 128, 128, 64, 5, 1, 1, "bf16", 0),
     (1, 4, 64, 128, 128, 3, 0, 0, "fp16", 0),
     (0, 8, 128, 256, 64, 4, 1, 0, "bf16", 1),
-], ids=["int-4w-bm256", "int-8w-splitk-epi1", "lut-fp16-bk128", "int-8w-ws"])
+    (0, 8, 128, 256, 64, 4, 1, 0, "bf16", 0),
+    (0, 4, 64, 128, 64, 5, 1, 0, "bf16", 0),
+    (1, 8, 128, 128, 64, 4, 1, 0, "bf16", 1),
+], ids=["int-4w-bm256", "int-8w-splitk-epi1", "lut-fp16-bk128", "int-8w-ws", "int-8w-bm256", "int-4w-bm128-s5",
+        "lut-8w-ws"])
 def test_rs_compiles_to_register_a_wgmma_for_sm90(mode, nw, bn, bm, bk, st, epi, sk, dt, ws):
     """In a fresh process (Triton's interpreter, selected for the other kernel tests, patches this one)."""
     import json
@@ -244,11 +410,22 @@ def test_rs_compiles_to_register_a_wgmma_for_sm90(mode, nw, bn, bm, bk, st, epi,
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     ptx = out["ptx"]
+    # an asynchronous wgmma reads its A registers (and accumulators) until the wait that retires it: on the
+    # SASS nothing else may touch them in between (the first version dequantized chunk c + 1 into the
+    # registers wgmma c was still reading: wrong results on the H100)
+    if out["sass"] is not None:
+        assert "HGMMA" in out["sass"]
+        assert _sass_wgmma_hazards(out["sass"]) == [], _sass_wgmma_hazards(out["sass"])[:8]
     ty = "bf16" if dt == "bf16" else "f16"
-    # the A operand: four 32-bit registers (RS), not a shared-memory descriptor; BK / 16 per chunk
+    # the A operand: four 32-bit registers (RS), not a shared-memory descriptor; BK / 16 per chunk, in
+    # three copies of the chunk (chunk 0 of an odd count, then even and odd chunks: the loop unrolled by two)
+    per = (bk // 16) * (bn // (16 * nw))
     rs = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bm}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, "
-                    r"\{%r\d+,%r\d+,%r\d+,%r\d+\}", ptx)
-    assert len(rs) == (bk // 16) * (bn // (16 * nw)), len(rs)
+                    r"\{(%r\d+,%r\d+,%r\d+,%r\d+)\}", ptx)
+    assert len(rs) == 3 * per, len(rs)
+    # the PTX side of it: the even and odd chunks' wgmmas read disjoint registers
+    sets = [{r for a in rs[i * per:(i + 1) * per] for r in a.split(",")} for i in range(3)]
+    assert not sets[1] & sets[2], sorted(sets[1] & sets[2])
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # one wgmma in flight while the next chunk dequantizes
     assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads of x and the words
     assert "ld.local" not in ptx and "st.local" not in ptx  # no spills through local memory
@@ -262,8 +439,8 @@ def test_rs_compiles_to_register_a_wgmma_for_sm90(mode, nw, bn, bm, bk, st, epi,
         assert stores == (["st.shared.b32"] if sk else []), stores
     assert ("stmatrix" in ptx) == (epi == 1)
     # the words: one 8-byte shared load per (row half, 64-column block)
-    nld, words = len(re.findall(r"ld\.shared\.v2\.b32", ptx)), 2 * (bk // 64) * (bn // (16 * nw))
-    assert words <= nld <= words + (2 if ws else 0), nld  # (ws: + the partitions' arguments)
+    nld, words = len(re.findall(r"ld\.shared\.v2\.b32", ptx)), 3 * 2 * (bk // 64) * (bn // (16 * nw))
+    assert words <= nld <= words + (2 if ws else 0), nld  # (3 copies of the chunk; ws: + the partitions' arguments)
     if mode == 0:
         assert "prmt" not in ptx  # the int dequantization needs no byte permutes at all
     assert ("atom.global" in ptx) == bool(sk)

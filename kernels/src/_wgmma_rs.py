@@ -15,6 +15,11 @@ the wgmma reads it. Here (the Machete / CUTLASS mixed-input arrangement) the pro
     3. one CTA barrier, the TMA of chunk c + STAGES - 2 into the slot chunk c - 2 used;
     4. asynchronous wgmma(A = registers, B = x tileᵀ in shared memory), then wait until one wgmma is
        left in flight: the tensor cores run chunk c while the threads dequantize chunk c + 1.
+  The tensor cores read an asynchronous wgmma's A registers until the wait that retires it (the PTX
+  ISA makes any earlier write undefined), so chunk c + 1 must not be dequantized into the registers
+  wgmma c reads: the loop is unrolled by two, even and odd chunks in two register sets (tests check the
+  SASS). The first version rewrote one set each chunk; that race is the likely cause of its wrong
+  results on the H100 (2026-12-07), worst where two warpgroups shared an SM's tensor cores.
   The accumulator [BN, BM] is written transposed into out [M, N] (EPI 1: through a register-layout
   conversion so that each thread stores 8 consecutive output columns).
 
@@ -138,8 +143,9 @@ def rs_unshuffle(ws: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def rs_ok(bn: int, bk: int, warps: int) -> bool:
-    """Tile shapes the kernel takes: whole warpgroups, 64 or 128 weight rows per warpgroup, BK % 64."""
-    return warps % 4 == 0 and bk % 64 == 0 and bk <= 128 and bn in (16 * warps, 32 * warps)
+    """Tile shapes the kernel takes: one or two warpgroups (the linear layouts want powers of two; more
+    were never compiled nor run), 64 or 128 weight rows per warpgroup, BK 64 or 128."""
+    return warps in (4, 8) and bk in (64, 128) and bn in (16 * warps, 32 * warps)
 
 
 if HAVE_GLUON:
@@ -167,7 +173,9 @@ if HAVE_GLUON:
     @gluon.constexpr_function
     def _rs_words_layout(BN, BK, num_warps):
         """The rs words' register layout [BN, BK/8]: lane 4 rl + t of warp v holds rows 16 v + rl (+ 8)
-        and words 8 kb + 2 t + sp, i.e. the A fragment's rows and columns (module docstring)."""
+        and words 8 kb + 2 t + sp, i.e. the A fragment's rows and columns (module docstring); warp v is
+        warp v % 4 of warpgroup v // 4, whose wgmma covers rows 64 (v // 4) .. + 63 of each 16 x num_warps
+        (the accumulator's warps_per_cta [num_warps, 1]; all warpgroups emulated by the CPU tests)."""
         reg = [[0, 1], [8, 0]]
         kb = 8
         while kb < BK // 8:
@@ -263,12 +271,33 @@ if HAVE_GLUON:
         return a, slot
 
     @gluon.jit
+    def _rs_step(x_desc, w_desc, xs, ws, bars, acc, c, c0, nch, off_m, off_n, srow, z_ptr, rn, G, zz, tp,
+                 XDT: gl.constexpr, MODE: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_ZERO: gl.constexpr,
+                 GS: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                 wl: gl.constexpr, a_l: gl.constexpr):
+        """Chunk c of the single-partition loop: dequantize, one CTA barrier, the TMA of chunk c + STAGES - 2,
+        the asynchronous wgmma (the caller waits)."""
+        a, slot = _rs_chunk(xs, ws, c, c0, srow, z_ptr, rn, G, zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS,
+                            STAGES, BN, BK, wl, a_l, bars)
+        # every warp is past chunk c - 1's wait: wgmma c - 2 has retired everywhere, its slot is free
+        _cta_barrier()
+        if c + STAGES - 2 < nch:
+            _rs_issue(x_desc, w_desc, xs, ws, bars, c + STAGES - 2, c0, off_m, off_n, STAGES, BK)
+        return warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
     def _rs_loop(x_desc, w_desc, xs, ws, s_ptr, z_ptr, lut_ptr, off_m, off_n, N, G, c0, nch,
                  XDT: gl.constexpr, MODE: gl.constexpr, LUT_ROW: gl.constexpr, HAS_SCALE: gl.constexpr,
                  HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
                  BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr):
         """The single-partition main loop: every warp dequantizes, issues its wgmma and (one CTA barrier per
-        chunk) the TMA loads STAGES - 2 chunks ahead."""
+        chunk) the TMA loads STAGES - 2 chunks ahead.
+
+        The A registers of a wgmma are read by the tensor cores until the wait that retires it (PTX ISA:
+        touching them earlier is undefined), and the wait after wgmma c only retires c - 1: chunk c + 1
+        must not be dequantized into the registers wgmma c reads. The loop is therefore unrolled by two
+        (even chunks into one register set, odd chunks into another: two static definitions, two sets of
+        registers); an odd chunk count runs chunk 0 alone first, retired at once (tests check the SASS)."""
         num_warps: gl.constexpr = gl.num_warps()
         wl: gl.constexpr = _rs_words_layout(BN, BK, num_warps)
         acc_l: gl.constexpr = _rs_acc_layout(BN, BM, num_warps)
@@ -277,19 +306,23 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         rn, srow, tp, zz = _dq_rows(s_ptr, lut_ptr, off_n, N, G, XDT, MODE, LUT_ROW, ZC, BN, BK // 8, wl)
-        for c in gl.static_range(STAGES - 2):
-            if c < nch:
-                _rs_issue(x_desc, w_desc, xs, ws, bars, c, c0, off_m, off_n, STAGES, BK)
+        for j in gl.static_range(STAGES - 2):
+            if j < nch:
+                _rs_issue(x_desc, w_desc, xs, ws, bars, j, c0, off_m, off_n, STAGES, BK)
         acc = gl.zeros([BN, BM], gl.float32, acc_l)
-        for c in range(nch):
-            a, slot = _rs_chunk(xs, ws, c, c0, srow, z_ptr, rn, G, zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS,
-                                STAGES, BN, BK, wl, a_l, bars)
-            # every warp is past chunk c - 1's wait: wgmma c - 2 has retired everywhere, its slot is free
-            _cta_barrier()
-            if c + STAGES - 2 < nch:
-                _rs_issue(x_desc, w_desc, xs, ws, bars, c + STAGES - 2, c0, off_m, off_n, STAGES, BK)
-            acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
-            acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+        odd = nch % 2
+        if odd == 1:  # chunk 0 alone, retired before the pairs reuse any register
+            acc = _rs_step(x_desc, w_desc, xs, ws, bars, acc, 0, c0, nch, off_m, off_n, srow, z_ptr, rn, G, zz,
+                           tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS, STAGES, BN, BK, wl, a_l)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for p in range(nch // 2):
+            c = odd + 2 * p
+            acc = _rs_step(x_desc, w_desc, xs, ws, bars, acc, c, c0, nch, off_m, off_n, srow, z_ptr, rn, G, zz,
+                           tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS, STAGES, BN, BK, wl, a_l)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # retires chunk c - 1 (the other set)
+            acc = _rs_step(x_desc, w_desc, xs, ws, bars, acc, c + 1, c0, nch, off_m, off_n, srow, z_ptr, rn, G,
+                           zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS, STAGES, BN, BK, wl, a_l)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # retires chunk c
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -301,7 +334,9 @@ if HAVE_GLUON:
                 HAS_ZERO: gl.constexpr, ZC: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
                 BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr):
         """The warp-specialized consumer: dequantize + wgmma; frees chunk c - 1's slot once its wgmma retired
-        (the partition's arrive follows a barrier of its warps: every warpgroup has passed the wait)."""
+        (the partition's arrive follows a barrier of its warps: every warpgroup has passed the wait).
+        Unrolled by two like ``_rs_loop``: chunk c + 1 is dequantized while wgmma c still reads its A
+        registers, so consecutive chunks use different registers."""
         num_warps: gl.constexpr = gl.num_warps()
         wl: gl.constexpr = _rs_words_layout(BN, BK, num_warps)
         acc_l: gl.constexpr = _rs_acc_layout(BN, BM, num_warps)
@@ -309,12 +344,24 @@ if HAVE_GLUON:
         gl.assume(nch > 0)
         rn, srow, tp, zz = _dq_rows(s_ptr, lut_ptr, off_n, N, G, XDT, MODE, LUT_ROW, ZC, BN, BK // 8, wl)
         acc = gl.zeros([BN, BM], gl.float32, acc_l)
-        for c in range(nch):
+        odd = nch % 2
+        if odd == 1:  # chunk 0 alone, retired before the pairs reuse any register (its slot: freed by chunk 1)
+            a, slot = _rs_chunk(xs, ws, 0, c0, srow, z_ptr, rn, G, zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS,
+                                STAGES, BN, BK, wl, a_l, ready)
+            acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for p in range(nch // 2):
+            c = odd + 2 * p
             a, slot = _rs_chunk(xs, ws, c, c0, srow, z_ptr, rn, G, zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS,
                                 STAGES, BN, BK, wl, a_l, ready)
             acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
-            acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=c > 0)
+            b, slot = _rs_chunk(xs, ws, c + 1, c0, srow, z_ptr, rn, G, zz, tp, XDT, MODE, HAS_SCALE, HAS_ZERO, GS,
+                                STAGES, BN, BK, wl, a_l, ready)
+            acc = warpgroup_mma(b, xs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index(c % STAGES), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         return (acc,)  # a tuple: the partition's results are flattened
 
