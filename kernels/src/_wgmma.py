@@ -176,6 +176,27 @@ if HAVE_GLUON:
         return ss, zc
 
     @gluon.jit
+    def _splitk_put(acc, ws_ptr, cnt_ptr, pid, SPLIT, R: gl.constexpr, C: gl.constexpr, acc_l: gl.constexpr):
+        """Split-K, every program of tile ``pid``: its fp32 partial acc [R, C] into the workspace (slot
+        program_id(1)), then the tile's counter. Returns (whether it is the tile's last program, the
+        partials' base, their offsets): the last one sums them (``_splitk_sum``) and resets the counter."""
+        loc = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, acc_l)) * C, 1) + \
+            gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, acc_l)), 0)
+        base = ws_ptr + pid.to(gl.int64) * SPLIT * (R * C)
+        gl.store(base + gl.program_id(1) * (R * C) + loc, acc)
+        _cta_barrier()
+        old = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        return old == SPLIT - 1, base, loc
+
+    @gluon.jit
+    def _splitk_sum(base, loc, SPLIT, R: gl.constexpr, C: gl.constexpr, acc_l: gl.constexpr):
+        """The tile's SPLIT partials summed in a fixed order (deterministic)."""
+        tot = gl.zeros([R, C], gl.float32, acc_l)
+        for sp in range(SPLIT):
+            tot += gl.load(base + sp * (R * C) + loc, cache_modifier=".cg")
+        return tot
+
+    @gluon.jit
     def _out_ptrs(out_ptr, off_m, off_n, M, N, BM: gl.constexpr, BN: gl.constexpr, acc_l: gl.constexpr):
         """The output tile's pointers and in-bounds mask in the accumulator's layout."""
         om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
@@ -351,17 +372,9 @@ if HAVE_GLUON:
 
         optr, mask = _out_ptrs(out_ptr, off_m, off_n, M, N, BM, BN, acc_l)
         if SPLITK:
-            loc = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * BN, 1) + \
-                gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l)), 0)
-            base = ws_ptr + pid.to(gl.int64) * SPLIT * (BM * BN)
-            gl.store(base + gl.program_id(1) * (BM * BN) + loc, acc)
-            _cta_barrier()
-            old = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if old == SPLIT - 1:
-                tot = gl.zeros([BM, BN], gl.float32, acc_l)
-                for sp in range(SPLIT):  # fixed order: deterministic
-                    tot += gl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
-                gl.store(optr, tot.to(XDT), mask=mask)
+            last, base, loc = _splitk_put(acc, ws_ptr, cnt_ptr, pid, SPLIT, BM, BN, acc_l)
+            if last:
+                gl.store(optr, _splitk_sum(base, loc, SPLIT, BM, BN, acc_l).to(XDT), mask=mask)
                 gl.atomic_xchg(cnt_ptr + pid, 0)
         else:
             gl.store(optr, acc.to(XDT), mask=mask)

@@ -49,37 +49,24 @@ from __future__ import annotations
 import torch
 
 from . import _wgmma as _W
+from ._ptx import _ASM_INT_BF16_S, _ASM_INT_FP16_S
+from .w4a16 import _nibble_words
 
 HAVE_GLUON = _W.HAVE_GLUON
 
-# the magic-number int dequantization with the group scale, output as fragment pairs: register a_q is
-# {nibble q, nibble q + 4} (lop3 with 0x000F000F), so the outputs are (nib 0, nib 4, nib 1, nib 5, ...)
-_ASM_RS_BF16_S = """{
-.reg .b32 t1, t2, t3, a0, a1, a2, a3, one, nz;
-mov.b32 one, 0x3F803F80;
-mov.b32 nz, 0x80008000;
-lop3.b32 a0, $8, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t1, $8, 4;
-lop3.b32 a1, t1, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t2, $8, 8;
-lop3.b32 a2, t2, 0x000F000F, 0x43004300, 0xEA;
-shr.u32 t3, $8, 12;
-lop3.b32 a3, t3, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 a0, a0, one, $9;
-fma.rn.bf16x2 a1, a1, one, $9;
-fma.rn.bf16x2 a2, a2, one, $9;
-fma.rn.bf16x2 a3, a3, one, $9;
-fma.rn.bf16x2 a0, a0, $10, nz;
-fma.rn.bf16x2 a1, a1, $10, nz;
-fma.rn.bf16x2 a2, a2, $10, nz;
-fma.rn.bf16x2 a3, a3, $10, nz;
-mov.b32 {$0, $1}, a0;
-mov.b32 {$2, $3}, a1;
-mov.b32 {$4, $5}, a2;
-mov.b32 {$6, $7}, a3;
-}"""
-_ASM_RS_FP16_S = _ASM_RS_BF16_S.replace("0x3F803F80", "0x3C003C00").replace("0x43004300", "0x64006400") \
-    .replace("bf16x2", "f16x2")
+def _fragment_pairs(text: str) -> str:
+    """_ptx's scaled int dequantization without its PRMT interleave: the outputs are the magic-number
+    registers a_q themselves, {nibble q, nibble q + 4} (lop3 with 0x000F000F), i.e. the A fragment's pairs
+    (nib 0, nib 4, nib 1, nib 5, ...)."""
+    lines = [ln for ln in text.split("\n") if not ln.startswith("prmt.b32 p")]
+    out = "\n".join(lines)
+    for q in range(4):
+        out = out.replace(f"}}, p{q};", f"}}, a{q};")
+    return out
+
+
+_ASM_RS_BF16_S = _fragment_pairs(_ASM_INT_BF16_S)
+_ASM_RS_FP16_S = _fragment_pairs(_ASM_INT_FP16_S)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,13 +102,6 @@ def _unpack(w: torch.Tensor) -> torch.Tensor:
     return ((w.to(torch.int64).unsqueeze(-1) >> sh) & 15).reshape(n, kw * 8)
 
 
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    n, k = codes.shape
-    sh = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
-    word = (codes.view(n, k // 8, 8).to(torch.int64) << sh).sum(-1)
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
-
-
 def rs_shuffle(w: torch.Tensor, mode: int, rows: int = 4096) -> torch.Tensor:
     """Checkpoint words w [N, K/8] (int32, column 8j + i in nibble i of word j; K % 64 == 0) -> the rs
     words [N, K/8]: the same rows, each 64-column block's nibbles permuted (module docstring)."""
@@ -131,7 +111,7 @@ def rs_shuffle(w: torch.Tensor, mode: int, rows: int = 4096) -> torch.Tensor:
     out = torch.empty_like(w, dtype=torch.int32)
     for r0 in range(0, n, rows):  # bounded scratch: int64 codes of `rows` rows at a time
         c = _unpack(w[r0:r0 + rows]).view(-1, kw // 8, 64)[:, :, src]
-        out[r0:r0 + rows] = _pack(c.reshape(-1, kw * 8))
+        out[r0:r0 + rows] = _nibble_words(c.reshape(-1, kw * 8))
     return out
 
 
@@ -139,7 +119,7 @@ def rs_unshuffle(ws: torch.Tensor, mode: int) -> torch.Tensor:
     """The inverse of ``rs_shuffle``."""
     n, kw = ws.shape
     inv = torch.argsort(rs_columns(mode)).to(ws.device)
-    return _pack(_unpack(ws).view(n, kw // 8, 64)[:, :, inv].reshape(n, kw * 8))
+    return _nibble_words(_unpack(ws).view(n, kw // 8, 64)[:, :, inv].reshape(n, kw * 8))
 
 
 def rs_ok(bn: int, bk: int, warps: int) -> bool:
@@ -157,6 +137,8 @@ if HAVE_GLUON:
         _cta_barrier,
         _dq_group,
         _dq_rows,
+        _splitk_put,
+        _splitk_sum,
         _tile,
         _tma_load,
         _ws_load,
@@ -409,18 +391,11 @@ if HAVE_GLUON:
         else:
             acc = _rs_loop(x_desc, w_desc, xs, ws, s_ptr, z_ptr, lut_ptr, off_m, off_n, N, G, c0, nch, XDT, MODE,
                            LUT_ROW, HAS_SCALE, HAS_ZERO, ZC, GS, STAGES, BN, BM, BK)
-        if SPLITK:
-            loc = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l)) * BM, 1) + \
-                gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l)), 0)
-            base = ws_ptr + pid.to(gl.int64) * SPLIT * (BM * BN)
-            gl.store(base + gl.program_id(1) * (BM * BN) + loc, acc)
-            _cta_barrier()
-            old = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if old == SPLIT - 1:
-                tot = gl.zeros([BN, BM], gl.float32, acc_l)
-                for sp in range(SPLIT):  # fixed order: deterministic
-                    tot += gl.load(base + sp * (BM * BN) + loc, cache_modifier=".cg")
-                _rs_store(tot, out_ptr, off_m, off_n, M, N, BM, BN, EPI, acc_l, num_warps)
+        if SPLITK:  # the scheme of w4a16_wgmma_ws, on the transposed tile [BN, BM]
+            last, base, loc = _splitk_put(acc, ws_ptr, cnt_ptr, pid, SPLIT, BN, BM, acc_l)
+            if last:
+                _rs_store(_splitk_sum(base, loc, SPLIT, BN, BM, acc_l), out_ptr, off_m, off_n, M, N, BM, BN, EPI,
+                          acc_l, num_warps)
                 gl.atomic_xchg(cnt_ptr + pid, 0)
         else:
             _rs_store(acc, out_ptr, off_m, off_n, M, N, BM, BN, EPI, acc_l, num_warps)
