@@ -84,6 +84,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def nibble_words(codes: torch.Tensor) -> torch.Tensor:
+    """codes [n, k] (values < 16) -> int32 words [n, ceil(k/8)], column 8j+i in nibble i of word j."""
+    n, k = codes.shape
+    kp = cdiv(k, 8) * 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k)).view(n, kp // 8, 8)
+    word = torch.zeros(n, kp // 8, dtype=torch.int64, device=codes.device)
+    for i in range(8):
+        word |= c[:, :, i] << (4 * i)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
+
+
 # ---- split-K workspaces --------------------------------------------------------------------------
 # One fp32 partial-sum buffer and one counter array per device, shared by every layer (layers run
 # one after another on a stream). Buffers only grow, and replaced ones stay alive so that CUDA

@@ -49,8 +49,8 @@ from __future__ import annotations
 import torch
 
 from . import _wgmma as _W
+from ._launch import nibble_words
 from ._ptx import _ASM_INT_BF16_S, _ASM_INT_FP16_S
-from .w4a16 import _nibble_words
 
 HAVE_GLUON = _W.HAVE_GLUON
 
@@ -111,7 +111,7 @@ def rs_shuffle(w: torch.Tensor, mode: int, rows: int = 4096) -> torch.Tensor:
     out = torch.empty_like(w, dtype=torch.int32)
     for r0 in range(0, n, rows):  # bounded scratch: int64 codes of `rows` rows at a time
         c = _unpack(w[r0:r0 + rows]).view(-1, kw // 8, 64)[:, :, src]
-        out[r0:r0 + rows] = _nibble_words(c.reshape(-1, kw * 8))
+        out[r0:r0 + rows] = nibble_words(c.reshape(-1, kw * 8))
     return out
 
 
@@ -119,7 +119,7 @@ def rs_unshuffle(ws: torch.Tensor, mode: int) -> torch.Tensor:
     """The inverse of ``rs_shuffle``."""
     n, kw = ws.shape
     inv = torch.argsort(rs_columns(mode)).to(ws.device)
-    return _nibble_words(_unpack(ws).view(n, kw // 8, 64)[:, :, inv].reshape(n, kw * 8))
+    return nibble_words(_unpack(ws).view(n, kw // 8, 64)[:, :, inv].reshape(n, kw * 8))
 
 
 def rs_ok(bn: int, bk: int, warps: int) -> bool:

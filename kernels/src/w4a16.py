@@ -46,7 +46,7 @@ import torch
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, tuned, workspace
+from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, nibble_words, tuned, workspace
 from ._ptx import lut_planes
 from .base import DTYPE_NAMES, LayerKernel
 from .w4a16_jit import w4a16_dequant, w4a16_gemm, w4a16_gemv, w4a16_mma
@@ -356,17 +356,6 @@ class W4A16Kernel(LayerKernel):
 # ================================================================================================
 # Builder
 # ================================================================================================
-def _nibble_words(codes: torch.Tensor) -> torch.Tensor:
-    """codes [n, k] (values < 16) -> int32 words [n, ceil(k/8)], column 8j+i in nibble i of word j."""
-    n, k = codes.shape
-    kp = cdiv(k, 8) * 8
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k)).view(n, kp // 8, 8)
-    word = torch.zeros(n, kp // 8, dtype=torch.int64, device=codes.device)
-    for i in range(8):
-        word |= c[:, :, i] << (4 * i)
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
-
-
 def build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc: float, lut, lut_row: bool,
           tag: str, chunk: int = 4096):
     N, K = shape
@@ -402,7 +391,7 @@ def build(mode: int, fmt, packed, shape, device, bits: int, has_zero: bool, zc: 
             c = unpack_codes(qw[r0:r0 + chunk], bits, K)
             if perm is not None:
                 c = c[:, perm]
-            parts.append(_nibble_words(c))
+            parts.append(nibble_words(c))
         w = torch.cat(parts, 0).contiguous()
         owns = True
     st = s.to(device).contiguous() if s is not None else None
