@@ -120,6 +120,19 @@ def workspace(device: torch.device, n_partial: int, n_counters: int):
         return cur
 
 
+def tiled_workspace(device: torch.device, bm: int, tiles_n: int, split: int, tile_elems: int):
+    """The split-K buffers of a tiled GEMM's plan as a function of the row count M: ``ws_for(M) ->
+    (partials, counters)`` sized for cdiv(M, bm) * tiles_n tiles (no partials when split == 1). A
+    plan is made for its M bucket, but the top bucket (``TOP_BUCKET``) also runs larger
+    M, whose extra tiles must not index past buffers sized at plan time (an out-of-bounds write
+    at M = 8192 on an H100, 2026-12-07, before this)."""
+
+    def ws_for(M: int):
+        tiles = cdiv(M, bm) * tiles_n
+        return workspace(device, tiles * split * tile_elems if split > 1 else 0, tiles)
+    return ws_for
+
+
 _BUF: dict = {}
 
 
@@ -213,6 +226,9 @@ def tuned(device=None) -> dict:
     return merged
 
 
+TOP_BUCKET = 4096  # the last M bucket: it holds every M above 2048, without bound
+
+
 def m_bucket(m: int) -> int:
-    """Power-of-two bucket of the row count (1, 2, 4, ..., 4096)."""
-    return 1 if m <= 1 else min(1 << (m - 1).bit_length(), 4096)
+    """Power-of-two bucket of the row count (1, 2, 4, ..., TOP_BUCKET)."""
+    return 1 if m <= 1 else min(1 << (m - 1).bit_length(), TOP_BUCKET)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
-from ._launch import INTERPRET, Launcher, cdiv, workspace
+from ._launch import INTERPRET, Launcher, cdiv, tiled_workspace, workspace
 from ._tl import _finish, _tile_mn
 from .base import LayerKernel
 
@@ -290,9 +290,8 @@ class FP8Kernel(LayerKernel):
                                            GROUP_M=int(cfg.get("group_m", 1)), EVEN_K=K % bk == 0, F16X=f16x,
                                            SWAP=bool(cfg.get("swap", False)) and not quant),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
-            tiles_m = cdiv(mb, bm)
-            part, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0,
-                                  tiles_m * tiles_n)
+            ws_for = tiled_workspace(self.device, bm, tiles_n, split, bm * bn)
+            part, cnt = ws_for(mb)
             grid = None
 
         slau = self.s_launch
@@ -305,8 +304,11 @@ class FP8Kernel(LayerKernel):
                 slau((M, 1, 1), x, xs, K)
             else:
                 xq, xs = x, ws
-            g = grid if grid is not None else (cdiv(M, bm) * tiles_n, split, 1)
-            lau(g, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
+            if grid is not None:
+                lau(grid, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
+            else:
+                pt, c = (part, cnt) if M <= mb else ws_for(M)
+                lau((cdiv(M, bm) * tiles_n, split, 1), xq, w, xs, ws, out, pt, c, M, N, K, kps, split)
         return run_triton
 
 

@@ -46,7 +46,17 @@ import torch
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, nibble_words, tuned, workspace
+from ._launch import (
+    INTERPRET,
+    TOP_BUCKET,
+    Launcher,
+    cdiv,
+    dequant_then_mm,
+    nibble_words,
+    tiled_workspace,
+    tuned,
+    workspace,
+)
 from ._ptx import lut_planes
 from .base import DTYPE_NAMES, LayerKernel
 from .w4a16_jit import w4a16_dequant, w4a16_gemm, w4a16_gemv, w4a16_mma
@@ -207,13 +217,14 @@ class W4A16Kernel(LayerKernel):
         else:
             lau = Launcher(w4a16_mma, dict(tile, LUTG=lutg and not asm, ASM=asm, U=int(cfg.get("unroll", 1))),
                            num_warps=int(cfg["warps"]), num_stages=int(cfg.get("stages", 2)), device=self.device)
-        tiles_m = cdiv(mb, bm)
-        ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
-        if tiles_m == 1:
+        ws_for = tiled_workspace(self.device, bm, tiles_n, split, bm * bn)
+        ws, cnt = ws_for(mb)
+        if mb <= bm and mb < TOP_BUCKET:  # one row tile for every M of the bucket
             return self._fast(lau, (tiles_n, split, 1), ws, cnt, cps, split, ptrs)
 
         def run_mma(x, out, M):
-            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
+            w, c = (ws, cnt) if M <= mb else ws_for(M)
+            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, out, w, c, M, N, K, KWS, G, cps, split)
         return run_mma
 
     def wg_ok(self, bk: int, dtype) -> bool:
@@ -268,13 +279,14 @@ class W4A16Kernel(LayerKernel):
                       EPI=int(cfg.get("epi", 1)), SPLITK=split > 1, WS=bool(cfg.get("ws", False)))
         lau = Launcher(_wgmma_rs.w4a16_wgmma_rs, consts, num_warps=warps, device=self.device)
         tiles_n = cdiv(N, bn)
-        tiles = cdiv(mb, bm) * tiles_n
-        ws, cnt = workspace(self.device, tiles * split * bm * bn if split > 1 else 0, tiles)
+        ws_for = tiled_workspace(self.device, bm, tiles_n, split, bm * bn)
+        ws, cnt = ws_for(mb)
         TD = _wgmma.TensorDescriptor
 
         def run_rs(x, out, M):
+            w, c = (ws, cnt) if M <= mb else ws_for(M)
             lau((cdiv(M, bm) * tiles_n, split, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K, G,
-                lp, ws, cnt, cps, split)
+                lp, w, c, cps, split)
         return run_rs
 
     def wg_plan(self, cfg: dict, dtype, mb: int):
@@ -313,12 +325,13 @@ class W4A16Kernel(LayerKernel):
             lau = Launcher(_wgmma.w4a16_wgmma_ws, dict(consts, NB=int(cfg.get("nb", 2)), DQ_REGS=dq_regs,
                                                        SPLITK=split > 1),
                            num_warps=warps, device=self.device, maxnreg=maxnreg)
-            tiles = cdiv(mb, bm) * tiles_n
-            ws, cnt = workspace(self.device, tiles * split * bm * bn if split > 1 else 0, tiles)
+            ws_for = tiled_workspace(self.device, bm, tiles_n, split, bm * bn)
+            ws, cnt = ws_for(mb)
 
             def run_ws(x, out, M):
+                w, c = (ws, cnt) if M <= mb else ws_for(M)
                 lau((cdiv(M, bm) * tiles_n, split, 1), TD(x, [M, K], [K, 1], [bm, bk], xl), wd, s, z, out, M, N, K,
-                    G, lp, ws, cnt, cps, split)
+                    G, lp, w, c, cps, split)
             return run_ws
         lau = Launcher(_wgmma.w4a16_wgmma, consts, num_warps=warps, device=self.device)
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from quantkit.formats.packing import unpack_codes
 
-from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, workspace
+from ._launch import INTERPRET, Launcher, cdiv, dequant_then_mm, tiled_workspace, workspace
 from ._tl import _finish, _tile_mn
 from .base import LayerKernel
 
@@ -376,11 +376,12 @@ class RepackedW4A16Kernel(LayerKernel):
                                            GROUP_M=int(cfg.get("group_m", 8 if path == "pre" else 1)),
                                            MAGIC=magic, MV=mv),
                        num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
-        tiles_m = cdiv(mb, bm)
-        ws, cnt = workspace(self.device, tiles_m * tiles_n * split * bm * bn if splitk else 0, tiles_m * tiles_n)
+        ws_for = tiled_workspace(self.device, bm, tiles_n, split, bm * bn)
+        ws, cnt = ws_for(mb)
 
         def run_gemm(x, out, M):
-            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, gp, out, ws, cnt, M, N, K, G, NB, bps,
+            w, c = (ws, cnt) if M <= mb else ws_for(M)
+            lau((cdiv(M, bm) * tiles_n, split, 1), x, wp, sp, zp, lp, gp, out, w, c, M, N, K, G, NB, bps,
                 split)
         return run_gemm
 
