@@ -5,8 +5,9 @@
 #   bench:ARGS                bench/kernel_bench.py ARGS (commas in ARGS kept; ~ separates arguments)
 #   decode:ARGS               bench/decode.py ARGS (same convention)
 #   sweep:ARGS                bench/kernel_sweep.py ARGS (same convention): kernel variants, checked and timed
-#   wg:ARGS                   the Hopper Gluon GEMM (kernels/src/_wgmma.py): its compiled tests, then
-#                             kernel_sweep.py --cands wg ARGS (its configs beside bf16, the shipped path, dq)
+#   wg:ARGS                   the Hopper Gluon GEMMs (kernels/src/_wgmma*.py): their compiled tests, then
+#                             kernel_sweep.py --cands wg ARGS (its configs beside bf16, the shipped path, dq);
+#                             env WG_TESTS, WG_PROCS, WG_CANDS (a candidate set), WG_KINDS (int4,any4...)
 #   peers:ARGS                Marlin built from .peers/marlin, gemlite from .whl, then bench/peers.py ARGS:
 #                             bf16, quantkit int4, tinygemm, Marlin, gemlite in one process (peers.md/.json
 #                             in $OUT). First, on the CPU machine: bash bench/peers_prep.sh; carry
@@ -32,7 +33,7 @@ for step in "$@"; do
     sweep) python3 -u bench/kernel_sweep.py $args 2>&1 | grep -v "Warning\|warn" | tail -${TAIL:-200} ;;
     wg) QUANTKIT_TEST_CUDA=1 TAIL=12 run "wg tests" timeout -k 5 ${WG_TEST_S:-180} \
           python3 -m pytest -q -x -p no:cacheprovider -n ${WG_PROCS:-1} ${WG_TESTS:-tests/test_kernels_wg.py tests/test_kernels_wg_rs.py}
-        timeout -k 5 ${WG_SWEEP_S:-400} python3 -u bench/kernel_sweep.py --out "$OUT" --kinds int4 --small-ms= --cands ${WG_CANDS:-wg} $args 2>&1 \
+        timeout -k 5 ${WG_SWEEP_S:-400} python3 -u bench/kernel_sweep.py --out "$OUT" --kinds ${WG_KINDS:-int4} --small-ms= --cands ${WG_CANDS:-wg} $args 2>&1 \
           | grep -v "Warning\|warn" | tail -${TAIL:-80} ;;
     peers)
       if [ -f .peers/marlin/setup.py ]; then

@@ -80,12 +80,20 @@ RS = [("rs256x64k64", 256, 64, 64, 4, 4, {}), ("rs256x128k64", 256, 128, 64, 8, 
       ("rs256x128k64ws", 256, 128, 64, 8, 4, {"ws": True}), ("rs256x64k64ws", 256, 64, 64, 4, 4, {"ws": True}),
       ("rs128x128k64ws", 128, 128, 64, 8, 5, {"ws": True}),
       ("rs128x128k64wssk2", 128, 128, 64, 8, 5, {"ws": True, "split": 2})]
+# second rs round (after the race fix, H100 2026-12-07): the large-M winners, plus strided stores
+# with the loader partition and a fifth stage on the 256-row tile
+RS2 = [c for c in RS if c[0] in ("rs256x128k64", "rs256x128k64e0", "rs256x128k64ws", "rs128x128k64ws",
+                                   "rs128x128k64wssk2", "rs128x64k64", "rs128x128k64sk2", "rs128x128k64")] + [
+    ("rs256x128k64wse0", 256, 128, 64, 8, 4, {"ws": True, "epi": 0}),
+    ("rs256x128k64s5", 256, 128, 64, 8, 5, {}), ("rs256x128k64wss5", 256, 128, 64, 8, 5, {"ws": True})]
 RS = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RS]
+RS2 = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RS2]
 CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS, "ws2": WS2, "rs": RS,
          "wgrs": WG[4:5] + WS[3:4] + WS[7:8] + WS[9:10] + [c for c in RS if c[0] in (
              "rs256x64k64", "rs256x128k64", "rs128x128k64", "rs128x64k64", "rs128x128k64sk2", "rs256x128k64ws",
-             "rs128x128k64ws", "rs128x128k64wssk2")]}  # the best wg / ws of rounds four-five beside rs
-WG_SETS = ("wg", "ws", "wgws", "ws2", "rs", "wgrs")
+             "rs128x128k64ws", "rs128x128k64wssk2")],  # the best wg / ws of rounds four-five beside rs
+         "rs2": WS[3:4] + RS2}
+WG_SETS = ("wg", "ws", "wgws", "ws2", "rs", "wgrs", "rs2")
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
@@ -283,6 +291,7 @@ def main(argv=None) -> int:
                 for c in copies:
                     c.plans.clear()
                 row[kind] = res
+                row.setdefault("keys", {})[kind] = kern.key(mb, dt)
                 if res:
                     bname = min(res, key=lambda n: res[n]["us"])
                     best_cfg[kern.key(mb, dt)] = res[bname]["cfg"]
