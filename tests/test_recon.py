@@ -392,3 +392,26 @@ def _bundled(name: str) -> dict:
     r["block_plugins"][0].update(iters=12, batch_size=4)
     r["calibration"] = {"samples": 16, "seq_len": 32}
     return r
+
+
+def test_recon_token_loss_weighs_tokens_equally():
+    """``loss: token``: each token's relative squared error, averaged, so one huge-norm token (Gemma's
+    first) cannot decide the block error; ``global`` is the element-wise sum ratio."""
+    from quantkit.transforms.recon import _err_terms
+
+    ref = torch.ones(1, 4, 8)
+    ref[0, 0] *= 1000.0  # a huge first token
+    out = ref.clone()
+    out[0, 1:] += 0.5  # the three small tokens are off by half their size, the huge one is exact
+    n, d = _err_terms(out, ref, per_token=False)
+    assert float(n / d) < 1e-5  # the global error barely sees the small tokens
+    n, d = _err_terms(out, ref, per_token=True)
+    assert float(n / d) == pytest.approx(0.25 * 3 / 4)  # (0.5^2 per element) x 3 tokens of 4
+
+
+def test_recon_token_loss_runs_and_never_worsens_its_error():
+    rec = _run(_recipe("gptq", loss="token")).report.blocks
+    assert all(b["recon_err_after"] <= b["recon_err_before"] for b in rec)
+    assert rec[0]["recon_err_after"] < rec[0]["recon_err_before"]
+    with pytest.raises(RecipeError, match="loss"):
+        load_recipe(_recipe("gptq", loss="tokens"))

@@ -31,12 +31,14 @@ rounding, GPTQ's codes one more candidate at the end) was best at W4 (the int re
 Rounding passes gradients straight through; each step moves every parameter by ``lr_t · sign(grad)``
 with ``lr_t`` decaying linearly from ``lr`` (default ``1 / iters``) to 0, on ``batch_size``
 calibration sequences drawn from a generator seeded by ``seed`` and the block's name (deterministic).
-The iterate of lowest batch loss is kept (as SignRound), and at the end the start, that iterate and
-the last one are compared on all calibration sequences, exactly as stored (scales rounded to the
-format's scale dtype): the best of the three is written, so the block never gets worse on its
-calibration data. ``patience`` stops early when the smoothed loss has not improved for that many
-steps. ``autocast`` runs the block's forward under bf16 autocast: ``auto`` on CUDA only, ``on`` on any
-device (CPUs with bf16 instructions gain from it), ``off`` never. Quantize-dequantize runs as one
+The iterate of lowest batch loss is kept (as SignRound), and at the end the start, that iterate and the
+last one are compared on all calibration sequences, exactly as stored (scales rounded to the format's
+scale dtype): the best of the three is written, so the block never gets worse on its calibration data.
+``loss: token`` measures that block error per token (each token's relative squared error, averaged)
+instead of over all elements at once, where a few tokens with huge hidden states (Gemma's first token)
+would otherwise decide it. ``patience`` stops early when the smoothed loss has not improved for that
+many steps. ``autocast`` runs the block's forward under bf16 autocast: ``auto`` on CUDA only, ``on`` on
+any device (CPUs with bf16 instructions gain from it), ``off`` never. Quantize-dequantize runs as one
 autograd function (``_FakeQuant``: straight-through rounding, the gradients of the small-op chain
 written out), and the final comparison skips a candidate equal to one already evaluated.
 
@@ -95,6 +97,10 @@ class ReconConfig(PluginConfig):
     offset_bound: float = Field(0.5, gt=0, le=4.0, description="|v| <= offset_bound (codes)")
     # "sign": signed gradient descent (SignRound); "adam": Adam moments on the same per-parameter step sizes
     optimizer: Literal["sign", "adam"] = "sign"
+    # the block error trained and used to choose the kept iterate: "global" = sum of squared errors over
+    # sum of squared targets (every element weighs by its size: tokens with huge hidden states, such as
+    # Gemma's first token, dominate it); "token" = each token's relative squared error, averaged
+    loss: Literal["global", "token"] = "global"
 
     @model_validator(mode="after")
     def _check(self):
@@ -126,6 +132,18 @@ class _Adam:
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+def _err_terms(out: torch.Tensor, ref: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, denominator) of the block error of ``out`` against ``ref`` [..., hidden], in fp32:
+    squared error and squared target summed over every element (global), or each token's relative
+    squared error summed and the token count (per token)."""
+    d2 = (out.float() - ref.float()).pow(2)
+    r2 = ref.float().pow(2)
+    if not per_token:
+        return d2.sum(), r2.sum()
+    ratio = d2.sum(-1) / r2.sum(-1).clamp_min(1e-30)
+    return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
 
 
 def _expand(t: torch.Tensor, gi: torch.Tensor, gs: int | None) -> torch.Tensor:
@@ -420,14 +438,12 @@ class Recon(BlockPlugin):
                        for n, w in weights.items()}
 
     @staticmethod
-    def _block_error(block, inputs, kwargs, targets, forward, device) -> float:
+    def _block_error(block, inputs, kwargs, targets, forward, device, per_token: bool = False) -> float:
         num = den = 0.0
         with torch.no_grad():
             for h, kw, f in zip(inputs, kwargs, targets):
-                out = forward(block, h.to(device), kw).float()
-                ref = f.to(device).float()
-                num += float((out - ref).pow(2).sum())
-                den += float(ref.pow(2).sum())
+                n, d = _err_terms(forward(block, h.to(device), kw), f.to(device), per_token)
+                num, den = num + float(n), den + float(d)
         return num / max(den, 1e-30)
 
     def after_block(self, block: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
@@ -458,7 +474,8 @@ class Recon(BlockPlugin):
         for p in norms:
             p.requires_grad_(True)
         train = layers + ([_Norms(norms, cfg.norm_step)] if norms else [])
-        err = lambda: self._block_error(block, inputs, kwargs, float_outputs, forward, device)  # noqa: E731
+        err = lambda: self._block_error(block, inputs, kwargs, float_outputs, forward, device,  # noqa: E731
+                                        cfg.loss == "token")
         try:
             before = err()  # the quantizer's result, as the pipeline built it
             init_state = [L.state() for L in train]
@@ -520,8 +537,8 @@ class Recon(BlockPlugin):
                     L.ql.dense_weight = L.dequant()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = forward(block, h, kw)
-                ref = f.float()
-                loss = (out.float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
+                num, den = _err_terms(out, f, cfg.loss == "token")
+                loss = num / den.clamp_min(1e-30)
                 grads = torch.autograd.grad(loss, params)
             lv = float(loss.detach())
             if not torch.isfinite(loss):
