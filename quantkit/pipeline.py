@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -332,7 +333,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
     batches = solver.shard(list(calibration.split(batch_size)))
     progress = progress and solver.is_main
     t_cap = time.time()
-    inputs, kwargs_list = capture(model, blocks, batches, device)
+    inputs, block_kwargs = capture(model, blocks, batches, device)
     report.capture_seconds += time.time() - t_cap
     if source is not None:  # streamed: the embeddings etc. leave memory until the loop is done
         _release_rest(source)
@@ -364,6 +365,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, 
             module.to(device)
         prefix = f"{blocks_name}.{bi}."
         block = Block(bi, module, prefix, find_linears(module, prefix))
+        kwargs_list = block_kwargs[bi]
         schemes = _schemes(recipe, block)
         # plugins train on every float output; otherwise only the first REF_BATCHES are kept, for the
         # block error estimate (keeping all would hold a second copy of the activations)
@@ -450,9 +452,102 @@ def _restore_rest(source) -> None:
 
 
 def capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device
-            ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Step 1, once: the first block's inputs for every batch (hidden states and keyword arguments)."""
-    return capture_block_inputs(model, blocks, batches, device, device)
+            ) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Step 1, once: the first block's hidden states for every batch, and every block's keyword
+    arguments for every batch (``[block][batch]``; blocks whose arguments equal another's share its dicts)."""
+    inputs, first = capture_block_inputs(model, blocks, batches, device, device)
+    return inputs, capture_block_kwargs(model, blocks, batches, device, first)
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)) and all(_same_tree(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same_tree(a[k], b[k]) for k in a))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a plain ==: not provably the same
+        return a is b
+
+
+def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
+                         first: list[dict]) -> list[list[dict]]:
+    """Every block's keyword arguments for every batch. Models whose layers differ by type give each
+    type its own arguments (Gemma 2/3: local or global RoPE and a sliding-window or full mask per layer;
+    GPT-OSS: sliding and full attention): calibrating every block with the first block's would run the
+    global layers with the local RoPE, a model the user does not have. One pass over the model with
+    every block's forward replaced by a recorder that returns its input (so no block computes; the
+    pass stops at the last block); arguments equal to an earlier block's are not stored twice. Where
+    that pass cannot run (a model that needs its blocks' real outputs between them), the first
+    block's arguments serve every block unless the config names several layer types (then refused)."""
+    n = len(blocks)
+    per = [[None] * len(batches) for _ in range(n)]
+    per[0] = list(first)
+    if n == 1:
+        return per
+    uniq: list[list[dict]] = [[kw] for kw in first]  # per batch: the distinct argument dicts seen
+    state = {"batch": 0}
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if i > 0:
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kw["use_cache"] = False
+                for k in ("past_key_values", "past_key_value", "layer_past"):
+                    kw.pop(k, None)
+                kw = _tree_to(kw, device)
+                b = state["batch"]
+                per[i][b] = next((u for u in uniq[b] if _same_tree(u, kw)), None)
+                if per[i][b] is None:
+                    uniq[b].append(kw)
+                    per[i][b] = kw
+            if i == n - 1:
+                raise _Stop
+            return h
+        return forward
+
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    saved = _move_direct(model, block_ids, device)
+    had = [b.__dict__.get("forward") for b in blocks]
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
+    failed = None
+    try:
+        with torch.no_grad():
+            for j, ids in enumerate(batches):
+                state["batch"] = j
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    except Exception as e:  # noqa: BLE001 - reported below, with the fallback
+        failed = e
+    finally:
+        for b, f in zip(blocks, had):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+        _restore(saved)
+    if failed is not None or any(kw is None for row in per for kw in row):
+        types = set(getattr(getattr(model, "config", None), "layer_types", None) or [])
+        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+        types |= set(getattr(text_cfg, "layer_types", None) or [])
+        if len(types) > 1:
+            raise QuantkitError(
+                f"this model's layers take different arguments by layer type ({', '.join(sorted(types))}) and "
+                f"quantkit could not record each block's (the model's forward failed with its blocks skipped: "
+                f"{failed!r:.200}); quantizing it with the first block's arguments everywhere would calibrate "
+                f"a different model. Please report the architecture")
+        warnings.warn(f"could not record each block's arguments ({failed!r:.200}); the first block's serve "
+                      f"every block (the model's config names no per-layer attention types)", stacklevel=3)
+        return [list(first) for _ in range(n)]
+    return per
 
 
 def _schemes(recipe: Recipe, block: Block) -> dict[str, Scheme]:
