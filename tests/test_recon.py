@@ -161,10 +161,11 @@ def test_fakequant_gradient_is_straight_through():
 
 def test_recon_autocast_on_lowers_error_and_is_deterministic():
     """bf16 autocast on the CPU (autocast: on) still lowers the block error against the quantizer's
-    start, and a seed gives the same model twice."""
+    start, and a seed gives the same model twice. 80 steps: at 40 the bf16 run lowered it by 4.4 % only on
+    a CPU with AMX (Sapphire Rapids: other bf16 kernels than the AMD machines'), 13.6 % at 80."""
     base = _run(_recipe("gptq", iters=0)).report.blocks
-    a = _run(_recipe("gptq", autocast="on"))
-    b = _run(_recipe("gptq", autocast="on"))
+    a = _run(_recipe("gptq", autocast="on", iters=80))
+    b = _run(_recipe("gptq", autocast="on", iters=80))
     r0 = a.report.blocks[0]
     assert r0["block_rel_err"] < 0.95 * base[0]["block_rel_err"], (base[0], r0)
     for blk in a.report.blocks:
