@@ -428,7 +428,25 @@ def test_recon_channel_loss_weighs_channels_equally():
     assert 0.1 < float(n / d) < 0.3  # 7 of 8 channels off by ~a quarter of their energy, averaged
 
 
-@pytest.mark.parametrize("loss", ["token", "channel"])
+def test_recon_norm_loss_ignores_rescaling_and_sees_direction():
+    """``loss: norm``: the error after RMS normalisation of each token (the next RMSNorm's view)."""
+    from quantkit.transforms.recon import _err_terms
+
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(2, 5, 16, generator=gen)
+    ref[..., 3] *= 100.0  # a dominating channel
+    n, d = _err_terms(ref * torch.rand(2, 5, 1, generator=gen).add(0.5), ref, "norm")
+    assert float(n / d) < 1e-10  # a per-token rescale passes the norm unchanged
+    delta = 0.1 * ref[..., 3:4]  # 10 % of the dominating channel, the same absolute amount to channel 0
+    n1, d1 = _err_terms(ref + delta * torch.nn.functional.one_hot(torch.tensor(3), 16), ref, "norm")
+    n2, d2 = _err_terms(ref + delta * torch.nn.functional.one_hot(torch.tensor(0), 16), ref, "norm")
+    assert float(n1 / d1) < 0.01 * float(n2 / d2)  # along the dominating channel it matters far less
+    g1, _ = _err_terms(ref + delta * torch.nn.functional.one_hot(torch.tensor(3), 16), ref, "global")
+    g2, _ = _err_terms(ref + delta * torch.nn.functional.one_hot(torch.tensor(0), 16), ref, "global")
+    assert float(g1) == pytest.approx(float(g2))  # while the global error counts both alike
+
+
+@pytest.mark.parametrize("loss", ["token", "channel", "norm"])
 def test_recon_other_losses_run_and_never_worsen_their_error(loss):
     rec = _run(_recipe("gptq", loss=loss)).report.blocks
     assert all(b["recon_err_after"] <= b["recon_err_before"] for b in rec)

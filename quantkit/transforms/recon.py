@@ -35,9 +35,10 @@ The iterate of lowest batch loss is kept (as SignRound), and at the end the star
 last one are compared on all calibration sequences, exactly as stored (scales rounded to the format's
 scale dtype): the best of the three is written, so the block never gets worse on its calibration data.
 ``loss: token`` measures that block error per token (each token's relative squared error, averaged),
-``loss: channel`` with every hidden channel weighted by 1 / its mean square in the targets, instead of
-over all elements at once, where a few tokens or channels with huge values (Gemma-3's residual stream
-holds 81-86 % of its energy in one channel) would otherwise decide it. ``patience`` stops early when the
+``loss: channel`` with every hidden channel weighted by 1 / its mean square in the targets, ``loss:
+norm`` after RMS-normalising each token of output and target (the next RMSNorm's view), instead of over
+all elements at once, where a few tokens or channels with huge values (Gemma-3's residual stream holds
+81-86 % of its energy in one channel) would otherwise decide it. ``patience`` stops early when the
 smoothed loss has not improved for that many steps. ``autocast`` runs the block's forward under bf16
 autocast: ``auto`` on CUDA only, ``on`` on any device (CPUs with bf16 instructions gain from it),
 ``off`` never. Quantize-dequantize runs as one autograd function (``_FakeQuant``: straight-through
@@ -103,8 +104,9 @@ class ReconConfig(PluginConfig):
     # sum of squared targets (every element weighs by its size, so huge tokens or channels dominate it);
     # "token" = each token's relative squared error, averaged; "channel" = every hidden channel weighted
     # by 1 / its mean square in the targets (Gemma-3-270M's residual stream holds 81-86 % of its energy
-    # in one channel: its global error is mostly that channel's)
-    loss: Literal["global", "token", "channel"] = "global"
+    # in one channel: its global error is mostly that channel's); "norm" = each token's error after RMS
+    # normalisation of output and target (the next RMSNorm's view), averaged
+    loss: Literal["global", "token", "channel", "norm"] = "global"
 
     @model_validator(mode="after")
     def _check(self):
@@ -143,7 +145,10 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
     """(numerator, denominator) of the block error of ``out`` against ``ref`` [..., hidden], in fp32.
     global: squared error and squared target summed over every element; token: each token's relative
     squared error summed, and the token count; channel: both sums with each hidden channel weighted by
-    ``cw`` (1 / the channel's mean square in the targets: every channel counts alike)."""
+    ``cw`` (1 / the channel's mean square in the targets: every channel counts alike); norm: each token's
+    squared error after RMS normalisation of both (what the next block's RMSNorm passes on: an error that
+    only rescales a token, e.g. along a channel that dominates its RMS, is not counted), summed, and the
+    token count."""
     d2 = (out.float() - ref.float()).pow(2)
     r2 = ref.float().pow(2)
     if mode == "token":
@@ -151,6 +156,12 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
         return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
     if mode == "channel":
         return (d2 * cw).sum(), (r2 * cw).sum()
+    if mode == "norm":
+        o, r = out.float(), ref.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
+        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
     return d2.sum(), r2.sum()
 
 
