@@ -108,6 +108,14 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return _block_output(block(hidden, **kwargs))
 
 
+def _block_kwargs(kwargs: dict, device) -> dict:
+    """A block's keyword arguments as the pipeline replays them: no hidden states, no cache, on device."""
+    kw = {k: v for k, v in kwargs.items()
+          if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}
+    kw["use_cache"] = False
+    return _tree_to(kw, device)
+
+
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
                          store_device) -> tuple[list[torch.Tensor], list[dict]]:
     """Run the model up to the first block for each batch; return its hidden states and kwargs."""
@@ -115,13 +123,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
 
     def hook(_mod, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kw["use_cache"] = False
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
-        kw.pop("layer_past", None)
         hiddens.append(h.detach().to(store_device))
-        kwargs_list.append(_tree_to(kw, device))
+        kwargs_list.append(_block_kwargs(kwargs, device))
         raise _Stop
 
     # everything but the blocks goes to the device for the capture
@@ -496,11 +499,7 @@ def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         def forward(*args, **kwargs):
             h = args[0] if args else kwargs.get("hidden_states")
             if i > 0:
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                kw["use_cache"] = False
-                for k in ("past_key_values", "past_key_value", "layer_past"):
-                    kw.pop(k, None)
-                kw = _tree_to(kw, device)
+                kw = _block_kwargs(kwargs, device)
                 b = state["batch"]
                 per[i][b] = next((u for u in uniq[b] if _same_tree(u, kw)), None)
                 if per[i][b] is None:
