@@ -2,9 +2,9 @@
 
 :func:`quantize_model` runs four steps, each a function below:
 
-1. :func:`capture` (once): what the first decoder block receives (hidden states and every keyword
-   argument the architecture passes: masks, position ids, rotary embeddings, ...), by running the
-   model up to that block.
+1. :func:`capture` (once, quantkit.capture): the first decoder block's hidden states, and the keyword
+   arguments the architecture passes each block (masks, position ids, rotary embeddings, ...; per
+   layer type where they differ).
 2. :func:`calibrate` (per block, on the compute device): each linear's input statistics, gathered with
    hooks (XᵀX, Σx², max|x|; linears that share an input share one accumulator).
 3. ``solver.solve`` (quantkit.solve): the recipe's transforms and quantizer on every linear; the
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .capture import capture_block_inputs, capture_block_kwargs, run_block
 from .errors import NumericalError, QuantkitError
 from .models.discovery import find_blocks, find_linears, linear_weight, set_module
 from .moe.calibration import expert_calibration, fallback_schemes
@@ -41,10 +41,6 @@ from .stats import _StatsCollector
 from .transforms.base import block_plugin_from_spec
 
 REF_BATCHES = 4  # calibration batches (per rank) whose float block outputs are kept for block_rel_err
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -86,92 +82,6 @@ class BlockObserver:
                       float_inputs: list[torch.Tensor] | None = None) -> None:
         """``block`` is quantized and back on CPU; ``inputs`` are the next block's hidden states and
         ``float_inputs`` the float stream's (None unless a block plugin uses it)."""
-
-
-def _tree_to(obj: Any, device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_tree_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_tree_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _tree_to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    return _block_output(block(hidden, **kwargs))
-
-
-def _block_kwargs(kwargs: dict, device) -> dict:
-    """A block's keyword arguments as the pipeline replays them: no hidden states, no cache, on device."""
-    kw = {k: v for k, v in kwargs.items()
-          if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}
-    kw["use_cache"] = False
-    return _tree_to(kw, device)
-
-
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
-                         store_device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Run the model up to the first block for each batch; return its hidden states and kwargs."""
-    hiddens, kwargs_list = [], []
-
-    def hook(_mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hiddens.append(h.detach().to(store_device))
-        kwargs_list.append(_block_kwargs(kwargs, device))
-        raise _Stop
-
-    # everything but the blocks goes to the device for the capture
-    block_ids = {id(m) for b in blocks for m in b.modules()}
-    saved = _move_direct(model, block_ids, device)
-    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-        _restore(saved)  # the untouched originals come back: no copy back from the device
-    if len(hiddens) != len(batches):
-        raise QuantkitError("the first decoder block was never reached: the model's forward does not "
-                            "call its blocks in order; this architecture is not supported")
-    return hiddens, kwargs_list
-
-
-def _move_direct(model: nn.Module, skip_ids: set[int], device) -> list[tuple]:
-    """Move the parameters/buffers of every module not in ``skip_ids``, in place (ties survive);
-    returns what :func:`_restore` needs to put the original tensors back."""
-    saved: list[tuple] = []
-    dev = torch.device(device)
-    for m in model.modules():
-        if id(m) in skip_ids:
-            continue
-        for p in m._parameters.values():
-            if p is not None and p.device != dev:
-                saved.append((p, None, p.data))
-                p.data = p.data.to(dev)
-        for n, b in list(m._buffers.items()):
-            if b is not None and b.device != dev:
-                saved.append((m, n, b))
-                m._buffers[n] = b.to(dev)
-    return saved
-
-
-def _restore(saved: list[tuple]) -> None:
-    for owner, name, t in saved:
-        if name is None:
-            owner.data = t
-        else:
-            owner._buffers[name] = t
 
 
 def is_data_free(model: nn.Module, recipe: Recipe) -> bool:
@@ -460,93 +370,6 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
     arguments for every batch (``[block][batch]``; blocks whose arguments equal another's share its dicts)."""
     inputs, first = capture_block_inputs(model, blocks, batches, device, device)
     return inputs, capture_block_kwargs(model, blocks, batches, device, first)
-
-
-def _same_tree(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
-    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        return (type(a) is type(b) and len(a) == len(b)) and all(_same_tree(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) or isinstance(b, dict):
-        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
-                and all(_same_tree(a[k], b[k]) for k in a))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects without a plain ==: not provably the same
-        return a is b
-
-
-def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
-                         first: list[dict]) -> list[list[dict]]:
-    """Every block's keyword arguments for every batch. Models whose layers differ by type give each
-    type its own arguments (Gemma 2/3: local or global RoPE and a sliding-window or full mask per layer;
-    GPT-OSS: sliding and full attention): calibrating every block with the first block's would run the
-    global layers with the local RoPE, a model the user does not have. One pass over the model with
-    every block's forward replaced by a recorder that returns its input (so no block computes; the
-    pass stops at the last block); arguments equal to an earlier block's are not stored twice. Where
-    that pass cannot run (a model that needs its blocks' real outputs between them), the first
-    block's arguments serve every block unless the config names several layer types (then refused)."""
-    n = len(blocks)
-    per = [[None] * len(batches) for _ in range(n)]
-    per[0] = list(first)
-    if n == 1:
-        return per
-    uniq: list[list[dict]] = [[kw] for kw in first]  # per batch: the distinct argument dicts seen
-    state = {"batch": 0}
-
-    def recorder(i):
-        def forward(*args, **kwargs):
-            h = args[0] if args else kwargs.get("hidden_states")
-            if i > 0:
-                kw = _block_kwargs(kwargs, device)
-                b = state["batch"]
-                per[i][b] = next((u for u in uniq[b] if _same_tree(u, kw)), None)
-                if per[i][b] is None:
-                    uniq[b].append(kw)
-                    per[i][b] = kw
-            if i == n - 1:
-                raise _Stop
-            return h
-        return forward
-
-    block_ids = {id(m) for b in blocks for m in b.modules()}
-    saved = _move_direct(model, block_ids, device)
-    had = [b.__dict__.get("forward") for b in blocks]
-    for i, b in enumerate(blocks):
-        b.forward = recorder(i)
-    failed = None
-    try:
-        with torch.no_grad():
-            for j, ids in enumerate(batches):
-                state["batch"] = j
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except _Stop:
-                    pass
-    except Exception as e:  # noqa: BLE001 - reported below, with the fallback
-        failed = e
-    finally:
-        for b, f in zip(blocks, had):
-            if f is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = f
-        _restore(saved)
-    if failed is not None or any(kw is None for row in per for kw in row):
-        types = set(getattr(getattr(model, "config", None), "layer_types", None) or [])
-        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
-        types |= set(getattr(text_cfg, "layer_types", None) or [])
-        if len(types) > 1:
-            raise QuantkitError(
-                f"this model's layers take different arguments by layer type ({', '.join(sorted(types))}) and "
-                f"quantkit could not record each block's (the model's forward failed with its blocks skipped: "
-                f"{failed!r:.200}); quantizing it with the first block's arguments everywhere would calibrate "
-                f"a different model. Please report the architecture")
-        warnings.warn(f"could not record each block's arguments ({failed!r:.200}); the first block's serve "
-                      f"every block (the model's config names no per-layer attention types)", stacklevel=3)
-        return [list(first) for _ in range(n)]
-    return per
 
 
 def _schemes(recipe: Recipe, block: Block) -> dict[str, Scheme]:

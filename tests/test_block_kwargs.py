@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantkit.capture import _same_tree
 from quantkit.errors import QuantkitError
 from quantkit.models.discovery import find_blocks
-from quantkit.pipeline import _same_tree, capture
+from quantkit.pipeline import capture
 
 from conftest import tiny_config, tiny_model
 

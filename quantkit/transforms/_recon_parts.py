@@ -1,5 +1,6 @@
 """Parts of the ``recon`` block plugin (:mod:`quantkit.transforms.recon`) that are not about the weight
-grid: the block's norm parameters as learnables, and the seeded calibration-batch sampler."""
+grid: the block's norm parameters as learnables, the seeded calibration-batch sampler, and the
+block-error terms of each ``loss``."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ class _Sampler:
         h = torch.cat([self.inputs[j][r:r + 1] for j, r in (self.index[i] for i in picks)]).to(device)
         f = torch.cat([self.targets[j][r:r + 1] for j, r in (self.index[i] for i in picks)]).to(device)
         return h, self.kwargs[0], f
+
+
+def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, denominator) of the block error of ``out`` against ``ref`` [..., hidden], in fp32.
+    global: squared error and squared target summed over every element; token: each token's relative
+    squared error summed, and the token count; channel: both sums with each hidden channel weighted by
+    ``cw`` (1 / the channel's mean square in the targets: every channel counts alike); norm: each token's
+    squared error after RMS normalisation of both (what the next block's RMSNorm passes on: an error that
+    only rescales a token, e.g. along a channel that dominates its RMS, is not counted), summed, and the
+    token count."""
+    d2 = (out.float() - ref.float()).pow(2)
+    r2 = ref.float().pow(2)
+    if mode == "token":
+        ratio = d2.sum(-1) / r2.sum(-1).clamp_min(1e-30)
+        return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
+    if mode == "channel":
+        return (d2 * cw).sum(), (r2 * cw).sum()
+    if mode == "norm":
+        o, r = out.float(), ref.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
+        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
+    return d2.sum(), r2.sum()
+
+
+def _channel_weights(targets: list[torch.Tensor], device) -> torch.Tensor:
+    """1 / each hidden channel's mean square over the calibration targets (``loss: channel``)."""
+    acc, n = None, 0
+    for f in targets:
+        f = f.to(device).float()
+        s = f.pow(2).reshape(-1, f.shape[-1]).sum(0)
+        acc, n = (s if acc is None else acc + s), n + f[..., 0].numel()
+    ms = acc / max(n, 1)
+    return 1.0 / ms.clamp_min(ms.max() * 1e-8 + 1e-30)

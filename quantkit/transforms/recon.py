@@ -70,7 +70,7 @@ from ..errors import NumericalError
 from ..formats.base import WeightFormat, column_groups, group_index
 from ..formats.packing import unpack_codes
 from ..registry import register
-from ._recon_parts import _norm_params, _Norms, _Sampler
+from ._recon_parts import _channel_weights, _err_terms, _norm_params, _Norms, _Sampler
 from .base import BlockPlugin, PluginConfig
 
 _FORMAT_KEYS = ("qweight", "scales", "zeros", "g_idx")
@@ -138,42 +138,6 @@ class _Adam:
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
-
-
-def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(numerator, denominator) of the block error of ``out`` against ``ref`` [..., hidden], in fp32.
-    global: squared error and squared target summed over every element; token: each token's relative
-    squared error summed, and the token count; channel: both sums with each hidden channel weighted by
-    ``cw`` (1 / the channel's mean square in the targets: every channel counts alike); norm: each token's
-    squared error after RMS normalisation of both (what the next block's RMSNorm passes on: an error that
-    only rescales a token, e.g. along a channel that dominates its RMS, is not counted), summed, and the
-    token count."""
-    d2 = (out.float() - ref.float()).pow(2)
-    r2 = ref.float().pow(2)
-    if mode == "token":
-        ratio = d2.sum(-1) / r2.sum(-1).clamp_min(1e-30)
-        return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
-    if mode == "channel":
-        return (d2 * cw).sum(), (r2 * cw).sum()
-    if mode == "norm":
-        o, r = out.float(), ref.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-        e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
-        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
-    return d2.sum(), r2.sum()
-
-
-def _channel_weights(targets: list[torch.Tensor], device) -> torch.Tensor:
-    """1 / each hidden channel's mean square over the calibration targets (``loss: channel``)."""
-    acc, n = None, 0
-    for f in targets:
-        f = f.to(device).float()
-        s = f.pow(2).reshape(-1, f.shape[-1]).sum(0)
-        acc, n = (s if acc is None else acc + s), n + f[..., 0].numel()
-    ms = acc / max(n, 1)
-    return 1.0 / ms.clamp_min(ms.max() * 1e-8 + 1e-30)
 
 
 def _expand(t: torch.Tensor, gi: torch.Tensor, gs: int | None) -> torch.Tensor:
