@@ -109,6 +109,12 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
     squared error after RMS normalisation of both (what the next block's RMSNorm passes on: an error that
     only rescales a token, e.g. along a channel that dominates its RMS, is not counted), summed, and the
     token count."""
+    if mode == "norm":
+        o, r = out.float(), ref.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
+        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
     d2 = (out.float() - ref.float()).pow(2)
     r2 = ref.float().pow(2)
     if mode == "token":
@@ -116,12 +122,6 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
         return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
     if mode == "channel":
         return (d2 * cw).sum(), (r2 * cw).sum()
-    if mode == "norm":
-        o, r = out.float(), ref.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-        e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
-        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
     return d2.sum(), r2.sum()
 
 
