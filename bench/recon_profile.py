@@ -2,7 +2,7 @@
 
 Runs quantkit's GPTQ on smollm2-135m up to the first block's recon hook, keeps that block, its
 calibration inputs and float outputs, then times recon's step phases on it (the same calls as
-``Recon._train``, timed apart): quantize-dequantize of every linear (``_FakeQuant`` or the old
+the recon training loop (quantkit/transforms/_recon_train.py), timed apart): quantize-dequantize of every linear (``_FakeQuant`` or the old
 small-op chain), the block forward (fp32 or bf16 autocast), the backward, the sign update + clamp,
 the best-iterate copy, and the final whole-calibration evaluations. Then the plugin itself
 (``Recon.after_block``) end to end on a copy of the block, for each variant. Deterministic inputs;

@@ -85,6 +85,12 @@ class _Sampler:
         self.gen = torch.Generator().manual_seed(seed)
         self.index = [(j, r) for j, b in enumerate(self.rows) for r in range(b)]
 
+    def fixed_shape(self) -> bool:
+        """Whether every draw has the same shapes (a CUDA graph of the step can replay them all)."""
+        if not self.per_batch:
+            return True
+        return len({(min(self.bs, b), tuple(h.shape[1:])) for b, h in zip(self.rows, self.inputs)}) == 1
+
     def draw(self, device):
         if self.per_batch:
             j = int(torch.randint(len(self.inputs), (1,), generator=self.gen))
@@ -114,12 +120,12 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
         r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
         e = (o - r).pow(2).mean(-1)  # the next RMSNorm's view: the error of each token's direction
-        return e.sum(), torch.tensor(float(e.numel()), device=e.device)
+        return e.sum(), torch.full((), float(e.numel()), device=e.device)  # no host copy: capturable
     d2 = (out.float() - ref.float()).pow(2)
     r2 = ref.float().pow(2)
     if mode == "token":
         ratio = d2.sum(-1) / r2.sum(-1).clamp_min(1e-30)
-        return ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)
+        return ratio.sum(), torch.full((), float(ratio.numel()), device=ratio.device)
     if mode == "channel":
         return (d2 * cw).sum(), (r2 * cw).sum()
     return d2.sum(), r2.sum()

@@ -71,6 +71,7 @@ from ..formats.base import WeightFormat, column_groups, group_index
 from ..formats.packing import unpack_codes
 from ..registry import register
 from ._recon_parts import _channel_weights, _err_terms, _norm_params, _Norms, _Sampler
+from ._recon_train import train as _train_loop
 from .base import BlockPlugin, PluginConfig
 
 _FORMAT_KEYS = ("qweight", "scales", "zeros", "g_idx")
@@ -107,6 +108,9 @@ class ReconConfig(PluginConfig):
     # in one channel: its global error is mostly that channel's); "norm" = each token's error after RMS
     # normalisation of output and target (the next RMSNorm's view), averaged
     loss: Literal["global", "token", "channel", "norm"] = "global"
+    # "auto": on CUDA the training step is captured once as a CUDA graph and replayed (signed optimizer,
+    # same-shaped batches; early stop then checked every 16 steps); "off": eager steps
+    cuda_graph: Literal["auto", "off"] = "auto"
 
     @model_validator(mode="after")
     def _check(self):
@@ -114,26 +118,6 @@ class ReconConfig(PluginConfig):
         if not 0 < lo <= hi:
             raise ValueError(f"clip_range must be two factors 0 < low <= high, got {list(self.clip_range)}")
         return self
-
-
-class _Adam:
-    """Adam's direction m̂ / (sqrt(v̂) + eps) per parameter (fp32 moments), scaled by the caller like the sign:
-    about ±1 per element in steady state, smaller where the gradient's sign flips from step to step."""
-
-    def __init__(self, n: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12):
-        self.m: list[torch.Tensor | None] = [None] * n
-        self.v: list[torch.Tensor | None] = [None] * n
-        self.b1, self.b2, self.eps = b1, b2, eps
-
-    def direction(self, i: int, g: torch.Tensor, t: int) -> torch.Tensor:
-        g = g.float()
-        if self.m[i] is None:
-            self.m[i], self.v[i] = torch.zeros_like(g), torch.zeros_like(g)
-        self.m[i].mul_(self.b1).add_(g, alpha=1 - self.b1)
-        self.v[i].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        mh = self.m[i] / (1 - self.b1 ** t)
-        vh = self.v[i] / (1 - self.b2 ** t)
-        return mh.div_(vh.sqrt_().add_(self.eps))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -478,8 +462,10 @@ class Recon(BlockPlugin):
             init_state = [L.state() for L in train]
             if cfg.init == "rtn":
                 self._set(train, init_state)
-            best_state, last_state, steps, best_loss = self._train(block, train, inputs, kwargs, float_outputs,
-                                                                  forward, device)
+            seed = (cfg.seed * 1_000_003 + zlib.crc32(self._prefix.encode())) % (2 ** 63)
+            sampler = _Sampler(inputs, kwargs, float_outputs, cfg.batch_size, seed)
+            best_state, last_state, steps, best_loss, graphed = _train_loop(
+                cfg, block, train, sampler, forward, device, self._cw, self._prefix)
             chosen, chosen_err, pick = "quantizer", before, None
             # the start of training is the quantizer's result (init: quantizer) or plain rounding (rtn)
             seen = [init_state] if cfg.init == "quantizer" else []
@@ -505,7 +491,7 @@ class Recon(BlockPlugin):
         return {"recon_err_before": before, "recon_err_after": chosen_err, "recon_steps": float(steps),
                 "recon_best_batch_loss": best_loss, "recon_kept": _KEPT[chosen],
                 "recon_layers": float(len(layers)), "recon_skipped": float(skipped),
-                "recon_s": time.perf_counter() - t0}
+                "recon_graph": float(graphed), "recon_s": time.perf_counter() - t0}
 
     @staticmethod
     def _set(layers: list[_Layer], state: list[list[torch.Tensor]] | None) -> None:
@@ -513,55 +499,6 @@ class Recon(BlockPlugin):
             if state is not None:
                 L.load(state[i])
             L.write()
-
-    def _train(self, block, layers: list[_Layer], inputs, kwargs, targets, forward, device):
-        cfg = self.cfg
-        seed = (cfg.seed * 1_000_003 + zlib.crc32(self._prefix.encode())) % (2 ** 63)
-        sampler = _Sampler(inputs, kwargs, targets, cfg.batch_size, seed)
-        quant = [L for L in layers if not isinstance(L, _Norms)]
-        params = [p for L in layers for p in L.params()]
-        steps_of = [L.step_scale(p) for L in layers for p in L.params()]
-        lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
-        use_amp = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
-        best_loss, best_state = float("inf"), None
-        ema, best_ema, since = None, float("inf"), 0
-        steps = 0
-        adam = _Adam(len(params))
-        for it in range(cfg.iters):
-            h, kw, f = sampler.draw(device)
-            with torch.enable_grad():
-                for L in quant:
-                    L.ql.dense_weight = L.dequant()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = forward(block, h, kw)
-                num, den = _err_terms(out, f, cfg.loss, self._cw)
-                loss = num / den.clamp_min(1e-30)
-                grads = torch.autograd.grad(loss, params)
-            lv = float(loss.detach())
-            if not torch.isfinite(loss):
-                raise NumericalError(f"block {self._prefix!r}: recon loss is {lv} at step {it}; lower lr")
-            steps += 1
-            if lv < best_loss:
-                best_loss, best_state = lv, [L.state() for L in layers]
-            lr = lr0 * (1.0 - it / cfg.iters)
-            with torch.no_grad():
-                for i, (p, g, k) in enumerate(zip(params, grads, steps_of)):
-                    d = torch.sign(g) if cfg.optimizer == "sign" else adam.direction(i, g, steps)
-                    p.sub_(d.mul_(k).mul_(lr).to(p.dtype))
-            for L in layers:
-                L.clamp_(cfg.clip_range, cfg.offset_bound)
-            if cfg.patience is not None:
-                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                if ema < best_ema * (1 - 1e-3):
-                    best_ema, since = ema, 0
-                else:
-                    since += 1
-                    if since >= cfg.patience:
-                        break
-        for L in quant:
-            L.ql.dense_weight = None
-        last_state = [L.state() for L in layers] if steps else None
-        return best_state, last_state, steps, best_loss
 
 
 __all__ = ["Recon", "ReconConfig"]
