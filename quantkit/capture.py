@@ -122,34 +122,35 @@ def _same_tree(a: Any, b: Any) -> bool:
         return a is b
 
 
-def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
-                         first: list[dict]) -> list[list[dict]]:
-    """Every block's keyword arguments for every batch. Models whose layers differ by type give each
-    type its own arguments (Gemma 2/3: local or global RoPE and a sliding-window or full mask per layer;
-    GPT-OSS: sliding and full attention): calibrating every block with the first block's would run the
-    global layers with the local RoPE, a model the user does not have. One pass over the model with
-    every block's forward replaced by a recorder that returns its input (so no block computes; the
-    pass stops at the last block); arguments equal to an earlier block's are not stored twice. Where
-    that pass cannot run (a model that needs its blocks' real outputs between them), the first
-    block's arguments serve every block unless the config names several layer types (then refused)."""
+def capture_blocks(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device,
+                   store_device) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first block's hidden states for every batch and every block's keyword arguments
+    (``[block][batch]``), in one pass over the model per batch. Models whose layers differ by type give
+    each type its own arguments (Gemma 2/3: local or global RoPE and a sliding-window or full mask per
+    layer; GPT-OSS: sliding and full attention): calibrating every block with the first block's would
+    run the global layers with the local RoPE, a model the user does not have. Every block's forward is
+    replaced by a recorder that returns its input (so no block computes; the pass stops at the last
+    block); the first one also keeps the hidden states; arguments equal to an earlier block's are not
+    stored twice. Where that pass cannot run (a model that needs its blocks' real outputs between them),
+    the model is run to its first block only (:func:`capture_block_inputs`) and the first block's
+    arguments serve every block, unless the config names several layer types (then refused)."""
     n = len(blocks)
-    per = [[None] * len(batches) for _ in range(n)]
-    per[0] = list(first)
-    if n == 1:
-        return per
-    uniq: list[list[dict]] = [[kw] for kw in first]  # per batch: the distinct argument dicts seen
+    per: list[list[dict | None]] = [[None] * len(batches) for _ in range(n)]
+    hiddens: list[torch.Tensor | None] = [None] * len(batches)
+    uniq: list[list[dict]] = [[] for _ in batches]  # per batch: the distinct argument dicts seen
     state = {"batch": 0}
 
     def recorder(i):
         def forward(*args, **kwargs):
             h = args[0] if args else kwargs.get("hidden_states")
-            if i > 0:
-                kw = _block_kwargs(kwargs, device)
-                b = state["batch"]
-                per[i][b] = next((u for u in uniq[b] if _same_tree(u, kw)), None)
-                if per[i][b] is None:
-                    uniq[b].append(kw)
-                    per[i][b] = kw
+            b = state["batch"]
+            if i == 0:
+                hiddens[b] = h.detach().to(store_device)
+            kw = _block_kwargs(kwargs, device)
+            per[i][b] = next((u for u in uniq[b] if _same_tree(u, kw)), None)
+            if per[i][b] is None:
+                uniq[b].append(kw)
+                per[i][b] = kw
             if i == n - 1:
                 raise _Stop
             return h
@@ -178,7 +179,10 @@ def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[
             else:
                 b.forward = f
         _restore(saved)
-    if failed is not None or any(kw is None for row in per for kw in row):
+    if failed is None and all(kw is not None for row in per for kw in row):
+        return hiddens, per
+    inputs, first = capture_block_inputs(model, blocks, batches, device, store_device)
+    if n > 1:
         types = set(getattr(getattr(model, "config", None), "layer_types", None) or [])
         text_cfg = getattr(getattr(model, "config", None), "text_config", None)
         types |= set(getattr(text_cfg, "layer_types", None) or [])
@@ -190,5 +194,4 @@ def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches: list[
                 f"a different model. Please report the architecture")
         warnings.warn(f"could not record each block's arguments ({failed!r:.200}); the first block's serve "
                       f"every block (the model's config names no per-layer attention types)", stacklevel=3)
-        return [list(first) for _ in range(n)]
-    return per
+    return inputs, [list(first) for _ in range(n)]

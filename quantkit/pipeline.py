@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture_block_inputs, capture_block_kwargs, run_block
+from .capture import capture_blocks, run_block
 from .errors import NumericalError, QuantkitError
 from .models.discovery import find_blocks, find_linears, linear_weight, set_module
 from .moe.calibration import expert_calibration, fallback_schemes
@@ -368,8 +368,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
             ) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """Step 1, once: the first block's hidden states for every batch, and every block's keyword
     arguments for every batch (``[block][batch]``; blocks whose arguments equal another's share its dicts)."""
-    inputs, first = capture_block_inputs(model, blocks, batches, device, device)
-    return inputs, capture_block_kwargs(model, blocks, batches, device, first)
+    return capture_blocks(model, blocks, batches, device, device)
 
 
 def _schemes(recipe: Recipe, block: Block) -> dict[str, Scheme]:

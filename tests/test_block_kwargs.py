@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.capture import _same_tree
+from quantkit.capture import _same_tree, capture_block_inputs
 from quantkit.errors import QuantkitError
 from quantkit.models.discovery import find_blocks
 from quantkit.pipeline import capture
@@ -90,3 +90,38 @@ def test_failing_record_pass_refused_for_mixed_layer_types(monkeypatch):
             capture(model, blocks, list(IDS.split(1)), torch.device("cpu"))
     finally:
         h.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_one_pass_hidden_states_are_the_first_blocks_inputs(arch):
+    """The recorder pass keeps block 0's hidden states too: the same as running the model to block 0."""
+    model = _gemma_mixed() if arch == "gemma3" else tiny_model(arch).eval()
+    _, blocks = find_blocks(model)
+    batches = list(IDS.split(1))
+    hs, per = capture(model, blocks, batches, torch.device("cpu"))
+    ref_h, ref_kw = capture_block_inputs(model, blocks, batches, "cpu", "cpu")
+    for h, r in zip(hs, ref_h):
+        assert torch.equal(h, r)
+    for kw, r in zip(per[0], ref_kw):
+        assert _same_tree(kw, r)
+
+
+def test_failing_record_pass_falls_back_for_uniform_models():
+    """One layer type: a failed recorder pass warns, and the model run to block 0 gives the hidden states;
+    its arguments serve every block."""
+    model = tiny_model("llama").eval()
+    _, blocks = find_blocks(model)
+    batches = list(IDS.split(1))
+    ref, _ = capture(model, blocks, batches, torch.device("cpu"))
+
+    def boom(*a):
+        raise RuntimeError("needs real block outputs")
+
+    h = blocks[1].register_forward_pre_hook(boom)
+    try:
+        with pytest.warns(UserWarning, match="could not record"):
+            hs, per = capture(model, blocks, batches, torch.device("cpu"))
+    finally:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(hs, ref))
+    assert all(per[i][j] is per[0][j] for i in range(len(per)) for j in range(len(batches)))

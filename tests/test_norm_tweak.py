@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import quantkit
+from quantkit.capture import capture_block_inputs, run_block
 from quantkit.models.discovery import find_blocks, find_linears, set_module
-from quantkit.pipeline import capture_block_inputs, run_block
 from quantkit.quantizers.base import LayerStats
 from quantkit.recipe import load_recipe
 from quantkit.solve import quantize_linear

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import quantkit
+from quantkit.capture import capture_block_inputs, run_block
 from quantkit.models.discovery import find_blocks
 from quantkit.nn import QuantLinear
-from quantkit.pipeline import capture_block_inputs, run_block
 
 from conftest import ARCHS, tiny_model
 
