@@ -453,3 +453,16 @@ def test_recon_other_losses_run_and_never_worsen_their_error(loss):
     assert rec[0]["recon_err_after"] < rec[0]["recon_err_before"]
     with pytest.raises(RecipeError, match="loss"):
         load_recipe(_recipe("gptq", loss="tokens"))
+
+
+def test_bare_yaml_on_off_switches_parse(tmp_path):
+    """PyYAML reads a bare `off` as False: the auto/on/off options take it (recon, e2e)."""
+    from quantkit.transforms.e2e import FinetuneConfig
+    p = tmp_path / "r.yaml"
+    p.write_text("quantizer: rtn\nformat: {type: int, bits: 4, group_size: 32}\n"
+                 "block_plugins:\n  - {type: recon, autocast: off, cuda_graph: off}\n")
+    spec = load_recipe(str(p)).block_plugins[0]
+    cfg = block_plugin_from_spec(spec, "r.yaml").cfg
+    assert cfg.autocast == "off" and cfg.cuda_graph == "off"
+    assert block_plugin_from_spec({"type": "recon", "autocast": True}, "x").cfg.autocast == "on"
+    assert FinetuneConfig(type="e2e", autocast=False).autocast == "off"

@@ -30,9 +30,9 @@ def _run(recipe, device=None):
 
 
 def test_cpu_steps_are_eager_and_option_parses():
-    blocks = _run(_recipe(iters=6)).report.blocks
+    blocks = _run(_recipe(iters=6), "cpu").report.blocks
     assert all(b["recon_graph"] == 0.0 and b["recon_steps"] == 6 for b in blocks)
-    blocks = _run(_recipe(iters=6, cuda_graph="off")).report.blocks
+    blocks = _run(_recipe(iters=6, cuda_graph="off"), "cpu").report.blocks
     assert all(b["recon_graph"] == 0.0 for b in blocks)
     with pytest.raises(RecipeError, match="cuda_graph"):
         _run(_recipe(cuda_graph="always"))

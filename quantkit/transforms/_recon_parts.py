@@ -126,17 +126,21 @@ def _err_terms(out: torch.Tensor, ref: torch.Tensor, mode: str = "global", cw: t
     if mode == "token":
         ratio = d2.sum(-1) / r2.sum(-1).clamp_min(1e-30)
         return ratio.sum(), torch.full((), float(ratio.numel()), device=ratio.device)
-    if mode == "channel":
+    if mode in ("channel", "capped"):
         return (d2 * cw).sum(), (r2 * cw).sum()
     return d2.sum(), r2.sum()
 
 
-def _channel_weights(targets: list[torch.Tensor], device) -> torch.Tensor:
-    """1 / each hidden channel's mean square over the calibration targets (``loss: channel``)."""
+def _channel_weights(targets: list[torch.Tensor], device, capped: bool = False) -> torch.Tensor:
+    """1 / each hidden channel's mean square over the calibration targets (``loss: channel``); with
+    ``capped`` 1 / max(that, the mean over channels) (``loss: capped``: the global error, except that no
+    channel weighs more than an average one: a massive channel is scaled down, the others keep their size)."""
     acc, n = None, 0
     for f in targets:
         f = f.to(device).float()
         s = f.pow(2).reshape(-1, f.shape[-1]).sum(0)
         acc, n = (s if acc is None else acc + s), n + f[..., 0].numel()
     ms = acc / max(n, 1)
+    if capped:
+        return 1.0 / ms.clamp_min(ms.mean() + 1e-30)
     return 1.0 / ms.clamp_min(ms.max() * 1e-8 + 1e-30)

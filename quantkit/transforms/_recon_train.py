@@ -117,7 +117,7 @@ class _Loop:
 
 
 def _graph_wanted(cfg, device, sampler: _Sampler) -> bool:
-    return (cfg.cuda_graph == "auto" and device.type == "cuda" and cfg.optimizer == "sign"
+    return (cfg.cuda_graph != "off" and device.type == "cuda" and cfg.optimizer == "sign"
             and cfg.iters > _WARM + 1 and sampler.fixed_shape())
 
 
@@ -155,6 +155,7 @@ def train(cfg, block, layers: list, sampler: _Sampler, forward: Callable, device
             loop.lr.fill_(lr0 * (1.0 - it / cfg.iters))
             if use_graph and it == _WARM:
                 torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.empty_cache()  # the warm-up's blocks (side stream) would sit beside the graph's pool
                 static = (h.clone(), _tree_clone(kw) if sampler.per_batch else kw, f.clone())
                 try:
                     graph = torch.cuda.CUDAGraph()

@@ -16,10 +16,10 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from ..quantizers.base import LayerStats
 from ..registry import from_spec
@@ -27,6 +27,15 @@ from ..registry import from_spec
 
 class PluginConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _switch(v: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads a bare on/off/yes/no/true/false as a boolean: `autocast: off` arrives as False
+    return ("on" if v else "off") if isinstance(v, bool) else v
+
+
+# an auto/on/off option that also takes the booleans YAML makes of a bare on/off
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
 
 
 @dataclass

@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import QuantkitError
 from ..formats.base import WeightFormat, group_index
 from ..formats.packing import unpack_codes
+from .base import Switch
 
 
 class FinetuneConfig(BaseModel):
@@ -54,7 +55,7 @@ class FinetuneConfig(BaseModel):
     holdout: int = Field(0, ge=0)  # calibration sequences kept out of training to choose the iterate; 0: all
     eval_every: int = Field(0, ge=0)  # steps between evaluations of the kept-iterate loss; 0: each epoch
     tables: bool = False  # learned-LUT formats (any4): train the table values too
-    autocast: Literal["auto", "on", "off"] = "auto"  # bf16 autocast of the forward: auto = on CUDA only
+    autocast: Switch = "auto"  # bf16 autocast of the forward: auto = on CUDA only
     seed: int | None = None  # batch order; None: the recipe's calibration seed
 
 

@@ -72,7 +72,7 @@ from ..formats.packing import unpack_codes
 from ..registry import register
 from ._recon_parts import _channel_weights, _err_terms, _norm_params, _Norms, _Sampler
 from ._recon_train import train as _train_loop
-from .base import BlockPlugin, PluginConfig
+from .base import BlockPlugin, PluginConfig, Switch
 
 _FORMAT_KEYS = ("qweight", "scales", "zeros", "g_idx")
 _KEPT = {"quantizer": 0.0, "rtn": 1.0, "best": 2.0, "last": 3.0}  # recon_kept in the block report
@@ -87,7 +87,7 @@ class ReconConfig(PluginConfig):
     clip_range: tuple[float, float] = (0.5, 1.0)
     patience: int | None = Field(None, ge=1, description="early stop: steps without a smoothed-loss gain")
     seed: int = 0
-    autocast: Literal["auto", "on", "off"] = "auto"
+    autocast: Switch = "auto"
     target: Literal["model", "block"] = "block"
     # "value": offsets act around w / s (a weight can move to either neighbouring code, SignRound's form);
     # "code": around the start code's centre (|v| <= 1/2 keeps every code: only clipping moves them)
@@ -107,10 +107,12 @@ class ReconConfig(PluginConfig):
     # by 1 / its mean square in the targets (Gemma-3-270M's residual stream holds 81-86 % of its energy
     # in one channel: its global error is mostly that channel's); "norm" = each token's error after RMS
     # normalisation of output and target (the next RMSNorm's view), averaged
-    loss: Literal["global", "token", "channel", "norm"] = "global"
-    # "auto": on CUDA the training step is captured once as a CUDA graph and replayed (signed optimizer,
-    # same-shaped batches; early stop then checked every 16 steps); "off": eager steps
-    cuda_graph: Literal["auto", "off"] = "auto"
+    # "capped" = the global error with each channel's weight capped at an average channel's (a massive
+    # channel counts as an average one; the rest as in "global")
+    loss: Literal["global", "token", "channel", "norm", "capped"] = "global"
+    # "auto"/"on" (the same): on CUDA the training step is captured once as a CUDA graph and replayed
+    # (signed optimizer, same-shaped batches; early stop then checked every 16 steps); "off": eager steps
+    cuda_graph: Switch = "auto"
 
     @model_validator(mode="after")
     def _check(self):
@@ -454,7 +456,8 @@ class Recon(BlockPlugin):
         for p in norms:
             p.requires_grad_(True)
         train = layers + ([_Norms(norms, cfg.norm_step)] if norms else [])
-        self._cw = _channel_weights(float_outputs, device) if cfg.loss == "channel" else None
+        self._cw = (_channel_weights(float_outputs, device, capped=cfg.loss == "capped")
+                    if cfg.loss in ("channel", "capped") else None)
         err = lambda: self._block_error(block, inputs, kwargs, float_outputs, forward, device,  # noqa: E731
                                         cfg.loss, self._cw)
         try:
