@@ -446,7 +446,29 @@ def test_recon_norm_loss_ignores_rescaling_and_sees_direction():
     assert float(g1) == pytest.approx(float(g2))  # while the global error counts both alike
 
 
-@pytest.mark.parametrize("loss", ["token", "channel", "norm"])
+def test_recon_capped_loss_caps_the_massive_channel_only():
+    """``loss: capped``: channels below the mean square weigh as in ``global`` (the same ratio when no channel
+    is massive); a massive channel counts as an average one."""
+    from quantkit.transforms.recon import _channel_weights, _err_terms
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 16, 8, generator=gen)
+    ms = ref.pow(2).reshape(-1, 8).mean(0)
+    cw = _channel_weights([ref], torch.device("cpu"), capped=True)
+    torch.testing.assert_close(cw, 1.0 / ms.clamp_min(ms.mean()))
+    assert torch.allclose(cw[ms <= ms.mean()], 1.0 / ms.mean())
+    ref = torch.randn(4, 32, 64, generator=gen)
+    ref[..., 0] *= 19.0  # one channel with ~85 % of the energy (Gemma-3's share); exact in the output
+    out = ref.clone()
+    out[..., 1:] += 0.5 * ref[..., 1:].abs()  # every other channel off by a quarter of its energy
+    n, d = _err_terms(out, ref, "global")
+    assert float(n / d) < 0.05  # the massive channel makes the global error small
+    cw = _channel_weights([ref], torch.device("cpu"), capped=True)
+    n, d = _err_terms(out, ref, "capped", cw)
+    assert 0.15 < float(n / d) < 0.3  # the normal channels now carry most of the error
+
+
+@pytest.mark.parametrize("loss", ["token", "channel", "norm", "capped"])
 def test_recon_other_losses_run_and_never_worsen_their_error(loss):
     rec = _run(_recipe("gptq", loss=loss)).report.blocks
     assert all(b["recon_err_after"] <= b["recon_err_before"] for b in rec)
