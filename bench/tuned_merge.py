@@ -15,14 +15,15 @@ import sys
 from pathlib import Path
 
 
-def picks(runs: list[dict], gain: float) -> tuple[dict, list[str]]:
-    """{tuned key: config} of the winners, and one line per (key) decided."""
+def picks(runs: list[dict], gain: float) -> tuple[dict, dict, list[str]]:
+    """{tuned key: config} of the winners, {key: config} of the shipped configs that were kept, and one
+    line per key decided."""
     by_key: dict[str, list[dict]] = {}
     for run in runs:
         for row in run["rows"]:
             for kind, key in row.get("keys", {}).items():
                 by_key.setdefault(key, []).append(row.get(kind) or {})
-    out, log = {}, []
+    out, kept, log = {}, {}, []
     for key, results in sorted(by_key.items()):
         if len(results) < len(runs) or any("tuned" not in r for r in results):
             log.append(f"{key}: skipped (not in every run, or the shipped config failed)")
@@ -40,7 +41,10 @@ def picks(runs: list[dict], gain: float) -> tuple[dict, list[str]]:
             log.append(f"{key}: {best} x{best_min:.2f} over shipped in every run")
         else:
             log.append(f"{key}: shipped kept (best {best} x{best_min:.2f})")
-    return out, log
+            if all(r["tuned"].get("cfg") == results[0]["tuned"].get("cfg") for r in results) \
+                    and results[0]["tuned"].get("cfg") is not None:
+                kept[key] = results[0]["tuned"]["cfg"]
+    return out, kept, log
 
 
 def main(argv=None) -> int:
@@ -54,16 +58,21 @@ def main(argv=None) -> int:
     devs = {r["info"]["device"] for r in runs}
     if len(devs) != 1:
         sys.exit(f"tuned_merge: runs from different devices {sorted(devs)}: merge one device's runs at a time")
-    new, log = picks(runs, a.gain)
+    new, kept, log = picks(runs, a.gain)
     print("\n".join(log))
     p = Path(a.table)
     t = json.loads(p.read_text()) if p.exists() else {}
+    # a kept config the table had no entry for was the default: written down, so that the measured choice
+    # stands (a missing bucket would otherwise take a neighbour bucket's config at run time)
+    recorded = {k: c for k, c in kept.items() if k not in t}
+    t.update(recorded)
     t.update(new)
     if not a.dry_run:
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(t, indent=0, sort_keys=True) + "\n")
         os.replace(tmp, p)
-    print(f"{len(new)} configs {'would be ' if a.dry_run else ''}merged into {p} ({devs.pop()})")
+    print(f"{len(new)} configs {'would be ' if a.dry_run else ''}merged into {p} ({devs.pop()}); "
+          f"{len(recorded)} kept defaults recorded for buckets that had no entry")
     return 0
 
 

@@ -172,6 +172,29 @@ def test_k_config_falls_back_to_the_reference_format_of_the_shape():
     assert kern.config(16, torch.bfloat16) == kern.default_config(16, torch.bfloat16)
 
 
+def test_k_config_missing_bucket_takes_a_neighbours_tile_config(monkeypatch):
+    """A bucket the table lacks (M >= 64) runs the next larger bucket's config, else the next smaller
+    one's, never a GEMV; below 64, and with no neighbour, the default."""
+    from quantkit.kernels import _launch
+
+    spec, p = make_lut(24, 256, 4, 64, "nf4", seed=1)
+    kern = kbuild(spec, p, (24, 256))
+    bf = torch.bfloat16
+    a, b = {"path": "gemm", "BM": 128, "tag": "a"}, {"path": "gemm", "BM": 64, "tag": "b"}
+    table = {kern.key(2048, bf): a, kern.key(512, bf): b, kern.key(64, bf): {"path": "gemv", "tag": "g"}}
+    monkeypatch.setattr(_launch, "_TUNED", {"": table})
+    monkeypatch.setattr(_launch, "_device_id", lambda device: ("", None))
+    assert kern.config(1024, bf)["tag"] == "a"  # the larger neighbour first
+    assert kern.config(4096, bf)["tag"] == "a"  # the top bucket: no larger one
+    assert kern.config(256, bf)["tag"] == "b"  # 512 (larger)
+    del table[kern.key(2048, bf)]
+    assert kern.config(1024, bf)["tag"] == "b"  # then the smaller
+    assert kern.config(128, bf) == kern.default_config(128, bf)  # 64's GEMV is not a tile config
+    table[kern.key(64, bf)] = a
+    assert kern.config(32, bf) == kern.default_config(32, bf)  # below 64: no neighbours
+    assert kern.config(2048, bf) == kern.default_config(2048, bf)  # neighbours are one bucket away only
+
+
 def test_tuned_configs_of_the_own_gpu_first_then_the_nearest(tmp_path, monkeypatch):
     """Each GPU's tuned file wins for that GPU; keys it lacks come from the nearest GPU's file (same
     compute capability before others); another GPU never sees a file's entries over its own."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _launch
 from ._launch import m_bucket, tuned
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -61,6 +62,22 @@ class LayerKernel:
 
     def config(self, mb: int, dtype) -> dict:
         return tuned(self.device).get(self.key(mb, dtype)) or self.default_config(mb, dtype)
+
+    def tuned_near(self, key_of, mb: int) -> dict | None:
+        """The tuned config of bucket mb, or where the table has none (a bucket never swept on this GPU) and
+        mb >= 64, the tile config of the next larger bucket, else of the next smaller one (used by the
+        int/LUT kernels, where it was measured: on the H100, 2026-12-07, the 2048 bucket's configs ran
+        M = 1024 at 0.92-1.05x bf16 against the default dequantize + cuBLAS's 0.66-0.79x). A sweep's
+        decision to keep the default is written into the table (bench/tuned_merge.py), so it stands."""
+        t = tuned(self.device)
+        c = t.get(key_of(mb))
+        if c is not None or mb < 64:
+            return c
+        for nb in (mb * 2, mb // 2):
+            c = t.get(key_of(nb)) if 64 <= nb <= _launch.TOP_BUCKET else None
+            if c is not None and c.get("path") != "gemv":
+                return c
+        return None
 
     def check_config(self, cfg: dict, mb: int, dtype) -> dict:
         """The config actually run for bucket mb (a subclass replaces what it cannot run)."""

@@ -54,7 +54,6 @@ from ._launch import (
     dequant_then_mm,
     nibble_words,
     tiled_workspace,
-    tuned,
     workspace,
 )
 from ._ptx import lut_planes
@@ -141,11 +140,10 @@ class W4A16Kernel(LayerKernel):
         return p
 
     def config(self, mb: int, dtype) -> dict:
-        t = tuned(self.device)
-        c = t.get(self.key(mb, dtype))
+        c = self.tuned_near(lambda b: self.key(b, dtype), mb)
         if c is None:  # no entry for this format: the tuned config of the same shape's reference format
             ref = "int4g128" if self.mode == 0 else "lut4rg128s"
-            c = t.get(f"{ref}.k:{self.N}x{self.K}:{DTYPE_NAMES.get(dtype, 'fp16')}:m{mb}")
+            c = self.tuned_near(lambda b: f"{ref}.k:{self.N}x{self.K}:{DTYPE_NAMES.get(dtype, 'fp16')}:m{b}", mb)
             if c is not None and c.get("path") == "mma" and self.GS < 8 * int(c["BKW"]):
                 c = dict(c, BKW=max(4, self.GS // 8))  # whole groups per chunk (the scale after the dot)
         return c or self.default_config(mb, dtype)
