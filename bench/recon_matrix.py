@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8 for every row "
+                         "(to tell non-deterministic kernels from other run-to-run differences)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -95,6 +98,10 @@ def main(argv=None) -> int:
         args.run = args.run or ["qk:bits=4,sym=1,sym_range=full,iters=1,batch=2,target=model"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deterministic:  # for the whole process, before any CUDA work (quantkit.determinism)
+        from quantkit.determinism import deterministic_algorithms
+
+        deterministic_algorithms().__enter__()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import quantkit
     from quantkit.api import QuantizedModel

@@ -189,7 +189,7 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
              seed: int | None = None, batch_size: int | None = None, progress: bool = True,
              resume_dir: str | None = None, allow_unquantized: bool = False, load: str | None = None,
              dtype: torch.dtype | None = None, save_to: str | None = None, overwrite: bool = False,
-             dist_read: str = "all") -> QuantizedModel:
+             dist_read: str = "all", deterministic: bool = False) -> QuantizedModel:
     """Quantize a model (bundled name, HF folder, LoadedModel or transformers model) with a recipe.
 
     **In place**: a transformers model passed in is modified (its linears are replaced by quantized
@@ -216,7 +216,23 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
     ``dist_read`` (streamed, under torchrun): ``"all"`` (default) every rank reads its own copy of each
     block from the shards; ``"rank0"`` rank 0 reads it and broadcasts it (quantkit.stream.RankZeroReader).
     In one process, or with a whole load, it changes nothing (``meta["load"]["dist_read"]`` says so).
+    ``deterministic=True``: deterministic GPU kernels for the whole run, so two runs with the same seed give
+    the same codes on the same GPU and software (quantkit.determinism; about 30 % slower on an H100; the
+    CPU path is deterministic without it). ``meta["deterministic"]`` records it.
     """
+    from .determinism import deterministic_algorithms
+
+    with deterministic_algorithms(deterministic):
+        qm = _quantize(model_or_name, recipe, calibration, tokenizer=tokenizer, device=device, samples=samples,
+                       seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress, resume_dir=resume_dir,
+                       allow_unquantized=allow_unquantized, load=load, dtype=dtype, save_to=save_to,
+                       overwrite=overwrite, dist_read=dist_read, deterministic=bool(deterministic))
+    return qm
+
+
+def _quantize(model_or_name, recipe, calibration, *, tokenizer, device, samples, seq_len, seed, batch_size,
+              progress, resume_dir, allow_unquantized, load, dtype, save_to, overwrite, dist_read,
+              deterministic) -> QuantizedModel:
     if resume_dir is not None and not resume_dir:
         raise QuantkitError("resume_dir must name a folder (e.g. --resume-dir DIR)")
     from .stream import check_dist_read
@@ -250,6 +266,7 @@ def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibrat
         float_target = capture_float(lm.model, ids, recipe.finetune, device, recipe.calibration.batch_size)
     solver = LocalSolver() if dist is None else DistributedSolver(dist, device)
     observer, extra_meta = None, ({"moe_experts": moe_found} if moe_found else {})
+    extra_meta["deterministic"] = deterministic
     if load_info:
         extra_meta["load"] = load_info
     if resume_dir is not None:

@@ -51,12 +51,13 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
         eval_kwargs: dict[str, Any] | None = None, calib_overrides: dict[str, Any] | None = None,
         overwrite: bool = False, progress: bool = True, log=print, tasks: str | list[str] | None = None,
         limit: int | None = None, corpora: str | list[str] | None = None, kl_windows: int = 8,
-        generations: int = 2, report: bool = True, settings=None) -> dict[str, Any]:
+        generations: int = 2, report: bool = True, settings=None, deterministic: bool = False) -> dict[str, Any]:
     """Quantize ``model`` with each recipe, evaluate everything, write results.json and the report.
 
     ``tasks``: None = the quick set (``quantkit.eval.tasks.QUICK_TASKS``), "none", "all" or a list;
     ``limit``: documents per task (None = ``QUICK_LIMIT``, 0 = all); ``corpora``: perplexity corpora
     beyond the primary one of ``eval_kwargs`` ("lambada", "all"); ``settings`` overrides all of these.
+    ``deterministic``: ``quantize``'s option of that name for every recipe.
     """
     from .eval import suite
     from .eval.tasks import QUICK_LIMIT
@@ -110,7 +111,8 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
         ck = os.path.join(out_dir, recipe.name)
         log(f"[{recipe.name}] quantizing {model}" + (f" (will replace {replacing[recipe.name]} at {ck})"
                                                      if replacing.get(recipe.name) else ""))
-        qm = api.quantize(model, recipe, device=device, progress=progress, **calib_overrides)
+        qm = api.quantize(model, recipe, device=device, progress=progress, deterministic=deterministic,
+                          **calib_overrides)
         qm.save(ck, overwrite=overwrite)
         del qm
         log(f"[{recipe.name}] reloading {ck} and evaluating")

@@ -67,11 +67,13 @@ def run(args) -> int:
     if args.layout == "native":  # streamed: each finished block is written at once (quantkit.stream)
         qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
                           dtype=dtype, allow_unquantized=args.allow_unquantized, save_to=args.output,
-                          overwrite=args.overwrite, dist_read=args.dist_read)
+                          overwrite=args.overwrite, dist_read=args.dist_read,
+                          deterministic=args.deterministic)
         path = qm.saved_to
     else:
         qm = api.quantize(args.model, recipe, device=args.device, resume_dir=args.resume_dir, load=args.load,
-                          dtype=dtype, allow_unquantized=args.allow_unquantized, dist_read=args.dist_read)
+                          dtype=dtype, allow_unquantized=args.allow_unquantized, dist_read=args.dist_read,
+                          deterministic=args.deterministic)
         if options:
             qm.meta["export_options"] = options
         path = qm.save(args.output, overwrite=args.overwrite, layout=args.layout)

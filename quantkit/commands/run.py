@@ -40,6 +40,7 @@ def run(args) -> int:
     res = runner.run(args.model, args.recipe, args.output, device=args.device, eval_kwargs=eval_kwargs(args),
                      calib_overrides={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                                       "batch_size": args.batch_size},
+                     deterministic=args.deterministic,
                      overwrite=args.overwrite, tasks=args.tasks, limit=args.limit, corpora=args.corpora,
                      kl_windows=args.kl_windows, generations=args.generations, report=not args.no_report)
     es = res["eval_settings"]
