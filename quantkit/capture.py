@@ -21,16 +21,22 @@ class _Stop(Exception):
     pass
 
 
-def _tree_to(obj: Any, device) -> Any:
+def tree_map_tensors(fn, obj: Any) -> Any:
+    """``fn`` applied to every tensor in nested tuples, lists and dicts (a block's keyword arguments);
+    anything else is returned as it is."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_tree_to(o, device) for o in obj)
+        return tuple(tree_map_tensors(fn, o) for o in obj)
     if isinstance(obj, list):
-        return [_tree_to(o, device) for o in obj]
+        return [tree_map_tensors(fn, o) for o in obj]
     if isinstance(obj, dict):
-        return {k: _tree_to(v, device) for k, v in obj.items()}
+        return {k: tree_map_tensors(fn, v) for k, v in obj.items()}
     return obj
+
+
+def _tree_to(obj: Any, device) -> Any:
+    return tree_map_tensors(lambda t: t.to(device), obj)
 
 
 def _block_output(out: Any) -> torch.Tensor:

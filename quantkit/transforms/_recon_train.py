@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..capture import tree_map_tensors
 from ..errors import NumericalError
 from ._recon_parts import _err_terms, _Norms, _Sampler
 
@@ -51,16 +52,6 @@ class _Adam:
         mh = self.m[i] / (1 - self.b1 ** t)
         vh = self.v[i] / (1 - self.b2 ** t)
         return mh.div_(vh.sqrt_().add_(self.eps))
-
-
-def _tree_clone(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_tree_clone(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _tree_clone(v) for k, v in obj.items()}
-    return obj
 
 
 def _tree_copy_(dst: Any, src: Any) -> None:
@@ -156,7 +147,7 @@ def train(cfg, block, layers: list, sampler: _Sampler, forward: Callable, device
             if use_graph and it == _WARM:
                 torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.empty_cache()  # the warm-up's blocks (side stream) would sit beside the graph's pool
-                static = (h.clone(), _tree_clone(kw) if sampler.per_batch else kw, f.clone())
+                static = (h.clone(), tree_map_tensors(torch.clone, kw) if sampler.per_batch else kw, f.clone())
                 try:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
