@@ -8,9 +8,10 @@ and cuBLAS gets the fixed workspace its deterministic mode needs (``CUBLAS_WORKS
 set when unset). Measured cost: about 30 % more quantization time on an H100 (docs/QUALITY.md). The CPU
 path is deterministic either way.
 
-cuBLAS sizes its workspace from the variable the first time a process uses it on a GPU, so in a
-process that already ran a CUDA matmul, set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment
-before starting Python (the CLI's ``--deterministic`` runs before any GPU work and needs nothing more).
+cuBLAS's workspace size is read from the variable once per process, at its first GPU matmul (torch caches
+it), so in a process that already ran one, set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment
+before starting Python. The CLI's ``--deterministic`` calls :func:`for_process` before any work (``quantkit
+run`` evaluates the float model on the GPU before it quantizes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import os
 import torch
 
 CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+def for_process() -> None:
+    """cuBLAS's deterministic workspace for the rest of the process (unless the user set one): called before
+    any GPU work, where torch reads the variable once."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,9 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     ``tasks``: None = the quick set (``quantkit.eval.tasks.QUICK_TASKS``), "none", "all" or a list;
     ``limit``: documents per task (None = ``QUICK_LIMIT``, 0 = all); ``corpora``: perplexity corpora
     beyond the primary one of ``eval_kwargs`` ("lambada", "all"); ``settings`` overrides all of these.
-    ``deterministic``: ``quantize``'s option of that name for every recipe.
+    ``deterministic``: ``quantize``'s option of that name for every recipe; on a GPU call
+    ``quantkit.determinism.for_process()`` before this (the float model is evaluated first, and cuBLAS reads its
+    workspace setting once per process), as the CLI's ``--deterministic`` does.
     """
     from .eval import suite
     from .eval.tasks import QUICK_LIMIT

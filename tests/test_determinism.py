@@ -57,16 +57,21 @@ def test_quantize_runs_under_the_flag_and_records_it(flag, calib_ids, tmp_path, 
     assert quantkit.load(str(tmp_path / "ck")).meta["deterministic"] is flag
 
 
-def test_cli_flag_reaches_quantize(monkeypatch):
+def test_cli_flag_reaches_the_runner_with_the_process_set_up(monkeypatch):
+    """`quantkit run --deterministic`: the runner gets the flag, and cuBLAS's variable is set before it starts
+    (it evaluates the float model on the GPU before quantizing, and torch reads the variable once)."""
     from quantkit import cli
 
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "x")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # absent now, and absent again after the test
     got = {}
 
     def fake_run(*a, **k):
-        got.update(k)
+        got.update(k, env=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
         raise SystemExit(0)
 
     monkeypatch.setattr("quantkit.runner.run", fake_run)
     with pytest.raises(SystemExit):
         cli.main(["run", "smollm2-135m", "-r", "w4a16-rtn", "-o", "x", "--deterministic"])
     assert got["deterministic"] is True
+    assert got["env"] == CUBLAS_DETERMINISTIC

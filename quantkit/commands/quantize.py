@@ -48,6 +48,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
+    if args.deterministic:  # before any GPU work (quantkit.determinism)
+        from ..determinism import for_process
+
+        for_process()
     from .. import api
     from ..checkpoint.safety import check_replaceable
     from ..checks import preflight

@@ -35,6 +35,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.deterministic:  # before the float model's evaluation, the first GPU work (quantkit.determinism)
+        from ..determinism import for_process
+
+        for_process()
     from .. import runner
 
     res = runner.run(args.model, args.recipe, args.output, device=args.device, eval_kwargs=eval_kwargs(args),
