@@ -80,6 +80,38 @@ class Launcher:
                 self.ck = k
 
 
+def ctypes_run(lau: Launcher, grid, args: tuple, dynamic: tuple, x, out, M, dev: int):
+    """A ``run(x, out, M)`` closure launching ``lau``'s compiled kernel through
+    :mod:`._cuda_launch` (the parameter block built here, only the slots named in ``dynamic`` — the
+    input pointer, the output pointer, the row count — written per call), or None where that launch
+    is not provably Triton's own (see that module). ``args`` are the runtime arguments of the call just
+    made through Triton into ``out``; the new launch is checked against that output once."""
+    from . import _cuda_launch
+
+    if not (_cuda_launch.ENABLED and FAST_LAUNCH) or lau.ck is None or out.device.type != "cuda":
+        return None
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        cl = _cuda_launch.CtypesLaunch(lau.ck, list(lau.fn.arg_names), [*args, *lau.tail], grid)
+        sx, so, sm = (cl.slot(n) for n in dynamic)
+    except Exception:  # noqa: BLE001 - anything unexpected keeps Triton's launcher
+        return None
+    stream = torch._C._cuda_getCurrentRawStream
+
+    def run(x, out, M):
+        sx.value = x.data_ptr()
+        so.value = out.data_ptr()
+        sm.value = M
+        cl(stream(dev))
+
+    try:
+        ok = _cuda_launch.verified(out, lambda buf: run(x, buf, M))
+    except Exception:  # noqa: BLE001
+        ok = False
+    return run if ok else None
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

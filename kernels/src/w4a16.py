@@ -51,6 +51,7 @@ from ._launch import (
     TOP_BUCKET,
     Launcher,
     cdiv,
+    ctypes_run,
     dequant_then_mm,
     nibble_words,
     tiled_workspace,
@@ -353,6 +354,9 @@ class W4A16Kernel(LayerKernel):
 
         def run(x, out, M):
             if fast:
+                if len(fast) == 1:
+                    fast[0](x, out, M)
+                    return
                 f, fn, meta, tail = fast
                 f(gx, gy, gz, stream(dev), fn, meta, None, None, None, x.data_ptr(), *fixed, out.data_ptr(), wsi,
                   cnti, M, N, K, KWS, G, cps, split, *tail)
@@ -360,7 +364,9 @@ class W4A16Kernel(LayerKernel):
             lau(grid, x, wp, sp, zp, lp, out, ws, cnt, M, N, K, KWS, G, cps, split)
             ck = lau.ck
             if ck is not None:
-                fast.extend((ck.run, ck.function, ck.packed_metadata, lau.tail))
+                a = (x.data_ptr(), *fixed, out.data_ptr(), wsi, cnti, M, N, K, KWS, G, cps, split)
+                c = ctypes_run(lau, grid, a, ("x_ptr", "out_ptr", "M"), x, out, M, dev)
+                fast.extend((c,) if c is not None else (ck.run, ck.function, ck.packed_metadata, lau.tail))
         return run
 
 

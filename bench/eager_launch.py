@@ -1,0 +1,127 @@
+"""Eager host cost per call at M = 1: where it goes, and the ctypes launch (kernels/src/_cuda_launch.py)
+against Triton's own launcher, on the lent GPU.
+
+    python bench/eager_launch.py [--shapes 8B.qkv,70B.o] [--kinds int4,any4] [--n 2000] [--out DIR]
+
+Per shape and kind, host µs to issue one call (mean of n back-to-back eager calls, after warm-up; the
+GPU queue does not fill, so this is the Python + launch cost), in one process: bf16 ``F.linear``; one
+``torch.empty`` of the output alone; the layer kernel through Triton's compiled launcher (the path before
+the ctypes launch; ``QUANTKIT_KERNEL_CTYPES=0``); the same kernel through the ctypes launch; and the whole
+``QuantLinear`` forward both ways. Each kernel's output is compared with the other path's and with the
+dequantized weight's product (relative error). Prints a Markdown table; ``--out`` also writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def host_us(f, n: int) -> float:
+    for _ in range(50):
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main(argv=None) -> int:
+    import bench.kernel_bench as kb
+    from quantkit.kernels import _cuda_launch, w4a16
+    from quantkit.nn import QuantLinear
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="8B.qkv,8B.o,8B.down,70B.o")
+    ap.add_argument("--kinds", default="int4,any4")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    used = []
+    orig = w4a16.ctypes_run
+
+    def spy(*args, **kw):
+        r = orig(*args, **kw)
+        used.append(r is not None)
+        return r
+
+    w4a16.ctypes_run = spy
+    rows = []
+    for shape in a.shapes.split(","):
+        k, n = kb.SHAPES[shape]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        W = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        row = {"shape": shape, "N": n, "K": k, "bf16_us": host_us(lambda: torch.nn.functional.linear(x, W), a.n),
+               "empty_us": host_us(lambda: x.new_empty((1, n)), a.n),
+               "stream_us": host_us(lambda: torch._C._cuda_getCurrentRawStream(0), a.n)}
+        for kind in a.kinds.split(","):
+            spec = kb.KINDS[kind]
+            packed = kb.make_packed(spec, n, k, dev)
+            r = {}
+            outs = {}
+            for mode in ("triton", "ctypes"):
+                _cuda_launch.ENABLED = mode == "ctypes"
+                used.clear()
+                _, kern = kb.build_kernel(spec, packed, n, k, dev)
+                outs[mode] = kern(x).float()
+                r[f"{mode}_used_ctypes"] = any(used)
+                r[f"{mode}_kernel_us"] = host_us(lambda: kern(x), a.n)
+                layer = QuantLinear(k, n, {"format": kb.fmt_spec(spec)}, packed)
+                layer(x)
+                r[f"{mode}_layer_us"] = host_us(lambda: layer(x), a.n)
+            _cuda_launch.ENABLED = True
+            ref = kb.build_kernel(spec, packed, n, k, dev)[1].fallback(x).float()
+            r["rel_err_ctypes_vs_triton"] = ((outs["ctypes"] - outs["triton"]).norm() / outs["triton"].norm()).item()
+            r["rel_err_ctypes_vs_ref"] = ((outs["ctypes"] - ref).norm() / ref.norm()).item()
+            row[kind] = r
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    info = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "n": a.n}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    kinds = a.kinds.split(",")
+    L = [f"Eager host µs per call at M = 1 — {info['device']}, {info['date']}, torch {info['torch']}, "
+         f"triton {info.get('triton')}, mean of {a.n} back-to-back calls", "",
+         "| shape | bf16 F.linear | torch.empty | " + " | ".join(
+             f"{k} kernel: Triton launcher / ctypes | {k} QuantLinear: Triton / ctypes | {k} ctypes used, "
+             "rel err vs Triton / vs ref" for k in kinds) + " |",
+         "|---|---|---|" + "---|---|---|" * len(kinds)]
+    for row in rows:
+        cells = [row["shape"], f"{row['bf16_us']:.1f}", f"{row['empty_us']:.1f}"]
+        for k in kinds:
+            r = row[k]
+            cells += [f"{r['triton_kernel_us']:.1f} / **{r['ctypes_kernel_us']:.1f}**",
+                      f"{r['triton_layer_us']:.1f} / **{r['ctypes_layer_us']:.1f}**",
+                      f"{r['ctypes_used_ctypes']} ({r['triton_used_ctypes']}), "
+                      f"{r['rel_err_ctypes_vs_triton']:.1e} / {r['rel_err_ctypes_vs_ref']:.1e}"]
+        L.append("| " + " | ".join(cells) + " |")
+    print("\n".join(L))
+    if a.out:
+        p = Path(a.out)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "eager_launch.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        (p / "eager_launch.md").write_text("\n".join(L) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
