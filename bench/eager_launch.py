@@ -7,7 +7,8 @@ Per shape and kind, host µs to issue one call (mean of n back-to-back eager cal
 GPU queue does not fill, so this is the Python + launch cost), in one process: bf16 ``F.linear``; one
 ``torch.empty`` of the output alone; the layer kernel through Triton's compiled launcher (the path before
 the ctypes launch; ``QUANTKIT_KERNEL_CTYPES=0``); the same kernel through the ctypes launch; and the whole
-``QuantLinear`` forward both ways. Each kernel's output is compared with the other path's and with the
+``QuantLinear`` forward both ways. Kinds: int4, any4 (g128), fp8 (W8A8 dynamic: two launches), fp8w
+(W8A16). Each kernel's output is compared with the other path's and with the
 dequantized weight's product (relative error). Prints a Markdown table; ``--out`` also writes JSON.
 """
 
@@ -41,25 +42,25 @@ def host_us(f, n: int) -> float:
 
 def main(argv=None) -> int:
     import bench.kernel_bench as kb
-    from quantkit.kernels import _cuda_launch, w4a16
+    from quantkit.kernels import _cuda_launch, _launch, fp8
     from quantkit.nn import QuantLinear
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="8B.qkv,8B.o,8B.down,70B.o")
-    ap.add_argument("--kinds", default="int4,any4")
+    ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
-    used = []
-    orig = w4a16.ctypes_run
+    used = []  # whether each plan made took the ctypes launch (every such plan passes through checked())
+    orig = _launch.checked
 
     def spy(*args, **kw):
         r = orig(*args, **kw)
         used.append(r is not None)
         return r
 
-    w4a16.ctypes_run = spy
+    _launch.checked = fp8.checked = spy
     rows = []
     for shape in a.shapes.split(","):
         k, n = kb.SHAPES[shape]

@@ -2,7 +2,7 @@
 
 On the CPU: the parameter block is checked against a fake compiled kernel (the driver's parameter
 sizes patched in), and every reason to keep Triton's launcher is refused. With QUANTKIT_TEST_CUDA=1 on a
-GPU: a real int4 / any4 layer gives the same output through the ctypes launch as through Triton's, and
+GPU: a real int4 / any4 / FP8 layer gives the same output through the ctypes launch as through Triton's, and
 the ctypes launch is the one used."""
 
 from __future__ import annotations
@@ -83,13 +83,13 @@ def test_cpu_tensors_keep_triton_launcher():
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="compiled kernels on a GPU (QUANTKIT_TEST_CUDA=1)")
-@pytest.mark.parametrize("kind", ["int4", "any4"])
+@pytest.mark.parametrize("kind", ["int4", "any4", "fp8", "fp8w"])
 @pytest.mark.parametrize("M", [1, 2, 4])
 def test_gpu_same_output_and_used(kind, M, monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    from quantkit.kernels import w4a16
+    from quantkit.kernels import fp8
 
     path = Path(__file__).resolve().parents[1] / "bench" / "kernel_bench.py"
     spec_ = importlib.util.spec_from_file_location("kernel_bench", path)
@@ -97,8 +97,10 @@ def test_gpu_same_output_and_used(kind, M, monkeypatch):
     spec_.loader.exec_module(kb)
 
     used = []
-    orig = w4a16.ctypes_run
-    monkeypatch.setattr(w4a16, "ctypes_run", lambda *a, **k: used.append(orig(*a, **k)) or used[-1])
+    orig = _launch.checked
+    spy = lambda *a, **k: used.append(orig(*a, **k)) or used[-1]  # noqa: E731
+    monkeypatch.setattr(_launch, "checked", spy)
+    monkeypatch.setattr(fp8, "checked", spy)
     spec, n, k = kb.KINDS[kind], 4096, 4096
     packed = kb.make_packed(spec, n, k, DEV)
     x = torch.randn(M, k, device=DEV, dtype=torch.bfloat16)

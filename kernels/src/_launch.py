@@ -80,12 +80,10 @@ class Launcher:
                 self.ck = k
 
 
-def ctypes_run(lau: Launcher, grid, args: tuple, dynamic: tuple, x, out, M, dev: int):
-    """A ``run(x, out, M)`` closure launching ``lau``'s compiled kernel through
-    :mod:`._cuda_launch` (the parameter block built here, only the slots named in ``dynamic`` — the
-    input pointer, the output pointer, the row count — written per call), or None where that launch
-    is not provably Triton's own (see that module). ``args`` are the runtime arguments of the call just
-    made through Triton into ``out``; the new launch is checked against that output once."""
+def ctypes_launch(lau: Launcher, grid, args: tuple, out):
+    """The :class:`._cuda_launch.CtypesLaunch` of ``lau``'s compiled kernel for the runtime ``args`` (ints
+    for pointers) and ``grid``, or None where that launch cannot be proven Triton's own (see that module),
+    it is turned off, or ``out`` (the call's output) is not on a GPU, or a CUDA graph is being captured."""
     from . import _cuda_launch
 
     if not (_cuda_launch.ENABLED and FAST_LAUNCH) or lau.ck is None or out.device.type != "cuda":
@@ -93,9 +91,34 @@ def ctypes_run(lau: Launcher, grid, args: tuple, dynamic: tuple, x, out, M, dev:
     try:
         if torch.cuda.is_current_stream_capturing():
             return None
-        cl = _cuda_launch.CtypesLaunch(lau.ck, list(lau.fn.arg_names), [*args, *lau.tail], grid)
-        sx, so, sm = (cl.slot(n) for n in dynamic)
+        return _cuda_launch.CtypesLaunch(lau.ck, list(lau.fn.arg_names), [*args, *lau.tail], grid)
     except Exception:  # noqa: BLE001 - anything unexpected keeps Triton's launcher
+        return None
+
+
+def checked(run, x, out, M):
+    """``run`` if one call of it into a fresh buffer agrees with ``out`` (Triton's launch of the same
+    call), else None."""
+    from . import _cuda_launch
+
+    try:
+        return run if _cuda_launch.verified(out, lambda buf: run(x, buf, M)) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def ctypes_run(lau: Launcher, grid, args: tuple, dynamic: tuple, x, out, M, dev: int):
+    """A ``run(x, out, M)`` closure launching ``lau``'s compiled kernel through
+    :mod:`._cuda_launch` (the parameter block built here, only the slots named in ``dynamic`` — the
+    input pointer, the output pointer, the row count — written per call), or None (see
+    :func:`ctypes_launch`). ``args`` are the runtime arguments of the call just made through Triton
+    into ``out``; the new launch is checked against that output once."""
+    cl = ctypes_launch(lau, grid, args, out)
+    if cl is None:
+        return None
+    try:
+        sx, so, sm = (cl.slot(n) for n in dynamic)
+    except KeyError:
         return None
     stream = torch._C._cuda_getCurrentRawStream
 
@@ -105,11 +128,7 @@ def ctypes_run(lau: Launcher, grid, args: tuple, dynamic: tuple, x, out, M, dev:
         sm.value = M
         cl(stream(dev))
 
-    try:
-        ok = _cuda_launch.verified(out, lambda buf: run(x, buf, M))
-    except Exception:  # noqa: BLE001
-        ok = False
-    return run if ok else None
+    return checked(run, x, out, M)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
-from ._launch import INTERPRET, Launcher, cdiv, tiled_workspace, workspace
+from ._launch import INTERPRET, Launcher, cdiv, checked, ctypes_launch, tiled_workspace, workspace
 from ._tl import _finish, _tile_mn
 from .base import LayerKernel
 
@@ -295,6 +295,8 @@ class FP8Kernel(LayerKernel):
             grid = None
 
         slau = self.s_launch
+        if path == "gemv":
+            return self._gemv_run(lau, grid, qx, part, cnt, kps, split)
 
         def run_triton(x, out, M):
             if quant:
@@ -310,6 +312,75 @@ class FP8Kernel(LayerKernel):
                 pt, c = (part, cnt) if M <= mb else ws_for(M)
                 lau((cdiv(M, bm) * tiles_n, split, 1), xq, w, xs, ws, out, pt, c, M, N, K, kps, split)
         return run_triton
+
+
+    def _gemv_run(self, lau, grid, qx, part, cnt, kps, split):
+        """The GEMV plan (M <= 4): the activation quantization (W8A8) and the GEMV. After the first call
+        both launch through the ctypes launch (kernels/src/_cuda_launch.py) where it is proven the same,
+        else through Triton's compiled launcher."""
+        N, K, w, ws = self.N, self.K, self.w, self.ws
+        quant = self.act != "none"
+        sin = self.xs_static if self.xs_static is not None else ws
+        adt = self.act_dtype
+        dev = lau.dev
+        fast = []
+
+        def first(x, out, M):
+            xq, xs = qx(x, M) if quant else (x, ws)
+            lau(grid, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
+            return xq, xs
+
+        def run(x, out, M):
+            if fast:
+                fast[0](x, out, M)
+                return
+            xq, xs = first(x, out, M)
+            fast.append(self._ctypes_gemv(lau, grid, x, xq, xs, out, part, cnt, M, kps, split, sin, adt, dev)
+                        or first_only)
+
+        def first_only(x, out, M):
+            first(x, out, M)
+        return run
+
+    def _ctypes_gemv(self, lau, grid, x, xq, xs, out, part, cnt, M, kps, split, sin, adt, dev):
+        N, K, w, ws = self.N, self.K, self.w, self.ws
+        quant = self.act != "none"
+        cg = ctypes_launch(lau, grid, (xq.data_ptr(), w.data_ptr(), xs.data_ptr(), ws.data_ptr(), out.data_ptr(),
+                                       part.data_ptr(), cnt.data_ptr(), M, N, K, kps, split), out)
+        if cg is None:
+            return None
+        gx, gxs, go, gm = (cg.slot(n) for n in ("x_ptr", "xs_ptr", "out_ptr", "M"))
+        stream = torch._C._cuda_getCurrentRawStream
+        if not quant:
+            def run(x, out, M):
+                gx.value = x.data_ptr()
+                go.value = out.data_ptr()
+                gm.value = M
+                cg(stream(dev))
+            return checked(run, x, out, M)
+        cq = ctypes_launch(self.q_launch, (M, 1, 1), (x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sin.data_ptr(), K),
+                           out)
+        if cq is None:
+            return None
+        qx_, qq, qs = (cq.slot(n) for n in ("x_ptr", "q_ptr", "s_ptr"))
+        qrows = cq.grid[0]
+        empty = torch.empty
+        f32 = torch.float32
+        device = x.device
+
+        def run(x, out, M):
+            xq = empty((M, K), dtype=adt, device=device)
+            xs = empty((M,), dtype=f32, device=device)
+            s = stream(dev)
+            qx_.value = x.data_ptr()
+            qq.value = gx.value = xq.data_ptr()
+            qs.value = gxs.value = xs.data_ptr()
+            qrows.value = M
+            cq(s)
+            go.value = out.data_ptr()
+            gm.value = M
+            cg(s)
+        return checked(run, x, out, M)
 
 
 @register_kernel("fp8")
