@@ -16,7 +16,8 @@ the same launch:
 * the first launch through it is checked against the output of Triton's own launch of the same
   arguments (:func:`verified`); any difference, or anything unexpected, keeps Triton's launcher.
 
-``QUANTKIT_KERNEL_CTYPES=0`` turns it off. On the CPU interpreter it is never used.
+Off by default until measured on a GPU (``QUANTKIT_KERNEL_CTYPES=1`` turns it on; docs/PERFORMANCE.md).
+On the CPU interpreter it is never used.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 
 import torch
 
-ENABLED = os.environ.get("QUANTKIT_KERNEL_CTYPES", "1") != "0"
+ENABLED = os.environ.get("QUANTKIT_KERNEL_CTYPES", "0") == "1"
 
 _C_TYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
             "fp32": ctypes.c_float, "f32": ctypes.c_float}
