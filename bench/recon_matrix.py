@@ -9,7 +9,7 @@ is one row, ``TOOL:key=value,...``:
     qk:bits=4,g=128,sym=1,iters=0                     (the quantizer alone: no recon plugin)
 
 quantkit keys: bits, g (group size), sym (0/1), sym_range (half/full), fmt (int, or lut: any4-style
-learned tables), quip (1: the input-side QuIP rotation of ``w2a16-quip-recon``), quantizer (gptq/rtn), iters,
+learned tables), quip (1: the input-side QuIP rotation of ``w2a16-quip-recon``; 2: both sides), quantizer (gptq/rtn), iters,
 batch, and any other recon option (target, init, lr, learn_clip, autocast, patience).
 End-to-end scale tuning after the block pass (quantkit/transforms/e2e.py, the recipe key ``finetune``):
 any ``e2e_<option>`` key (e2e_epochs, e2e_lr, e2e_batch, e2e_loss, e2e_optimizer, e2e_holdout,
@@ -72,7 +72,8 @@ def qk_recipe(kv: dict, args) -> dict:
     iters = int(kv.get("iters", 0))
     plugins = ([{"type": "recon", "iters": iters, "batch_size": int(kv.get("batch", 4)), **recon}]
                if iters > 0 else [])
-    transforms = ([{"type": "quip", "seed": 0, "rotate_in": True, "rotate_out": False}]  # quip=1: w2a16-quip-recon's
+    # quip=1: the input-side rotation (w2a16-quip-recon's); quip=2: both sides (QuIP's incoherence processing)
+    transforms = ([{"type": "quip", "seed": 0, "rotate_in": True, "rotate_out": str(kv.get("quip")) == "2"}]
                   if kv.get("quip") else [])
     return {"name": "recon-matrix", "quantizer": quantizer, "format": fmt, "block_plugins": plugins,
             "transforms": transforms, "ignore": ["lm_head"],
