@@ -66,12 +66,9 @@ def test_refuses_what_it_cannot_prove(sizes, sizes_v, md, sig):
         _cuda_launch.CtypesLaunch(fake_ck(sig, **md), NAMES, [1, 2, 3, 4, 0.5, 64], (1, 1, 1))
 
 
+@pytest.mark.skipif(DEV.type != "cuda", reason="verified() synchronizes a CUDA device")
 def test_verified_compares_outputs():
-    ref = torch.randn(3, 8)
-    assert _cuda_launch.verified.__doc__
-    if DEV.type != "cuda":
-        pytest.skip("verified() synchronizes a CUDA device")
-    ref = ref.to(DEV)
+    ref = torch.randn(3, 8, device=DEV)
     assert _cuda_launch.verified(ref, lambda b: b.copy_(ref))
     assert not _cuda_launch.verified(ref, lambda b: b.copy_(ref * 2))
 

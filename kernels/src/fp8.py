@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
-from ._launch import INTERPRET, Launcher, cdiv, checked, ctypes_launch, tiled_workspace, workspace
+from ._launch import INTERPRET, Launcher, cdiv, checked, ctypes_launch, ctypes_run, tiled_workspace, workspace
 from ._tl import _finish, _tile_mn
 from .base import LayerKernel
 
@@ -336,28 +336,20 @@ class FP8Kernel(LayerKernel):
                 return
             xq, xs = first(x, out, M)
             fast.append(self._ctypes_gemv(lau, grid, x, xq, xs, out, part, cnt, M, kps, split, sin, adt, dev)
-                        or first_only)
-
-        def first_only(x, out, M):
-            first(x, out, M)
+                        or first)
         return run
 
     def _ctypes_gemv(self, lau, grid, x, xq, xs, out, part, cnt, M, kps, split, sin, adt, dev):
         N, K, w, ws = self.N, self.K, self.w, self.ws
-        quant = self.act != "none"
-        cg = ctypes_launch(lau, grid, (xq.data_ptr(), w.data_ptr(), xs.data_ptr(), ws.data_ptr(), out.data_ptr(),
-                                       part.data_ptr(), cnt.data_ptr(), M, N, K, kps, split), out)
+        args = (xq.data_ptr(), w.data_ptr(), xs.data_ptr(), ws.data_ptr(), out.data_ptr(), part.data_ptr(),
+                cnt.data_ptr(), M, N, K, kps, split)
+        if self.act == "none":  # W8A16: one launch, x read as it is
+            return ctypes_run(lau, grid, args, ("x_ptr", "out_ptr", "M"), x, out, M, dev)
+        cg = ctypes_launch(lau, grid, args, out)
         if cg is None:
             return None
         gx, gxs, go, gm = (cg.slot(n) for n in ("x_ptr", "xs_ptr", "out_ptr", "M"))
         stream = torch._C._cuda_getCurrentRawStream
-        if not quant:
-            def run(x, out, M):
-                gx.value = x.data_ptr()
-                go.value = out.data_ptr()
-                gm.value = M
-                cg(stream(dev))
-            return checked(run, x, out, M)
         cq = ctypes_launch(self.q_launch, (M, 1, 1), (x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sin.data_ptr(), K),
                            out)
         if cq is None:
