@@ -17,7 +17,9 @@ e2e_eval_every, e2e_tables, e2e_autocast, e2e_seed) makes the row two rows from 
 block pass alone (label ``...,e2e=base``), then the same model after ``run_finetune`` (the function
 ``quantkit.quantize`` calls for ``finetune``) against the float model's final hidden states, captured
 once from the float model; the e2e row's time is the stage's alone, its loss record is in the JSON.
-``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass.
+``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass (any one
+e2e option may list values so: ``e2e_epochs=1/2``). ``--tasks sciq,arc_easy,piqa`` also scores every row on
+those zero-shot tasks (``--task-limit`` documents each, 0 = all) with its paired difference to the float row.
 
     python -P bench/recon_matrix.py --run qk:bits=3,sym=1,sym_range=full,quantizer=rtn,iters=30,batch=4,\
 offsets=value,target=model,e2e_epochs=2,e2e_lr=0.001 auto-round
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tasks", default="", help="zero-shot tasks scored for every row too (e.g. sciq,arc_easy,piqa),"
+                    " with each row's paired difference to the float row")
+    ap.add_argument("--task-limit", type=int, default=0, help="documents per task (0 = all)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--deterministic", action="store_true",
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
                      **(extra or {})})
         fl = rows[0]["ppl"] if rows[0]["tool"] == "float" else float("nan")
         print(f"| {label} | {rows[-1]['ppl']:.3f} | {rows[-1]['ppl'] - fl:+.3f} | {secs:.1f} | {bpw} |", flush=True)
+        if args.tasks:
+            rows[-1]["tasks"] = zero_shot(model)
         os.makedirs(args.out, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=1)
@@ -145,14 +152,47 @@ def main(argv=None) -> int:
           flush=True)
     float_target: dict = {}
 
+    def zero_shot(model) -> dict:
+        """Every task's accuracies for this row, and (after the float row) the paired differences in points."""
+        from quantkit.eval.tasks import evaluate_tasks, paired_difference
+
+        t = time.time()
+        res = evaluate_tasks(model, lm.tokenizer, args.tasks, limit=args.task_limit or None,
+                             bos_token_id=lm.bos_token_id, device=args.device, progress=False)
+        base = rows[0].get("tasks") if rows and rows[0]["tool"] == "float" and len(rows) > 1 else None
+        cells = []
+        for name, m in res.items():
+            if base is not None:
+                for k in ("correct", "correct_norm"):
+                    d, se = paired_difference(base[name][k], m[k])
+                    m[f"d_{k}"], m[f"d_{k}_se"] = 100 * d, 100 * se
+                cells.append(f"{name} acc {m['acc']:.3f} ({m['d_correct']:+.1f} ± {m['d_correct_se']:.1f}), "
+                             f"acc_norm {m['acc_norm']:.3f} ({m['d_correct_norm']:+.1f} ± {m['d_correct_norm_se']:.1f})")
+            else:
+                cells.append(f"{name} acc {m['acc']:.3f}, acc_norm {m['acc_norm']:.3f}")
+        print(f"|   zero-shot (n = {', '.join(str(m['n']) for m in res.values())}; {time.time() - t:.0f} s): "
+              + "; ".join(cells) + " | | | |", flush=True)
+        return res
+
     def e2e_config(kv):
         from quantkit.transforms.e2e import FinetuneConfig
 
         names = {"batch": "batch_size"}
         opts = {names.get(k[4:], k[4:]): v for k, v in kv.items() if k.startswith("e2e_")}
-        if "/" in str(opts.get("lr", "")):  # several step sizes: e2e_lr=0.001/0.003
-            opts["lr"] = float(str(opts["lr"]).split("/")[0])
+        for k, v in opts.items():  # several values (e2e_lr=0.001/0.003): the config holds the first
+            if "/" in str(v):
+                opts[k] = yaml.safe_load(str(v).split("/")[0])
         return FinetuneConfig(**opts) if opts else None
+
+    def e2e_sweep(kv) -> tuple[str | None, list]:
+        """The one e2e option given several values (``e2e_epochs=1/2``), and its values; (None, [None]) if none."""
+        multi = [k for k, v in kv.items() if k.startswith("e2e_") and "/" in str(v)]
+        if len(multi) > 1:
+            raise SystemExit(f"--run: only one e2e option may list several values (got {', '.join(multi)})")
+        if not multi:
+            return None, [None]
+        names = {"batch": "batch_size"}
+        return names.get(multi[0][4:], multi[0][4:]), [yaml.safe_load(x) for x in str(kv[multi[0]]).split("/")]
 
     def one(tool, kv, label):
         model = copy.deepcopy(lm.model)
@@ -184,15 +224,16 @@ def main(argv=None) -> int:
             tgt = float_target["t"]
             if ft.loss == "ce":
                 tgt = type(tgt)(None, tgt.head, tgt.softcap)
-            lrs = [float(x) for x in str(kv["e2e_lr"]).split("/")] if "/" in str(kv.get("e2e_lr", "")) else [None]
-            for lr in lrs:  # e2e_lr=a/b/c: one e2e row per step size, each from a copy of the same block pass
-                cfg = ft if lr is None else ft.model_copy(update={"lr": lr})
-                model_i = qm.model if lr is None or lr == lrs[-1] else copy.deepcopy(qm.model)
+            opt, vals = e2e_sweep(kv)
+            for i, val in enumerate(vals):  # e2e_lr=a/b/c: one e2e row per value, each from a copy of the block pass
+                cfg = ft if opt is None else ft.model_copy(update={opt: val})
+                model_i = qm.model if i == len(vals) - 1 else copy.deepcopy(qm.model)
                 sync()
                 t = time.time()
                 rec = run_finetune(model_i, ids, tgt, cfg, args.device, seed=0, progress=True)
                 sync()
-                lab = label if lr is None else label.replace(f"e2e_lr={kv['e2e_lr']}", f"e2e_lr={lr}")
+                key = "e2e_" + {"batch_size": "batch"}.get(opt, opt) if opt else None
+                lab = label if opt is None else label.replace(f"{key}={kv[key]}", f"{key}={val}")
                 score(model_i, lab, tool, kv, time.time() - t, round(qm.bits_per_weight(), 4),
                       {"finetune": rec, "block_pass_seconds": round(secs, 1)})
             return
