@@ -58,6 +58,11 @@ def parse_run(text: str) -> tuple[str, dict]:
     return tool, kv
 
 
+def e2e_field(key: str) -> str:
+    """The FinetuneConfig field of a row's ``e2e_<option>`` key (``e2e_batch`` -> ``batch_size``)."""
+    return {"batch": "batch_size"}.get(key[4:], key[4:])
+
+
 def qk_recipe(kv: dict, args) -> dict:
     bits, g, sym = int(kv.get("bits", 4)), kv.get("g", 128), bool(kv.get("sym", 0))
     if kv.get("fmt", "int") == "lut":  # any4/any3/any2: learned per-row tables, activation-weighted k-means
@@ -177,22 +182,20 @@ def main(argv=None) -> int:
     def e2e_config(kv):
         from quantkit.transforms.e2e import FinetuneConfig
 
-        names = {"batch": "batch_size"}
-        opts = {names.get(k[4:], k[4:]): v for k, v in kv.items() if k.startswith("e2e_")}
+        opts = {e2e_field(k): v for k, v in kv.items() if k.startswith("e2e_")}
         for k, v in opts.items():  # several values (e2e_lr=0.001/0.003): the config holds the first
             if "/" in str(v):
                 opts[k] = yaml.safe_load(str(v).split("/")[0])
         return FinetuneConfig(**opts) if opts else None
 
     def e2e_sweep(kv) -> tuple[str | None, list]:
-        """The one e2e option given several values (``e2e_epochs=1/2``), and its values; (None, [None]) if none."""
+        """The one e2e key given several values (``e2e_epochs=1/2``), and its values; (None, [None]) if none."""
         multi = [k for k, v in kv.items() if k.startswith("e2e_") and "/" in str(v)]
         if len(multi) > 1:
             raise SystemExit(f"--run: only one e2e option may list several values (got {', '.join(multi)})")
         if not multi:
             return None, [None]
-        names = {"batch": "batch_size"}
-        return names.get(multi[0][4:], multi[0][4:]), [yaml.safe_load(x) for x in str(kv[multi[0]]).split("/")]
+        return multi[0], [yaml.safe_load(x) for x in str(kv[multi[0]]).split("/")]
 
     def one(tool, kv, label):
         model = copy.deepcopy(lm.model)
@@ -224,16 +227,15 @@ def main(argv=None) -> int:
             tgt = float_target["t"]
             if ft.loss == "ce":
                 tgt = type(tgt)(None, tgt.head, tgt.softcap)
-            opt, vals = e2e_sweep(kv)
+            key, vals = e2e_sweep(kv)
             for i, val in enumerate(vals):  # e2e_lr=a/b/c: one e2e row per value, each from a copy of the block pass
-                cfg = ft if opt is None else ft.model_copy(update={opt: val})
+                cfg = ft if key is None else ft.model_copy(update={e2e_field(key): val})
                 model_i = qm.model if i == len(vals) - 1 else copy.deepcopy(qm.model)
                 sync()
                 t = time.time()
                 rec = run_finetune(model_i, ids, tgt, cfg, args.device, seed=0, progress=True)
                 sync()
-                key = "e2e_" + {"batch_size": "batch"}.get(opt, opt) if opt else None
-                lab = label if opt is None else label.replace(f"{key}={kv[key]}", f"{key}={val}")
+                lab = label if key is None else label.replace(f"{key}={kv[key]}", f"{key}={val}")
                 score(model_i, lab, tool, kv, time.time() - t, round(qm.bits_per_weight(), 4),
                       {"finetune": rec, "block_pass_seconds": round(secs, 1)})
             return
