@@ -13,13 +13,13 @@ learned tables), quip (1: the input-side QuIP rotation of ``w2a16-quip-recon``; 
 batch, and any other recon option (target, init, lr, learn_clip, autocast, patience).
 End-to-end scale tuning after the block pass (quantkit/transforms/e2e.py, the recipe key ``finetune``):
 any ``e2e_<option>`` key (e2e_epochs, e2e_lr, e2e_batch, e2e_loss, e2e_optimizer, e2e_holdout,
-e2e_eval_every, e2e_tables, e2e_autocast, e2e_seed) makes the row two rows from one quantization: the
+e2e_eval_every, e2e_tables, e2e_norms, e2e_norms_lr, e2e_autocast, e2e_seed) makes the row two rows from one quantization: the
 block pass alone (label ``...,e2e=base``), then the same model after ``run_finetune`` (the function
 ``quantkit.quantize`` calls for ``finetune``) against the float model's final hidden states, captured
 once from the float model; the e2e row's time is the stage's alone, its loss record is in the JSON.
-``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass (any one
-e2e option may list values so: ``e2e_epochs=1/2``). ``--tasks sciq,arc_easy,piqa`` also scores every row on
-those zero-shot tasks (``--task-limit`` documents each, 0 = all) with its paired difference to the float row.
+``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass (any e2e
+option may list values so, ``e2e_epochs=1/2``; several such options give every combination).
+``--tasks sciq,arc_easy,piqa`` also scores every row on those zero-shot tasks (``--task-limit`` documents each, 0 = all) with its paired difference to the float row.
 
     python -P bench/recon_matrix.py --run qk:bits=3,sym=1,sym_range=full,quantizer=rtn,iters=30,batch=4,\
 offsets=value,target=model,e2e_epochs=2,e2e_lr=0.001 auto-round
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -188,14 +189,12 @@ def main(argv=None) -> int:
                 opts[k] = yaml.safe_load(str(v).split("/")[0])
         return FinetuneConfig(**opts) if opts else None
 
-    def e2e_sweep(kv) -> tuple[str | None, list]:
-        """The one e2e key given several values (``e2e_epochs=1/2``), and its values; (None, [None]) if none."""
+    def e2e_sweep(kv) -> list[dict]:
+        """The e2e rows of a run: one per combination of the values of its e2e options listing several
+        (``e2e_epochs=1/2,e2e_norms=0/1``: four), as ``{key: value}``; [{}] if none lists several."""
         multi = [k for k, v in kv.items() if k.startswith("e2e_") and "/" in str(v)]
-        if len(multi) > 1:
-            raise SystemExit(f"--run: only one e2e option may list several values (got {', '.join(multi)})")
-        if not multi:
-            return None, [None]
-        return multi[0], [yaml.safe_load(x) for x in str(kv[multi[0]]).split("/")]
+        vals = [[yaml.safe_load(x) for x in str(kv[k]).split("/")] for k in multi]
+        return [dict(zip(multi, combo, strict=True)) for combo in itertools.product(*vals)]
 
     def one(tool, kv, label):
         model = copy.deepcopy(lm.model)
@@ -227,15 +226,17 @@ def main(argv=None) -> int:
             tgt = float_target["t"]
             if ft.loss == "ce":
                 tgt = type(tgt)(None, tgt.head, tgt.softcap)
-            key, vals = e2e_sweep(kv)
-            for i, val in enumerate(vals):  # e2e_lr=a/b/c: one e2e row per value, each from a copy of the block pass
-                cfg = ft if key is None else ft.model_copy(update={e2e_field(key): val})
-                model_i = qm.model if i == len(vals) - 1 else copy.deepcopy(qm.model)
+            combos = e2e_sweep(kv)
+            for i, combo in enumerate(combos):  # one e2e row per combination, each from a copy of the block pass
+                cfg = ft.model_copy(update={e2e_field(k): v for k, v in combo.items()})
+                model_i = qm.model if i == len(combos) - 1 else copy.deepcopy(qm.model)
                 sync()
                 t = time.time()
                 rec = run_finetune(model_i, ids, tgt, cfg, args.device, seed=0, progress=True)
                 sync()
-                lab = label if key is None else label.replace(f"{key}={kv[key]}", f"{key}={val}")
+                lab = label
+                for k, v in combo.items():
+                    lab = lab.replace(f"{k}={kv[k]}", f"{k}={v}")
                 score(model_i, lab, tool, kv, time.time() - t, round(qm.bits_per_weight(), 4),
                       {"finetune": rec, "block_pass_seconds": round(secs, 1)})
             return

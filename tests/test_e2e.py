@@ -113,6 +113,42 @@ def test_e2e_never_worse_than_start():
     assert all(torch.equal(s0[n], s1[n]) for n in s0)
 
 
+def _norm_weights(model) -> dict[str, torch.Tensor]:
+    from quantkit.transforms.norm_tweak import find_norms
+
+    return {n: m.weight.detach().clone() for n, m in find_norms(model, ["Norm"]).items()}
+
+
+def test_e2e_norms_trained_stored_and_reloaded(tmp_path):
+    """``norms: true``: the normalization weights are trained with the scales (lower kept loss than scales
+    alone from the same block pass), come back as Parameters of their dtype, and the checkpoint holds them."""
+    alone = quantkit.quantize(tiny_model("llama"), _recipe(FT), calibration=IDS, progress=False)
+    qm = quantkit.quantize(tiny_model("llama"), _recipe({**FT, "norms": True, "norms_lr": 0.05}), calibration=IDS,
+                           progress=False)
+    rec = qm.meta["finetune"]
+    assert rec["norms_trained"] == 2 * 2 + 1 and rec["kept"] != "start"  # 2 blocks x 2 norms + the final one
+    assert rec["loss_kept"] < alone.meta["finetune"]["loss_kept"]
+    n0, n1 = _norm_weights(tiny_model("llama")), _norm_weights(qm.model)
+    assert set(n0) == set(n1) and any(not torch.equal(n0[k], n1[k]) for k in n0)
+    for m in qm.model.modules():
+        if type(m).__name__.endswith("Norm"):
+            assert isinstance(m._parameters["weight"], torch.nn.Parameter) and "weight" not in m.__dict__
+            assert m.weight.dtype == torch.float32
+    with torch.no_grad():
+        before = qm.model(IDS).logits
+    back = quantkit.load(qm.save(str(tmp_path / "ck")))
+    with torch.no_grad():
+        assert torch.equal(before, back.model(IDS).logits)
+
+
+def test_e2e_norms_kept_at_start_when_nothing_beats_it():
+    qm = quantkit.quantize(tiny_model("llama"), _recipe({"epochs": 1, "lr": 0.9, "optimizer": "sign",
+                                                           "norms": True}), calibration=IDS, progress=False)
+    assert qm.meta["finetune"]["kept"] == "start"
+    n0, n1 = _norm_weights(tiny_model("llama")), _norm_weights(qm.model)
+    assert all(torch.equal(n0[k], n1[k]) for k in n0)
+
+
 def test_e2e_holdout_and_ce_loss():
     qm = quantkit.quantize(tiny_model("llama"), _recipe({**FT, "holdout": 2, "loss": "ce", "eval_every": 1}),
                            calibration=IDS, progress=False)

@@ -4,8 +4,9 @@ EfficientQAT's second stage ("E2E-QP", Chen et al. 2024; read for the method, ow
 block is quantized and its integer codes are fixed, only the quantization parameters are trained, end
 to end through the whole model, so that the quantized model's output matches the float model's on the
 calibration text. Here that is every group scale of every weight-only quantized linear (and, with
-``tables: true``, the value tables of learned-LUT formats such as any4); the codes, the integer zero
-points of asymmetric grids, norms, embeddings and lm_head stay as they are.
+``tables: true``, the value tables of learned-LUT formats such as any4; with ``norms: true``, the weights
+of the normalization layers: norm tweaking done end to end instead of block by block); the codes, the
+integer zero points of asymmetric grids, embeddings and lm_head stay as they are.
 
 * The float side is captured **before** the blocks are quantized (:func:`capture_float`): the input of
   the output head (the float model's final hidden state after its final norm) for every calibration
@@ -55,6 +56,8 @@ class FinetuneConfig(BaseModel):
     holdout: int = Field(0, ge=0)  # calibration sequences kept out of training to choose the iterate; 0: all
     eval_every: int = Field(0, ge=0)  # steps between evaluations of the kept-iterate loss; 0: each epoch
     tables: bool = False  # learned-LUT formats (any4): train the table values too
+    norms: bool = False  # also train the weights of the normalization layers (norm tweaking, end to end)
+    norms_lr: float | None = Field(None, gt=0, le=1.0)  # their Adam step (absolute); None: lr
     autocast: Switch = "auto"  # bf16 autocast of the forward: auto = on CUDA only
     seed: int | None = None  # batch order; None: the recipe's calibration seed
 
@@ -210,6 +213,46 @@ class _Layer:
                 self.m.lut = self.table(True).to(self.t_dtype).contiguous()
 
 
+class _Norms:
+    """The weights of the model's normalization layers, trained as ``w0 + d`` with ``d`` in float32 (a bf16
+    weight could not take steps smaller than its own resolution); each step the modules see ``(w0 + d)`` in
+    their dtype as a plain tensor, and :meth:`write_back` puts the kept values back into their Parameters."""
+
+    def __init__(self, model: nn.Module, device):
+        from .norm_tweak import find_norms
+
+        self.mods = list(find_norms(model, ["Norm"]).values())
+        self.orig = [m.weight for m in self.mods]
+        self.w0 = [p.detach().float().to(device) for p in self.orig]
+        self.d = [nn.Parameter(torch.zeros_like(w)) for w in self.w0]
+        for m in self.mods:
+            del m.weight  # a plain tensor attribute from here on (set each step), the Parameter kept in orig
+
+    def params(self) -> list[nn.Parameter]:
+        return self.d
+
+    def set(self) -> None:
+        for m, p, w0, d in zip(self.mods, self.orig, self.w0, self.d, strict=True):
+            m.weight = (w0 + d).to(p.dtype)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [d.detach().clone() for d in self.d]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for d, v in zip(self.d, snap, strict=True):
+                d.copy_(v)
+
+    def write_back(self) -> None:
+        """Put each module's Parameter back, holding ``w0 + d`` (the current iterate) in its dtype."""
+        with torch.no_grad():
+            for m, p, w0, d in zip(self.mods, self.orig, self.w0, self.d, strict=True):
+                if "weight" in m.__dict__:
+                    del m.__dict__["weight"]
+                p.data = (w0 + d).to(device=p.device, dtype=p.dtype)
+                m.weight = p
+
+
 def trainable_layers(model: nn.Module, tables: bool) -> tuple[list[_Layer], list[str]]:
     """(layers whose scales are trained, names of quantized layers left alone and why)."""
     from ..nn import QuantLinear
@@ -271,17 +314,25 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    norms = _Norms(model, device) if cfg.norms else None
+    tuned = layers + ([norms] if norms is not None else [])  # everything snapshotted, kept and written back
     use_amp = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
     train_idx = torch.arange(cfg.holdout, n)
     eval_idx = torch.arange(0, cfg.holdout) if cfg.holdout else torch.arange(n)
     gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else None
+    groups = [{"params": params, "lr": cfg.lr}]
+    if norms is not None:
+        groups.append({"params": norms.params(), "lr": cfg.norms_lr or cfg.lr})
+        params = params + norms.params()
+    opt = torch.optim.Adam(groups) if cfg.optimizer == "adam" else None
     was_training = model.training
     model.eval()  # no dropout: the quantized model is compared as it will run
 
     def set_weights(rounded: bool) -> None:
         for lay in layers:
             lay.m.dense_weight = lay.weight(rounded)
+        if norms is not None:
+            norms.set()
 
     def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         x = ids[rows].to(device)
@@ -308,10 +359,10 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
         return tot / cnt
 
     history: list[dict[str, Any]] = []
-    steps = 0
+    steps, finished = 0, False
     try:
         start = evaluate()
-        best, best_at, best_snap = start, "start", [lay.snapshot() for lay in layers]
+        best, best_at, best_snap = start, "start", [lay.snapshot() for lay in tuned]
         history.append({"step": 0, "eval_loss": start})
         train_losses: list[float] = []
         per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
@@ -332,9 +383,10 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
                     opt.step()
                 else:
                     with torch.no_grad():
-                        for p in params:
-                            if p.grad is not None:
-                                p.sub_(cfg.lr * p.grad.sign())
+                        for grp in groups:
+                            for p in grp["params"]:
+                                if p.grad is not None:
+                                    p.sub_(grp["lr"] * p.grad.sign())
                 for lay in layers:
                     lay.project()
                 steps += 1
@@ -349,14 +401,19 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
                         print(f"finetune: step {steps} epoch {epoch + 1} eval loss {ev:.5f} (start {start:.5f})",
                               flush=True)
                     if ev < best:
-                        best, best_at, best_snap = ev, f"step {steps}", [lay.snapshot() for lay in layers]
+                        best, best_at, best_snap = ev, f"step {steps}", [lay.snapshot() for lay in tuned]
         end = history[-1]["eval_loss"]
-        for lay, snap in zip(layers, best_snap, strict=True):
+        for lay, snap in zip(tuned, best_snap, strict=True):
             lay.restore(snap)
             lay.write_back()
+        finished = True
     finally:
         for lay in layers:
             lay.m.dense_weight = None
+        if norms is not None:
+            if not finished:  # interrupted: the norms go back to their start, as the scales do
+                norms.restore([torch.zeros_like(d) for d in norms.d])
+            norms.write_back()  # after the kept iterate's write-back this writes the same values again
         for p, rg in frozen:
             p.requires_grad_(rg)
         model.train(was_training)
@@ -367,5 +424,6 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
         "eval_on": f"{cfg.holdout} held-out sequences" if cfg.holdout else f"all {n} calibration sequences",
         "loss_start": start, "loss_end": end, "loss_kept": best, "kept": best_at,
         "layers_trained": len(layers), "params_trained": sum(p.numel() for p in params),
+        "norms_trained": len(norms.mods) if norms is not None else 0,
         "layers_left": skipped, "history": history, "seconds": round(time.time() - t0, 2),
     }
