@@ -87,6 +87,7 @@ def test_gpu_same_output_and_used(kind, M, monkeypatch):
     from pathlib import Path
 
     from quantkit.kernels import fp8
+    from quantkit.kernels._launch import m_bucket
 
     path = Path(__file__).resolve().parents[1] / "bench" / "kernel_bench.py"
     spec_ = importlib.util.spec_from_file_location("kernel_bench", path)
@@ -108,7 +109,12 @@ def test_gpu_same_output_and_used(kind, M, monkeypatch):
         kern = kb.build_kernel(spec, packed, n, k, DEV)[1]
         kern(x)
         outs[on] = [kern(x).float() for _ in range(3)]  # the later calls take the fast path
-        assert any(u is not None for u in used) == on
+        # FP8: only the GEMV plan has the ctypes launch; this GPU's tuned plan for M's bucket may be a GEMM
+        # (on the H100 it is from M = 2)
+        mb = m_bucket(M)
+        path = kern.check_config(kern.config(mb, x.dtype), mb, x.dtype).get("path")
+        expect = on and (not kind.startswith("fp8") or path == "gemv")
+        assert any(u is not None for u in used) == expect, (path, used)
     ref = outs[False][0]
     for y in outs[True]:
         assert (y - ref).norm() / ref.norm() < 1e-3

@@ -38,12 +38,22 @@ FAST_LAUNCH = (not INTERPRET) and triton is not None and _triton_version() >= (3
 
 
 def _hooks_set() -> bool:
+    """Whether a Triton launch hook is installed (then every launch goes through Triton's own path, which
+    calls it). Triton >= 3.4 keeps each hook as a ``HookChain`` object that is never None: it counts as
+    set only when it holds a call (until this was seen, 2026-12-08, the cached launches below were never
+    taken on Triton 3.6: every call paid ``fn[grid]``'s full cost)."""
     try:
         from triton import knobs
-
-        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
     except Exception:  # noqa: BLE001
         return False
+    return any(_hook_active(getattr(knobs.runtime, name, None)) for name in ("launch_enter_hook", "launch_exit_hook"))
+
+
+def _hook_active(hook) -> bool:
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)  # triton.knobs.HookChain
+    return bool(calls) if isinstance(calls, list) else True
 
 
 class Launcher:
