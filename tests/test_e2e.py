@@ -184,7 +184,8 @@ def test_e2e_function_on_its_own():
 
 
 @pytest.mark.parametrize("key,value", [("epochs", 0), ("lr", -1.0), ("loss", "mse"), ("optimizer", "sgd"),
-                                       ("nonsense", 1), ("type", "lora"), ("holdout", -1)])
+                                       ("nonsense", 1), ("type", "lora"), ("holdout", -1),
+                                       ("norms_lr", 0.0)])
 def test_e2e_bad_keys_name_the_key(key, value):
     with pytest.raises(RecipeError, match=rf"finetune\.{key}"):
         load_recipe(_recipe({key: value}))
