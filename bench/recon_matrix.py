@@ -13,13 +13,14 @@ learned tables), quip (1: the input-side QuIP rotation of ``w2a16-quip-recon``; 
 batch, and any other recon option (target, init, lr, learn_clip, autocast, patience).
 End-to-end scale tuning after the block pass (quantkit/transforms/e2e.py, the recipe key ``finetune``):
 any ``e2e_<option>`` key (e2e_epochs, e2e_lr, e2e_batch, e2e_loss, e2e_optimizer, e2e_holdout,
-e2e_eval_every, e2e_tables, e2e_norms, e2e_norms_lr, e2e_autocast, e2e_seed) makes the row two rows from one quantization: the
-block pass alone (label ``...,e2e=base``), then the same model after ``run_finetune`` (the function
+e2e_eval_every, e2e_tables, e2e_norms, e2e_norms_lr, e2e_autocast, e2e_seed) makes the row two rows from one
+quantization: the block pass alone (label ``...,e2e=base``), then the same model after ``run_finetune`` (the function
 ``quantkit.quantize`` calls for ``finetune``) against the float model's final hidden states, captured
 once from the float model; the e2e row's time is the stage's alone, its loss record is in the JSON.
 ``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass (any e2e
 option may list values so, ``e2e_epochs=1/2``; several such options give every combination).
-``--tasks sciq,arc_easy,piqa`` also scores every row on those zero-shot tasks (``--task-limit`` documents each, 0 = all) with its paired difference to the float row.
+``--tasks sciq,arc_easy,piqa`` also scores every row on those zero-shot tasks (``--task-limit`` documents each,
+0 = all) with its paired difference to the float row.
 
     python -P bench/recon_matrix.py --run qk:bits=3,sym=1,sym_range=full,quantizer=rtn,iters=30,batch=4,\
 offsets=value,target=model,e2e_epochs=2,e2e_lr=0.001 auto-round

@@ -410,10 +410,9 @@ def run_finetune(model: nn.Module, ids: torch.Tensor, target: FloatTarget, cfg: 
     finally:
         for lay in layers:
             lay.m.dense_weight = None
-        if norms is not None:
-            if not finished:  # interrupted: the norms go back to their start, as the scales do
-                norms.restore([torch.zeros_like(d) for d in norms.d])
-            norms.write_back()  # after the kept iterate's write-back this writes the same values again
+        if norms is not None and not finished:  # interrupted: the norms go back to their start, as the scales do
+            norms.restore([torch.zeros_like(d) for d in norms.d])
+            norms.write_back()
         for p, rg in frozen:
             p.requires_grad_(rg)
         model.train(was_training)
