@@ -1,4 +1,4 @@
-"""Peers in the same run: bf16 cuBLAS, quantkit int4 g128, torch tinygemm, Marlin and gemlite.
+"""Peers in the same run: bf16 cuBLAS, quantkit int4 g128 / any4 g128 / FP8 W8A8, torch tinygemm, Marlin, gemlite.
 
     python bench/peers.py [--out DIR] [--shapes 8B.qkv,...] [--ms 1,2,...] [--methods quantkit,marlin]
     python bench/peers.py --smoke          # CPU: tiny shape, wall-clock timing, peers reported missing
@@ -9,7 +9,9 @@ each call) and ``do_bench_cudagraph`` (graph). Every method, bf16 included, rota
 copies of its weights (> 3x the 50 MB L2) that the cache cannot serve them between calls, and every
 output is checked against the method's own dequantized weights in bf16 ``F.linear`` first (rel err
 recorded; a method above 2e-2 is still timed but flagged). Methods: bf16 ``F.linear`` (the baseline),
-quantkit's shipped W4A16 kernel (int4 sym g128, built as bench/kernel_bench.py builds it), torch's
+quantkit's shipped kernels as bench/kernel_bench.py builds them (``quantkit``: int4 sym g128;
+``any4``: the LUT format g128; ``fp8``: W8A8 e4m3, activations quantized per token, checked against
+the format's own emulation), torch's
 tinygemm ``_weight_int4pack_mm`` (asym g128), Marlin (IST-DASLab, fp16 activations: Marlin has no
 bf16 path; sym g128) and gemlite (A16W4 g128 bf16, asym). A peer that fails to build, import or run
 is reported in the table and the JSON with its error; the run goes on. Writes peers.md and
@@ -51,9 +53,10 @@ def _load_kernels_bench():
 kb = _load_kernels_bench()
 SHAPES = kb.SHAPES
 MS = kb.MS
-METHODS = ("bf16", "quantkit", "tinygemm", "marlin", "gemlite")
+METHODS = ("bf16", "quantkit", "any4", "fp8", "tinygemm", "marlin", "gemlite")
 PEERS = METHODS[1:]
 NAMES = {"bf16": "bf16 `F.linear` (cuBLAS)", "quantkit": "quantkit int4 g128",
+         "any4": "quantkit any4 g128 (LUT)", "fp8": "quantkit FP8 W8A8 (e4m3, dynamic per token)",
          "tinygemm": "torch tinygemm int4 g128", "marlin": "Marlin int4 g128 (fp16)",
          "gemlite": "gemlite A16W4 g128"}
 G = 128
@@ -61,11 +64,17 @@ TOL = 2e-2
 
 
 class Built:
-    """One method on one shape: per-copy callables f(x) -> y, the dequantized weight (N, K) bf16
-    that its output is checked against (None: the method is the reference), its input dtype."""
+    """One method on one shape: per-copy callables f(x) -> y, what its output is checked against
+    (the dequantized weight (N, K) bf16 for bf16 ``F.linear``, or a function x -> reference output;
+    None: the method is the reference), its input dtype."""
 
     def __init__(self, fns, wref, x_dtype=torch.bfloat16, note=""):
         self.fns, self.wref, self.x_dtype, self.note = fns, wref, x_dtype, note
+
+    def reference(self, x):
+        if callable(self.wref):
+            return self.wref(x)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.wref)
 
 
 def n_copies(nbytes: int) -> int:
@@ -85,11 +94,16 @@ def setup_bf16(K, N, dev):
     return Built([lambda x, w=w: lin(x, w) for w in Ws], None)
 
 
-def setup_quantkit(K, N, dev):
-    spec = kb.KINDS["int4"]
+def setup_quantkit(K, N, dev, kind="int4"):
+    """quantkit's shipped kernel of a kernel_bench kind (int4, any4, fp8), built as kernel_bench builds
+    it; FP8 W8A8 is checked against the format's own emulation (activations quantized per token)."""
+    spec = kb.KINDS[kind]
     packed = kb.make_packed(spec, N, K, dev)
     fmt, kern = kb.build_kernel(spec, packed, N, K, dev)
-    wref = fmt.unpack(packed, (N, K)).to(torch.bfloat16)
+    if spec["type"] == "fp8":
+        wref = lambda x, f=fmt, p=packed: f.linear(x.to(torch.bfloat16), p, (N, K))  # noqa: E731
+    else:
+        wref = fmt.unpack(packed, (N, K)).to(torch.bfloat16)
     copies = [kern] + [kb.clone_kernel(kern) for _ in range(n_copies(kb.kernel_bytes(kern)) - 1)]
     return Built(copies, wref, note=f"impl {getattr(kern, 'impl', '?')}")
 
@@ -166,7 +180,8 @@ def setup_gemlite(K, N, dev):
     return Built(layers, wref, note=f"gemlite {getattr(gemlite, '__version__', '?')}")
 
 
-SETUPS = {"bf16": setup_bf16, "quantkit": setup_quantkit, "tinygemm": setup_tinygemm,
+SETUPS = {"bf16": setup_bf16, "quantkit": setup_quantkit, "any4": lambda K, N, dev: setup_quantkit(K, N, dev, "any4"),
+          "fp8": lambda K, N, dev: setup_quantkit(K, N, dev, "fp8"), "tinygemm": setup_tinygemm,
           "marlin": setup_marlin, "gemlite": setup_gemlite}
 
 
@@ -223,7 +238,7 @@ def run_probe(name: str, marlin_dir: str | None) -> int:
     ok = True
     for M in (1, 16, 128):
         x = torch.randn(M, 1024, device=dev, dtype=b.x_dtype)
-        e = kb.rel_err(b.fns[0](x), torch.nn.functional.linear(x.to(torch.bfloat16), b.wref))
+        e = kb.rel_err(b.fns[0](x), b.reference(x))
         torch.cuda.synchronize()
         ok = ok and e < TOL
         print(f"{name} M={M} rel err {e:.2e}")
@@ -417,7 +432,7 @@ def measure(args, methods, shapes, ms, dev, info, out) -> list:
                     xs = [x.to(b.x_dtype) for x in xs32]
                     y = b.fns[0](xs[0])
                     if b.wref is not None:
-                        ref = torch.nn.functional.linear(xs[0].to(torch.bfloat16), b.wref)
+                        ref = b.reference(xs[0])
                         r["rel_err"] = kb.rel_err(y, ref)
                         del ref
                     del y
@@ -504,9 +519,10 @@ def main(argv=None) -> int:
                 probes[m] = probe_start(m, args.marlin_dir)  # runs while quantkit precompiles
             elif err:
                 info["status"][m] = err
-    if "quantkit" in methods and args.precompile and not args.smoke:
+    ours = [k for m, k in (("quantkit", "int4"), ("any4", "any4"), ("fp8", "fp8")) if m in methods]
+    if ours and args.precompile and not args.smoke:
         try:  # only a head start: what is not compiled here compiles on first use
-            kb.precompile(["int4"], shapes, ms, args.precompile, tune=False)
+            kb.precompile(ours, shapes, ms, args.precompile, tune=False)
         except Exception as e:  # noqa: BLE001
             print(f"quantkit precompile failed (kernels compile on first use instead): {e!r:.200}", flush=True)
     for m, p in probes.items():
