@@ -7,7 +7,8 @@ Per shape and kind, host µs to issue one call (mean of n back-to-back eager cal
 GPU queue does not fill, so this is the Python + launch cost), in one process: bf16 ``F.linear``; one
 ``torch.empty`` of the output alone; the layer kernel through Triton's compiled launcher (the path before
 the ctypes launch; ``QUANTKIT_KERNEL_CTYPES=0``); the same kernel through the ctypes launch; and the whole
-``QuantLinear`` forward both ways. Kinds: int4, any4 (g128), fp8 (W8A8 dynamic: two launches), fp8w
+``QuantLinear`` forward both ways. Kinds: int4, any4 (g128), fp8 (W8A8 dynamic: at M <= 4 the activations are
+quantized inside the GEMV, one launch; two before 2026-12-08), fp8w
 (W8A16). Each kernel's output is compared with the other path's and with the
 dequantized weight's product (relative error). Prints a Markdown table; ``--out`` also writes JSON.
 """

@@ -230,6 +230,8 @@ def candidates(kind: str, kern, mb: int) -> list[dict]:
                 s0 = max(1, min(-(-k // (4 * bk)), -(-528 // tiles)))
                 for s in {s0, max(1, s0 // 2), s0 * 2}:
                     out.append({"path": "gemv", "BN": bn, "BK": bk, "warps": w, "stages": 3, "split": s})
+                    if kind == "fp8":  # the activation quantization as its own launch (before 2026-12-08)
+                        out.append(out[-1] | {"fq": False})
             if mb >= 2:  # tensor cores with x padded to 16 rows
                 if kind == "fp8":
                     out.append({"path": "scaled_mm"})

@@ -190,6 +190,30 @@ def test_fp8_paths(path, m, act, per_channel, dtype):
     check(run_path(kern, path, x), fp8_ref(x, p, act), dtype)
 
 
+@pytest.mark.parametrize("m,k,act,kind", [
+    (1, 256, "dynamic", "e4m3"),   # EVEN_K
+    (3, 208, "dynamic", "e4m3"),   # masked K, a zero row
+    (4, 200, "static", "e4m3"),
+    (2, 264, "dynamic", "e5m2"),
+])
+def test_fp8_gemv_quantizes_in_the_kernel_bit_for_bit(m, k, act, kind):
+    """W8A8 GEMV in one launch (each program derives the row's scale and quantizes its own slice):
+    the same output, bit for bit, as the two-launch path (activation-quant kernel, then the GEMV), and
+    the float64 reference of the format."""
+    n = 40
+    spec, p = make_fp8(n, k, kind=kind, act=act, seed=m + k)
+    kern = build(spec, p, (n, k))
+    x = rand_x(m, k, torch.bfloat16, m + 1)
+    if m == 3:
+        x[1] = 0
+    x[0, 7] = 40.0  # an outlier sets row 0's scale
+    fused = run_path(kern, "f_gemv", x)
+    two = run_poisoned(kern, {**CFGS["f_gemv"], "fq": False}, x)
+    for a, b in zip(fused, two):
+        assert torch.equal(a, b)
+    check(fused, fp8_ref(x, p, act, kind), torch.bfloat16)
+
+
 @pytest.mark.parametrize("path", ["f_gemm", "f_gemm1", "f_swap"])
 def test_fp8_w8a16_bf16_activations_beyond_fp16_range(path):
     """The W8A16 tensor-core path multiplies in fp16 after dividing each row of x by a power of two:

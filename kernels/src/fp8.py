@@ -5,7 +5,9 @@ W8A8: one Triton kernel quantizes the activations (per-row absmax -> scale -> sa
 cast, one program per row, the row read twice from L1/L2), then the FP8 GEMM runs either through
 ``torch._scaled_mm`` (cuBLASLt, row-wise scales) or a Triton FP8 ``tl.dot`` kernel with the scales
 in its epilogue; which one is used per M bucket comes from the tuned table (both are measured by
-bench/kernel_bench.py). Small M uses an FMA split-K GEMV on the FP8 codes.
+bench/kernel_bench.py). Small M uses an FMA split-K GEMV on the FP8 codes, which by default quantizes
+the activations itself (each program derives the row's scale from the whole row, then quantizes the
+slice it multiplies: one launch, bit-identical to the two-launch path; config ``"fq": False`` keeps two).
 W8A16: the FP8 weight is read as is ([out, in], no repack): FMA GEMV for small M, a ``tl.dot``
 kernel converting FP8 tiles to the activation dtype for mid M, and convert-then-cuBLAS for large M.
 
@@ -86,9 +88,14 @@ def _pow2_scale(x_ptr, s_ptr, K, BK: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "KPS", "SPLIT"])
 def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KPS, SPLIT,
               XSCALE: tl.constexpr, WS_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, SPLITK: tl.constexpr, EVEN_K: tl.constexpr):
+              BK: tl.constexpr, SPLITK: tl.constexpr, EVEN_K: tl.constexpr, QX: tl.constexpr = 0,
+              FMAX: tl.constexpr = 448.0, MBITS: tl.constexpr = 3, EMIN: tl.constexpr = -6):
     """out[m, n] = sum_k x[m, k] * w[n, k] (* xs[m]) * ws[n]; w FP8 [N, K] read once.
-    EVEN_K (K % BK == 0): no mask along K, so loads stay 16-byte vectors."""
+    EVEN_K (K % BK == 0): no mask along K, so loads stay 16-byte vectors.
+    QX (W8A8 in one launch): x is the unquantized activation and every program quantizes the slice it
+    reads itself, with the row's scale it derives first (QX = 1: max|x[m, :]| / FMAX over the whole row,
+    1 where the row is zero; QX = 2: the static scale at xs_ptr) — the same arithmetic as
+    ``_act_quant``, so the codes, and the output, are the two-launch path's bit for bit."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -96,6 +103,17 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     offs_m = tl.arange(0, BM)
     mmask = offs_m < M
     kb = tl.arange(0, BK)
+    if QX == 1:
+        amax = tl.zeros([BM, BK], dtype=tl.float32)
+        for k in range(0, K, BK):
+            kk = k + kb
+            v = tl.load(x_ptr + offs_m[:, None] * K + kk[None, :], mask=mmask[:, None] & (kk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        sq = tl.max(amax, axis=1) / FMAX
+        sq = tl.where(sq > 0, sq, 1.0)
+    elif QX == 2:
+        sq = tl.load(xs_ptr + offs_m * 0).to(tl.float32)
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
     k0 = pid_k * (KPS // BK) * BK  # = pid_k * KPS; so written, k0 % BK == 0 is known (16-byte loads)
     k1 = tl.minimum(k0 + KPS, K)
@@ -111,6 +129,8 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                         mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + offs_m[:, None] * K + kk[None, :], mask=mmask[:, None] & kmask[None, :],
                          other=0.0).to(tl.float32)
+        if QX != 0:
+            xv = _round_fp8(tl.minimum(tl.maximum(tl.math.div_rn(xv, sq[:, None]), -FMAX), FMAX), MBITS, EMIN)
         acc += xv[:, None, :] * w[None, :, :]
     res = tl.sum(acc, axis=2)
     if WS_ROW:
@@ -118,7 +138,9 @@ def _fp8_gemv(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     else:
         sw = tl.load(ws_ptr + offs_n * 0)
     res = res * sw[None, :]
-    if XSCALE:
+    if QX != 0:
+        res = res * sq[:, None]
+    elif XSCALE:
         sx = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0)
         res = res * sx[:, None]
     _finish(res, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT, BM, BN, SPLITK)
@@ -278,8 +300,11 @@ class FP8Kernel(LayerKernel):
         f16x = False
         if path == "gemv":
             bm = mb
+            # W8A8: quantize x inside the GEMV (one launch, no buffers) unless the config says "fq": False
+            qx_mode = (2 if self.act == "static" else 1) if quant and cfg.get("fq", True) else 0
+            mbits, emin = (2, -14) if adt == torch.float8_e5m2 else (3, -6)
             lau = Launcher(_fp8_gemv, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           EVEN_K=K % bk == 0),
+                                           EVEN_K=K % bk == 0, QX=qx_mode, FMAX=self.fmax, MBITS=mbits, EMIN=emin),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             part, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
             grid = (tiles_n, split, 1)
@@ -296,7 +321,7 @@ class FP8Kernel(LayerKernel):
 
         slau = self.s_launch
         if path == "gemv":
-            return self._gemv_run(lau, grid, qx, part, cnt, kps, split)
+            return self._gemv_run(lau, grid, qx, part, cnt, kps, split, fused=qx_mode != 0)
 
         def run_triton(x, out, M):
             if quant:
@@ -314,19 +339,19 @@ class FP8Kernel(LayerKernel):
         return run_triton
 
 
-    def _gemv_run(self, lau, grid, qx, part, cnt, kps, split):
-        """The GEMV plan (M <= 4): the activation quantization (W8A8) and the GEMV. After the first call
-        both launch through the ctypes launch (kernels/src/_cuda_launch.py) where it is proven the same,
-        else through Triton's compiled launcher."""
+    def _gemv_run(self, lau, grid, qx, part, cnt, kps, split, fused=False):
+        """The GEMV plan (M <= 4): the activation quantization (W8A8; inside the GEMV when ``fused``) and
+        the GEMV. After the first call they launch through the ctypes launch (kernels/src/_cuda_launch.py)
+        where it is proven the same, else through Triton's compiled launcher."""
         N, K, w, ws = self.N, self.K, self.w, self.ws
-        quant = self.act != "none"
+        quant = self.act != "none" and not fused
         sin = self.xs_static if self.xs_static is not None else ws
         adt = self.act_dtype
         dev = lau.dev
         fast = []
 
         def first(x, out, M):
-            xq, xs = qx(x, M) if quant else (x, ws)
+            xq, xs = qx(x, M) if quant else (x, sin if fused else ws)
             lau(grid, xq, w, xs, ws, out, part, cnt, M, N, K, kps, split)
             return xq, xs
 
@@ -343,7 +368,7 @@ class FP8Kernel(LayerKernel):
         N, K, w, ws = self.N, self.K, self.w, self.ws
         args = (xq.data_ptr(), w.data_ptr(), xs.data_ptr(), ws.data_ptr(), out.data_ptr(), part.data_ptr(),
                 cnt.data_ptr(), M, N, K, kps, split)
-        if self.act == "none":  # W8A16: one launch, x read as it is
+        if self.act == "none" or xq is x:  # W8A16, or W8A8 quantized in the GEMV: one launch, x as it is
             return ctypes_run(lau, grid, args, ("x_ptr", "out_ptr", "M"), x, out, M, dev)
         cg = ctypes_launch(lau, grid, args, out)
         if cg is None:
