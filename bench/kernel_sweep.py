@@ -86,18 +86,49 @@ RS2 = [c for c in RS if c[0] in ("rs256x128k64", "rs256x128k64e0", "rs256x128k64
                                    "rs128x128k64wssk2", "rs128x64k64", "rs128x128k64sk2", "rs128x128k64")] + [
     ("rs256x128k64wse0", 256, 128, 64, 8, 4, {"ws": True, "epi": 0}),
     ("rs256x128k64s5", 256, 128, 64, 8, 5, {}), ("rs256x128k64wss5", 256, 128, 64, 8, 5, {"ws": True})]
+# small M (1-32, the decode GEMV's range): the rs kernel with an 8/16/32-row x tile (wgmma N = BM; the
+# weights are the whole traffic), split-K sized to fill the SMs ("split": "fill" once, "fill2" twice), deep
+# rings of 64- or 128-column chunks; the best BM for M is picked per cell (gemm_cfgs)
+RSS = [(f"rss{bm}x{bn}k{bk}{'ws' if ws else ''}{'' if f == 'fill' else 'f2'}", bm, bn, bk, w, st,
+        {"split": f, **({"ws": True} if ws else {})})
+       for bm in (8, 16, 32) for bn, bk, w, st in ((64, 64, 4, 8), (64, 128, 4, 5), (128, 64, 8, 6), (128, 128, 8, 4))
+       for ws in (False, True) for f in ("fill", "fill2") if not (ws and bn == 64 and bk == 64)]
 RS = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RS]
+RSS = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RSS]
 RS2 = [(n, bm, bn, bk, w, st, {"rs": True, **x}) for n, bm, bn, bk, w, st, x in RS2]
 CANDS = {"gemm": GEMM, "gemm2": GEMM2, "wg": WG, "ws": WS, "wgws": WG[:1] + WG[4:5] + WS, "ws2": WS2, "rs": RS,
          "wgrs": WG[4:5] + WS[3:4] + WS[7:8] + WS[9:10] + [c for c in RS if c[0] in (
              "rs256x64k64", "rs256x128k64", "rs128x128k64", "rs128x64k64", "rs128x128k64sk2", "rs256x128k64ws",
              "rs128x128k64ws", "rs128x128k64wssk2")],  # the best wg / ws of rounds four-five beside rs
-         "rs2": WS[3:4] + RS2}
-WG_SETS = ("wg", "ws", "wgws", "ws2", "rs", "wgrs", "rs2")
+         "rs2": WS[3:4] + RS2, "rss": RSS}
+WG_SETS = ("wg", "ws", "wgws", "ws2", "rs", "wgrs", "rs2", "rss")
+SMALL_SETS = ("rss",)  # candidate sets for M < 64 (the others: M >= 64)
+
+
+def rss_bm(mb: int) -> int:
+    """The x-tile rows of the small-M rs candidates for M bucket mb: the smallest of 8, 16, 32 holding it."""
+    return next((b for b in (8, 16, 32) if mb <= b), 32)
+
+
+def fill_split(kern, bn: int, bk: int, mode, sms: int = 132) -> int:
+    """Split-K ranges so that (N / bn) tiles x split programs fill the SMs once ("fill") or twice ("fill2"),
+    at least 2 chunks of bk columns per range."""
+    tiles = -(-kern.N // bn)
+    target = sms * (2 if mode == "fill2" else 1)
+    return max(1, min((kern.K // bk) // 2, -(-target // tiles)))
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
     out = []
+    if which in SMALL_SETS:
+        out = []
+        for name, bm, bn, bk, w, st, extra in CANDS[which]:
+            if bm != rss_bm(mb):
+                continue
+            split = fill_split(kern, bn, bk, extra["split"])
+            out.append((name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
+                               **extra, "split": split}))
+        return out
     if which in WG_SETS:  # extra: (tile buffers, split-K) of a ws entry, or the keys of an rs entry
         return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
                         **(nb[0] if nb and isinstance(nb[0], dict) else
@@ -149,7 +180,7 @@ def precompile(kinds, shapes, ms, workers: int) -> None:
             for M in ms:
                 mb = _launch.m_bucket(M)
                 cands = [kern.config(mb, torch.bfloat16)] + ([{"path": "dq"}] if M > 2 else [])
-                cands += [c for _, c in gemm_cfgs(kern, mb, CAND)] if M >= 64 else []
+                cands += [c for _, c in gemm_cfgs(kern, mb, CAND)] if (M >= 64) != (CAND in SMALL_SETS) else []
                 cands += kb.k_candidates(kern, mb) if M <= 2 else []
                 for cfg in cands:
                     sig = json.dumps([kind, min(M, 4) if cfg["path"] == "gemv" else 64,
@@ -205,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=float, default=12.0)
     ap.add_argument("--emit-tuned", default=None)
     ap.add_argument("--precompile", type=int, default=0, metavar="N", help="compile every variant first in N processes")
-    ap.add_argument("--cands", default="gemm", choices=sorted(CANDS), help="large-M candidate set")
+    ap.add_argument("--cands", default="gemm", choices=sorted(CANDS),
+                    help="candidate set: for M >= 64 (rss: for the smaller M of --small-ms and --ms)")
     ap.add_argument("--merge-into", default=None, help="update this tuned table with the best configs measured")
     ap.add_argument("--lut-too", action="store_true", help="with --merge-into: int4's winners for the lut keys too")
     ap.add_argument("--diag", action="store_true", help="also time a plain Triton bf16 GEMM (the tiles' ceiling)")
@@ -273,7 +305,7 @@ def main(argv=None) -> int:
                 cands = [("tuned", kern.config(mb, dt))]
                 if M > 2:
                     cands.append(("dq", {"path": "dq"}))
-                if M >= 64:
+                if (M >= 64) != (a.cands in SMALL_SETS):
                     cands += gemm_cfgs(kern, mb, a.cands)
                 if M <= 2:  # GEMV (and BM=16 tensor-core) candidates of bench/kernel_bench.py --tune
                     cands += [(f"t{i}", c) for i, c in enumerate(kb.k_candidates(kern, mb))]

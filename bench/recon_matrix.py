@@ -20,7 +20,9 @@ once from the float model; the e2e row's time is the stage's alone, its loss rec
 ``e2e_lr=0.001/0.003`` gives one e2e row per step size, each from a copy of the same block pass (any e2e
 option may list values so, ``e2e_epochs=1/2``; several such options give every combination).
 ``--tasks sciq,arc_easy,piqa`` also scores every row on those zero-shot tasks (``--task-limit`` documents each,
-0 = all) with its paired difference to the float row.
+0 = all) with its paired difference to the float row. Rows that differ only in ``seed`` (the recon sampler's
+batch order) are summarised at the end: the mean and the standard deviation between seeds of the perplexity
+and of every paired difference (one model's difference to float is not the method's).
 
     python -P bench/recon_matrix.py --run qk:bits=3,sym=1,sym_range=full,quantizer=rtn,iters=30,batch=4,\
 offsets=value,target=model,e2e_epochs=2,e2e_lr=0.001 auto-round
@@ -58,6 +60,33 @@ def parse_run(text: str) -> tuple[str, dict]:
         raise SystemExit(f"--run {text!r}: the tool must be qk or ar")
     kv = {k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in rest.split(",") if p)}
     return tool, kv
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Rows that differ only in their ``seed`` (the recon sampler's; the e2e stage's rows of one seed
+    stay apart by label) as groups of two or more: n, and per quantity (ppl; each task's paired
+    differences in points) the mean and the standard deviation between the seeds (n - 1)."""
+    import statistics as st
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "ppl" not in r or "seed" not in r.get("settings", {}):
+            continue
+        key = ",".join(p for p in r["label"].split(":", 1)[1].split(",") if not p.startswith("seed="))
+        groups.setdefault(r["tool"] + ":" + key, []).append(r)
+    out = []
+    for key, rs in groups.items():
+        if len(rs) < 2:
+            continue
+        vals: dict[str, list[float]] = {"ppl": [r["ppl"] for r in rs]}
+        for r in rs:
+            for task, m in (r.get("tasks") or {}).items():
+                for k in ("d_correct", "d_correct_norm"):
+                    if k in m:
+                        vals.setdefault(f"{task} {k}", []).append(m[k])
+        out.append({"group": key, "n": len(rs), "seeds": [r["settings"]["seed"] for r in rs],
+                    **{k: {"mean": st.mean(v), "sd": st.stdev(v)} for k, v in vals.items() if len(v) == len(rs)}})
+    return out
 
 
 def e2e_field(key: str) -> str:
@@ -268,6 +297,15 @@ def main(argv=None) -> int:
             rows.append({"label": label, "tool": tool, "settings": kv, "error": f"{type(e).__name__}: {e}"})
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    groups = seed_groups(rows)
+    for g in groups:  # across seeds: is a difference the method's, or one model's?
+        cells = "; ".join(f"{k} {v['mean']:+.2f} (sd {v['sd']:.2f})" if k != "ppl" else
+                          f"ppl {v['mean']:.3f} (sd {v['sd']:.3f})" for k, v in g.items() if isinstance(v, dict))
+        print(f"| seeds {g['seeds']} of {g['group']} (n = {g['n']}): {cells} |", flush=True)
+    if groups:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"args": vars(args), "machine": machine, "rows": rows, "seed_groups": groups}, f, indent=1)
+        os.replace(path + ".tmp", path)
     return 0
 
 

@@ -201,6 +201,12 @@ def _plan_is_rs(kern, m, dtype, c) -> bool:
     (300, 264, 1024, 4, 128, False, torch.bfloat16, (256, 128, 64, 8, 4), {"ws": True}),  # TMA loader warp
     (130, 520, 768, 4, 64, True, torch.float16, (128, 64, 64, 4, 5), {"ws": True, "split": 3}),
     (513, 136, 192, 4, 64, False, torch.bfloat16, (128, 128, 64, 8, 5), {"ws": True}),  # 3 chunks < stages
+    # small M (kernel_sweep's rss set): 8-32-row x tiles, M below the tile, split-K, the loader warp
+    (1, 264, 1024, 4, 128, True, torch.bfloat16, (8, 64, 64, 4, 8), {"split": 5}),
+    (3, 520, 768, 4, 64, False, torch.float16, (8, 128, 128, 8, 4), {"split": 3, "ws": True}),
+    (13, 264, 1024, 4, 128, True, torch.bfloat16, (16, 128, 64, 8, 6), {"split": 4}),
+    (32, 136, 512, 4, 128, False, torch.bfloat16, (32, 64, 128, 4, 5), {"ws": True}),
+    (17, 200, 1024, 4, 128, True, torch.bfloat16, (16, 64, 64, 4, 8), {}),  # M > BM: two row tiles
 ])
 def test_rs_matches_reference(m, n, k, bits, g, sym, dtype, cfg, extra):
     from quantkit.kernels import lowbit
@@ -222,13 +228,16 @@ def test_rs_matches_reference(m, n, k, bits, g, sym, dtype, cfg, extra):
     (256, 128, 768, 64, "nf4", torch.bfloat16),     # one shared table
 ])
 @pytest.mark.parametrize("ws", [False, True])
-def test_rs_lut_matches_reference(m, n, k, g, fixed, dtype, ws):
+@pytest.mark.parametrize("bm", [128, 8])
+def test_rs_lut_matches_reference(m, n, k, g, fixed, dtype, ws, bm):
     from quantkit.kernels import lowbit
 
     _gluon()
     spec, p = make_lut(n, k, 4, g, fixed=fixed, seed=m + n)
     kern = lowbit.build_lut(format_from_spec(spec), {a: v.to(DEV) for a, v in p.items()}, (n, k), DEV, impl="k")
-    c = {"path": "wg", "rs": True, "BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 4, "ws": ws}
+    c = {"path": "wg", "rs": True, "BM": bm, "BN": 128, "BK": 64, "warps": 8, "stages": 4, "ws": ws,
+         "split": 1 if bm > 8 else 2}
+    m = m if bm > 8 else 2  # small M: 2 rows in an 8-row tile
     assert _plan_is_rs(kern, m, dtype, c)
     x = rand_x(m, k, dtype, m + k)
     check(run_poisoned(kern, c, x), x.double() @ ref_lut(p, n, k, 4, g).t(), dtype)
@@ -392,8 +401,11 @@ print(json.dumps({"ptx": ck.asm["ptx"], "shared": ck.metadata.shared, "sass": sa
     (0, 8, 128, 256, 64, 4, 1, 0, "bf16", 0),
     (0, 4, 64, 128, 64, 5, 1, 0, "bf16", 0),
     (1, 8, 128, 128, 64, 4, 1, 0, "bf16", 1),
+    (0, 4, 64, 8, 64, 8, 1, 1, "bf16", 0),     # small M (kernel_sweep's rss set): 8-row x tile, split-K
+    (1, 8, 128, 16, 128, 4, 1, 1, "bf16", 1),
+    (0, 8, 128, 32, 64, 6, 0, 1, "fp16", 0),
 ], ids=["int-4w-bm256", "int-8w-splitk-epi1", "lut-fp16-bk128", "int-8w-ws", "int-8w-bm256", "int-4w-bm128-s5",
-        "lut-8w-ws"])
+        "lut-8w-ws", "int-bm8-splitk", "lut-bm16-ws-splitk", "int-bm32-epi0"])
 def test_rs_compiles_to_register_a_wgmma_for_sm90(mode, nw, bn, bm, bk, st, epi, sk, dt, ws):
     """In a fresh process (Triton's interpreter, selected for the other kernel tests, patches this one)."""
     import json

@@ -5,7 +5,7 @@ The ``wg`` kernels of ``_wgmma`` compute ``out = x · Wᵀ`` with both wgmma ope
 (SS): each chunk's dequantized [BN, BK] tile is stored to shared memory, fenced and barriered before
 the wgmma reads it. Here (the Machete / CUTLASS mixed-input arrangement) the product is transposed,
 ``outᵀ = W · xᵀ``: the weight rows are wgmma's M side (64 rows per warpgroup), x's rows its N side
-(BM = 64-256), and the dequantized weights are the A operand **in registers** (RS wgmma):
+(BM = 64-256; 8-32 for small M), and the dequantized weights are the A operand **in registers** (RS wgmma):
 
   per chunk c of BK columns (program = one [BN weight rows, BM x rows] tile of outᵀ):
     1. wait for chunk c's x tile [BM, BK] and the re-laid words [BN, BK/8] (TMA, STAGES-slot ring,
@@ -120,6 +120,11 @@ def rs_unshuffle(ws: torch.Tensor, mode: int) -> torch.Tensor:
     n, kw = ws.shape
     inv = torch.argsort(rs_columns(mode)).to(ws.device)
     return nibble_words(_unpack(ws).view(n, kw // 8, 64)[:, :, inv].reshape(n, kw * 8))
+
+
+# x rows per tile (wgmma's N side): 64-256 for large M; 8-32 for small M (decode, small batches), where the
+# weight stream is the whole cost and the tensor cores idle on the padding (Machete's small-M tiles)
+RS_BM = (8, 16, 32, 64, 128, 256)
 
 
 def rs_ok(bn: int, bk: int, warps: int) -> bool:

@@ -258,7 +258,7 @@ class W4A16Kernel(LayerKernel):
 
         warps = int(cfg.get("warps", 4))
         bm, bn, bk = int(cfg.get("BM", 128)), int(cfg.get("BN", 16 * warps)), int(cfg.get("BK", 64))
-        if not (_wgmma_rs.HAVE_GLUON and _wgmma_rs.rs_ok(bn, bk, warps) and bm in (64, 128, 256)
+        if not (_wgmma_rs.HAVE_GLUON and _wgmma_rs.rs_ok(bn, bk, warps) and bm in _wgmma_rs.RS_BM
                 and self.wg_ok(bk, dtype)):
             return None
         from . import _wgmma
