@@ -15,7 +15,7 @@ from torch import nn
 from .accounting import Accounting, account
 from .checkpoint.io import atomic_output_dir, read_config, write_json
 from .checks import check_model, check_token_ids, with_calibration
-from .data import calibration_batch
+from .data import calibration_batch, read_calibration_file, text_calibration_batch
 from .distributed import DistributedSolver, current, exit_now, setup
 from .errors import CheckpointError, QuantkitError
 from .models.sources import (
@@ -160,6 +160,14 @@ def _as_loaded(model_or_name, tokenizer=None) -> LoadedModel:
 
 def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torch.Tensor, dict]:
     c = recipe.calibration
+    if isinstance(calibration, (str, os.PathLike)):  # a file: as the recipe's calibration.path
+        c, calibration = c.model_copy(update={"path": os.fspath(calibration)}), None
+    source = {"corpus": "user text"}
+    if calibration is None and c.path:
+        calibration = read_calibration_file(c.path, c.field)
+        source = {"corpus": f"file {os.path.basename(c.path)}", "path": os.path.abspath(c.path)}
+        if isinstance(calibration, torch.Tensor):
+            source["corpus"] += " (token ids as given)"
     if calibration is None:
         if lm.tokenizer is None:
             raise QuantkitError("the model has no tokenizer: pass calibration= as a tensor of token ids [N, L]")
@@ -170,18 +178,18 @@ def _calibration_ids(lm: LoadedModel, recipe: Recipe, calibration) -> tuple[torc
         if calibration.dim() != 2 or calibration.dtype not in (torch.int32, torch.int64):
             raise QuantkitError(f"calibration tensor must be integer token ids of shape [N, L], got "
                                 f"{calibration.dtype} {tuple(calibration.shape)}")
-        return calibration.long(), {"corpus": "user tensor", "samples": calibration.shape[0],
-                                    "seq_len": calibration.shape[1]}
-    if isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
+        src = source if "path" in source else {"corpus": "user tensor"}
+        return calibration.long(), {**src, "samples": calibration.shape[0], "seq_len": calibration.shape[1]}
+    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(t, str) for t in calibration):
         if lm.tokenizer is None:
             raise QuantkitError("text calibration needs a tokenizer")
-        ids = lm.tokenizer("\n\n".join(calibration), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        n = min(c.samples, ids.numel() // c.seq_len)
-        if n == 0:
-            raise QuantkitError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {c.seq_len}")
-        return ids[: n * c.seq_len].view(n, c.seq_len), {"corpus": "user text", "samples": n, "seq_len": c.seq_len}
-    raise QuantkitError("calibration= takes None (the recipe's corpus), a [N, L] tensor of token ids or a list of "
-                        "strings")
+        what = f"calibration data {source['path']}" if "path" in source else "the calibration text"
+        ids, used = text_calibration_batch(lm.tokenizer, list(calibration), c.samples, c.seq_len, c.seed,
+                                           lm.bos_token_id, what)
+        return ids, {**source, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
+                     "bos": lm.bos_token_id is not None, **used}
+    raise QuantkitError("calibration= takes None (the recipe's corpus or calibration.path), a file path (.txt, "
+                        ".jsonl, .json, .safetensors), a [N, L] tensor of token ids or a non-empty list of strings")
 
 
 def quantize(model_or_name, recipe: str | dict | Recipe = "w4a16-gptq", calibration=None, *,

@@ -2,7 +2,8 @@
 with a wrong result) fails at once with one clear error instead of after the work.
 
 * :func:`with_calibration` — calibration overrides (``--samples``, ``--seq-len``, ``--seed``,
-  ``--batch-size`` / ``samples=`` ...) validated by the recipe schema (its minimums included);
+  ``--batch-size``, ``--calibration-data`` / ``samples=`` ...) validated by the recipe schema (its minimums
+  included); a calibration file is read and checked by :func:`preflight`;
 * :func:`check_model` — the model is a float model (never quantized twice), the recipe's targets match
   at least one of its linear layers, the calibration windows fit its positions and the memory;
 * :func:`check_token_ids` — calibration token ids are non-empty and inside the vocabulary;
@@ -26,7 +27,9 @@ from .errors import ModelSourceError, QuantkitError, RecipeError
 from .recipe import CalibrationConfig, Recipe, load_recipe
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
-_OPTION_NAMES = {"samples": "--samples", "seq_len": "--seq-len", "seed": "--seed", "batch_size": "--batch-size"}
+_OPTION_NAMES = {"samples": "--samples", "seq_len": "--seq-len", "seed": "--seed", "batch_size": "--batch-size",
+                 "path": "--calibration-data", "field": "--calibration-field"}
+_TEXT_KEYS = ("path", "field")
 
 
 # ---- calibration settings ----------------------------------------------------------------------------
@@ -36,7 +39,11 @@ def with_calibration(recipe: Recipe, **over: Any) -> Recipe:
     if not over:
         return recipe
     for k, v in over.items():
-        if isinstance(v, bool) or not isinstance(v, int):
+        if k in _TEXT_KEYS:
+            if not isinstance(v, str) or not v:
+                raise RecipeError(f"calibration.{k} (option {_OPTION_NAMES[k]} / {k}=): expected a non-empty "
+                                  f"string, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int):
             raise RecipeError(f"calibration.{k} (option {_OPTION_NAMES.get(k, k)} / {k}=): expected an integer, "
                               f"got {v!r}")
     try:
@@ -280,6 +287,10 @@ def preflight(model: str | nn.Module, recipe: str | dict | Recipe, *, layout: st
     from .accounting import check_coverage
     from .moe import prepare
 
+    if recipe.calibration.path:  # the user's calibration file: readable and well-formed, before any work
+        from .data import read_calibration_file
+
+        read_calibration_file(recipe.calibration.path, recipe.calibration.field)
     m = skeleton(model) if isinstance(model, str) else model
     check_float(m)
     prepare(m, recipe.ignore)  # MoE: expert containers become per-expert linears (quantize does the same)

@@ -21,6 +21,10 @@ class ModelSourceError(QuantkitError):
     pass
 
 
+class DataError(QuantkitError):
+    """Calibration (or evaluation) data a user supplied that cannot be used as it is."""
+
+
 class NumericalError(QuantkitError):
     """A quantizer met numbers it cannot work with (non-PD Hessian, NaN/inf)."""
 

@@ -43,6 +43,10 @@ class CalibrationConfig(BaseModel):
     seq_len: int = Field(512, ge=8)
     seed: int = Field(0, ge=0, lt=2 ** 63)
     corpus: str = "enwiki"
+    # the user's own text (or token ids) from a local file instead of the corpus: .txt, .jsonl, .json or
+    # .safetensors (quantkit.data.read_calibration_file); field: the text's key in .jsonl/.json objects
+    path: str | None = None
+    field: str = Field("text", min_length=1)
     batch_size: int = Field(8, ge=1)
     # dtype of the XᵀX / Σx² sums: float64 adds each batch's float32 partial sum exactly, so the
     # statistics do not depend on how batches are split across ranks (bit-equal distributed runs)

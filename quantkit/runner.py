@@ -70,7 +70,7 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
         limit = QUICK_LIMIT
     s = settings or _settings(eval_kwargs, device, tasks, limit or None, corpora, kl_windows, generations)
     from .checkpoint.safety import check_replaceable
-    from .checks import preflight
+    from .checks import preflight, with_calibration
     from .models.sources import resolve_model_dir
 
     replacing = {}
@@ -109,12 +109,11 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
     write_json(path, results)
 
     for r in recipes:
-        recipe = load_recipe(r)
+        recipe = with_calibration(load_recipe(r), **calib_overrides)  # --samples ... --calibration-data
         ck = os.path.join(out_dir, recipe.name)
         log(f"[{recipe.name}] quantizing {model}" + (f" (will replace {replacing[recipe.name]} at {ck})"
                                                      if replacing.get(recipe.name) else ""))
-        qm = api.quantize(model, recipe, device=device, progress=progress, deterministic=deterministic,
-                          **calib_overrides)
+        qm = api.quantize(model, recipe, device=device, progress=progress, deterministic=deterministic)
         qm.save(ck, overwrite=overwrite)
         del qm
         log(f"[{recipe.name}] reloading {ck} and evaluating")

@@ -326,8 +326,11 @@ def _provenance_lines(results_list) -> list[str]:
             if r.get("calibration_tokens") == 0:
                 lines.append(f"{pre}{r['name']}: data-free (no calibration data used)")
             elif c:
+                split = f" ({c['split']})" if c.get("split") else ""
+                seed = f", seed {c['seed']}" if c.get("seed") is not None else ""
+                sha = f", text sha256 {c['text_sha256']}" if c.get("text_sha256") else ""
                 lines.append(f"{pre}{r['name']}: calibration {c.get('samples')} x {c.get('seq_len')} tokens of "
-                             f"{c.get('corpus')} ({c.get('split', '')}), seed {c.get('seed')}")
+                             f"{c.get('corpus')}{split}{seed}{sha}")
             else:
                 lines.append(f"{pre}{r['name']}: no calibration record")
             ft = r.get("finetune")

@@ -38,6 +38,12 @@ def add_calibration_args(p) -> None:
                                                         "minimum, at most the model's positions)")
     g.add_argument("--seed", type=seed_int, help="seed for drawing calibration windows")
     g.add_argument("--batch-size", type=positive_int, help="calibration sequences per forward")
+    g.add_argument("--calibration-data", metavar="FILE", default=None,
+                   help="calibrate on your own text instead of the bundled corpus: a .txt file, a .jsonl file (one "
+                        "JSON object per line), a .json list, or a .safetensors file with input_ids [N, L]; "
+                        "windows are drawn from it with --seed")
+    g.add_argument("--calibration-field", metavar="KEY", default=None,
+                   help="the text's key in the objects of a .jsonl/.json file (default text)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels: the same seed gives the same codes run to run on the same GPU "
                         "(about 30%% slower on an H100; the CPU path is deterministic without it)")

@@ -63,6 +63,7 @@ def run(args) -> int:
     streamed = args.load == "stream" or (args.load is None and os.path.isdir(args.model))
     recipe = preflight(args.model, args.recipe, layout=args.layout, export_options=options, device=args.device,
                        samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+                       path=args.calibration_data, field=args.calibration_field,
                        streamed=streamed, allow_unquantized=args.allow_unquantized)
     replaced = check_replaceable(os.path.abspath(args.output), args.overwrite, protect=(resolve_model_dir(args.model),))
     import torch

@@ -43,7 +43,8 @@ def run(args) -> int:
 
     res = runner.run(args.model, args.recipe, args.output, device=args.device, eval_kwargs=eval_kwargs(args),
                      calib_overrides={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-                                      "batch_size": args.batch_size},
+                                      "batch_size": args.batch_size, "path": args.calibration_data,
+                                      "field": args.calibration_field},
                      deterministic=args.deterministic,
                      overwrite=args.overwrite, tasks=args.tasks, limit=args.limit, corpora=args.corpora,
                      kl_windows=args.kl_windows, generations=args.generations, report=not args.no_report)
@@ -59,8 +60,9 @@ def run(args) -> int:
         if r.get("calibration_tokens") == 0:
             print(f"  {r['name']}: data-free (no calibration data used)")
             continue
-        print(f"  {r['name']}: calibration {c.get('samples')} x {c.get('seq_len')} tokens from {c.get('corpus')} "
-              f"{c.get('split', '')}, seed {c.get('seed')}")
+        src = " ".join(str(v) for v in (c.get("corpus"), c.get("split")) if v)
+        print(f"  {r['name']}: calibration {c.get('samples')} x {c.get('seq_len')} tokens from {src}"
+              + (f", seed {c['seed']}" if c.get("seed") is not None else ""))
     print()
     rows = runner.summary_rows(res)
     cols = ["scheme", "bits/weight", "ppl", "gap to float", "KL", "top-1 agree"] + list(st.get("tasks") or []) + \
