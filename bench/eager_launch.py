@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="int4,any4,fp8,fp8w")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rs-small", action="store_true",
+                    help="also the host µs of an 8-row register-A (rs) tile at M = 1 (int/lut kinds; sm_90)")
     a = ap.parse_args(argv)
 
     def host_us(f, n: int) -> float:  # kernel_bench's measure: host µs per call of n back-to-back calls
@@ -77,6 +79,17 @@ def main(argv=None) -> int:
                 layer(x)
                 r[f"{mode}_layer_us"] = host_us(lambda: layer(x), a.n)
             _cuda_launch.ENABLED = True
+            if a.rs_small and spec["type"] in ("int", "lut"):  # the small-M register-A tile (sweep set rss)
+                _, kern = kb.build_kernel(spec, packed, n, k, dev)
+                tiles = -(-n // 128)
+                cfg = {"path": "wg", "rs": True, "BM": 8, "BN": 128, "BK": 128, "warps": 8, "stages": 4,
+                       "split": max(1, min(k // 256, -(-132 // tiles)))}
+                kern.plans.clear()
+                plan = kern.plan(1, torch.bfloat16, cfg)
+                r["rs_small_is_rs"] = getattr(plan, "__name__", "") == "run_rs"
+                y = kern(x).float()
+                r["rs_small_kernel_us"] = host_us(lambda: kern(x), a.n)
+                r["rs_small_rel_err_vs_triton"] = ((y - outs["triton"]).norm() / outs["triton"].norm()).item()
             ref = kb.build_kernel(spec, packed, n, k, dev)[1].fallback(x).float()
             r["rel_err_ctypes_vs_triton"] = ((outs["ctypes"] - outs["triton"]).norm() / outs["triton"].norm()).item()
             r["rel_err_ctypes_vs_ref"] = ((outs["ctypes"] - ref).norm() / ref.norm()).item()
@@ -107,6 +120,11 @@ def main(argv=None) -> int:
                       f"{r['ctypes_used_ctypes']} ({r['triton_used_ctypes']}), "
                       f"{r['rel_err_ctypes_vs_triton']:.1e} / {r['rel_err_ctypes_vs_ref']:.1e}"]
         L.append("| " + " | ".join(cells) + " |")
+    if a.rs_small:
+        L += ["", "rs tile (BM 8, BN 128, BK 128) at M = 1, host µs per kernel call (is rs; rel err vs the GEMV): " + "; ".join(
+            f"{row['shape']} {k} {row[k]['rs_small_kernel_us']:.1f} ({row[k]['rs_small_is_rs']}; "
+            f"{row[k]['rs_small_rel_err_vs_triton']:.1e})" for row in rows for k in kinds
+            if "rs_small_kernel_us" in row[k])]
     print("\n".join(L))
     if a.out:
         p = Path(a.out)
