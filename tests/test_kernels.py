@@ -195,6 +195,7 @@ def test_fp8_paths(path, m, act, per_channel, dtype):
     (3, 208, "dynamic", "e4m3"),   # masked K, a zero row
     (4, 200, "static", "e4m3"),
     (2, 264, "dynamic", "e5m2"),
+    (4, 1100, "dynamic", "e4m3"),  # the row's max over 3 chunks of 512 (the last one masked)
 ])
 def test_fp8_gemv_quantizes_in_the_kernel_bit_for_bit(m, k, act, kind):
     """W8A8 GEMV in one launch (each program derives the row's scale and quantizes its own slice):
