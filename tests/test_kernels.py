@@ -208,6 +208,7 @@ def test_fp8_gemv_quantizes_in_the_kernel_bit_for_bit(m, k, act, kind):
     if m == 3:
         x[1] = 0
     x[0, 7] = 40.0  # an outlier sets row 0's scale
+    x[-1, -3] = -50.0  # and one in the last (masked) chunk the last row's
     fused = run_path(kern, "f_gemv", x)
     two = run_poisoned(kern, {**CFGS["f_gemv"], "fq": False}, x)
     for a, b in zip(fused, two):
