@@ -168,6 +168,32 @@ def test_rs_ok_tiles():
     assert not R.rs_ok(192, 64, 12) and not R.rs_ok(256, 64, 16) and not R.rs_ok(64, 192, 4)  # never compiled
 
 
+def test_rss_sweep_candidates():
+    """kernel_sweep's small-M set: per M bucket only the 8/16/32-row tile that holds it, every candidate a tile the
+    rs kernel takes (else it would silently run the plain wg kernel), split-K filling the SMs once or twice with at
+    least two chunks per range, unique names."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_sweep.py"
+    spec = importlib.util.spec_from_file_location("ks_rss", path)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    for n, k in ((4096, 4096), (57344, 8192), (8192, 28672), (6144, 4096)):
+        kern = SimpleNamespace(N=n, K=k)
+        for mb, bm in ((1, 8), (2, 8), (4, 8), (8, 8), (16, 16), (32, 32)):
+            cands = ks.gemm_cfgs(kern, mb, "rss")
+            assert len(cands) == 14 and len({nm for nm, _ in cands}) == 14
+            for nm, c in cands:
+                assert c["BM"] == bm and c["rs"] and c["path"] == "wg", (nm, c)
+                assert R.rs_ok(c["BN"], c["BK"], c["warps"]) and c["BM"] in R.RS_BM, (nm, c)
+                tiles = -(-n // c["BN"])
+                target = 132 * (2 if nm.endswith("f2") else 1)
+                assert 1 <= c["split"] <= max(1, (k // c["BK"]) // 2)
+                assert tiles * c["split"] >= target or c["split"] == max(1, (k // c["BK"]) // 2), (nm, c, tiles)
+    assert ks.gemm_cfgs(SimpleNamespace(N=4096, K=4096), 64, "rs2")  # the large-M sets are unchanged
+
+
 def test_rs_config_falls_back_off_hopper():
     """Where the kernel cannot run (here: CPU) an ``rs`` config still gives a working plan."""
     if _hopper():
