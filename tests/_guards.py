@@ -26,6 +26,15 @@ CALIB = "quantizer: {type: gptq}\nformat: {type: int, bits: 4, group_size: 32}\n
 RTN32 = "quantizer: rtn\nformat: {type: int, bits: 4, group_size: 32, sym: false}\n"
 
 
+def load_bench(name: str, as_name: str | None = None):
+    """bench/<name>.py as a module (bench/ is not a package), executed afresh under ``as_name``."""
+    spec = importlib.util.spec_from_file_location(as_name or f"bench_{name}_under_test",
+                                                  os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_tiny_smol(path: str, max_positions: int = 512, **cfg) -> str:
     """A 2-block random Llama (hidden 64) with SmolLM2's tokenizer files, saved at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM

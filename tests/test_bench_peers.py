@@ -15,16 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _guards import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def P():
-    spec = importlib.util.spec_from_file_location("bench_peers_under_test", ROOT / "bench" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("peers")
 
 
 class Fn:

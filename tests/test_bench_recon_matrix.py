@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _guards import load_bench
 
 
 @pytest.fixture(scope="module")
 def RM():
-    spec = importlib.util.spec_from_file_location("bench_recon_matrix_under_test", ROOT / "bench" / "recon_matrix.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("recon_matrix")
 
 
 def row(label, ppl, seed=None, d=None):

@@ -83,16 +83,12 @@ def test_cpu_tensors_keep_triton_launcher():
 @pytest.mark.parametrize("kind", ["int4", "any4", "fp8", "fp8w"])
 @pytest.mark.parametrize("M", [1, 2, 4])
 def test_gpu_same_output_and_used(kind, M, monkeypatch):
-    import importlib.util
-    from pathlib import Path
+    from _guards import load_bench
 
     from quantkit.kernels import fp8
     from quantkit.kernels._launch import m_bucket
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_bench.py"
-    spec_ = importlib.util.spec_from_file_location("kernel_bench", path)
-    kb = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(kb)
+    kb = load_bench("kernel_bench", "kernel_bench")
 
     used = []
     orig = _launch.checked

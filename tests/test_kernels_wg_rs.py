@@ -172,13 +172,11 @@ def test_rss_sweep_candidates():
     """kernel_sweep's small-M set: per M bucket only the 8/16/32-row tile that holds it, every candidate a tile the
     rs kernel takes (else it would silently run the plain wg kernel), split-K filling the SMs once or twice with at
     least two chunks per range, unique names."""
-    import importlib.util
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_sweep.py"
-    spec = importlib.util.spec_from_file_location("ks_rss", path)
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    from _guards import load_bench
+
+    ks = load_bench("kernel_sweep")
     for n, k in ((4096, 4096), (57344, 8192), (8192, 28672), (6144, 4096)):
         kern = SimpleNamespace(N=n, K=k)
         for mb, bm in ((1, 8), (2, 8), (4, 8), (8, 8), (16, 16), (32, 32)):

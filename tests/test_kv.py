@@ -317,16 +317,11 @@ def test_kvconfig_validates_recipe_section():
 
 
 def test_zero_shot_scoring_through_the_cache_matches_plain_forward():
-    import importlib.util
-    import os
+    from _guards import load_bench
 
     from quantkit.eval.loglik import direct_logprob
 
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "kv_zeroshot.py")
-    spec = importlib.util.spec_from_file_location("kv_zeroshot", path)
-    zs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zs)
-    score_choices = zs.score_choices
+    score_choices = load_bench("kv_zeroshot", "kv_zeroshot").score_choices
 
     m = tiny_model("llama")
     g = torch.Generator().manual_seed(8)

@@ -3,15 +3,12 @@ in every run (and the best worst-run one wins); runs of two devices are refused.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _guards import load_bench
 
-spec = importlib.util.spec_from_file_location("tuned_merge", Path(__file__).parents[1] / "bench" / "tuned_merge.py")
-tm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tm)
+tm = load_bench("tuned_merge", "tuned_merge")
 
 
 def run(times: dict, dev="GPU X"):
