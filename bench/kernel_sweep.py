@@ -119,16 +119,11 @@ def fill_split(kern, bn: int, bk: int, mode, sms: int = 132) -> int:
 
 
 def gemm_cfgs(kern, mb: int, which: str = "gemm") -> list[tuple[str, dict]]:
+    if which in SMALL_SETS:  # the tile holding M's bucket; "split" names a fill_split mode
+        return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
+                        **extra, "split": fill_split(kern, bn, bk, extra["split"])})
+                for name, bm, bn, bk, w, st, extra in CANDS[which] if bm == rss_bm(mb)]
     out = []
-    if which in SMALL_SETS:
-        out = []
-        for name, bm, bn, bk, w, st, extra in CANDS[which]:
-            if bm != rss_bm(mb):
-                continue
-            split = fill_split(kern, bn, bk, extra["split"])
-            out.append((name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
-                               **extra, "split": split}))
-        return out
     if which in WG_SETS:  # extra: (tile buffers, split-K) of a ws entry, or the keys of an rs entry
         return [(name, {"path": "wg", "BM": bm, "BN": bn, "BK": bk, "warps": w, "stages": st,
                         **(nb[0] if nb and isinstance(nb[0], dict) else

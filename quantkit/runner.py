@@ -22,7 +22,6 @@ from typing import Any
 from . import api
 from .checkpoint.io import write_json
 from .checks import float_bits
-from .recipe import load_recipe
 
 RESULTS_FILE = "results.json"
 SCHEMA = 2
@@ -70,12 +69,13 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
         limit = QUICK_LIMIT
     s = settings or _settings(eval_kwargs, device, tasks, limit or None, corpora, kl_windows, generations)
     from .checkpoint.safety import check_replaceable
-    from .checks import preflight, with_calibration
+    from .checks import preflight
     from .models.sources import resolve_model_dir
 
-    replacing = {}
+    replacing, checked = {}, []
     for r in recipes:  # fail on a bad recipe, model, option, output folder or missing task data before any work
-        rec = preflight(model, r, device=device, **calib_overrides)
+        rec = preflight(model, r, device=device, **calib_overrides)  # the recipe with --samples ... applied
+        checked.append(rec)
         ck = os.path.join(out_dir, rec.name)
         replacing[rec.name] = check_replaceable(ck, overwrite, protect=(resolve_model_dir(model),))
     norm = s.normalized()
@@ -108,8 +108,7 @@ def run(model: str, recipes: list[str], out_dir: str, *, device: str | None = No
                                                        "tokens_scored", "bos", "text_sha256")}
     write_json(path, results)
 
-    for r in recipes:
-        recipe = with_calibration(load_recipe(r), **calib_overrides)  # --samples ... --calibration-data
+    for recipe in checked:
         ck = os.path.join(out_dir, recipe.name)
         log(f"[{recipe.name}] quantizing {model}" + (f" (will replace {replacing[recipe.name]} at {ck})"
                                                      if replacing.get(recipe.name) else ""))

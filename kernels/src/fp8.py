@@ -227,7 +227,8 @@ class FP8Kernel(LayerKernel):
         self.smm_ok = not (w.dtype == torch.float8_e5m2 and act_dtype == torch.float8_e5m2)
         # K loads are unmasked whenever BK divides K (EVEN_K): a run-time K mask keeps them byte-wide
         bk = min(triton.next_power_of_2(self.K), 2048)
-        mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
+        # the activation format's mantissa bits and lowest normal exponent (_round_fp8), for both act-quant paths
+        self.mbits, self.emin = mbits, emin = (2, -14) if act_dtype == torch.float8_e5m2 else (3, -6)
         self.q_launch = Launcher(_act_quant, dict(FMAX=self.fmax, STATIC=act == "static", BK=bk, MBITS=mbits,
                                                   EMIN=emin),
                                  num_warps=8 if bk >= 1024 else 4, num_stages=1, device=device)
@@ -303,11 +304,10 @@ class FP8Kernel(LayerKernel):
             bm = mb
             # W8A8: quantize x inside the GEMV (one launch, no buffers) unless the config says "fq": False
             qx_mode = (2 if self.act == "static" else 1) if quant and cfg.get("fq", True) else 0
-            mbits, emin = (2, -14) if adt == torch.float8_e5m2 else (3, -6)
             bka = max(bk, min(triton.next_power_of_2(K), 2048 // triton.next_power_of_2(bm)))
             lau = Launcher(_fp8_gemv, dict(XSCALE=quant, WS_ROW=self.ws_row, BM=bm, BN=bn, BK=bk, SPLITK=splitk,
-                                           EVEN_K=K % bk == 0, QX=qx_mode, FMAX=self.fmax, MBITS=mbits, EMIN=emin,
-                                           BKA=bka),
+                                           EVEN_K=K % bk == 0, QX=qx_mode, FMAX=self.fmax, MBITS=self.mbits,
+                                           EMIN=self.emin, BKA=bka),
                            num_warps=cfg["warps"], num_stages=cfg["stages"], device=self.device)
             part, cnt = workspace(self.device, tiles_n * split * bm * bn if splitk else 0, tiles_n)
             grid = (tiles_n, split, 1)
